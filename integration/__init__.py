@@ -1,0 +1,1 @@
+"""Engine connectors (vLLM, SGLang, TensorRT-LLM, transformers); each module imports its engine lazily."""

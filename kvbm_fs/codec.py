@@ -1,0 +1,111 @@
+"""The canonical byte form of one block: a 128-byte versioned header, then the payload.
+
+Every byte that leaves process memory (disk, object store, a peer) travels in
+this form so the reader can prove, before use, that the bytes are whole, intact
+and belong to the key it asked for.  Encoding hashes the payload once; verifying
+hashes it once.  See docs/spec.md for the byte-level specification.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import xxhash
+
+from .errors import CorruptBlockError, ForeignBlockError, FormatVersionError, TruncatedBlockError
+from .keys import BlockKey
+
+MAGIC = b"KVBMFSB\x00"
+FORMAT_VERSION = 1
+HEADER_SIZE = 128
+# magic, version, header size, flags, ns, seq hash, parent hash, tokens, reserved, payload len,
+# payload xxh3-128 (lo, hi), then the header's own xxh3-64 over bytes [0, 72); zeros to 128.
+_HEAD = struct.Struct("<8sHHIQQQIIQQQ")
+_HEAD_CRC = struct.Struct("<Q")
+_CRC_AT = _HEAD.size  # 72
+assert _CRC_AT == 72 and _CRC_AT + 8 <= HEADER_SIZE
+
+
+@dataclass(frozen=True, slots=True)
+class BlockHeader:
+    ns: int
+    seq_hash: int
+    parent_hash: int
+    num_tokens: int
+    payload_len: int
+    checksum: int  # xxh3-128 of the payload
+
+    @property
+    def key(self) -> BlockKey:
+        return BlockKey(self.ns, self.seq_hash)
+
+
+def payload_checksum(payload: Any) -> int:
+    return xxhash.xxh3_128_intdigest(_as_buffer(payload))
+
+
+def _as_buffer(payload: Any) -> Any:
+    if isinstance(payload, np.ndarray):
+        return payload if payload.flags.c_contiguous else np.ascontiguousarray(payload)
+    if hasattr(payload, "numpy"):  # torch CPU tensor
+        return payload.contiguous().numpy()
+    return payload
+
+
+def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any) -> bytes:
+    """The 128-byte header for ``payload`` (one hashing pass; the payload is not copied)."""
+    buf = _as_buffer(payload)
+    c = xxhash.xxh3_128_intdigest(buf)
+    head = _HEAD.pack(
+        MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, key.ns, key.seq_hash, parent_hash, num_tokens, 0,
+        memoryview(buf).nbytes, c & 0xFFFFFFFFFFFFFFFF, c >> 64,
+    )
+    return head + _HEAD_CRC.pack(xxhash.xxh3_64_intdigest(head, 0)) + bytes(HEADER_SIZE - _CRC_AT - 8)
+
+
+def encode(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any) -> bytes:
+    """Header plus payload as one bytes object (for stores that write whole objects)."""
+    return encode_header(key, parent_hash, num_tokens, payload) + memoryview(_as_buffer(payload)).cast("B")
+
+
+def decode_header(data: Any) -> BlockHeader:
+    mv = memoryview(data).cast("B")
+    if mv.nbytes < HEADER_SIZE:
+        raise TruncatedBlockError(f"block has {mv.nbytes} bytes, less than its {HEADER_SIZE}-byte header")
+    magic, ver, hsize, _flags, ns, seq, parent, ntok, _r, plen, clo, chi = _HEAD.unpack_from(mv, 0)
+    if magic != MAGIC:
+        raise CorruptBlockError("bad magic: not a kvbm_fs block")
+    (crc,) = _HEAD_CRC.unpack_from(mv, _CRC_AT)
+    if crc != xxhash.xxh3_64_intdigest(bytes(mv[:_CRC_AT]), 0):
+        raise CorruptBlockError("header checksum mismatch")
+    if ver != FORMAT_VERSION or hsize != HEADER_SIZE:
+        raise FormatVersionError(f"block format version {ver} (header {hsize} B); this build reads {FORMAT_VERSION}")
+    return BlockHeader(ns, seq, parent, ntok, plen, clo | (chi << 64))
+
+
+def verify(data: Any, expected: BlockKey, expected_len: int | None = None) -> memoryview:
+    """Check header, key echo, length and payload checksum; return the payload view. Raises CorruptBlockError."""
+    mv = memoryview(data).cast("B")
+    hdr = decode_header(mv)
+    check_header(hdr, expected, expected_len)
+    payload = mv[HEADER_SIZE:]
+    if payload.nbytes < hdr.payload_len:
+        raise TruncatedBlockError(f"payload has {payload.nbytes} bytes, header says {hdr.payload_len}")
+    payload = payload[: hdr.payload_len]
+    verify_payload(hdr, payload)
+    return payload
+
+
+def check_header(hdr: BlockHeader, expected: BlockKey, expected_len: int | None = None) -> None:
+    if hdr.ns != expected.ns or hdr.seq_hash != expected.seq_hash:
+        raise ForeignBlockError(f"block holds {hdr.key}, expected {expected}")
+    if expected_len is not None and hdr.payload_len != expected_len:
+        raise CorruptBlockError(f"payload length {hdr.payload_len}, expected {expected_len}")
+
+
+def verify_payload(hdr: BlockHeader, payload: Any) -> None:
+    if payload_checksum(payload) != hdr.checksum:
+        raise CorruptBlockError(f"payload checksum mismatch for {hdr.key}")

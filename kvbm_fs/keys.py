@@ -1,0 +1,197 @@
+"""Typed block keys.
+
+A key is (namespace id, sequence hash).  Batches of keys are numpy uint64 arrays
+under one namespace (:class:`BlockKeys`), so hot paths never build a Python object
+per block; :class:`BlockKey` is the scalar form for APIs that take one key.
+Engine-native hashes (vLLM bytes, SGLang hex) enter through :func:`engine_hash_to_u64`
+and live in a namespace whose ``hash_scheme`` names their origin, so they can never
+collide with Dynamo-compatible hashes of other namespaces.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator, Sequence, overload
+
+import numpy as np
+import xxhash
+
+from . import hashing
+from .errors import ConfigError
+from .layout import KVLayout
+
+_U64 = (1 << 64) - 1
+HASH_SCHEMES = ("kvbm-v1", "vllm", "sglang", "external")
+NS_FORMAT = "kvbm_fs.namespace.v1"
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class BlockKey:
+    ns: int
+    seq_hash: int
+
+    def __str__(self) -> str:
+        return f"{self.ns:016x}/{self.seq_hash:016x}"
+
+
+class BlockKeys:
+    """A batch of keys under one namespace, in chain order when built from tokens."""
+
+    __slots__ = ("ns", "hashes", "parents")
+
+    def __init__(self, ns: int, hashes: Any, parents: Any = None) -> None:
+        self.ns = int(ns) & _U64
+        self.hashes = _u64_array(hashes)
+        if parents is None:
+            self.parents = np.zeros(self.hashes.size, dtype=np.uint64)
+        else:
+            self.parents = _u64_array(parents)
+            if self.parents.shape != self.hashes.shape:
+                raise ValueError("parents and hashes differ in length")
+
+    @classmethod
+    def chain(cls, ns: int, hashes: Any, root_parent: int = 0) -> "BlockKeys":
+        """Keys of a prefix chain: each block's parent is the previous block."""
+        h = _u64_array(hashes)
+        parents = np.empty_like(h)
+        if h.size:
+            parents[0] = root_parent
+            parents[1:] = h[:-1]
+        return cls(ns, h, parents)
+
+    @classmethod
+    def of(cls, keys: Iterable[BlockKey]) -> "BlockKeys":
+        ks = list(keys)
+        nss = {k.ns for k in ks}
+        if len(nss) > 1:
+            raise ValueError("a BlockKeys batch holds one namespace; split the keys by namespace")
+        return cls(nss.pop() if nss else 0, [k.seq_hash for k in ks])
+
+    def __len__(self) -> int:
+        return int(self.hashes.size)
+
+    @overload
+    def __getitem__(self, i: int) -> BlockKey: ...
+    @overload
+    def __getitem__(self, i: slice | np.ndarray) -> "BlockKeys": ...
+    def __getitem__(self, i: int | slice | np.ndarray) -> "BlockKey | BlockKeys":
+        if isinstance(i, (int, np.integer)):
+            return BlockKey(self.ns, int(self.hashes[i]))
+        return BlockKeys(self.ns, self.hashes[i], self.parents[i])
+
+    def __iter__(self) -> Iterator[BlockKey]:
+        ns = self.ns
+        return (BlockKey(ns, h) for h in self.hashes.tolist())
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BlockKeys) and self.ns == other.ns and np.array_equal(self.hashes, other.hashes)
+
+    def __hash__(self) -> int:
+        return hash((self.ns, self.hashes.tobytes()))
+
+    def __repr__(self) -> str:
+        return f"BlockKeys(ns={self.ns:016x}, n={len(self)})"
+
+
+def _u64_array(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray) and x.dtype == np.uint64 and x.ndim == 1:
+        return x
+    if isinstance(x, np.ndarray) and x.dtype.kind == "i":
+        return x.astype(np.uint64)
+    arr = np.asarray([int(v) & _U64 for v in x] if not isinstance(x, np.ndarray) else x, dtype=np.uint64)
+    return arr.reshape(-1)
+
+
+def engine_hash_to_u64(h: bytes | str | int) -> int:
+    """Map one engine-native block hash onto the 64-bit key space.
+
+    8-byte hashes (vLLM xxhash) are taken as-is (little-endian); longer ones
+    (vLLM sha256, SGLang 64-hex) are folded with xxh3_64 so every bit counts.
+    """
+    if isinstance(h, (int, np.integer)):
+        return int(h) & _U64
+    if isinstance(h, str):
+        try:
+            h = bytes.fromhex(h)
+        except ValueError:
+            raise ValueError(f"engine hash {h[:16]!r}... is not hex") from None
+    if not isinstance(h, (bytes, bytearray, memoryview)):
+        raise TypeError(f"engine hash must be bytes, hex str or int, got {type(h).__name__}")
+    b = bytes(h)
+    if len(b) == 8:
+        return int.from_bytes(b, "little")
+    return xxhash.xxh3_64_intdigest(b, 0)
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """Everything that must match for two blocks with equal hashes to be interchangeable."""
+
+    model: str
+    layout: KVLayout
+    rank: int = 0
+    world_size: int = 1
+    tenant: str = ""
+    hash_scheme: str = "kvbm-v1"
+    id: int = field(init=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.model, str) or not self.model:
+            raise ConfigError("Namespace.model must be a non-empty string")
+        if not (isinstance(self.world_size, int) and self.world_size >= 1):
+            raise ConfigError(f"Namespace.world_size must be >= 1, got {self.world_size!r}")
+        if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
+            raise ConfigError(f"Namespace.rank must be in [0, world_size={self.world_size}), got {self.rank!r}")
+        if self.hash_scheme not in HASH_SCHEMES:
+            raise ConfigError(f"Namespace.hash_scheme must be one of {HASH_SCHEMES}, got {self.hash_scheme!r}")
+        object.__setattr__(self, "id", xxhash.xxh3_64_intdigest(self.canonical_bytes(), 0))
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": NS_FORMAT,
+            "model": self.model,
+            "layout": self.layout.to_dict(),
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "tenant": self.tenant,
+            "hash_scheme": self.hash_scheme,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Namespace":
+        d = dict(d)
+        if d.pop("format", NS_FORMAT) != NS_FORMAT:
+            raise ConfigError("namespace written by an unknown format")
+        d.pop("id", None)
+        layout = d.pop("layout")
+        return cls(layout=layout if isinstance(layout, KVLayout) else KVLayout.from_dict(layout), **d)
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def short_id(self) -> str:
+        return f"{self.id:016x}"
+
+    @property
+    def block_nbytes(self) -> int:
+        return self.layout.block_nbytes
+
+    def keys_for_tokens(
+        self,
+        tokens: Any,
+        cache_salt: str | None = None,
+        lora_name: str | None = None,
+        extra_hashes: Sequence[int | None] | None = None,
+    ) -> BlockKeys:
+        """Dynamo-compatible keys of every full block of ``tokens``."""
+        if self.hash_scheme != "kvbm-v1":
+            raise ConfigError(f"namespace hashes with {self.hash_scheme!r}; use keys_from_engine()")
+        salt = hashing.salt_hash(cache_salt, lora_name)
+        seq = hashing.sequence_hash_array(tokens, self.layout.block_size, salt, extra_hashes=extra_hashes)
+        return BlockKeys.chain(self.id, seq)
+
+    def keys_from_engine(self, hashes: Sequence[bytes | str | int]) -> BlockKeys:
+        """Keys for an engine's own chained block hashes (vLLM ``request.block_hashes``, SGLang hex)."""
+        return BlockKeys.chain(self.id, np.fromiter((engine_hash_to_u64(h) for h in hashes), np.uint64, len(hashes)))

@@ -1,0 +1,91 @@
+"""Tier URL schemes, resolved lazily (like fsspec's protocol registry): nothing is imported until used.
+
+A tier URL is ``scheme://location?option=value&...``; options are passed to the
+tier class's ``from_options``.  Unknown schemes and unknown options fail loudly.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from .errors import ConfigError, UnknownSchemeError
+from .events import EventBus
+from .tier import Tier
+
+_REGISTRY: dict[str, str] = {
+    "host": "kvbm_fs.tiers.host:HostTier",
+    "gpu": "kvbm_fs.tiers.gpu:GpuTier",
+}
+
+
+def register_tier(scheme: str, target: str | type, clobber: bool = False) -> None:
+    """Register a tier class (or a lazy ``"module:Class"`` string) for ``scheme``."""
+    if scheme in _REGISTRY and not clobber and _REGISTRY[scheme] != target:
+        raise ValueError(f"scheme {scheme!r} already registered to {_REGISTRY[scheme]}")
+    _REGISTRY[scheme] = target if isinstance(target, str) else f"{target.__module__}:{target.__qualname__}"
+
+
+def known_schemes() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def tier_class(scheme: str) -> Any:
+    try:
+        target = _REGISTRY[scheme]
+    except KeyError:
+        raise UnknownSchemeError(f"unknown tier scheme {scheme!r}; known schemes: {', '.join(known_schemes())}") from None
+    mod, _, cls = target.partition(":")
+    try:
+        return getattr(importlib.import_module(mod), cls)
+    except ImportError as e:
+        raise ConfigError(f"tier scheme {scheme!r} needs an optional dependency: {e}") from e
+
+
+@dataclass
+class TierSpec:
+    """A parsed tier URL: scheme, location (netloc + path) and options."""
+
+    scheme: str
+    location: str
+    options: dict[str, Any] = field(default_factory=dict)
+    url: str = ""
+
+    @classmethod
+    def parse(cls, url: str, **options: Any) -> "TierSpec":
+        if not isinstance(url, str) or "://" not in url:
+            raise ConfigError(f"tier URL {url!r} must look like scheme://location?option=value")
+        parts = urlsplit(url)
+        if not parts.scheme:
+            raise ConfigError(f"tier URL {url!r} has no scheme")
+        opts: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+        opts.update(options)
+        return cls(parts.scheme.lower(), parts.netloc + parts.path, opts, url)
+
+    def redacted(self) -> str:
+        """The URL without credentials or option values that look secret (for logs and repr)."""
+        shown = {k: ("***" if _secret(k) else v) for k, v in self.options.items()}
+        q = "&".join(f"{k}={v}" for k, v in shown.items())
+        loc = self.location.rsplit("@", 1)[-1]
+        return f"{self.scheme}://{loc}" + (f"?{q}" if q else "")
+
+
+def _secret(key: str) -> bool:
+    k = key.lower()
+    return any(w in k for w in ("secret", "password", "token", "key", "credential"))
+
+
+def open_tier(spec: TierSpec | str, *, block_nbytes: int, block_size: int | None = None, events: EventBus | None = None) -> Tier:
+    if isinstance(spec, str):
+        spec = TierSpec.parse(spec)
+    cls = tier_class(spec.scheme)
+    opts = dict(spec.options)
+    common: dict[str, Any] = dict(block_nbytes=block_nbytes, block_size=block_size, events=events)
+    if "name" in opts:
+        common["name"] = opts.pop("name")
+    try:
+        return cls.from_options(spec.location, opts, **common)  # type: ignore[no-any-return]
+    except TypeError as e:
+        raise ConfigError(f"bad option for {spec.redacted()}: {e}") from None

@@ -1,0 +1,238 @@
+"""The tiered store: one namespace-checked front over an ordered list of tiers (fastest first).
+
+The store does bookkeeping and validation only; tiers move bytes.  ``match``
+tells how many leading blocks are loadable and which tier holds each run;
+``get`` onboards them into caller buffers, tier by tier, and any block that a
+tier fails to deliver (evicted meanwhile, failed verification) is a miss.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from .errors import ConfigError, LayoutMismatchError, TierClosedError
+from .events import EventBus, EventKind
+from .keys import BlockKeys, Namespace
+from .layout import as_u8_rows
+from .tier import Tier
+from .transfer import transfer
+
+
+@dataclass(frozen=True)
+class Match:
+    """The loadable prefix of a request: ``length`` leading blocks, stored as runs across tiers."""
+
+    keys: BlockKeys
+    length: int
+    runs: tuple[tuple[str, int, int], ...]  # (tier name, start, stop), covering [0, length)
+    block_size: int = 0
+    where: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8), repr=False)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.length * self.block_size
+
+    @property
+    def matched(self) -> BlockKeys:
+        return self.keys[: self.length]
+
+    def by_tier(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for name, a, b in self.runs:
+            out[name] = out.get(name, 0) + b - a
+        return out
+
+
+class Store:
+    def __init__(self, tiers: Sequence[Tier], namespace: Namespace | None = None, events: EventBus | None = None) -> None:
+        if not tiers:
+            raise ConfigError("a store needs at least one tier")
+        names = [t.name for t in tiers]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"tier names must be unique, got {names}; name them with ?name=...")
+        self.tiers: list[Tier] = list(tiers)
+        self.events = events or EventBus()
+        self.namespaces: dict[int, Namespace] = {}
+        self.default_namespace = namespace
+        self._lock = threading.Lock()
+        self._closed = False
+        self.counters = {"put_blocks": 0, "match_calls": 0, "matched_blocks": 0, "get_blocks": 0, "get_misses": 0}
+        if namespace is not None:
+            self.add_namespace(namespace)
+
+    # ---- namespaces and keys -------------------------------------------------------------
+    def add_namespace(self, ns: Namespace) -> Namespace:
+        with self._lock:
+            if ns.id in self.namespaces:
+                return self.namespaces[ns.id]
+            for t in self.tiers:
+                t.bind_namespace(ns)
+            self.namespaces[ns.id] = ns
+            return ns
+
+    def namespace_of(self, keys: BlockKeys) -> Namespace:
+        try:
+            return self.namespaces[keys.ns]
+        except KeyError:
+            raise ConfigError(f"namespace {keys.ns:016x} is not known to this store; add_namespace() it first") from None
+
+    def tier(self, name: str) -> Tier:
+        for t in self.tiers:
+            if t.name == name:
+                return t
+        raise KeyError(f"no tier named {name!r}; tiers: {[t.name for t in self.tiers]}")
+
+    def keys(self, tokens: Any, *, cache_salt: str | None = None, lora_name: str | None = None) -> BlockKeys:
+        if self.default_namespace is None:
+            raise ConfigError("this store has no default namespace; use Namespace.keys_for_tokens()")
+        return self.default_namespace.keys_for_tokens(tokens, cache_salt, lora_name)
+
+    # ---- data path -----------------------------------------------------------------------
+    def _rows(self, keys: BlockKeys, data: Any, what: str) -> Any:
+        ns = self.namespace_of(keys)
+        rows = ns.layout.check_blocks(data)
+        if rows.shape[0] != len(keys):
+            raise LayoutMismatchError(f"{what}: {len(keys)} keys but {rows.shape[0]} blocks of data")
+        return rows
+
+    def put(self, keys: BlockKeys, data: Any, tier: str | None = None) -> np.ndarray:
+        """Offload: store KV-shaped ``[n, *block_shape]`` (or raw uint8 rows) into ``tier`` (default: the first)."""
+        self._live()
+        rows = self._rows(keys, data, "put")
+        t = self.tier(tier) if tier else self.tiers[0]
+        ok = t.put(keys, rows)
+        self.counters["put_blocks"] += int(ok.sum())
+        return ok
+
+    def match(self, keys: BlockKeys) -> Match:
+        """Longest run of leading blocks present in some tier, with the fastest tier for each block."""
+        self._live()
+        ns = self.namespace_of(keys)
+        where = np.full(len(keys), -1, np.int8)
+        todo = np.arange(len(keys))
+        for i, t in enumerate(self.tiers):
+            if todo.size == 0:
+                break
+            hit = t.contains(keys[todo])
+            where[todo[hit]] = i
+            todo = todo[~hit]
+        miss = np.flatnonzero(where < 0)
+        length = int(miss[0]) if miss.size else len(keys)
+        self.counters["match_calls"] += 1
+        self.counters["matched_blocks"] += length
+        return Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where)
+
+    def _runs(self, where: np.ndarray) -> tuple[tuple[str, int, int], ...]:
+        if where.size == 0:
+            return ()
+        brk = np.flatnonzero(np.diff(where)) + 1
+        starts = np.concatenate(([0], brk)).tolist()
+        stops = np.concatenate((brk, [where.size])).tolist()
+        return tuple((self.tiers[int(where[a])].name, a, b) for a, b in zip(starts, stops))
+
+    def get(self, keys: BlockKeys, out: Any, match: Match | None = None) -> np.ndarray:
+        """Onboard: fill ``out`` (KV-shaped or uint8 rows, contiguous) with the blocks found; mask of rows filled."""
+        self._live()
+        rows = self._out_rows(keys, out)
+        m = match if match is not None and match.keys == keys else self.match(keys)
+        got = np.zeros(len(keys), bool)
+        where = m.where
+        for i, t in enumerate(self.tiers):
+            idx = np.flatnonzero(where == i)
+            if idx.size == 0:
+                continue
+            for a, b in _spans(idx):
+                got[a:b] = t.get(keys[a:b], rows[a:b])
+        self.counters["get_blocks"] += int(got.sum())
+        self.counters["get_misses"] += int((where >= 0).sum() - got.sum())
+        return got
+
+    def _out_rows(self, keys: BlockKeys, out: Any) -> Any:
+        contiguous = out.is_contiguous() if hasattr(out, "is_contiguous") else out.flags.c_contiguous
+        if not contiguous:
+            raise LayoutMismatchError("get: the destination buffer must be contiguous (it is written in place)")
+        rows = self._rows(keys, out, "get")
+        return rows if rows.shape[0] == len(keys) else rows
+
+    def copy(self, keys: BlockKeys, src: str, dst: str) -> np.ndarray:
+        """Copy blocks between two tiers (promotion/demotion primitive); the source keeps its copy."""
+        self._live()
+        self.namespace_of(keys)
+        ok = transfer(keys, self.tier(src), self.tier(dst))
+        up = [t.name for t in self.tiers].index(dst) < [t.name for t in self.tiers].index(src)
+        self.events.publish(EventKind.PROMOTED if up else EventKind.DEMOTED, dst, keys[ok])
+        return ok
+
+    def pin(self, keys: BlockKeys) -> "Pins":
+        """Pin keys in every tier that holds them now, until ``unpin`` (or the ``with`` block ends)."""
+        self._live()
+        return Pins(keys, [(t, t.pin(keys)) for t in self.tiers])
+
+    def unpin(self, pins: "Pins") -> None:
+        pins.release()
+
+    def delete(self, keys: BlockKeys) -> np.ndarray:
+        """Delete from every tier; mask of keys that were present anywhere."""
+        self._live()
+        out = np.zeros(len(keys), bool)
+        for t in self.tiers:
+            out |= t.delete(keys)
+        return out
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "namespaces": [ns.short_id for ns in self.namespaces.values()],
+            "tiers": [t.stats() for t in self.tiers],
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for t in self.tiers:
+            t.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _live(self) -> None:
+        if self._closed:
+            raise TierClosedError("store is closed")
+
+
+class Pins:
+    """Pins taken by :meth:`Store.pin`; each tier is unpinned exactly where it was pinned."""
+
+    def __init__(self, keys: BlockKeys, held: list[tuple[Tier, np.ndarray]]) -> None:
+        self.keys = keys
+        self._held = held
+        self.mask = np.zeros(len(keys), bool)
+        for _, m in held:
+            self.mask |= m
+
+    def release(self) -> None:
+        held, self._held = self._held, []
+        for t, m in held:
+            if m.any():
+                t.unpin(self.keys[np.flatnonzero(m)])
+
+    def __enter__(self) -> "Pins":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _spans(idx: np.ndarray) -> Iterable[tuple[int, int]]:
+    brk = np.flatnonzero(np.diff(idx) != 1) + 1
+    starts = np.concatenate(([0], brk))
+    stops = np.concatenate((brk, [idx.size]))
+    return zip(idx[starts].tolist(), (idx[stops - 1] + 1).tolist())

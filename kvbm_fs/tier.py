@@ -1,0 +1,252 @@
+"""The one Tier interface every storage medium implements, and the slot-pool base for memory tiers.
+
+Primitives are batch-first and take :class:`BlockKeys` plus 2-D uint8 row buffers
+``[n, block_nbytes]`` (numpy or torch, any device).  A miss is a ``False`` in the
+returned mask; misuse raises.  ``get`` writes into caller-owned rows and leaves
+the rows of missing keys untouched.  Tiers that keep bytes outside process memory
+verify every block they read (see :mod:`kvbm_fs.codec`) and report failures as misses.
+"""
+
+from __future__ import annotations
+
+import abc
+from enum import Enum
+from typing import Any, Iterator
+
+import numpy as np
+
+from .errors import LayoutMismatchError, TierClosedError
+from .events import EventBus
+from .keys import BlockKey, BlockKeys, Namespace
+from .lifecycle import SlotPool
+from .policy import EvictionPolicy
+from .rows import copy_rows, is_torch
+
+
+class Medium(str, Enum):
+    GPU = "gpu"
+    HOST = "host"
+    DISK = "disk"
+    REMOTE = "remote"
+    PEER = "peer"
+
+
+class Tier(abc.ABC):
+    name: str
+    medium: Medium
+    persistent: bool = False
+    block_nbytes: int
+    events: EventBus
+
+    # ---- primitives ------------------------------------------------------------------------
+    @abc.abstractmethod
+    def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
+        """Store rows of ``data``; mask of keys now present (False: refused, e.g. full of pinned blocks)."""
+
+    @abc.abstractmethod
+    def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
+        """Copy present blocks into ``out`` rows; mask of keys found (and verified)."""
+
+    @abc.abstractmethod
+    def contains(self, keys: BlockKeys) -> np.ndarray: ...
+
+    @abc.abstractmethod
+    def delete(self, keys: BlockKeys) -> np.ndarray:
+        """Remove keys; mask of those that were present. Pinned blocks raise PinnedError, nothing removed."""
+
+    @abc.abstractmethod
+    def iter_keys(self) -> Iterator[BlockKeys]:
+        """All stored keys, one batch per namespace (or per chunk)."""
+
+    @abc.abstractmethod
+    def pin(self, keys: BlockKeys) -> np.ndarray:
+        """Protect present keys from eviction (refcounted); mask of keys pinned."""
+
+    @abc.abstractmethod
+    def unpin(self, keys: BlockKeys) -> None: ...
+
+    @property
+    @abc.abstractmethod
+    def capacity_bytes(self) -> int: ...
+
+    @property
+    @abc.abstractmethod
+    def used_bytes(self) -> int: ...
+
+    @abc.abstractmethod
+    def __len__(self) -> int: ...
+
+    # ---- built on the primitives -----------------------------------------------------------
+    def prefix_len(self, keys: BlockKeys) -> int:
+        """Number of leading keys present (the longest matched prefix)."""
+        miss = np.flatnonzero(~self.contains(keys))
+        return int(miss[0]) if miss.size else len(keys)
+
+    def bind_namespace(self, ns: Namespace) -> None:
+        """Called once per namespace before use; persistent tiers check or record a manifest here."""
+        if ns.block_nbytes != self.block_nbytes:
+            raise LayoutMismatchError(
+                f"tier {self.name!r} holds {self.block_nbytes}-byte blocks; namespace {ns.short_id} needs {ns.block_nbytes}"
+            )
+
+    def keys(self) -> Iterator[BlockKey]:
+        for batch in self.iter_keys():
+            yield from batch
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "medium": self.medium.value,
+            "persistent": self.persistent,
+            "blocks": len(self),
+            "capacity_bytes": self.capacity_bytes,
+            "used_bytes": self.used_bytes,
+        }
+
+    def close(self) -> None:
+        """Release resources; later calls raise TierClosedError."""
+
+    def __enter__(self) -> "Tier":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _check_rows(self, keys: BlockKeys, rows: Any, what: str) -> None:
+        shape = tuple(rows.shape)
+        if len(shape) != 2 or shape[0] < len(keys) or shape[1] != self.block_nbytes:
+            raise LayoutMismatchError(
+                f"{self.name}.{what}: buffer shape {shape}, need [>={len(keys)}, {self.block_nbytes}] uint8 rows"
+            )
+        dt = str(rows.dtype).removeprefix("torch.")
+        if dt != "uint8":
+            raise LayoutMismatchError(f"{self.name}.{what}: buffer dtype {dt}, need uint8 rows")
+
+
+class SlotTier(Tier):
+    """A tier whose blocks sit in rows of one preallocated 2-D buffer, tracked by a :class:`SlotPool`.
+
+    Subclasses only allocate the buffer.  Bytes are copied outside the pool lock
+    while the slots are pinned, so concurrent puts, gets and evictions never see
+    a slot whose bytes are in flight.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        buf: Any,
+        *,
+        block_size: int | None = None,
+        events: EventBus | None = None,
+        policy: EvictionPolicy | str | None = None,
+    ) -> None:
+        self.name = name
+        self.buf = buf
+        self.block_nbytes = int(buf.shape[1])
+        self.events = events or EventBus()
+        self.pool = SlotPool(int(buf.shape[0]), block_size, name=name, events=self.events, policy=policy)
+        self._closed = False
+
+    # ---- slot-level API, used by transfer handlers -----------------------------------------
+    def reserve(self, n: int) -> np.ndarray | None:
+        self._live()
+        return self.pool.allocate(n)
+
+    def publish(self, slots: np.ndarray, keys: BlockKeys) -> np.ndarray:
+        """Bytes are in place: register the slots and drop the writer's pin. Returns final slots."""
+        self.pool.complete(slots)
+        final = self.pool.register(slots, keys)
+        self.pool.release(final)
+        return final
+
+    def acquire(self, keys: BlockKeys) -> np.ndarray:
+        self._live()
+        return self.pool.acquire(keys)
+
+    def release(self, slots: np.ndarray) -> None:
+        self.pool.release(slots)
+
+    def sync(self) -> None:
+        """Wait for copies issued on this tier's buffer (GPU tiers override)."""
+
+    # ---- Tier primitives -------------------------------------------------------------------
+    def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
+        self._check_rows(keys, data, "put")
+        n = len(keys)
+        present = self.pool.lookup(keys) >= 0
+        todo = np.flatnonzero(~present)
+        if todo.size == 0:
+            return present
+        slots = self.reserve(todo.size)
+        if slots is None:
+            return present
+        try:
+            copy_rows(self.buf, slots, data, todo)
+            self.sync()
+        except BaseException:
+            self.pool.release(slots)
+            raise
+        self.publish(slots, keys[todo])
+        return np.ones(n, bool)
+
+    def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
+        self._check_rows(keys, out, "get")
+        slots = self.acquire(keys)
+        found = slots >= 0
+        try:
+            rows = np.flatnonzero(found)
+            copy_rows(out, rows, self.buf, slots[found])
+            self.sync()
+            if is_torch(out) and out.is_cuda and not is_torch(self.buf):
+                __import__("torch").cuda.current_stream(out.device).synchronize()
+        finally:
+            self.pool.release(slots)
+        return found
+
+    def contains(self, keys: BlockKeys) -> np.ndarray:
+        return self.pool.lookup(keys) >= 0
+
+    def prefix_len(self, keys: BlockKeys) -> int:
+        return self.pool.prefix_len(keys)
+
+    def delete(self, keys: BlockKeys) -> np.ndarray:
+        self._live()
+        return self.pool.remove(keys)
+
+    def iter_keys(self) -> Iterator[BlockKeys]:
+        return iter(self.pool.registered_keys())
+
+    def pin(self, keys: BlockKeys) -> np.ndarray:
+        return self.acquire(keys) >= 0
+
+    def unpin(self, keys: BlockKeys) -> None:
+        slots = self.pool.lookup(keys)
+        self.pool.release(slots)
+
+    def evict(self, n: int) -> int:
+        """Evict exactly ``n`` inactive blocks by policy, or none."""
+        return self.pool.evict(n)
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.pool.num_slots * self.block_nbytes
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self.pool.index) * self.block_nbytes
+
+    def __len__(self) -> int:
+        return len(self.pool.index)
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        s.update(slots=self.pool.num_slots, free_slots=self.pool.num_free, evictions=self.pool.evictions,
+                 policy=self.pool.policy.name)
+        return s
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _live(self) -> None:
+        if self._closed:
+            raise TierClosedError(f"tier {self.name!r} is closed")

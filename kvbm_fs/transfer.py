@@ -1,0 +1,91 @@
+"""Worker-side byte movers between tiers, chosen by (source medium, destination medium).
+
+Slot tiers on both sides (G1 <-> G2) copy straight between their buffers with one
+batched gather/scatter, no staging.  Anything else goes through a reusable staging
+buffer with the tiers' own ``get``/``put`` (which verify what they read).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import numpy as np
+
+from .keys import BlockKeys
+from .rows import copy_rows
+from .tier import Medium, SlotTier, Tier
+
+Handler = Callable[[BlockKeys, Tier, Tier], np.ndarray]
+HANDLERS: dict[tuple[Medium, Medium], Handler] = {}
+
+
+def handler(src: Medium, dst: Medium) -> Callable[[Handler], Handler]:
+    def deco(fn: Handler) -> Handler:
+        HANDLERS[(src, dst)] = fn
+        return fn
+
+    return deco
+
+
+def transfer(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
+    """Copy ``keys`` from ``src`` into ``dst``; mask of keys now in ``dst``. The source keeps its copy."""
+    if len(keys) == 0:
+        return np.zeros(0, bool)
+    fn = HANDLERS.get((src.medium, dst.medium))
+    if fn is not None and isinstance(src, SlotTier) and isinstance(dst, SlotTier):
+        return fn(keys, src, dst)
+    return staged(keys, src, dst)
+
+
+def _slot_copier(src: SlotTier, dst: SlotTier) -> Callable[..., None]:
+    for t in (dst, src):
+        if hasattr(t, "on_stream") and getattr(t, "stream", None) is not None:
+            return t.copy_rows  # type: ignore[no-any-return, attr-defined]
+    return copy_rows
+
+
+def slot_to_slot(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
+    assert isinstance(src, SlotTier) and isinstance(dst, SlotTier)
+    have = dst.contains(keys)
+    s_slots = src.acquire(keys)
+    try:
+        todo = np.flatnonzero((s_slots >= 0) & ~have)
+        if todo.size:
+            d_slots = dst.reserve(todo.size)
+            if d_slots is None:
+                return have
+            try:
+                _slot_copier(src, dst)(dst.buf, d_slots, src.buf, s_slots[todo])
+                src.sync()
+                dst.sync()
+            except BaseException:
+                dst.release(d_slots)
+                raise
+            dst.publish(d_slots, keys[todo])
+            have[todo] = True
+    finally:
+        src.release(s_slots)
+    return have
+
+
+for _a, _b in ((Medium.GPU, Medium.HOST), (Medium.HOST, Medium.GPU), (Medium.HOST, Medium.HOST), (Medium.GPU, Medium.GPU)):
+    HANDLERS[(_a, _b)] = slot_to_slot
+
+
+def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64) -> np.ndarray:
+    """Generic path: read a batch into host staging rows (verified by ``src.get``), then ``dst.put``."""
+    have = dst.contains(keys)
+    todo = np.flatnonzero(~have)
+    if todo.size == 0:
+        return have
+    stage: Any = np.empty((min(batch, todo.size), src.block_nbytes), np.uint8)
+    for i in range(0, todo.size, batch):
+        idx = todo[i : i + batch]
+        sub = keys[idx]
+        rows = stage[: idx.size]
+        got = src.get(sub, rows)
+        ok = np.flatnonzero(got)
+        if ok.size:
+            stored = dst.put(sub[ok], rows[ok] if ok.size < idx.size else rows)
+            have[idx[ok[stored]]] = True
+    return have
