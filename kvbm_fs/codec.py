@@ -60,8 +60,18 @@ def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any
     buf = _as_buffer(payload)
     c = xxhash.xxh3_128_intdigest(buf)
     head = _HEAD.pack(
-        MAGIC, FORMAT_VERSION, HEADER_SIZE, 0, key.ns, key.seq_hash, parent_hash, num_tokens, 0,
-        memoryview(buf).nbytes, c & 0xFFFFFFFFFFFFFFFF, c >> 64,
+        MAGIC,
+        FORMAT_VERSION,
+        HEADER_SIZE,
+        0,
+        key.ns,
+        key.seq_hash,
+        parent_hash,
+        num_tokens,
+        0,
+        memoryview(buf).nbytes,
+        c & 0xFFFFFFFFFFFFFFFF,
+        c >> 64,
     )
     return head + _HEAD_CRC.pack(xxhash.xxh3_64_intdigest(head, 0)) + bytes(HEADER_SIZE - _CRC_AT - 8)
 

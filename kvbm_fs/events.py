@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable
 
 from .keys import BlockKeys
 
@@ -38,7 +38,7 @@ Subscriber = Callable[[BlockEvent], None]
 
 
 class EventBus:
-    __slots__ = ("_subs", "_lock")
+    __slots__ = ("_lock", "_subs")
 
     def __init__(self) -> None:
         self._subs: tuple[Subscriber, ...] = ()
@@ -51,7 +51,7 @@ class EventBus:
     def subscribe(self, fn: Subscriber) -> Callable[[], None]:
         """Add a subscriber; returns a function that removes it."""
         with self._lock:
-            self._subs = self._subs + (fn,)
+            self._subs = (*self._subs, fn)
 
         def unsubscribe() -> None:
             with self._lock:

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import struct
+from collections.abc import Sequence
 from itertools import accumulate
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import xxhash
@@ -82,7 +83,7 @@ def block_hash_array(
     seed = _check_seed(salt_hash)
     arr = as_token_array(tokens)
     n = arr.size // bs
-    mv = memoryview(arr[: n * bs]).cast("B")
+    mv = memoryview(arr[: n * bs].data).cast("B")
     step = bs * 4
     out = np.fromiter((_xxh3_64(mv[i : i + step], seed) for i in range(0, n * step, step)), np.uint64, n)
     if extra_hashes is not None:

@@ -11,8 +11,9 @@ collide with Dynamo-compatible hashes of other namespaces.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Sequence, overload
+from typing import Any, overload
 
 import numpy as np
 import xxhash
@@ -38,7 +39,7 @@ class BlockKey:
 class BlockKeys:
     """A batch of keys under one namespace, in chain order when built from tokens."""
 
-    __slots__ = ("ns", "hashes", "parents")
+    __slots__ = ("hashes", "ns", "parents")
 
     def __init__(self, ns: int, hashes: Any, parents: Any = None) -> None:
         self.ns = int(ns) & _U64
@@ -51,7 +52,7 @@ class BlockKeys:
                 raise ValueError("parents and hashes differ in length")
 
     @classmethod
-    def chain(cls, ns: int, hashes: Any, root_parent: int = 0) -> "BlockKeys":
+    def chain(cls, ns: int, hashes: Any, root_parent: int = 0) -> BlockKeys:
         """Keys of a prefix chain: each block's parent is the previous block."""
         h = _u64_array(hashes)
         parents = np.empty_like(h)
@@ -61,7 +62,7 @@ class BlockKeys:
         return cls(ns, h, parents)
 
     @classmethod
-    def of(cls, keys: Iterable[BlockKey]) -> "BlockKeys":
+    def of(cls, keys: Iterable[BlockKey]) -> BlockKeys:
         ks = list(keys)
         nss = {k.ns for k in ks}
         if len(nss) > 1:
@@ -74,8 +75,8 @@ class BlockKeys:
     @overload
     def __getitem__(self, i: int) -> BlockKey: ...
     @overload
-    def __getitem__(self, i: slice | np.ndarray) -> "BlockKeys": ...
-    def __getitem__(self, i: int | slice | np.ndarray) -> "BlockKey | BlockKeys":
+    def __getitem__(self, i: slice | np.ndarray) -> BlockKeys: ...
+    def __getitem__(self, i: int | slice | np.ndarray) -> BlockKey | BlockKeys:
         if isinstance(i, (int, np.integer)):
             return BlockKey(self.ns, int(self.hashes[i]))
         return BlockKeys(self.ns, self.hashes[i], self.parents[i])
@@ -159,7 +160,7 @@ class Namespace:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Namespace":
+    def from_dict(cls, d: dict[str, Any]) -> Namespace:
         d = dict(d)
         if d.pop("format", NS_FORMAT) != NS_FORMAT:
             raise ConfigError("namespace written by an unknown format")

@@ -52,7 +52,9 @@ class KVLayout:
         want = AXES_MLA if self.mla else AXES_MHA
         if len(self.order) != len(want) or set(self.order) != want:
             kind = "MLA" if self.mla else "MHA"
-            raise ConfigError(f"KVLayout.order {self.order!r} must be a permutation of {''.join(sorted(want))} for {kind}")
+            raise ConfigError(
+                f"KVLayout.order {self.order!r} must be a permutation of {''.join(sorted(want))} for {kind}"
+            )
         if self.mla and self.num_kv_heads != 1:
             raise ConfigError("an MLA layout has one latent head: num_kv_heads must be 1")
 
@@ -81,7 +83,7 @@ class KVLayout:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "KVLayout":
+    def from_dict(cls, d: dict[str, Any]) -> KVLayout:
         known = {f for f in cls.__dataclass_fields__}
         extra = set(d) - known
         if extra:

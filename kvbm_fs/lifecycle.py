@@ -194,7 +194,9 @@ class SlotPool:
             counts = np.bincount(slots, minlength=self.num_slots)
             held = self.refs >= counts
             if not bool(np.all(held)):
-                raise IllegalTransitionError(f"{self.name}: release of unpinned slots {np.flatnonzero(~held)[:4].tolist()}")
+                raise IllegalTransitionError(
+                    f"{self.name}: release of unpinned slots {np.flatnonzero(~held)[:4].tolist()}"
+                )
             self.refs -= counts.astype(np.int32)
             uniq = np.flatnonzero(counts)
             dead = uniq[(self.refs[uniq] == 0) & (self.state[uniq] != _G)]
@@ -224,7 +226,9 @@ class SlotPool:
             s = np.unique(slots[found])
             if bool(np.any(self.refs[s] > 0)):
                 pinned = s[self.refs[s] > 0][:4]
-                raise PinnedError(f"{self.name}: cannot delete pinned blocks {[str(BlockKey(keys.ns, int(h))) for h in self.slot_hash[pinned]]}")
+                raise PinnedError(
+                    f"{self.name}: cannot delete pinned blocks {[str(BlockKey(keys.ns, int(h))) for h in self.slot_hash[pinned]]}"
+                )
             gone = self._unregister(s)
         self._publish_removed(EventKind.REMOVED, gone)
         return found

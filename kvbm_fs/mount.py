@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .config import StoreConfig, resolve
 from .errors import ConfigError
@@ -32,8 +33,15 @@ def mount(
     (a TOML/YAML/JSON path or a mapping), then ``KVBM_FS_*`` variables, then defaults.
     """
     cfg = resolve(
-        config=config, env=env, tiers=list(tiers) or None, layout=layout, model=model, tenant=tenant,
-        rank=rank, world_size=world_size, policy=policy,
+        config=config,
+        env=env,
+        tiers=list(tiers) or None,
+        layout=layout,
+        model=model,
+        tenant=tenant,
+        rank=rank,
+        world_size=world_size,
+        policy=policy,
     )
     return build_store(cfg)
 
@@ -48,9 +56,7 @@ def build_store(cfg: StoreConfig) -> Store:
             spec.options.setdefault("policy", cfg.policy)
             if "name" not in spec.options and any(_spec(o).scheme == spec.scheme for o in cfg.tiers[:i]):
                 spec.options["name"] = f"{spec.scheme}{i}"
-            opened.append(
-                open_tier(spec, block_nbytes=ns.block_nbytes, block_size=ns.layout.block_size, events=events)
-            )
+            opened.append(open_tier(spec, block_nbytes=ns.block_nbytes, block_size=ns.layout.block_size, events=events))
         return Store(opened, ns, events)
     except BaseException:
         for t in opened:

@@ -7,7 +7,8 @@ Policies are chosen by name (:func:`make_policy`); the daemon issue adds more.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import numpy as np
 

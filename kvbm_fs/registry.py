@@ -36,7 +36,9 @@ def tier_class(scheme: str) -> Any:
     try:
         target = _REGISTRY[scheme]
     except KeyError:
-        raise UnknownSchemeError(f"unknown tier scheme {scheme!r}; known schemes: {', '.join(known_schemes())}") from None
+        raise UnknownSchemeError(
+            f"unknown tier scheme {scheme!r}; known schemes: {', '.join(known_schemes())}"
+        ) from None
     mod, _, cls = target.partition(":")
     try:
         return getattr(importlib.import_module(mod), cls)
@@ -54,7 +56,7 @@ class TierSpec:
     url: str = ""
 
     @classmethod
-    def parse(cls, url: str, **options: Any) -> "TierSpec":
+    def parse(cls, url: str, **options: Any) -> TierSpec:
         if not isinstance(url, str) or "://" not in url:
             raise ConfigError(f"tier URL {url!r} must look like scheme://location?option=value")
         parts = urlsplit(url)
@@ -77,7 +79,9 @@ def _secret(key: str) -> bool:
     return any(w in k for w in ("secret", "password", "token", "key", "credential"))
 
 
-def open_tier(spec: TierSpec | str, *, block_nbytes: int, block_size: int | None = None, events: EventBus | None = None) -> Tier:
+def open_tier(
+    spec: TierSpec | str, *, block_nbytes: int, block_size: int | None = None, events: EventBus | None = None
+) -> Tier:
     if isinstance(spec, str):
         spec = TierSpec.parse(spec)
     cls = tier_class(spec.scheme)
@@ -86,6 +90,6 @@ def open_tier(spec: TierSpec | str, *, block_nbytes: int, block_size: int | None
     if "name" in opts:
         common["name"] = opts.pop("name")
     try:
-        return cls.from_options(spec.location, opts, **common)  # type: ignore[no-any-return]
+        return cls.from_options(spec.location, opts, **common)
     except TypeError as e:
         raise ConfigError(f"bad option for {spec.redacted()}: {e}") from None

@@ -71,7 +71,13 @@ def _copy_torch(dst: Any, dst_idx: np.ndarray, src: Any, src_idx: np.ndarray) ->
             d0 = int(dst_idx[0])
             torch.index_select(src, 0, si, out=dst[d0 : d0 + dst_idx.size])
         else:
-            dst.index_copy_(0, di, src.index_select(0, si) if not _contig(src_idx) else src[int(src_idx[0]) : int(src_idx[0]) + src_idx.size])
+            dst.index_copy_(
+                0,
+                di,
+                src.index_select(0, si)
+                if not _contig(src_idx)
+                else src[int(src_idx[0]) : int(src_idx[0]) + src_idx.size],
+            )
         return
     # Across devices: one async copy per run; pinned host memory makes these DMA transfers.
     nb = dst.is_cuda or src.is_cuda

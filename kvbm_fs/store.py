@@ -9,15 +9,15 @@ tier fails to deliver (evicted meanwhile, failed verification) is a miss.
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
 from .errors import ConfigError, LayoutMismatchError, TierClosedError
 from .events import EventBus, EventKind
 from .keys import BlockKeys, Namespace
-from .layout import as_u8_rows
 from .tier import Tier
 from .transfer import transfer
 
@@ -48,7 +48,9 @@ class Match:
 
 
 class Store:
-    def __init__(self, tiers: Sequence[Tier], namespace: Namespace | None = None, events: EventBus | None = None) -> None:
+    def __init__(
+        self, tiers: Sequence[Tier], namespace: Namespace | None = None, events: EventBus | None = None
+    ) -> None:
         if not tiers:
             raise ConfigError("a store needs at least one tier")
         names = [t.name for t in tiers]
@@ -78,7 +80,9 @@ class Store:
         try:
             return self.namespaces[keys.ns]
         except KeyError:
-            raise ConfigError(f"namespace {keys.ns:016x} is not known to this store; add_namespace() it first") from None
+            raise ConfigError(
+                f"namespace {keys.ns:016x} is not known to this store; add_namespace() it first"
+            ) from None
 
     def tier(self, name: str) -> Tier:
         for t in self.tiers:
@@ -155,8 +159,7 @@ class Store:
         contiguous = out.is_contiguous() if hasattr(out, "is_contiguous") else out.flags.c_contiguous
         if not contiguous:
             raise LayoutMismatchError("get: the destination buffer must be contiguous (it is written in place)")
-        rows = self._rows(keys, out, "get")
-        return rows if rows.shape[0] == len(keys) else rows
+        return self._rows(keys, out, "get")
 
     def copy(self, keys: BlockKeys, src: str, dst: str) -> np.ndarray:
         """Copy blocks between two tiers (promotion/demotion primitive); the source keeps its copy."""
@@ -167,12 +170,12 @@ class Store:
         self.events.publish(EventKind.PROMOTED if up else EventKind.DEMOTED, dst, keys[ok])
         return ok
 
-    def pin(self, keys: BlockKeys) -> "Pins":
+    def pin(self, keys: BlockKeys) -> Pins:
         """Pin keys in every tier that holds them now, until ``unpin`` (or the ``with`` block ends)."""
         self._live()
         return Pins(keys, [(t, t.pin(keys)) for t in self.tiers])
 
-    def unpin(self, pins: "Pins") -> None:
+    def unpin(self, pins: Pins) -> None:
         pins.release()
 
     def delete(self, keys: BlockKeys) -> np.ndarray:
@@ -197,7 +200,7 @@ class Store:
         for t in self.tiers:
             t.close()
 
-    def __enter__(self) -> "Store":
+    def __enter__(self) -> Store:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -224,7 +227,7 @@ class Pins:
             if m.any():
                 t.unpin(self.keys[np.flatnonzero(m)])
 
-    def __enter__(self) -> "Pins":
+    def __enter__(self) -> Pins:
         return self
 
     def __exit__(self, *exc: object) -> None:

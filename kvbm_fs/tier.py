@@ -10,8 +10,9 @@ verify every block they read (see :mod:`kvbm_fs.codec`) and report failures as m
 from __future__ import annotations
 
 import abc
+from collections.abc import Iterator
 from enum import Enum
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -89,7 +90,7 @@ class Tier(abc.ABC):
                 f"tier {self.name!r} holds {self.block_nbytes}-byte blocks; namespace {ns.short_id} needs {ns.block_nbytes}"
             )
 
-    def keys(self) -> Iterator[BlockKey]:
+    def all_keys(self) -> Iterator[BlockKey]:
         for batch in self.iter_keys():
             yield from batch
 
@@ -103,10 +104,10 @@ class Tier(abc.ABC):
             "used_bytes": self.used_bytes,
         }
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; later calls raise TierClosedError."""
 
-    def __enter__(self) -> "Tier":
+    def __enter__(self) -> Tier:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -240,8 +241,12 @@ class SlotTier(Tier):
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        s.update(slots=self.pool.num_slots, free_slots=self.pool.num_free, evictions=self.pool.evictions,
-                 policy=self.pool.policy.name)
+        s.update(
+            slots=self.pool.num_slots,
+            free_slots=self.pool.num_free,
+            evictions=self.pool.evictions,
+            policy=self.pool.policy.name,
+        )
         return s
 
     def close(self) -> None:

@@ -7,7 +7,8 @@ buffer with the tiers' own ``get``/``put`` (which verify what they read).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -40,7 +41,7 @@ def transfer(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
 def _slot_copier(src: SlotTier, dst: SlotTier) -> Callable[..., None]:
     for t in (dst, src):
         if hasattr(t, "on_stream") and getattr(t, "stream", None) is not None:
-            return t.copy_rows  # type: ignore[no-any-return, attr-defined]
+            return t.copy_rows  # type: ignore[attr-defined]
     return copy_rows
 
 
@@ -68,7 +69,12 @@ def slot_to_slot(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
     return have
 
 
-for _a, _b in ((Medium.GPU, Medium.HOST), (Medium.HOST, Medium.GPU), (Medium.HOST, Medium.HOST), (Medium.GPU, Medium.GPU)):
+for _a, _b in (
+    (Medium.GPU, Medium.HOST),
+    (Medium.HOST, Medium.GPU),
+    (Medium.HOST, Medium.HOST),
+    (Medium.GPU, Medium.GPU),
+):
     HANDLERS[(_a, _b)] = slot_to_slot
 
 

@@ -9,7 +9,8 @@ On ``device="cpu"`` the same code runs without streams, which is what CI tests.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
@@ -56,7 +57,7 @@ class GpuTier(SlotTier):
         super().__init__(name, buf, block_size=block_size, events=events, policy=policy)
 
     @classmethod
-    def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> "GpuTier":
+    def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> GpuTier:
         device = options.pop("device", None) or location or None
         return cls(options.pop("capacity", "1GiB"), device=device, **common, **options)
 

@@ -103,7 +103,7 @@ class HostTier(SlotTier):
         super().__init__(name, rows, block_size=block_size, events=events, policy=policy)
 
     @classmethod
-    def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> "HostTier":
+    def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> HostTier:
         pin = options.pop("pin", None)
         return cls(options.pop("capacity", "1GiB"), pin=_bool(pin) if pin is not None else None, **common, **options)
 
