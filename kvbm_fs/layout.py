@@ -120,6 +120,10 @@ def _dtype_name(data: Any) -> str:
 def as_u8_rows(data: Any) -> Any:
     """View ``[n, ...]`` numpy/torch data as uint8 ``[n, row_bytes]`` without copying (copies only if non-contiguous)."""
     n = data.shape[0]
-    if hasattr(data, "contiguous"):  # torch
-        return data.contiguous().view(-1).view(__import__("torch").uint8).view(n, -1)
-    return np.ascontiguousarray(data).reshape(n, -1).view(np.uint8)
+    row = math.prod(data.shape[1:]) * data.element_size() if hasattr(data, "element_size") else None
+    if row is not None:  # torch
+        import torch
+
+        return data.contiguous().view(-1).view(torch.uint8).view(n, row)
+    arr = np.ascontiguousarray(data)
+    return arr.reshape(n, math.prod(arr.shape[1:])).view(np.uint8)

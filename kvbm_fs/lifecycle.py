@@ -203,6 +203,20 @@ class SlotPool:
             if dead.size:
                 self._push_free(dead)
 
+    def coldest(self, n: int) -> list[BlockKeys]:
+        """The ``n`` blocks the policy would evict next (unpinned, registered), without evicting them."""
+        with self.lock:
+            evictable = (self.state == _G) & (self.refs == 0)
+            victims = self.policy.victims(evictable, n)
+            return self._keys_at(victims)
+
+    def _keys_at(self, slots: np.ndarray) -> list[BlockKeys]:
+        out = []
+        for ns in dict.fromkeys(self.slot_ns[slots].tolist()):
+            sel = slots[self.slot_ns[slots] == ns]
+            out.append(BlockKeys(int(ns), self.slot_hash[sel].copy(), self.slot_parent[sel].copy()))
+        return out
+
     # ---- removal -------------------------------------------------------------------------
     def evict(self, n: int) -> int:
         """Evict exactly ``n`` inactive blocks chosen by the policy, or none at all; returns the count."""
@@ -234,12 +248,9 @@ class SlotPool:
         return found
 
     def _unregister(self, slots: np.ndarray) -> list[BlockKeys]:
-        gone = []
-        for ns in np.unique(self.slot_ns[slots]).tolist():
-            sel = slots[self.slot_ns[slots] == ns]
-            hs = self.slot_hash[sel]
-            self.index.remove_at(self.index.find(int(ns), hs)[1])
-            gone.append(BlockKeys(int(ns), hs.copy(), self.slot_parent[sel].copy()))
+        gone = self._keys_at(slots)
+        for ks in gone:
+            self.index.remove_at(self.index.find(ks.ns, ks.hashes)[1])
         self.policy.on_remove(slots)
         self._push_free(slots)
         return gone

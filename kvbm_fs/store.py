@@ -142,9 +142,10 @@ class Store:
         """Onboard: fill ``out`` (KV-shaped or uint8 rows, contiguous) with the blocks found; mask of rows filled."""
         self._live()
         rows = self._out_rows(keys, out)
-        m = match if match is not None and match.keys == keys else self.match(keys)
-        got = np.zeros(len(keys), bool)
-        where = m.where
+        n = len(keys)
+        reuse = match is not None and n <= len(match.keys) and match.keys[:n] == keys
+        where = match.where[:n] if reuse and match is not None else self.match(keys).where
+        got = np.zeros(n, bool)
         for i, t in enumerate(self.tiers):
             idx = np.flatnonzero(where == i)
             if idx.size == 0:

@@ -224,6 +224,10 @@ class SlotTier(Tier):
         slots = self.pool.lookup(keys)
         self.pool.release(slots)
 
+    def coldest(self, n: int) -> list[BlockKeys]:
+        """The next ``n`` eviction victims by policy (for demotion before eviction)."""
+        return self.pool.coldest(n)
+
     def evict(self, n: int) -> int:
         """Evict exactly ``n`` inactive blocks by policy, or none."""
         return self.pool.evict(n)

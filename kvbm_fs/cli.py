@@ -1,0 +1,40 @@
+"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults) and ``info``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import KvbmError
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="kvbm-fs", description="Tiered KV-cache block store")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("demo", help="store and match real KV-shaped blocks through every tier")
+    d.add_argument("--json", action="store_true", help="print only the JSON summary")
+    d.add_argument("--requests", type=int, default=8)
+    d.add_argument("--tiers", nargs="*", help="tier URLs, fastest first (default: embedded local tiers)")
+    i = sub.add_parser("info", help="show the store a config/environment would mount")
+    i.add_argument("--config", help="TOML/YAML/JSON config file")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "demo":
+            from .demo import run_demo
+
+            return run_demo(requests=args.requests, tiers=args.tiers, json_only=args.json)
+        if args.cmd == "info":
+            from .mount import mount
+
+            with mount(config=args.config) as store:
+                print(json.dumps(store.stats(), indent=2))
+            return 0
+    except KvbmError as e:
+        print(f"kvbm-fs: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,39 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+
+from kvbm_fs import KVLayout, Namespace, Store, mount
+
+LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16, dtype="float16")  # 8 KiB blocks
+
+
+@pytest.fixture
+def layout() -> KVLayout:
+    return LAYOUT
+
+
+@pytest.fixture
+def store() -> Iterator[Store]:
+    s = mount("gpu://cpu?capacity=128KiB", "host://?capacity=512KiB", layout=LAYOUT, model="test-model", env={})
+    yield s
+    s.close()
+
+
+@pytest.fixture
+def ns(store: Store) -> Namespace:
+    assert store.default_namespace is not None
+    return store.default_namespace
+
+
+def kv_blocks(n: int, seed: int = 0, layout: KVLayout = LAYOUT):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n, *layout.block_shape), generator=g).to(torch.float16)
+
+
+def tokens(n_blocks: int, seed: int = 0, block_size: int = 16) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 50_000, n_blocks * block_size)
