@@ -152,6 +152,9 @@ class Store:
                 continue
             for a, b in _spans(idx):
                 got[a:b] = t.get(keys[a:b], rows[a:b])
+            failed = idx[~got[idx]]
+            if failed.size:  # matched a moment ago, but the tier could not deliver: the engine recomputes
+                self.events.publish(EventKind.LOAD_FAILED, t.name, keys[failed])
         self.counters["get_blocks"] += int(got.sum())
         self.counters["get_misses"] += int((where >= 0).sum() - got.sum())
         return got

@@ -218,3 +218,20 @@ def test_concurrent_engines_share_one_store(store: Store) -> None:
     assert not errors, errors
     for tier in store.tiers:
         assert tier.used_bytes <= tier.capacity_bytes
+
+
+def test_a_block_lost_between_match_and_get_is_a_miss_with_load_failed(store: Store) -> None:
+    seen: list[BlockEvent] = []
+    store.events.subscribe(seen.append)
+    keys = store.keys(tokens(3))
+    data = kv_blocks(3)
+    store.put(keys, data, tier="host")
+    m = store.match(keys)
+    store.tier("host").delete(keys[1:2])  # another thread evicts it in between
+    out = torch.zeros_like(data)
+    got = store.get(keys, out, m)
+    assert got.tolist() == [True, False, True]
+    assert (out[1] == 0).all()
+    failed = [e for e in seen if e.kind is EventKind.LOAD_FAILED]
+    assert len(failed) == 1 and failed[0].tier == "host" and list(failed[0].keys) == [keys[1]]
+    assert store.stats()["get_misses"] == 1
