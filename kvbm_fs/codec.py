@@ -22,7 +22,8 @@ MAGIC = b"KVBMFSB\x00"
 FORMAT_VERSION = 1
 HEADER_SIZE = 128
 # magic, version, header size, flags, ns, seq hash, parent hash, tokens, reserved, payload len,
-# payload xxh3-128 (lo, hi), then the header's own xxh3-64 over bytes [0, 72); zeros to 128.
+# payload xxh3-128 (lo, hi); at 72 the header's own xxh3-64 over bytes [0, 72) ++ [80, 128) (all of the
+# header but the checksum itself); bytes [80, 128) are reserved and must be zero.
 _HEAD = struct.Struct("<8sHHIQQQIIQQQ")
 _HEAD_CRC = struct.Struct("<Q")
 _CRC_AT = _HEAD.size  # 72
@@ -73,7 +74,14 @@ def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any
         c & 0xFFFFFFFFFFFFFFFF,
         c >> 64,
     )
-    return head + _HEAD_CRC.pack(xxhash.xxh3_64_intdigest(head, 0)) + bytes(HEADER_SIZE - _CRC_AT - 8)
+    tail = bytes(HEADER_SIZE - _CRC_AT - 8)
+    return head + _HEAD_CRC.pack(_header_crc(head, tail)) + tail
+
+
+def _header_crc(head: bytes | memoryview, tail: bytes | memoryview) -> int:
+    h = xxhash.xxh3_64(head)
+    h.update(tail)
+    return h.intdigest()
 
 
 def encode(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any) -> bytes:
@@ -85,22 +93,28 @@ def decode_header(data: Any) -> BlockHeader:
     mv = memoryview(data).cast("B")
     if mv.nbytes < HEADER_SIZE:
         raise TruncatedBlockError(f"block has {mv.nbytes} bytes, less than its {HEADER_SIZE}-byte header")
-    magic, ver, hsize, _flags, ns, seq, parent, ntok, _r, plen, clo, chi = _HEAD.unpack_from(mv, 0)
+    magic, ver, hsize, flags, ns, seq, parent, ntok, res0, plen, clo, chi = _HEAD.unpack_from(mv, 0)
     if magic != MAGIC:
         raise CorruptBlockError("bad magic: not a kvbm_fs block")
-    (crc,) = _HEAD_CRC.unpack_from(mv, _CRC_AT)
-    if crc != xxhash.xxh3_64_intdigest(bytes(mv[:_CRC_AT]), 0):
-        raise CorruptBlockError("header checksum mismatch")
     if ver != FORMAT_VERSION or hsize != HEADER_SIZE:
         raise FormatVersionError(f"block format version {ver} (header {hsize} B); this build reads {FORMAT_VERSION}")
+    (crc,) = _HEAD_CRC.unpack_from(mv, _CRC_AT)
+    if crc != _header_crc(mv[:_CRC_AT], mv[_CRC_AT + 8 : HEADER_SIZE]):
+        raise CorruptBlockError("header checksum mismatch")
+    if flags or res0 or any(mv[_CRC_AT + 8 : HEADER_SIZE]):
+        raise FormatVersionError(
+            f"header uses flags {flags:#x} or reserved bytes that format {FORMAT_VERSION} does not define"
+        )
     return BlockHeader(ns, seq, parent, ntok, plen, clo | (chi << 64))
 
 
-def verify(data: Any, expected: BlockKey, expected_len: int | None = None) -> memoryview:
+def verify(
+    data: Any, expected: BlockKey, expected_len: int | None = None, expected_tokens: int | None = None
+) -> memoryview:
     """Check header, key echo, length and payload checksum; return the payload view. Raises CorruptBlockError."""
     mv = memoryview(data).cast("B")
     hdr = decode_header(mv)
-    check_header(hdr, expected, expected_len)
+    check_header(hdr, expected, expected_len, expected_tokens)
     payload = mv[HEADER_SIZE:]
     if payload.nbytes < hdr.payload_len:
         raise TruncatedBlockError(f"payload has {payload.nbytes} bytes, header says {hdr.payload_len}")
@@ -109,11 +123,15 @@ def verify(data: Any, expected: BlockKey, expected_len: int | None = None) -> me
     return payload
 
 
-def check_header(hdr: BlockHeader, expected: BlockKey, expected_len: int | None = None) -> None:
+def check_header(
+    hdr: BlockHeader, expected: BlockKey, expected_len: int | None = None, expected_tokens: int | None = None
+) -> None:
     if hdr.ns != expected.ns or hdr.seq_hash != expected.seq_hash:
         raise ForeignBlockError(f"block holds {hdr.key}, expected {expected}")
     if expected_len is not None and hdr.payload_len != expected_len:
         raise CorruptBlockError(f"payload length {hdr.payload_len}, expected {expected_len}")
+    if expected_tokens is not None and hdr.num_tokens != expected_tokens:
+        raise CorruptBlockError(f"block holds {hdr.num_tokens} tokens, expected {expected_tokens}")
 
 
 def verify_payload(hdr: BlockHeader, payload: Any) -> None:

@@ -10,14 +10,14 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from .keys import BlockKeys
 
 log = logging.getLogger(__name__)
 
 
-class EventKind(str, Enum):
+class EventKind(StrEnum):
     STORED = "stored"
     REMOVED = "removed"
     EVICTED = "evicted"

@@ -47,10 +47,10 @@ def check_block_size(block_size: int) -> int:
     return bs
 
 
-def _check_seed(seed: int) -> int:
+def _check_seed(seed: int, what: str = "salt_hash") -> int:
     s = int(seed)
     if not 0 <= s <= _U64:
-        raise ConfigError(f"salt_hash must be an unsigned 64-bit int, got {seed!r}")
+        raise ConfigError(f"{what} must be an unsigned 64-bit int, got {seed!r}")
     return s
 
 
@@ -113,7 +113,7 @@ def chain_hashes(block_hashes: np.ndarray, salt_hash: int, parent: int | None = 
     if parent is None:
         seq = accumulate(bh, step)
     else:
-        seq = accumulate(bh, step, initial=int(parent))
+        seq = accumulate(bh, step, initial=_check_seed(parent, "parent"))
         next(seq)
     return np.fromiter(seq, np.uint64, len(bh))
 

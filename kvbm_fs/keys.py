@@ -104,11 +104,16 @@ def _u64_array(x: Any) -> np.ndarray:
     return arr.reshape(-1)
 
 
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def engine_hash_to_u64(h: bytes | str | int) -> int:
     """Map one engine-native block hash onto the 64-bit key space.
 
-    8-byte hashes (vLLM xxhash) are taken as-is (little-endian); longer ones
-    (vLLM sha256, SGLang 64-hex) are folded with xxh3_64 so every bit counts.
+    Exactly 8 bytes are read as a little-endian u64; any other length (vLLM's
+    32-byte sha256 or 16-byte xxh3_128 digests, SGLang's 64-hex pages) is folded
+    with xxh3_64 (seed 0) so every bit counts.  Ints are taken modulo 2**64.
     """
     if isinstance(h, (int, np.integer)):
         return int(h) & _U64
@@ -140,9 +145,13 @@ class Namespace:
     def __post_init__(self) -> None:
         if not isinstance(self.model, str) or not self.model:
             raise ConfigError("Namespace.model must be a non-empty string")
-        if not (isinstance(self.world_size, int) and self.world_size >= 1):
-            raise ConfigError(f"Namespace.world_size must be >= 1, got {self.world_size!r}")
-        if not (isinstance(self.rank, int) and 0 <= self.rank < self.world_size):
+        if not (_is_int(self.world_size) and self.world_size >= 1):
+            raise ConfigError(f"Namespace.world_size must be an int >= 1, got {self.world_size!r}")
+        if not isinstance(self.tenant, str):
+            raise ConfigError(f"Namespace.tenant must be a string, got {self.tenant!r}")
+        if not isinstance(self.layout, KVLayout):
+            raise ConfigError(f"Namespace.layout must be a KVLayout, got {type(self.layout).__name__}")
+        if not (_is_int(self.rank) and 0 <= self.rank < self.world_size):
             raise ConfigError(f"Namespace.rank must be in [0, world_size={self.world_size}), got {self.rank!r}")
         if self.hash_scheme not in HASH_SCHEMES:
             raise ConfigError(f"Namespace.hash_scheme must be one of {HASH_SCHEMES}, got {self.hash_scheme!r}")
@@ -161,12 +170,22 @@ class Namespace:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Namespace:
+        """Inverse of :meth:`to_dict` (plus an optional ``id``, which must then match)."""
         d = dict(d)
-        if d.pop("format", NS_FORMAT) != NS_FORMAT:
-            raise ConfigError("namespace written by an unknown format")
-        d.pop("id", None)
-        layout = d.pop("layout")
-        return cls(layout=layout if isinstance(layout, KVLayout) else KVLayout.from_dict(layout), **d)
+        fmt = d.pop("format", None)
+        if fmt != NS_FORMAT:
+            raise ConfigError(f"namespace record has format {fmt!r}; this build reads {NS_FORMAT!r}")
+        want_id = d.pop("id", None)
+        layout = d.pop("layout", None)
+        if not isinstance(layout, (dict, KVLayout)):
+            raise ConfigError("namespace record has no layout table")
+        try:
+            ns = cls(layout=layout if isinstance(layout, KVLayout) else KVLayout.from_dict(layout), **d)
+        except TypeError as e:
+            raise ConfigError(f"bad namespace record: {e}") from None
+        if want_id is not None and int(want_id) != ns.id:
+            raise ConfigError(f"namespace record id {int(want_id):016x} does not match its content ({ns.short_id})")
+        return ns
 
     def canonical_bytes(self) -> bytes:
         return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()

@@ -44,9 +44,12 @@ class KVLayout:
     def __post_init__(self) -> None:
         for name in ("num_layers", "num_kv_heads", "head_dim"):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
                 raise ConfigError(f"KVLayout.{name} must be a positive int, got {v!r}")
-        check_block_size(self.block_size)
+            object.__setattr__(self, name, int(v))  # numpy ints would not serialise canonically
+        object.__setattr__(self, "block_size", check_block_size(self.block_size))
+        if not isinstance(self.mla, bool):
+            raise ConfigError(f"KVLayout.mla must be a bool, got {self.mla!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"KVLayout.dtype {self.dtype!r} unknown; expected one of {sorted(DTYPES)}")
         want = AXES_MLA if self.mla else AXES_MHA

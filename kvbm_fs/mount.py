@@ -24,6 +24,7 @@ def mount(
     rank: int | None = None,
     world_size: int | None = None,
     policy: str | None = None,
+    hash_scheme: str | None = None,
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Store:
@@ -42,6 +43,7 @@ def mount(
         rank=rank,
         world_size=world_size,
         policy=policy,
+        hash_scheme=hash_scheme,
     )
     return build_store(cfg)
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import ConfigError, LayoutMismatchError, TierClosedError
+from .errors import ConfigError, LayoutMismatchError, PinnedError, TierClosedError
 from .events import EventBus, EventKind
 from .keys import BlockKeys, Namespace
 from .tier import Tier
@@ -109,7 +109,7 @@ class Store:
         rows = self._rows(keys, data, "put")
         t = self.tier(tier) if tier else self.tiers[0]
         ok = t.put(keys, rows)
-        self.counters["put_blocks"] += int(ok.sum())
+        self._count(put_blocks=int(ok.sum()))
         return ok
 
     def match(self, keys: BlockKeys) -> Match:
@@ -126,8 +126,7 @@ class Store:
             todo = todo[~hit]
         miss = np.flatnonzero(where < 0)
         length = int(miss[0]) if miss.size else len(keys)
-        self.counters["match_calls"] += 1
-        self.counters["matched_blocks"] += length
+        self._count(match_calls=1, matched_blocks=length)
         return Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where)
 
     def _runs(self, where: np.ndarray) -> tuple[tuple[str, int, int], ...]:
@@ -155,8 +154,7 @@ class Store:
             failed = idx[~got[idx]]
             if failed.size:  # matched a moment ago, but the tier could not deliver: the engine recomputes
                 self.events.publish(EventKind.LOAD_FAILED, t.name, keys[failed])
-        self.counters["get_blocks"] += int(got.sum())
-        self.counters["get_misses"] += int((where >= 0).sum() - got.sum())
+        self._count(get_blocks=int(got.sum()), get_misses=int((where >= 0).sum() - got.sum()))
         return got
 
     def _out_rows(self, keys: BlockKeys, out: Any) -> Any:
@@ -169,9 +167,11 @@ class Store:
         """Copy blocks between two tiers (promotion/demotion primitive); the source keeps its copy."""
         self._live()
         self.namespace_of(keys)
-        ok = transfer(keys, self.tier(src), self.tier(dst))
-        up = [t.name for t in self.tiers].index(dst) < [t.name for t in self.tiers].index(src)
-        self.events.publish(EventKind.PROMOTED if up else EventKind.DEMOTED, dst, keys[ok])
+        s, d = self.tier(src), self.tier(dst)
+        had = d.contains(keys)
+        ok = transfer(keys, s, d)
+        up = self.tiers.index(d) < self.tiers.index(s)
+        self.events.publish(EventKind.PROMOTED if up else EventKind.DEMOTED, dst, keys[ok & ~had])
         return ok
 
     def pin(self, keys: BlockKeys) -> Pins:
@@ -183,18 +183,28 @@ class Store:
         pins.release()
 
     def delete(self, keys: BlockKeys) -> np.ndarray:
-        """Delete from every tier; mask of keys that were present anywhere."""
+        """Delete from every tier; mask of keys that were present anywhere. Pinned anywhere: PinnedError, nothing deleted."""
         self._live()
+        for t in self.tiers:
+            if t.pinned(keys).any():
+                raise PinnedError(f"cannot delete: some of these blocks are pinned in tier {t.name!r}")
         out = np.zeros(len(keys), bool)
         for t in self.tiers:
             out |= t.delete(keys)
         return out
 
+    def _count(self, **delta: int) -> None:
+        with self._lock:
+            for k, v in delta.items():
+                self.counters[k] += v
+
     def stats(self) -> dict[str, Any]:
+        with self._lock:
+            counters = dict(self.counters)
         return {
             "namespaces": [ns.short_id for ns in self.namespaces.values()],
             "tiers": [t.stats() for t in self.tiers],
-            **self.counters,
+            **counters,
         }
 
     def close(self) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterator
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -24,7 +24,7 @@ from .policy import EvictionPolicy
 from .rows import copy_rows, is_torch
 
 
-class Medium(str, Enum):
+class Medium(StrEnum):
     GPU = "gpu"
     HOST = "host"
     DISK = "disk"
@@ -82,6 +82,10 @@ class Tier(abc.ABC):
         """Number of leading keys present (the longest matched prefix)."""
         miss = np.flatnonzero(~self.contains(keys))
         return int(miss[0]) if miss.size else len(keys)
+
+    def pinned(self, keys: BlockKeys) -> np.ndarray:
+        """Mask of keys pinned in this tier (tiers without pins: none)."""
+        return np.zeros(len(keys), bool)
 
     def bind_namespace(self, ns: Namespace) -> None:
         """Called once per namespace before use; persistent tiers check or record a manifest here."""
@@ -173,22 +177,30 @@ class SlotTier(Tier):
     # ---- Tier primitives -------------------------------------------------------------------
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._check_rows(keys, data, "put")
-        n = len(keys)
-        present = self.pool.lookup(keys) >= 0
-        todo = np.flatnonzero(~present)
-        if todo.size == 0:
-            return present
-        slots = self.reserve(todo.size)
-        if slots is None:
-            return present
+        held = self.acquire(keys)  # pins what is already here, so making room cannot evict it
         try:
-            copy_rows(self.buf, slots, data, todo)
+            todo = np.flatnonzero(held < 0)
+            if todo.size and self._write(keys[todo], data, todo):
+                return np.ones(len(keys), bool)
+            return held >= 0
+        finally:
+            self.pool.release(held)
+
+    def _write(self, keys: BlockKeys, src: Any, src_rows: np.ndarray) -> bool:
+        slots = self.reserve(len(keys))
+        if slots is None:
+            return False
+        try:
+            self.copy_rows(self.buf, slots, src, src_rows)
             self.sync()
         except BaseException:
             self.pool.release(slots)
             raise
-        self.publish(slots, keys[todo])
-        return np.ones(n, bool)
+        self.publish(slots, keys)
+        return True
+
+    def copy_rows(self, dst: Any, dst_idx: np.ndarray, src: Any, src_idx: np.ndarray) -> None:
+        copy_rows(dst, dst_idx, src, src_idx)
 
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
@@ -196,7 +208,7 @@ class SlotTier(Tier):
         found = slots >= 0
         try:
             rows = np.flatnonzero(found)
-            copy_rows(out, rows, self.buf, slots[found])
+            self.copy_rows(out, rows, self.buf, slots[found])
             self.sync()
             if is_torch(out) and out.is_cuda and not is_torch(self.buf):
                 __import__("torch").cuda.current_stream(out.device).synchronize()
@@ -205,9 +217,15 @@ class SlotTier(Tier):
         return found
 
     def contains(self, keys: BlockKeys) -> np.ndarray:
+        self._live()
         return self.pool.lookup(keys) >= 0
 
+    def pinned(self, keys: BlockKeys) -> np.ndarray:
+        slots = self.pool.lookup(keys)
+        return (slots >= 0) & (self.pool.refs[np.maximum(slots, 0)] > 0)
+
     def prefix_len(self, keys: BlockKeys) -> int:
+        self._live()
         return self.pool.prefix_len(keys)
 
     def delete(self, keys: BlockKeys) -> np.ndarray:

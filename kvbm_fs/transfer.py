@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from .keys import BlockKeys
-from .rows import copy_rows
 from .tier import Medium, SlotTier, Tier
 
 Handler = Callable[[BlockKeys, Tier, Tier], np.ndarray]
@@ -38,35 +37,31 @@ def transfer(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
     return staged(keys, src, dst)
 
 
-def _slot_copier(src: SlotTier, dst: SlotTier) -> Callable[..., None]:
-    for t in (dst, src):
-        if hasattr(t, "on_stream") and getattr(t, "stream", None) is not None:
-            return t.copy_rows  # type: ignore[attr-defined]
-    return copy_rows
-
-
 def slot_to_slot(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
+    """One gather/scatter between two slot buffers; both sides pinned while bytes move."""
     assert isinstance(src, SlotTier) and isinstance(dst, SlotTier)
-    have = dst.contains(keys)
+    held = dst.acquire(keys)  # what dst already has stays put while we make room
     s_slots = src.acquire(keys)
     try:
-        todo = np.flatnonzero((s_slots >= 0) & ~have)
-        if todo.size:
-            d_slots = dst.reserve(todo.size)
-            if d_slots is None:
-                return have
-            try:
-                _slot_copier(src, dst)(dst.buf, d_slots, src.buf, s_slots[todo])
-                src.sync()
-                dst.sync()
-            except BaseException:
-                dst.release(d_slots)
-                raise
-            dst.publish(d_slots, keys[todo])
-            have[todo] = True
+        todo = np.flatnonzero((s_slots >= 0) & (held < 0))
+        copier = dst if dst.medium is Medium.GPU else src  # the GPU side owns the copy stream
+        d_slots = dst.reserve(todo.size) if todo.size else None
+        if d_slots is None:
+            return held >= 0
+        try:
+            copier.copy_rows(dst.buf, d_slots, src.buf, s_slots[todo])
+            src.sync()
+            dst.sync()
+        except BaseException:
+            dst.release(d_slots)
+            raise
+        dst.publish(d_slots, keys[todo])
+        out = held >= 0
+        out[todo] = True
+        return out
     finally:
         src.release(s_slots)
-    return have
+        dst.release(held)
 
 
 for _a, _b in (

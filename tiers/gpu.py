@@ -76,14 +76,6 @@ class GpuTier(SlotTier):
         if self.stream is not None:
             self.stream.synchronize()
 
-    def put(self, keys: Any, data: Any) -> np.ndarray:
-        with self.on_stream():
-            return super().put(keys, data)
-
-    def get(self, keys: Any, out: Any) -> np.ndarray:
-        with self.on_stream():
-            return super().get(keys, out)
-
     def copy_rows(self, dst: Any, dst_idx: np.ndarray, src: Any, src_idx: np.ndarray) -> None:
         with self.on_stream():
             copy_rows(dst, dst_idx, src, src_idx)
