@@ -156,6 +156,14 @@ class TierTests:
         assert present.any()
         assert (self._check(tier, keys) == present).all()
 
+    def test_put_never_reports_a_key_that_making_room_evicted(self, tier: Tier) -> None:
+        keys = chain(NS_A, self.capacity_blocks + 2)
+        self._put(tier, keys[: self.capacity_blocks])
+        ok = self._put(tier, keys)
+        assert ok[: self.capacity_blocks].any()
+        assert not (ok & ~tier.contains(keys)).any(), "put reported keys as stored that are not there"
+        assert (self._check(tier, keys) == tier.contains(keys)).all()
+
     def test_pinned_blocks_survive_pressure(self, tier: Tier) -> None:
         hot = chain(NS_A, 2, start=10_000)
         self._put(tier, hot)
