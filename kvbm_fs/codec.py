@@ -51,8 +51,10 @@ def payload_checksum(payload: Any) -> int:
 def _as_buffer(payload: Any) -> Any:
     if isinstance(payload, np.ndarray):
         return payload if payload.flags.c_contiguous else np.ascontiguousarray(payload)
-    if hasattr(payload, "numpy"):  # torch CPU tensor
-        return payload.contiguous().numpy()
+    if hasattr(payload, "numpy"):  # torch CPU tensor; bytes view works for bfloat16/float8 too
+        import torch
+
+        return payload.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
     return payload
 
 

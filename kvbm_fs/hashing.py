@@ -103,6 +103,8 @@ def _fold_extra(out: np.ndarray, extra: Sequence[int | None] | np.ndarray, seed:
 def chain_hashes(block_hashes: np.ndarray, salt_hash: int, parent: int | None = None) -> np.ndarray:
     """Sequence hashes from block hashes; ``parent`` continues an existing chain."""
     seed = _check_seed(salt_hash)
+    if parent is not None:
+        parent = _check_seed(parent, "parent")
     bh = block_hashes.tolist()
     if not bh:
         return np.zeros(0, dtype=np.uint64)
@@ -113,7 +115,7 @@ def chain_hashes(block_hashes: np.ndarray, salt_hash: int, parent: int | None = 
     if parent is None:
         seq = accumulate(bh, step)
     else:
-        seq = accumulate(bh, step, initial=_check_seed(parent, "parent"))
+        seq = accumulate(bh, step, initial=parent)
         next(seq)
     return np.fromiter(seq, np.uint64, len(bh))
 

@@ -86,7 +86,8 @@ class KeyIndex:
             pos[todo] = (pos[todo] + 1) & self.mask
 
     def remove_at(self, where: np.ndarray) -> None:
-        where = where[where >= 0]
+        where = np.unique(where[where >= 0])
+        where = where[self.val[where] >= 0]
         self.val[where] = TOMB
         self.live -= where.size
 

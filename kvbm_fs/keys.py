@@ -115,6 +115,8 @@ def engine_hash_to_u64(h: bytes | str | int) -> int:
     32-byte sha256 or 16-byte xxh3_128 digests, SGLang's 64-hex pages) is folded
     with xxh3_64 (seed 0) so every bit counts.  Ints are taken modulo 2**64.
     """
+    if isinstance(h, bool):
+        raise TypeError("engine hash must be bytes, hex str or int, not bool")
     if isinstance(h, (int, np.integer)):
         return int(h) & _U64
     if isinstance(h, str):

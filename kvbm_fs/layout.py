@@ -107,7 +107,8 @@ class KVLayout:
                 f" (order {self.order}) or raw uint8 [n, {self.block_nbytes}]"
             )
         got = _dtype_name(data)
-        if got != self.dtype and not (got in ("uint16", "int16") and self.dtype == "bfloat16"):
+        host = DTYPES[self.dtype][1]  # numpy has no bfloat16/float8: their bytes arrive as uint16/uint8
+        if got not in (self.dtype, host) and not (got == "int16" and self.dtype == "bfloat16"):
             raise LayoutMismatchError(f"block data has dtype {got}; this layout needs {self.dtype}")
         return as_u8_rows(data)
 

@@ -32,6 +32,11 @@ class BlockState(IntEnum):
 _R, _P, _C, _G = (np.uint8(s) for s in BlockState)
 
 
+def _check_count(n: int) -> None:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
+        raise ValueError(f"block count must be a non-negative int, got {n!r}")
+
+
 class SlotPool:
     """Which slot holds which key, in which state, pinned how often. Moves no bytes."""
 
@@ -93,6 +98,7 @@ class SlotPool:
     # ---- allocation ----------------------------------------------------------------------
     def allocate(self, n: int, evict: bool = True) -> np.ndarray | None:
         """``n`` owned Reset slots (refcount 1), evicting inactive blocks if needed; None if impossible."""
+        _check_count(n)
         with self.lock:
             short = n - self._nfree
             if short > 0 and (not evict or self.evict(short) < short):
@@ -220,6 +226,7 @@ class SlotPool:
     # ---- removal -------------------------------------------------------------------------
     def evict(self, n: int) -> int:
         """Evict exactly ``n`` inactive blocks chosen by the policy, or none at all; returns the count."""
+        _check_count(n)
         with self.lock:
             evictable = (self.state == _G) & (self.refs == 0)
             if int(np.count_nonzero(evictable)) < n:
