@@ -96,9 +96,10 @@ def main() -> None:
         result = run(2 * MiB, 64, 3 if a.quick else 10, 1.0 if a.quick else a.slab_gib)
         result["device"] = torch.cuda.get_device_name()
     print(json.dumps(result, indent=2))
-    out = Path(__file__).parent / "results"
-    out.mkdir(exist_ok=True)
-    (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+    if "skipped" not in result:
+        out = Path(__file__).parent / "results"
+        out.mkdir(exist_ok=True)
+        (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -31,10 +31,19 @@ def copy_rows(dst: Any, dst_idx: np.ndarray, src: Any, src_idx: np.ndarray) -> N
     """dst[dst_idx[i]] = src[src_idx[i]] for all i, with no intermediate copy where avoidable."""
     if src_idx.size == 0:
         return
-    if not is_torch(dst) and not is_torch(src):
-        _copy_np(dst, dst_idx, src, src_idx)
+    if not _on_gpu(dst) and not _on_gpu(src):
+        _copy_np(_as_numpy(dst), dst_idx, _as_numpy(src), src_idx)
     else:
         _copy_torch(_as_torch(dst), dst_idx, _as_torch(src), src_idx)
+
+
+def _on_gpu(x: Any) -> bool:
+    return is_torch(x) and x.device.type != "cpu"
+
+
+def _as_numpy(x: Any) -> np.ndarray:
+    """CPU tensors go through numpy: torch's CPU gathers lose up to 2x under load (benchmarks/bench_host.py)."""
+    return x.detach().numpy() if is_torch(x) else x
 
 
 def _contig(idx: np.ndarray) -> bool:
@@ -44,7 +53,17 @@ def _contig(idx: np.ndarray) -> bool:
 def _copy_np(dst: np.ndarray, dst_idx: np.ndarray, src: np.ndarray, src_idx: np.ndarray) -> None:
     if _contig(dst_idx):
         d0 = int(dst_idx[0])
-        np.take(src, src_idx, axis=0, out=dst[d0 : d0 + dst_idx.size])
+        out = dst[d0 : d0 + dst_idx.size]
+        if _contig(src_idx):
+            s0 = int(src_idx[0])
+            np.copyto(out, src[s0 : s0 + src_idx.size])
+        elif np.may_share_memory(out, src):
+            np.take(src, src_idx, axis=0, out=out)  # overlapping: let numpy buffer
+        else:
+            # mode="raise" (the default) always copies through a temporary buffer: 2 passes, ~0.27x memcpy
+            if int(src_idx.min()) < 0 or int(src_idx.max()) >= src.shape[0]:
+                raise IndexError(f"row index out of range for {src.shape[0]} rows")
+            np.take(src, src_idx, axis=0, out=out, mode="clip")
     elif _contig(src_idx):
         s0 = int(src_idx[0])
         dst[dst_idx] = src[s0 : s0 + src_idx.size]
