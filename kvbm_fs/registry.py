@@ -18,6 +18,8 @@ from .tier import Tier
 _REGISTRY: dict[str, str] = {
     "host": "kvbm_fs.tiers.host:HostTier",
     "gpu": "kvbm_fs.tiers.gpu:GpuTier",
+    "disk": "kvbm_fs.tiers.disk:DiskTier",
+    "file": "kvbm_fs.tiers.disk:DiskTier",
 }
 
 

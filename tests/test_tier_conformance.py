@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from kvbm_fs.events import EventBus
 from kvbm_fs.testing import TierTests
 from kvbm_fs.tier import Tier
+from kvbm_fs.tiers.disk import DiskTier
 from kvbm_fs.tiers.gpu import GpuTier
 from kvbm_fs.tiers.host import HostTier
 
@@ -20,3 +25,21 @@ class TestGpuTierOnCpu(TierTests):
 
     def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
         return GpuTier(capacity_blocks * block_nbytes, block_nbytes, device="cpu", events=events)
+
+
+class TestDiskTier(TierTests):
+    """G3 on the local filesystem, through whichever data path the probe picks."""
+
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
+        slot = 4096 + -(-block_nbytes // 4096) * 4096
+        self.dir = self.dir / "t"
+        return DiskTier(self.dir, block_nbytes, capacity_blocks * slot, events=events, segment_bytes=4 * slot)
+
+    def reopen(self, tier: Tier) -> Tier | None:
+        assert isinstance(tier, DiskTier)
+        tier.close()
+        return DiskTier(tier.root, tier.block_nbytes, tier.capacity_bytes, segment_bytes=4 * tier.slot_bytes)

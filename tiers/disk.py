@@ -1,0 +1,633 @@
+"""G3: a persistent, bounded, crash-safe local disk tier.
+
+Layout of a tier directory::
+
+    kvbm_fs.json        format version and geometry (slot size, slots per segment, slots)
+    index/              LMDB: key -> slot + checksum + parent + access stats (tiers/disk_index.py)
+    seg/0000/000000.seg preallocated segment files of fixed-size slots, 256 per folder
+
+A slot is one 4 KiB header page (the 128-byte block header of kvbm_fs.codec, rest
+zero) followed by the payload padded to 4 KiB, so header and payload can each be
+read with O_DIRECT straight into their destinations.  A put reserves slots
+(``pending``), writes header and payload, and only then commits the index entry; a
+reader verifies header, key echo and payload checksum before a block counts as
+found.  A crash leaves at most some pending slots, which the next open reclaims.
+Capacity is a hard number of slots; when it is full, the coldest blocks by the
+eviction policy's rank are evicted in the same transaction that hands out their slots.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+
+from .. import codec
+from ..errors import (
+    ConfigError,
+    CorruptBlockError,
+    FormatVersionError,
+    LayoutMismatchError,
+    PinnedError,
+    TierClosedError,
+)
+from ..events import EventBus, EventKind
+from ..keys import BlockKey, BlockKeys, Namespace
+from ..policy import EvictionPolicy, make_policy
+from ..rows import is_torch
+from ..tier import Medium, Tier
+from ..units import parse_size
+from .disk_index import KEY as KEY_STRUCT
+from .disk_index import OWNER as OWNER_STRUCT
+from .disk_index import DiskIndex, Record, owner_alive
+from .diskio import ALIGN, BlockIO, IoOp, PosixIO, aligned_buffer, is_aligned, probe_direct_io
+
+FORMAT = "kvbm_fs.disk.v1"
+HEADER_PAGE = ALIGN
+SEGMENT_TARGET = 1 << 30
+
+
+def round_up(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+class DiskTier(Tier):
+    medium = Medium.DISK
+    persistent = True
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        block_nbytes: int,
+        capacity: int | str = "10GiB",
+        *,
+        name: str = "disk",
+        block_size: int | None = None,
+        events: EventBus | None = None,
+        policy: EvictionPolicy | str | None = None,
+        durable: bool = False,
+        direct: bool | None = None,
+        io: str = "auto",
+        segment_bytes: int | str = SEGMENT_TARGET,
+    ) -> None:
+        self.name = name
+        self.root = os.path.abspath(os.fspath(path))
+        self.block_nbytes = int(block_nbytes)
+        self.block_size = block_size
+        self.events = events or EventBus()
+        self.policy = make_policy(policy)
+        self.durable = durable
+        self.slot_bytes = HEADER_PAGE + round_up(self.block_nbytes, ALIGN)
+        cap = parse_size(capacity, "disk capacity")
+        if cap < self.slot_bytes:
+            from ..errors import CapacityError
+
+            raise CapacityError(f"disk capacity {cap} B is smaller than one {self.slot_bytes} B slot")
+        self._open_dir(cap // self.slot_bytes, parse_size(segment_bytes, "segment_bytes"))
+        self.index = DiskIndex(os.path.join(self.root, "index"))
+        self.index.write(self.index.reclaim_pending)
+        self.direct = probe_direct_io(self.root) if direct is None else direct
+        self.io: BlockIO = _make_io(io)
+        self._fds: dict[int, tuple[int, int]] = {}
+        self._lock = threading.Lock()  # guards the dicts below
+        self._claim = threading.Lock()  # lookup+pin vs. allocation (eviction) within this process
+        self._pins: dict[int, int] = {}
+        self._touched: dict[int, tuple[int, int]] = {}
+        self._closed = False
+        self.counters = dict(load_failures=0, corrupt_removed=0, write_failures=0, evictions=0)
+
+    # ---- directory and geometry ----------------------------------------------------------
+    def _open_dir(self, want_slots: int, segment_bytes: int) -> None:
+        try:
+            os.makedirs(self.root, exist_ok=True)
+            lock_fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise ConfigError(f"disk tier directory {self.root} is not usable: {e.strerror}") from None
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # serialises first-time creation between processes
+            meta_path = os.path.join(self.root, "kvbm_fs.json")
+            if os.path.exists(meta_path):
+                meta = self._check_meta(meta_path, want_slots)
+            else:
+                seg_slots = max(1, segment_bytes // self.slot_bytes)
+                meta = dict(format=FORMAT, block_nbytes=self.block_nbytes, slot_bytes=self.slot_bytes,
+                            segment_slots=seg_slots, num_slots=want_slots)  # fmt: skip
+                _write_json(meta_path, meta)
+            self.segment_slots = int(meta["segment_slots"])
+            self.num_slots = int(meta["num_slots"])
+        except OSError as e:
+            raise ConfigError(f"disk tier directory {self.root} is not writable: {e.strerror}") from None
+        finally:
+            os.close(lock_fd)
+
+    def _check_meta(self, meta_path: str, want_slots: int) -> dict[str, Any]:
+        try:
+            with open(meta_path) as f:
+                meta = json.load(f)
+        except ValueError:
+            raise FormatVersionError(f"{meta_path} is not a kvbm_fs disk tier description") from None
+        if meta.get("format") != FORMAT:
+            raise FormatVersionError(
+                f"{self.root} holds a disk tier of format {meta.get('format')!r}; this build reads {FORMAT!r}"
+            )
+        if meta["block_nbytes"] != self.block_nbytes or meta["slot_bytes"] != self.slot_bytes:
+            raise LayoutMismatchError(
+                f"{self.root} holds {meta['block_nbytes']}-byte blocks; this store needs {self.block_nbytes}-byte blocks"
+            )
+        if want_slots > meta["num_slots"]:  # growing is safe: new slots sit above the high-water mark
+            meta["num_slots"] = want_slots
+            _write_json(meta_path, meta)
+        elif want_slots < meta["num_slots"]:
+            raise ConfigError(
+                f"{self.root} was created with {meta['num_slots'] * self.slot_bytes} B; shrinking a disk tier is not supported"
+            )
+        return meta
+
+    def _segment_path(self, seg: int) -> str:
+        return os.path.join(self.root, "seg", f"{seg >> 8:04x}", f"{seg:06x}.seg")
+
+    def _segment_len(self, seg: int) -> int:
+        return min(self.segment_slots, self.num_slots - seg * self.segment_slots) * self.slot_bytes
+
+    def _fd(self, seg: int, create: bool = False) -> tuple[int, int]:
+        """(direct fd or -1, buffered fd) for a segment; creating and preallocating it if asked."""
+        with self._lock:
+            fds = self._fds.get(seg)
+        if fds is not None:
+            return fds
+        path = self._segment_path(seg)
+        if create:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
+        try:
+            if create and os.fstat(fd).st_size < self._segment_len(seg):
+                os.posix_fallocate(fd, 0, self._segment_len(seg))
+            dfd = os.open(path, os.O_RDWR | os.O_DIRECT) if self.direct else -1
+        except OSError:
+            os.close(fd)
+            raise
+        with self._lock:
+            if seg in self._fds:  # another thread won the race
+                os.close(fd)
+                if dfd >= 0:
+                    os.close(dfd)
+                return self._fds[seg]
+            self._fds[seg] = (dfd, fd)
+            return dfd, fd
+
+    def _locate(self, slot: int) -> tuple[int, int]:
+        seg, i = divmod(slot, self.segment_slots)
+        return seg, i * self.slot_bytes
+
+    # ---- namespaces ----------------------------------------------------------------------
+    def bind_namespace(self, ns: Namespace) -> None:
+        super().bind_namespace(ns)
+        key = b"ns/%016x" % ns.id
+        doc = ns.canonical_bytes()
+
+        def fn(txn: Any) -> None:
+            if txn.get(key, db=self.index.meta) is None:
+                txn.put(key, doc, db=self.index.meta)
+
+        self.index.write(fn)
+
+    # ---- pins ----------------------------------------------------------------------------
+    def _pin_slots(self, slots: list[int]) -> None:
+        with self._lock:
+            for s in slots:
+                self._pins[s] = self._pins.get(s, 0) + 1
+
+    def _unpin_slots(self, slots: list[int]) -> None:
+        with self._lock:
+            for s in slots:
+                c = self._pins[s] - 1
+                if c:
+                    self._pins[s] = c
+                else:
+                    del self._pins[s]
+
+    def _protected(self) -> set[int]:
+        with self._lock:
+            return set(self._pins)
+
+    # ---- Tier primitives -----------------------------------------------------------------
+    def contains(self, keys: BlockKeys) -> np.ndarray:
+        self._live()
+        return self.index.contains(keys.ns, keys.hashes)
+
+    def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
+        self._live()
+        self._check_rows(keys, data, "put")
+        rows = _host_rows(data, len(keys))
+        recs, held = self._records_pinned(keys)  # making room must not evict what this put counts as stored
+        present = np.array([r is not None for r in recs], bool)
+        todo = np.flatnonzero(~present)
+        _, first = np.unique(keys.hashes[todo], return_index=True)
+        todo = todo[np.sort(first)]
+        try:
+            if todo.size == 0:
+                return present
+            stored = self._write_blocks(keys, rows, todo)
+        finally:
+            self._unpin_slots(held)
+        out = present.copy()
+        out[todo[stored]] = True
+        dup = np.flatnonzero(~present)  # duplicates within the batch follow their first copy
+        out[dup] = self.index.contains(keys.ns, keys.hashes[dup]) if dup.size else out[dup]
+        return out
+
+    def _records_pinned(self, keys: BlockKeys) -> tuple[list[Record | None], list[int]]:
+        """Look keys up and pin their slots atomically with respect to this process's evictions."""
+        with self._claim:
+            recs = self.index.records(keys.ns, keys.hashes)
+            slots = [r.slot for r in recs if r is not None]
+            self._pin_slots(slots)
+        return recs, slots
+
+    def _write_blocks(self, keys: BlockKeys, rows: np.ndarray, todo: np.ndarray) -> np.ndarray:
+        touched = self._take_touched()
+
+        def reserve(txn: Any) -> tuple[list[int], list[tuple[int, int, int]]]:
+            self.index.touch(txn, touched)
+            return self.index.allocate(txn, todo.size, self.num_slots, self._protected())
+
+        with self._claim:
+            slots, evicted = self.index.write(reserve)
+        self._publish_evicted(evicted)
+        n = len(slots)
+        ok = np.zeros(todo.size, bool)
+        if n == 0:
+            return ok
+        idx = todo[:n]  # chain order: the prefix gets the slots
+        results, csums = self._write_slots(keys, rows, idx, slots)
+        ok[:n] = results
+        now = _now_us()
+        entries = [
+            (int(keys.hashes[i]), s, int(keys.parents[i]),
+             Record(s, int(keys.parents[i]), csums[j], now - j, self.block_nbytes, 0))
+            for j, (i, s) in enumerate(zip(idx.tolist(), slots)) if results[j]
+        ]  # fmt: skip
+        failed = [s for j, s in enumerate(slots) if not results[j]]
+        committed = self.index.write(lambda txn: self.index.commit(txn, keys.ns, entries, failed))
+        self.counters["write_failures"] += len(failed)
+        new = [e[0] for e, c in zip(entries, committed) if c]
+        if new:
+            self.events.publish(EventKind.STORED, self.name, BlockKeys(keys.ns, np.array(new, np.uint64)))
+        return ok
+
+    def _write_slots(
+        self, keys: BlockKeys, rows: np.ndarray, idx: np.ndarray, slots: list[int]
+    ) -> tuple[list[bool], list[int]]:
+        hdr = np.frombuffer(aligned_buffer(len(slots) * HEADER_PAGE), np.uint8).reshape(len(slots), HEADER_PAGE)
+        csums: list[int] = []
+        ops: list[IoOp | None] = []
+        tokens = self.block_size or 0
+        for j, (i, s) in enumerate(zip(idx.tolist(), slots)):
+            payload = rows[i]
+            head = codec.encode_header(keys[i], int(keys.parents[i]), tokens, payload)
+            hdr[j, : codec.HEADER_SIZE] = np.frombuffer(head, np.uint8)
+            csums.append(codec.decode_header(head).checksum)
+            ops.append(self._op(s, hdr[j], payload, create=True))
+        results = self.io.write([op for op in ops if op is not None])
+        it = iter(results)
+        ok = [op is not None and next(it) == op.nbytes for op in ops]
+        if self.durable:
+            for seg in {self._locate(s)[0] for s, good in zip(slots, ok) if good}:
+                os.fdatasync(self._fd(seg)[1])
+        return ok, csums
+
+    def _op(self, slot: int, hdr: np.ndarray, payload: np.ndarray, create: bool = False) -> IoOp | None:
+        seg, off = self._locate(slot)
+        try:
+            dfd, bfd = self._fd(seg, create=create)
+        except OSError:
+            return None
+        h, p = memoryview(hdr.data), memoryview(payload.data)
+        fd = dfd if dfd >= 0 and is_aligned(p) else bfd
+        return IoOp(fd, off, [h, p])
+
+    def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
+        self._live()
+        self._check_rows(keys, out, "get")
+        recs, slots = self._records_pinned(keys)
+        found = np.array([r is not None for r in recs], bool)
+        idx = np.flatnonzero(found)
+        try:
+            if idx.size == 0:
+                return found
+            dst, copy_back = _dest_rows(out, len(keys))
+            good = self._read_slots(keys, [recs[i] for i in idx.tolist()], idx, dst)  # type: ignore[misc]
+            if copy_back is not None:
+                copy_back(idx[good])
+        finally:
+            self._unpin_slots(slots)
+        found[idx[~good]] = False
+        self._record_access([s for s, g in zip(slots, good.tolist()) if g])
+        return found
+
+    def _read_slots(self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, dst: np.ndarray) -> np.ndarray:
+        hdr = np.frombuffer(aligned_buffer(len(recs) * HEADER_PAGE), np.uint8).reshape(len(recs), HEADER_PAGE)
+        ops = [self._op(r.slot, hdr[j], dst[i]) for j, (r, i) in enumerate(zip(recs, idx.tolist()))]
+        results = iter(self.io.read([op for op in ops if op is not None]))
+        good = np.zeros(len(recs), bool)
+        bad: list[tuple[int, int, str]] = []
+        for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
+            n = next(results) if op is not None else -errno.ENOENT
+            why = self._verify(keys[i], r, hdr[j], dst[i], n, op)
+            if why is None:
+                good[j] = True
+            else:
+                bad.append((int(keys.hashes[i]), r.slot, why))
+        if bad:
+            self._drop_bad(keys.ns, bad)
+        return good
+
+    def _verify(
+        self, key: BlockKey, rec: Record, hdr: np.ndarray, payload: np.ndarray, n: int, op: IoOp | None
+    ) -> str | None:
+        if op is None or n < 0:
+            return f"read failed ({errno.errorcode.get(-n, n)})"
+        if n < op.nbytes:
+            return f"short read ({n} of {op.nbytes} bytes: segment truncated?)"
+        try:
+            h = codec.decode_header(hdr[: codec.HEADER_SIZE])
+            codec.check_header(h, key, self.block_nbytes, self.block_size)
+            if h.checksum != rec.checksum:
+                raise CorruptBlockError("header checksum differs from the index")
+            codec.verify_payload(h, payload)
+        except CorruptBlockError as e:
+            return str(e)
+        return None
+
+    def _drop_bad(self, ns: int, bad: list[tuple[int, int, str]]) -> None:
+        """A block that fails verification is reported and removed (if it still lives in that slot)."""
+
+        def fn(txn: Any) -> int:
+            return sum(self.index.remove(txn, ns, h, only_slot=slot) is not None for h, slot, _ in bad)
+
+        removed = self.index.write(fn)
+        self.counters["load_failures"] += len(bad)
+        self.counters["corrupt_removed"] += removed
+        self.events.publish(
+            EventKind.LOAD_FAILED, self.name, BlockKeys(ns, np.array([b[0] for b in bad], np.uint64)), bad[0][2]
+        )
+
+    def delete(self, keys: BlockKeys) -> np.ndarray:
+        self._live()
+        hs = keys.hashes.tolist()
+        with self._claim:
+            recs = self.index.records(keys.ns, keys.hashes)
+            pinned = self._protected()
+            if any(r is not None and r.slot in pinned for r in recs):
+                raise PinnedError(f"{self.name}: cannot delete pinned blocks")
+            gone = self.index.write(lambda txn: [self.index.remove(txn, keys.ns, h) is not None for h in hs])
+        mask = np.array(gone, bool)
+        self.events.publish(EventKind.REMOVED, self.name, keys[np.flatnonzero(mask)])
+        return np.array([r is not None for r in recs], bool)
+
+    def pin(self, keys: BlockKeys) -> np.ndarray:
+        self._live()
+        recs, _ = self._records_pinned(keys)
+        return np.array([r is not None for r in recs], bool)
+
+    def unpin(self, keys: BlockKeys) -> None:
+        recs = self.index.records(keys.ns, keys.hashes)
+        slots = [r.slot for r in recs if r is not None]
+        with self._lock:
+            if any(s not in self._pins for s in slots):
+                from ..errors import IllegalTransitionError
+
+                raise IllegalTransitionError(f"{self.name}: unpin of blocks that are not pinned")
+        self._unpin_slots(slots)
+
+    def pinned(self, keys: BlockKeys) -> np.ndarray:
+        pins = self._protected()
+        return np.array([r is not None and r.slot in pins for r in self.index.records(keys.ns, keys.hashes)], bool)
+
+    def evict(self, n: int) -> int:
+        """Evict exactly ``n`` blocks (coldest first), or none."""
+        with self._claim:
+            gone = self.index.evict(n, self._protected())
+        self._publish_evicted(gone)
+        return len(gone)
+
+    def iter_keys(self) -> Iterator[BlockKeys]:
+        self._live()
+        batch: list[tuple[int, int, int]] = []
+        for ns, h, parent in self.index.iter_keys():
+            if batch and (batch[0][0] != ns or len(batch) >= 65536):
+                yield _keys_of(batch)
+                batch = []
+            batch.append((ns, h, parent))
+        if batch:
+            yield _keys_of(batch)
+
+    # ---- offline verification ------------------------------------------------------------
+    def check(self, fix: bool = False, deep: bool = False, batch: int = 256) -> dict[str, Any]:
+        """Verify the index against the segments: every entry's slot must hold a header echoing its key
+        and checksum (``deep``: and a payload matching it). Also finds slots reserved by dead writers.
+        ``fix`` removes bad entries and frees leaked slots. Returns a report."""
+        self._live()
+        self.flush()
+        report: dict[str, Any] = dict(entries=0, ok=0, bad=0, bad_keys=[], stale_pending=0, fixed=0)
+        todo: list[tuple[int, int, Record]] = []
+        with self.index.read() as txn:
+            for k, v in txn.cursor(self.index.blocks):
+                ns, h = KEY_STRUCT.unpack(k)
+                todo.append((ns, h, Record.unpack(v)))
+            stale = [k for k, v in txn.cursor(self.index.pending) if not owner_alive(OWNER_STRUCT.unpack(v))]
+        report["entries"] = len(todo)
+        report["stale_pending"] = len(stale)
+        for i in range(0, len(todo), batch):
+            bad = self._check_batch(todo[i : i + batch], deep)
+            report["bad"] += len(bad)
+            report["bad_keys"].extend(
+                (str(BlockKey(ns, h)), why) for ns, h, _, why in bad[: 100 - len(report["bad_keys"])]
+            )
+            if fix and bad:
+                report["fixed"] += self._remove_bad(bad)
+        report["ok"] = report["entries"] - report["bad"]
+        if fix and stale:
+            report["fixed"] += self.index.write(self.index.reclaim_pending)
+        return report
+
+    def _remove_bad(self, bad: list[tuple[int, int, int, str]]) -> int:
+        def fn(txn: Any) -> int:
+            return sum(self.index.remove(txn, ns, h, slot) is not None for ns, h, slot, _ in bad)
+
+        return self.index.write(fn)
+
+    def _check_batch(self, items: list[tuple[int, int, Record]], deep: bool) -> list[tuple[int, int, int, str]]:
+        hdr = np.frombuffer(aligned_buffer(len(items) * HEADER_PAGE), np.uint8).reshape(len(items), HEADER_PAGE)
+        body = np.empty((len(items), self.block_nbytes), np.uint8) if deep else None
+        ops = []
+        for j, (_, _, r) in enumerate(items):
+            op = self._op(r.slot, hdr[j], body[j] if body is not None else hdr[j][:0])
+            ops.append(op)
+        results = iter(self.io.read([op for op in ops if op is not None]))
+        bad = []
+        for j, ((ns, h, r), op) in enumerate(zip(items, ops)):
+            n = next(results) if op is not None else -errno.ENOENT
+            if body is not None:
+                why = self._verify(BlockKey(ns, h), r, hdr[j], body[j], n, op)
+            else:
+                why = self._verify_header(BlockKey(ns, h), r, hdr[j], n, op)
+            if why is not None:
+                bad.append((ns, h, r.slot, why))
+        return bad
+
+    def _verify_header(self, key: BlockKey, rec: Record, hdr: np.ndarray, n: int, op: IoOp | None) -> str | None:
+        if op is None or n < op.nbytes:
+            return "segment missing or truncated"
+        try:
+            h = codec.decode_header(hdr[: codec.HEADER_SIZE])
+            codec.check_header(h, key, self.block_nbytes, self.block_size)
+        except CorruptBlockError as e:
+            return str(e)
+        return None if h.checksum == rec.checksum else "header checksum differs from the index"
+
+    # ---- accounting ----------------------------------------------------------------------
+    @property
+    def capacity_bytes(self) -> int:
+        return self.num_slots * self.slot_bytes
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self) * self.slot_bytes
+
+    def __len__(self) -> int:
+        self._live()
+        return self.index.count()
+
+    def stats(self) -> dict[str, Any]:
+        s = super().stats()
+        s.update(path=self.root, data_path=self.io.name, direct_io=self.direct, durable=self.durable,
+                 slot_bytes=self.slot_bytes, slots=self.num_slots, **self.counters)  # fmt: skip
+        return s
+
+    # ---- access statistics -------------------------------------------------------------
+    def _record_access(self, slots: list[int]) -> None:
+        now = _now_us()
+        with self._lock:
+            for j, s in enumerate(slots):
+                c, _ = self._touched.get(s, (0, 0))
+                self._touched[s] = (c + 1, now - j)
+            flush = len(self._touched) >= 4096
+        if flush:
+            self.flush()
+
+    def _take_touched(self) -> dict[int, tuple[int, int]]:
+        with self._lock:
+            t, self._touched = self._touched, {}
+        return t
+
+    def flush(self) -> None:
+        """Write buffered access statistics to the index (done lazily with the next write)."""
+        touched = self._take_touched()
+        if touched:
+            self.index.write(lambda txn: self.index.touch(txn, touched))
+
+    def _publish_evicted(self, gone: list[tuple[int, int, int]]) -> None:
+        if not gone:
+            return
+        self.counters["evictions"] += len(gone)
+        by_ns: dict[int, list[tuple[int, int, int]]] = {}
+        for g in gone:
+            by_ns.setdefault(g[0], []).append(g)
+        for batch in by_ns.values():
+            self.events.publish(EventKind.EVICTED, self.name, _keys_of(batch))
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self.flush()
+        self._closed = True
+        for dfd, bfd in self._fds.values():
+            for fd in (dfd, bfd):
+                if fd >= 0:
+                    os.close(fd)
+        self._fds.clear()
+        self.io.close()
+        self.index.close()
+
+    def _live(self) -> None:
+        if self._closed:
+            raise TierClosedError(f"tier {self.name!r} is closed")
+
+    @classmethod
+    def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> DiskTier:
+        if not location:
+            raise ConfigError("a disk tier URL needs a path: file:///var/cache/kvbm?capacity=100GiB")
+        for flag in ("durable", "direct"):
+            if flag in options:
+                options[flag] = _bool(options[flag])
+        return cls(location, capacity=options.pop("capacity", "10GiB"), **common, **options)
+
+
+def _keys_of(batch: list[tuple[int, int, int]]) -> BlockKeys:
+    return BlockKeys(
+        batch[0][0], np.array([b[1] for b in batch], np.uint64), np.array([b[2] for b in batch], np.uint64)
+    )
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _make_io(kind: str) -> BlockIO:
+    if kind in ("auto", "nixl"):
+        try:
+            from .nixl_io import NixlPosixIO
+
+            return NixlPosixIO()
+        except Exception as e:  # NIXL missing or unusable: the POSIX path always works
+            if kind == "nixl":
+                raise ConfigError(f"io=nixl requested but NIXL is unavailable: {e}") from None
+    if kind in ("auto", "posix"):
+        return PosixIO()
+    raise ConfigError(f"unknown disk io engine {kind!r}; use auto, nixl or posix")
+
+
+def _host_rows(data: Any, n: int) -> np.ndarray:
+    if is_torch(data):
+        data = data.detach().cpu().numpy() if data.device.type != "cpu" else data.detach().numpy()
+    return np.ascontiguousarray(data[:n])
+
+
+def _dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:
+    """Host rows to read into, and a function copying good rows back (only for GPU destinations)."""
+    if not is_torch(out):
+        return out, None
+    if out.device.type == "cpu":
+        return out.detach().numpy(), None
+    stage = np.empty((n, out.shape[1]), np.uint8)
+
+    def back(rows: np.ndarray) -> None:
+        import torch
+
+        for i in rows.tolist():
+            out[i].copy_(torch.from_numpy(stage[i]))
+
+    return stage, back
+
+
+def _write_json(path: str, doc: dict[str, Any]) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(doc, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _bool(v: Any) -> bool:
+    from .host import _bool as b
+
+    return b(v)
