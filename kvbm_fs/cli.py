@@ -15,7 +15,8 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("demo", help="store and match real KV-shaped blocks through every tier")
     d.add_argument("--json", action="store_true", help="print only the JSON summary")
     d.add_argument("--requests", type=int, default=8)
-    d.add_argument("--tiers", nargs="*", help="tier URLs, fastest first (default: embedded local tiers)")
+    d.add_argument("--tiers", nargs="*", help="tier URLs, fastest first (default: GPU/CPU pool, host, local disk)")
+    d.add_argument("--dir", help="folder for the default disk tier (default: ./.kvbm_fs-demo)")
     i = sub.add_parser("info", help="show the store a config/environment would mount")
     i.add_argument("--config", help="TOML/YAML/JSON config file")
     args = p.parse_args(argv)
@@ -23,7 +24,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "demo":
             from .demo import run_demo
 
-            return run_demo(requests=args.requests, tiers=args.tiers, json_only=args.json)
+            from .demo import DEMO_DIR, default_tiers
+
+            tiers = args.tiers or default_tiers(args.dir or DEMO_DIR)
+            return run_demo(requests=args.requests, tiers=tiers, json_only=args.json)
         if args.cmd == "info":
             from .mount import mount
 

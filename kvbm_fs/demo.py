@@ -3,13 +3,15 @@
 Requests share a system prompt and continue earlier conversations.  For each one
 the engine matches its prefix, onboards the matched blocks (checking every byte
 against what prefill would have computed), "computes" the rest, and offloads the
-new blocks into G1; when G1 passes its watermark the coldest blocks are demoted
-down the tiers.  The summary shows where every hit came from.
+new blocks into G1; before G1 overflows, its coldest blocks move down a tier
+(G1 -> G2 -> G3 disk).  Then the "server" restarts: a fresh store on the same disk
+directory serves the same conversations again, and their prefixes load from disk.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -24,7 +26,11 @@ from .tier import SlotTier
 from .units import fmt_size
 
 LAYOUT = KVLayout(num_layers=8, num_kv_heads=8, head_dim=128, block_size=16, dtype="bfloat16")  # 512 KiB blocks
-DEFAULT_TIERS = ["gpu://?capacity=16MiB", "host://?capacity=64MiB"]
+DEMO_DIR = os.path.abspath(os.environ.get("KVBM_FS_DEMO_DIR", ".kvbm_fs-demo"))
+
+
+def default_tiers(root: str = DEMO_DIR) -> list[str]:
+    return ["gpu://?capacity=8MiB", "host://?capacity=16MiB", f"file://{root}/disk?capacity=256MiB"]
 
 
 def prefill_kv(keys: BlockKeys) -> torch.Tensor:
@@ -59,58 +65,64 @@ def make_room(store: Store, incoming: int) -> int:
             store.copy(cold, upper.name, lower.name)
             upper.delete(cold)
             moved += len(cold)
-        incoming = 0  # what moved down is now the lower tier's to place
+        incoming = moved  # the next tier down must now take these
     return moved
+
+
+class Engine:
+    """Counts what a serving engine would: blocks loaded per tier, computed, and any wrong byte."""
+
+    def __init__(self) -> None:
+        self.hits: dict[str, int] = {}
+        self.loaded = self.computed = self.wrong = self.demoted = 0
+
+    def serve(self, store: Store, tokens: np.ndarray) -> None:
+        keys = store.keys(tokens)
+        m = store.match(keys)
+        for name, n in m.by_tier().items():
+            self.hits[name] = self.hits.get(name, 0) + n
+        kv = torch.empty((len(keys), *LAYOUT.block_shape), dtype=torch.bfloat16)
+        got = np.zeros(len(keys), bool)
+        got[: m.length] = store.get(keys[: m.length], kv[: m.length], m)
+        fresh = prefill_kv(keys)
+        ok = torch.from_numpy(got)
+        self.wrong += int((~torch.eq(kv[ok], fresh[ok]).flatten(1).all(1)).sum())
+        self.loaded += int(got.sum())
+        todo = np.flatnonzero(~got)
+        self.computed += todo.size
+        self.demoted += make_room(store, todo.size)
+        store.put(keys[todo], fresh[torch.from_numpy(todo)])
+
+    def summary(self) -> dict[str, Any]:
+        return dict(blocks_loaded=self.loaded, blocks_computed=self.computed, loaded_blocks_bit_exact=self.wrong == 0,
+                    hits_by_tier=self.hits, blocks_demoted=self.demoted)  # fmt: skip
 
 
 def run_demo(requests: int = 8, tiers: list[str] | None = None, json_only: bool = False) -> int:
     t0 = time.perf_counter()
-    summary: dict[str, Any] = {"requests": requests, "block_bytes": LAYOUT.block_nbytes}
-    hits: dict[str, int] = {}
-    computed = loaded = bad = demoted = 0
-    with mount(*(tiers or DEFAULT_TIERS), layout=LAYOUT, model="demo-llama-8l") as store:
-        for tokens in workload(requests):
-            keys = store.keys(tokens)
-            m = store.match(keys)
-            for name, n in m.by_tier().items():
-                hits[name] = hits.get(name, 0) + n
-            kv = torch.empty((len(keys), *LAYOUT.block_shape), dtype=torch.bfloat16)
-            got = store.get(keys[: m.length], kv[: m.length], m)
-            loaded += int(got.sum())
-            fresh = prefill_kv(keys)
-            bad += int(
-                (
-                    ~torch.eq(kv[: m.length][torch.from_numpy(got)], fresh[: m.length][torch.from_numpy(got)])
-                    .flatten(1)
-                    .all(1)
-                ).sum()
-            )
-            todo = np.flatnonzero(~np.pad(got, (0, len(keys) - m.length)))
-            computed += todo.size
-            demoted += make_room(store, todo.size)
-            store.put(keys[todo], fresh[torch.from_numpy(todo)])
-        summary.update(
-            blocks_loaded=loaded,
-            blocks_computed=computed,
-            loaded_blocks_bit_exact=bad == 0,
-            hits_by_tier=hits,
-            blocks_demoted=demoted,
-            seconds=round(time.perf_counter() - t0, 3),
-            store=store.stats(),
-        )
+    urls = tiers or default_tiers()
+    reqs = workload(requests)
+    phases: dict[str, Any] = {}
+    for phase in ("serve", "after_restart"):
+        eng = Engine()
+        with mount(*urls, layout=LAYOUT, model="demo-llama-8l") as store:
+            for tokens in reqs:
+                eng.serve(store, tokens)
+            phases[phase] = {**eng.summary(), "store": store.stats()}
+    summary = {"requests": requests, "block_bytes": LAYOUT.block_nbytes, "tiers": urls, **phases,
+               "seconds": round(time.perf_counter() - t0, 3)}  # fmt: skip
     if not json_only:
         _print_table(summary)
     print(json.dumps(summary, indent=None if not json_only else 2, default=str))
-    return 0 if bad == 0 else 1
+    return 0 if all(p["loaded_blocks_bit_exact"] for p in phases.values()) else 1
 
 
 def _print_table(s: dict[str, Any]) -> None:
-    print(f"kvbm_fs demo: {s['requests']} requests, {fmt_size(s['block_bytes'])} blocks")
-    print(
-        f"  loaded {s['blocks_loaded']} blocks (bit-exact: {s['loaded_blocks_bit_exact']}), computed {s['blocks_computed']}"
-    )
-    print(f"  hits by tier: {s['hits_by_tier']}   demoted: {s['blocks_demoted']}")
-    for t in s["store"]["tiers"]:
-        print(
-            f"  {t['name']:>6} [{t['medium']}] {t['blocks']:4d} blocks, {fmt_size(t['used_bytes'])} / {fmt_size(t['capacity_bytes'])}"
-        )
+    print(f"kvbm_fs demo: {s['requests']} requests, {fmt_size(s['block_bytes'])} blocks, tiers {s['tiers']}")
+    for phase in ("serve", "after_restart"):
+        p = s[phase]
+        print(f"  {phase}: loaded {p['blocks_loaded']} blocks (bit-exact: {p['loaded_blocks_bit_exact']}), "
+              f"computed {p['blocks_computed']}, hits by tier {p['hits_by_tier']}, demoted {p['blocks_demoted']}")  # fmt: skip
+        for t in p["store"]["tiers"]:
+            print(f"    {t['name']:>6} [{t['medium']}] {t['blocks']:4d} blocks, "
+                  f"{fmt_size(t['used_bytes'])} / {fmt_size(t['capacity_bytes'])}")  # fmt: skip

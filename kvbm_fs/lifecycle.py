@@ -73,6 +73,11 @@ class SlotPool:
         return self._nfree
 
     @property
+    def num_evictable(self) -> int:
+        with self.lock:
+            return int(np.count_nonzero((self.state == _G) & (self.refs == 0)))
+
+    @property
     def num_registered(self) -> int:
         return len(self.index)
 

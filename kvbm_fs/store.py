@@ -103,12 +103,20 @@ class Store:
             raise LayoutMismatchError(f"{what}: {len(keys)} keys but {rows.shape[0]} blocks of data")
         return rows
 
-    def put(self, keys: BlockKeys, data: Any, tier: str | None = None) -> np.ndarray:
-        """Offload: store KV-shaped ``[n, *block_shape]`` (or raw uint8 rows) into ``tier`` (default: the first)."""
+    def put(self, keys: BlockKeys, data: Any, tier: str | None = None, spill: bool = True) -> np.ndarray:
+        """Offload: store KV-shaped ``[n, *block_shape]`` (or raw uint8 rows) into ``tier`` (default: the
+        first). Blocks that tier refuses (full of pinned blocks, or a batch larger than the tier) go to
+        the next tier down when ``spill``. Returns the mask of keys now stored somewhere."""
         self._live()
         rows = self._rows(keys, data, "put")
-        t = self.tier(tier) if tier else self.tiers[0]
-        ok = t.put(keys, rows)
+        start = self.tiers.index(self.tier(tier)) if tier else 0
+        ok = np.zeros(len(keys), bool)
+        for t in self.tiers[start : len(self.tiers) if spill else start + 1]:
+            todo = np.flatnonzero(~ok)
+            if todo.size == 0:
+                break
+            sub = keys if todo.size == len(keys) else keys[todo]
+            ok[todo] = t.put(sub, rows if todo.size == len(keys) else rows[todo])
         self._count(put_blocks=int(ok.sum()))
         return ok
 
@@ -207,9 +215,33 @@ class Store:
             **counters,
         }
 
-    def close(self) -> None:
+    def persist(self) -> int:
+        """Copy every block held only in volatile tiers into the first persistent tier, hottest tiers
+        first, so a restart finds the working set. Returns the number of blocks written."""
+        self._live()
+        target = next((t for t in self.tiers if t.persistent), None)
+        if target is None:
+            return 0
+        written = 0
+        for t in self.tiers:
+            if t.persistent:
+                continue
+            for batch in t.iter_keys():
+                if batch.ns not in self.namespaces:
+                    continue
+                for i in range(0, len(batch), 256):
+                    sub = batch[i : i + 256]
+                    new = ~target.contains(sub)
+                    if new.any():
+                        written += int(transfer(sub[np.flatnonzero(new)], t, target).sum())
+        return written
+
+    def close(self, persist: bool = True) -> None:
+        """Close every tier; with ``persist`` (default), first save volatile blocks to the persistent tier."""
         if self._closed:
             return
+        if persist:
+            self.persist()
         self._closed = True
         for t in self.tiers:
             t.close()

@@ -179,17 +179,24 @@ class SlotTier(Tier):
         self._check_rows(keys, data, "put")
         held = self.acquire(keys)  # pins what is already here, so making room cannot evict it
         try:
-            todo = np.flatnonzero(held < 0)
-            if todo.size and self._write(keys[todo], data, todo):
-                return np.ones(len(keys), bool)
-            return held >= 0
+            out = held >= 0
+            todo = np.flatnonzero(~out)
+            if todo.size:
+                out[todo] = self._write(keys[todo], data, todo)
+            return out
         finally:
             self.pool.release(held)
 
-    def _write(self, keys: BlockKeys, src: Any, src_rows: np.ndarray) -> bool:
+    def _write(self, keys: BlockKeys, src: Any, src_rows: np.ndarray) -> np.ndarray:
+        """Store as many leading keys as fit (a prefix is what matching can use); mask of those written."""
+        done = np.zeros(len(keys), bool)
         slots = self.reserve(len(keys))
         if slots is None:
-            return False
+            slots = self.reserve(min(len(keys), self.pool.num_free + self.pool.num_evictable))
+        if slots is None or slots.size == 0:
+            return done
+        n = slots.size
+        keys, src_rows = keys[:n], src_rows[:n]
         try:
             self.copy_rows(self.buf, slots, src, src_rows)
             self.sync()
@@ -197,7 +204,8 @@ class SlotTier(Tier):
             self.pool.release(slots)
             raise
         self.publish(slots, keys)
-        return True
+        done[:n] = True
+        return done
 
     def copy_rows(self, dst: Any, dst_idx: np.ndarray, src: Any, src_idx: np.ndarray) -> None:
         copy_rows(dst, dst_idx, src, src_idx)

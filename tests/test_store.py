@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from kvbm_fs import (
     PinnedError,
     Store,
     TierClosedError,
+    mount,
 )
 
 
@@ -112,10 +114,12 @@ def test_gpu_tier_refuses_when_everything_is_pinned(store: Store) -> None:
     store.put(keys, kv_blocks(cap, seed=3))
     pins = store.pin(keys)
     more = store.keys(tokens(2, seed=4))
-    assert not store.put(more, kv_blocks(2, seed=4)).any()
+    assert not store.put(more, kv_blocks(2, seed=4), spill=False).any()
     assert gpu.contains(keys).all()
+    assert store.put(more, kv_blocks(2, seed=4)).all()  # spilled to the next tier down
+    assert store.match(more).runs == (("host", 0, 2),)
     pins.release()
-    assert store.put(more, kv_blocks(2, seed=4)).all()
+    assert store.put(more, kv_blocks(2, seed=4), tier="gpu", spill=False).all()
 
 
 def test_wrong_layout_data_is_refused_and_nothing_is_lost(store: Store) -> None:
@@ -235,3 +239,33 @@ def test_a_block_lost_between_match_and_get_is_a_miss_with_load_failed(store: St
     failed = [e for e in seen if e.kind is EventKind.LOAD_FAILED]
     assert len(failed) == 1 and failed[0].tier == "host" and list(failed[0].keys) == [keys[1]]
     assert store.stats()["get_misses"] == 1
+
+
+def test_a_batch_larger_than_a_tier_keeps_its_prefix_there_and_spills_the_rest(store: Store) -> None:
+    gpu = store.tier("gpu")
+    cap = gpu.capacity_bytes // gpu.block_nbytes
+    keys = store.keys(tokens(cap + 3))
+    data = kv_blocks(cap + 3)
+    assert store.put(keys, data).all()
+    m = store.match(keys)
+    assert m.length == cap + 3 and m.runs == (("gpu", 0, cap), ("host", cap, cap + 3))
+    out = torch.empty_like(data)
+    assert store.get(keys, out, m).all() and torch.equal(out, data)
+
+
+def test_close_persists_volatile_blocks_to_the_disk_tier(tmp_path: Path) -> None:
+    urls = ["gpu://cpu?capacity=64KiB", "host://?capacity=64KiB", f"file://{tmp_path}/d?capacity=1MiB"]
+    with mount(*urls, layout=LAYOUT, model="m", env={}) as s:
+        keys = s.keys(tokens(6))
+        s.put(keys, kv_blocks(6))
+        s.copy(keys[:2], "gpu", "host")
+        assert len(s.tier("disk")) == 0
+    with mount(*urls, layout=LAYOUT, model="m", env={}) as s:
+        assert s.match(keys).runs == (("disk", 0, 6),)
+        out = torch.empty((6, *LAYOUT.block_shape), dtype=torch.float16)
+        assert s.get(keys, out).all() and torch.equal(out, kv_blocks(6))
+    s2 = mount(*urls, layout=LAYOUT, model="m", env={})
+    s2.put(s2.keys(tokens(2, seed=7)), kv_blocks(2, seed=7))
+    s2.close(persist=False)
+    with mount(*urls, layout=LAYOUT, model="m", env={}) as s:
+        assert s.match(s.keys(tokens(2, seed=7))).length == 0

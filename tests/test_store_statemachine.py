@@ -50,7 +50,7 @@ class StoreMachine(RuleBasedStateMachine):
     @rule(tier=st.sampled_from(TIERS), lo=st.integers(0, N - 1), n=st.integers(1, 4))
     def put(self, tier: str, lo: int, n: int) -> None:
         hi = min(N, lo + n)
-        ok = self.store.put(self.keys[lo:hi], self.data[lo:hi], tier=tier)
+        ok = self.store.put(self.keys[lo:hi], self.data[lo:hi], tier=tier, spill=False)
         self._after_write(tier, {lo + int(i) for i in np.flatnonzero(ok)})
 
     @rule(src=st.sampled_from(TIERS), dst=st.sampled_from(TIERS), lo=st.integers(0, N - 1), n=st.integers(1, 4))
