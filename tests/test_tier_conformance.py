@@ -37,7 +37,9 @@ class TestDiskTier(TierTests):
     def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
         slot = 4096 + -(-block_nbytes // 4096) * 4096
         self.made = getattr(self, "made", 0) + 1
-        return DiskTier(self.dir / f"tier{self.made}", block_nbytes, capacity_blocks * slot, events=events, segment_bytes=4 * slot)
+        return DiskTier(
+            self.dir / f"tier{self.made}", block_nbytes, capacity_blocks * slot, events=events, segment_bytes=4 * slot
+        )
 
     def reopen(self, tier: Tier) -> Tier | None:
         assert isinstance(tier, DiskTier)
