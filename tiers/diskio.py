@@ -145,3 +145,41 @@ def address(buf: memoryview) -> int:
 def is_aligned(buf: memoryview) -> bool:
     """O_DIRECT needs page-aligned addresses and lengths (checked per buffer)."""
     return buf.nbytes % ALIGN == 0 and address(buf) % ALIGN == 0
+
+
+def probe_gds(timeout: float = 5.0) -> tuple[bool, str]:
+    """Can NIXL's GDS_MT/GDS backend be created here? Never hangs: the probe runs in a daemon thread.
+
+    GDS needs the CUDA driver (libcuda.so.1) and cuFile; without them creating the
+    backend fails at once.  The disk tier reports the answer in its stats.
+    """
+    import threading
+
+    result: list[tuple[bool, str]] = []
+
+    def attempt() -> None:
+        try:
+            import torch
+
+            if not torch.cuda.is_available():
+                result.append((False, "no CUDA device"))
+                return
+            from nixl_cu12._api import nixl_agent, nixl_agent_config
+
+            agent = nixl_agent(f"kvbm-gds-probe-{os.getpid()}", nixl_agent_config(backends=[]))
+            last = ""
+            for backend in ("GDS_MT", "GDS"):
+                try:
+                    agent.create_backend(backend)
+                    result.append((True, backend))
+                    return
+                except Exception as e:
+                    last = f"{backend}: {e}"
+            result.append((False, last))
+        except Exception as e:
+            result.append((False, f"{type(e).__name__}: {e}"))
+
+    th = threading.Thread(target=attempt, daemon=True, name="kvbm-gds-probe")
+    th.start()
+    th.join(timeout)
+    return result[0] if result else (False, f"probe timed out after {timeout:.0f}s")
