@@ -24,6 +24,7 @@ from .events import BlockEvent, EventBus, EventKind
 from .keys import BlockKey, BlockKeys, Namespace
 from .layout import KVLayout
 from .lifecycle import BlockState, SlotPool
+from .maintenance import check
 from .mount import mount
 from .registry import register_tier
 from .store import Match, Pins, Store
@@ -60,6 +61,7 @@ __all__ = [
     "TierClosedError",
     "TruncatedBlockError",
     "UnknownSchemeError",
+    "check",
     "mount",
     "register_tier",
 ]

@@ -19,15 +19,23 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dir", help="folder for the default disk tier (default: ./.kvbm_fs-demo)")
     i = sub.add_parser("info", help="show the store a config/environment would mount")
     i.add_argument("--config", help="TOML/YAML/JSON config file")
+    c = sub.add_parser("check", help="verify a disk tier's index against its segment files")
+    c.add_argument("url", help="file:///path/to/tier")
+    c.add_argument("--deep", action="store_true", help="also verify every payload checksum")
+    c.add_argument("--fix", action="store_true", help="remove bad entries and reclaim leaked slots")
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
-            from .demo import run_demo
-
-            from .demo import DEMO_DIR, default_tiers
+            from .demo import DEMO_DIR, default_tiers, run_demo
 
             tiers = args.tiers or default_tiers(args.dir or DEMO_DIR)
             return run_demo(requests=args.requests, tiers=tiers, json_only=args.json)
+        if args.cmd == "check":
+            from .maintenance import check
+
+            report = check(args.url, fix=args.fix, deep=args.deep)
+            print(json.dumps(report, indent=2, default=str))
+            return 0 if report["bad"] == 0 or args.fix else 1
         if args.cmd == "info":
             from .mount import mount
 

@@ -25,3 +25,22 @@ def test_demo_runs_and_loads_bit_exact_blocks(capsys: pytest.CaptureFixture[str]
 def test_cli_reports_config_errors_cleanly(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["demo", "--tiers", "bogus://x"]) == 2
     assert "unknown tier scheme 'bogus'" in capsys.readouterr().err
+
+
+def test_check_command_verifies_a_disk_tier(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["demo", "--requests", "3", "--json", "--dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    assert main(["check", f"file://{tmp_path}/disk", "--deep"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["entries"] > 0 and report["bad"] == 0
+    seg = next((tmp_path / "disk" / "seg").rglob("*.seg"))
+    with open(seg, "r+b") as f:  # flip a payload byte of the first slot behind the store's back
+        f.seek(4096 + 10)
+        b = f.read(1)
+        f.seek(4096 + 10)
+        f.write(bytes([b[0] ^ 0xFF]))
+    assert main(["check", f"file://{tmp_path}/disk", "--deep"]) == 1
+    assert json.loads(capsys.readouterr().out)["bad"] == 1
+    assert main(["check", f"file://{tmp_path}/disk", "--deep", "--fix"]) == 0
+    assert main(["check", f"file://{tmp_path}/disk", "--deep"]) == 0
+    assert main(["check", f"file://{tmp_path}/nothing"]) == 2
