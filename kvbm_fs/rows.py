@@ -16,6 +16,14 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def aligned_rows(n: int, nbytes: int) -> np.ndarray:
+    """Page-aligned uint8 rows (anonymous mmap): lets disk tiers use O_DIRECT and NIXL register them."""
+    import mmap
+
+    mm = mmap.mmap(-1, max(mmap.PAGESIZE, n * nbytes))
+    return np.frombuffer(mm, np.uint8, n * nbytes).reshape(n, nbytes)
+
+
 def runs(src_idx: np.ndarray, dst_idx: np.ndarray) -> np.ndarray:
     """[(src_start, dst_start, length)] of maximal runs where both indices advance by one."""
     n = src_idx.size

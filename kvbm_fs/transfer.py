@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from .keys import BlockKeys
+from .rows import aligned_rows
 from .tier import Medium, SlotTier, Tier
 
 Handler = Callable[[BlockKeys, Tier, Tier], np.ndarray]
@@ -79,7 +80,7 @@ def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64) -> np.ndarray
     todo = np.flatnonzero(~have)
     if todo.size == 0:
         return have
-    stage: Any = np.empty((min(batch, todo.size), src.block_nbytes), np.uint8)
+    stage: Any = aligned_rows(min(batch, todo.size), src.block_nbytes)
     for i in range(0, todo.size, batch):
         idx = todo[i : i + batch]
         sub = keys[idx]

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
     [
         ("bench_host.py", ["put_ratio", "get_ratio", "memcpy_gbps", "naive_dict_put_ratio"]),
         ("bench_hash_match.py", ["total_ms", "baseline_total_ms", "speedup"]),
+        ("bench_disk_io.py", ["write_gbps_posix", "read_gbps_posix", "write_gbps_seq", "read_gbps_seq"]),
         ("gpu_check.py", []),
     ],
 )

@@ -1,0 +1,344 @@
+"""G3 data path: batched block write/read GB/s through NixlPosixIO vs PosixIO vs a plain pwrite/pread loop.
+
+What it measures
+    One batch of 64 blocks x 2 MiB, laid out the way the disk tier lays out slots (a 4 KiB
+    header page followed by the payload, one ``IoOp`` per block with two buffers), written to
+    and read back from the *same* preallocated file at the same offsets by each engine:
+
+    - ``nixl``: :class:`tiers.nixl_io.NixlPosixIO`, the whole batch as one NIXL POSIX transfer
+      (one descriptor per buffer, default libaio queue; ``nixl_uring`` is the io_uring queue);
+    - ``posix``: :class:`tiers.diskio.PosixIO`, ``os.pwritev``/``os.preadv`` per block on a
+      thread pool;
+    - ``seq``: a plain sequential loop of ``os.pwritev``/``os.preadv``, one block at a time.
+
+    The file is opened with ``O_DIRECT`` when the filesystem takes it
+    (:func:`tiers.diskio.probe_direct_io`); buffers are page-aligned so every engine can use it.
+    Without ``O_DIRECT`` a timed write includes an ``fdatasync`` (otherwise it would time a memcpy
+    into the page cache; ``--no-sync`` times just that, which is what a non-durable tier put costs).  Before every timed read the page cache is dropped
+    (``echo 3 > /proc/sys/vm/drop_caches``, root only; ``caches_dropped`` says whether it worked).
+
+    Also: what one DRAM registration of the batch costs in NixlPosixIO (it registers the caller's
+    buffers per call), and the latency of a single 4 KiB block through each engine (NIXL forced
+    on with ``min_ops=1``), which is why NixlPosixIO sends batches of one to ``pwritev``.
+
+Why
+    The disk tier's ``io="auto"`` should pick whichever engine moves a batch faster on the
+    machine at hand.  Every variant runs in the same rounds (order rotated per round); numbers
+    are medians, ratios are medians of per-round paired ratios; nothing passes or fails.
+
+Run ``python benchmarks/bench_disk_io.py [--quick] [--dir DIR]``; prints one JSON object and writes it to
+``benchmarks/results/bench_disk_io.json`` (``bench_disk_io.quick.json`` with ``--quick``: 8 blocks, 3 rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kvbm_fs.tiers.diskio import ALIGN, BlockIO, IoOp, PosixIO, aligned_buffer, probe_direct_io
+
+NAME = "bench_disk_io"
+MiB = 1 << 20
+
+
+class Case:
+    """One timed operation; ``before``/``after`` run untimed around it every round."""
+
+    def __init__(
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        before: Callable[[], Any] | None = None,
+        after: Callable[[], Any] | None = None,
+    ) -> None:
+        self.name, self.fn, self.before, self.after = name, fn, before, after
+        self.times: list[float] = []
+        self.cpu: list[float] = []  # CPU seconds of the whole process (all threads) during the call
+
+    def run(self, record: bool) -> None:
+        if self.before:
+            self.before()
+        gc.disable()
+        c0 = time.process_time()
+        t0 = time.perf_counter()
+        self.fn()
+        dt = time.perf_counter() - t0
+        dc = time.process_time() - c0
+        gc.enable()
+        if self.after:
+            self.after()
+        if record:
+            self.times.append(dt)
+            self.cpu.append(dc)
+
+
+def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> None:
+    """Every case once per round; the order rotates each round so no case always runs first."""
+    for r in range(warmup + rounds):
+        k = r % len(cases)
+        for c in cases[k:] + cases[:k]:
+            c.run(record=r >= warmup)
+
+
+def paired_ratio(num: Case, den: Case) -> float:
+    """Median over rounds of (den time / num time): throughput of ``num`` relative to ``den``."""
+    return statistics.median(d / n for n, d in zip(num.times, den.times))
+
+
+class SeqIO:
+    """The baseline: one ``os.pwritev``/``os.preadv`` per block, in order, on the calling thread."""
+
+    name = "seq-pwritev"
+
+    def read(self, ops: Sequence[IoOp]) -> list[int]:
+        return [os.preadv(op.fd, list(op.bufs), op.offset) for op in ops]
+
+    def write(self, ops: Sequence[IoOp]) -> list[int]:
+        return [os.pwritev(op.fd, list(op.bufs), op.offset) for op in ops]
+
+    def close(self) -> None:
+        pass
+
+
+def drop_caches() -> bool:
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--blocks", type=int, default=64, help="blocks per batch (default 64)")
+    ap.add_argument("--block-mib", type=float, default=2.0, help="payload per block in MiB (default 2)")
+    ap.add_argument("--rounds", type=int, default=11, help="timed rounds (default 11)")
+    ap.add_argument("--dir", type=Path, default=None, help="where the test file goes (default: the temp dir)")
+    ap.add_argument("--no-direct", action="store_true", help="do not use O_DIRECT even where it works")
+    ap.add_argument("--no-sync", action="store_true", help="without O_DIRECT, time writes without fdatasync")
+    ap.add_argument("--no-drop", action="store_true", help="do not drop the page cache before reads")
+    ap.add_argument("--quick", action="store_true", help="small run for smoke tests (8 blocks, 3 rounds)")
+    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = Path(__file__).resolve().parent / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    rounds = 3 if args.quick else args.rounds
+    n, bnb = (8 if args.quick else args.blocks), int(args.block_mib * MiB)
+    pay = -(-bnb // ALIGN) * ALIGN
+    slot = ALIGN + pay
+    batch = n * (ALIGN + bnb)  # bytes moved per batch: header pages + payloads
+
+    workdir = Path(tempfile.mkdtemp(prefix="kvbm-bench-disk-", dir=args.dir))
+    direct = probe_direct_io(str(workdir)) and not args.no_direct
+    path = workdir / "segment.seg"
+    bfd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    os.posix_fallocate(bfd, 0, n * slot)
+    fd = os.open(path, os.O_RDWR | os.O_DIRECT) if direct else bfd
+
+    # caller-owned, page-aligned buffers: header pages + payload rows, source and destination
+    src_h = np.frombuffer(aligned_buffer(n * ALIGN), np.uint8).reshape(n, ALIGN)
+    src_p = np.frombuffer(aligned_buffer(n * pay), np.uint8).reshape(n, pay)[:, :bnb]
+    dst_h = np.frombuffer(aligned_buffer(n * ALIGN), np.uint8).reshape(n, ALIGN)
+    dst_p = np.frombuffer(aligned_buffer(n * pay), np.uint8).reshape(n, pay)[:, :bnb]
+    rng = np.random.default_rng(0)
+    src_h[:] = rng.integers(0, 256, src_h.shape, dtype=np.uint8)
+    src_p[:] = rng.integers(0, 256, src_p.shape, dtype=np.uint8)
+    wops = [IoOp(fd, i * slot, [memoryview(src_h[i].data), memoryview(src_p[i].data)]) for i in range(n)]
+    rops = [IoOp(fd, i * slot, [memoryview(dst_h[i].data), memoryview(dst_p[i].data)]) for i in range(n)]
+    want = [op.nbytes for op in wops]
+
+    engines: dict[str, BlockIO] = {}
+    nixl_error = None
+    try:
+        from kvbm_fs.tiers.nixl_io import NixlPosixIO
+
+        engines["nixl"] = NixlPosixIO()
+        try:
+            engines["nixl_uring"] = NixlPosixIO(queue="URING")
+        except Exception as e:
+            nixl_error = f"io_uring queue: {e}"
+    except Exception as e:
+        nixl_error = f"{type(e).__name__}: {e}"
+    engines["posix"] = PosixIO()
+    engines["seq"] = SeqIO()
+
+    dropped: list[bool] = []
+
+    def before_read() -> None:
+        dst_h.fill(0)
+        dst_p.fill(0)
+        if not args.no_drop:
+            dropped.append(drop_caches())
+
+    def write(io: BlockIO) -> Callable[[], None]:
+        def f() -> None:
+            got = io.write(wops)
+            if not direct and not args.no_sync:
+                os.fdatasync(bfd)
+            assert got == want, f"{io.name} wrote {got[:4]}..."
+
+        return f
+
+    def read(io: BlockIO) -> Callable[[], None]:
+        def f() -> None:
+            got = io.read(rops)
+            assert got == want, f"{io.name} read {got[:4]}..."
+
+        return f
+
+    def check_read() -> None:
+        assert np.array_equal(dst_h, src_h) and np.array_equal(dst_p, src_p), "read returned wrong bytes"
+
+    cases: list[Case] = []
+    for name, io in engines.items():
+        cases.append(Case(f"write_{name}", write(io)))
+        cases.append(Case(f"read_{name}", read(io), before=before_read, after=check_read))
+    by = {c.name: c for c in cases}
+    t0 = time.perf_counter()
+    interleave(cases, rounds)
+    wall = time.perf_counter() - t0
+
+    def gbps(name: str) -> float:
+        return round(batch / statistics.median(by[name].times) / 1e9, 3)
+
+    res: dict[str, Any] = {"benchmark": NAME, "quick": bool(args.quick)}
+    for name in engines:
+        res[f"write_gbps_{name}"] = gbps(f"write_{name}")
+        res[f"read_gbps_{name}"] = gbps(f"read_{name}")
+    for name in engines:  # CPU seconds (all threads) per GB moved, write and read together
+        cpu = statistics.median(by[f"write_{name}"].cpu) + statistics.median(by[f"read_{name}"].cpu)
+        res[f"cpu_s_per_gb_{name}"] = round(cpu / (2 * batch / 1e9), 4)
+    if "nixl" in engines:
+        res["write_ratio_nixl_vs_posix"] = round(paired_ratio(by["write_nixl"], by["write_posix"]), 3)
+        res["read_ratio_nixl_vs_posix"] = round(paired_ratio(by["read_nixl"], by["read_posix"]), 3)
+        res["write_ratio_nixl_vs_seq"] = round(paired_ratio(by["write_nixl"], by["write_seq"]), 3)
+        res["read_ratio_nixl_vs_seq"] = round(paired_ratio(by["read_nixl"], by["read_seq"]), 3)
+    res["write_ratio_posix_vs_seq"] = round(paired_ratio(by["write_posix"], by["write_seq"]), 3)
+    res["read_ratio_posix_vs_seq"] = round(paired_ratio(by["read_posix"], by["read_seq"]), 3)
+    tier_engines = [e for e in ("nixl", "posix") if e in engines]
+    # the tier's choice: the engine with the better geometric mean of write and read throughput
+    score = {e: (res[f"write_gbps_{e}"] * res[f"read_gbps_{e}"]) ** 0.5 for e in tier_engines}
+    res["faster_engine"] = max(score, key=lambda e: score[e])
+    res["nixl_available"] = "nixl" in engines
+    res["nixl_error"] = nixl_error
+    res.update(_registration_cost(engines.get("nixl"), rops, rounds))
+    res.update(_single_block_latency(bfd, src_h, dst_h, rounds))
+    res.update(
+        direct_io=direct,
+        caches_dropped=bool(dropped) and all(dropped),
+        write_includes_fdatasync=not direct and not args.no_sync,
+        block_nbytes=bnb,
+        blocks_per_batch=n,
+        batch_bytes=batch,
+        rounds=rounds,
+        ratio_method="median over rounds of paired (baseline time / case time), same round",
+        wall_seconds=round(wall, 2),
+        detail={
+            c.name: {
+                "gbps_min": round(batch / max(c.times) / 1e9, 3),
+                "gbps_median": round(batch / statistics.median(c.times) / 1e9, 3),
+                "gbps_max": round(batch / min(c.times) / 1e9, 3),
+                "cpu_ms": round(statistics.median(c.cpu) * 1e3, 1),
+            }
+            for c in cases
+        },
+        engine_stats={k: io.stats() for k, io in engines.items() if hasattr(io, "stats")},
+        filesystem_dir=str(workdir.parent),
+        env=_env(),
+    )
+    for io in engines.values():
+        io.close()
+    if fd != bfd:
+        os.close(fd)
+    os.close(bfd)
+    shutil.rmtree(workdir, ignore_errors=True)
+    _emit(res, args.out)
+    return res
+
+
+def _registration_cost(nixl: Any, ops: list[IoOp], rounds: int) -> dict[str, Any]:
+    """Register + deregister the batch's buffers as NixlPosixIO does per call (adjacent ones merged)."""
+    if nixl is None:
+        return {}
+    from kvbm_fs.tiers.diskio import address
+    from kvbm_fs.tiers.nixl_io import _merge
+
+    regions = [(address(b), b.nbytes) for op in ops for b in op.bufs]
+    out: dict[str, Any] = {"registration_descs": len(regions)}
+    for label, descs in (
+        ("merged", _merge(regions)),
+        ("unmerged", np.array([(a, n, 0) for a, n in regions], np.uint64)),
+    ):
+        ts = []
+        for _ in range(max(5, rounds)):
+            t0 = time.perf_counter()
+            reg = nixl._agent.register_memory(descs, "DRAM", backends=nixl._backends)
+            nixl._agent.deregister_memory(reg, backends=nixl._backends)
+            ts.append(time.perf_counter() - t0)
+        out[f"registration_us_{label}"] = round(statistics.median(ts) * 1e6, 1)
+        out[f"registration_regions_{label}"] = len(descs)
+    return out
+
+
+def _single_block_latency(fd: int, src_h: np.ndarray, dst_h: np.ndarray, rounds: int) -> dict[str, Any]:
+    """One 4 KiB write and read on the buffered descriptor (engine overhead, not disk latency):
+    NIXL (forced, min_ops=1) vs one pwritev/preadv."""
+    engines: dict[str, BlockIO] = {"posix": SeqIO()}
+    try:
+        from kvbm_fs.tiers.nixl_io import NixlPosixIO
+
+        engines["nixl"] = NixlPosixIO(min_ops=1)
+    except Exception:
+        pass
+    w = [IoOp(fd, 0, [memoryview(src_h[0].data)])]
+    r = [IoOp(fd, 0, [memoryview(dst_h[0].data)])]
+    out: dict[str, Any] = {}
+    reps = 50 * max(3, rounds)
+    for name, io in engines.items():
+        for kind, ops in (("write", w), ("read", r)):
+            fn = io.write if kind == "write" else io.read
+            fn(ops)
+            ts = []
+            for _ in range(reps):
+                t0 = time.perf_counter()
+                fn(ops)
+                ts.append(time.perf_counter() - t0)
+            out[f"single_4k_{kind}_us_{name}"] = round(statistics.median(ts) * 1e6, 1)
+        io.close()
+    return out
+
+
+def _env() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "cpus": os.cpu_count(),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "kernel": platform.release(),
+    }
+
+
+def _emit(res: dict[str, Any], path: Path) -> None:
+    text = json.dumps(res, indent=2)
+    print(text)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
