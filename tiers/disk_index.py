@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import lmdb
 import numpy as np
@@ -64,6 +65,54 @@ def process_identity(pid: int | None = None) -> tuple[int, int]:
         return pid, 0
 
 
+class _Envs:
+    """One LMDB environment per index directory per process, shared by every DiskIndex on it:
+    LMDB forbids opening one environment twice in a process (its locks are per process),
+    and two tiers, or a tier and ``kvbm_fs.check``, may well open one directory in one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[int, int], list[Any]] = {}  # (st_dev, st_ino) -> [env, refs]
+
+    def acquire(self, path: str, map_size: int) -> Any:
+        os.makedirs(path, exist_ok=True)
+        st = os.stat(path)
+        key = (st.st_dev, st.st_ino)  # not the path: a directory removed and recreated is a new one
+        with self._lock:
+            ent = self._open.get(key)
+            if ent is None:
+                env = lmdb.open(
+                    path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=False,
+                    readahead=False, max_readers=1024, lock=True,
+                )  # fmt: skip
+                ent = self._open[key] = [env, 0]
+            ent[1] += 1
+            return ent[0]
+
+    def release(self, env: Any) -> None:
+        with self._lock:
+            for key, ent in self._open.items():
+                if ent[0] is env:
+                    ent[1] -= 1
+                    if ent[1] == 0:
+                        del self._open[key]
+                        env.close()
+                    return
+
+
+_envs = _Envs()
+DBS = (b"blocks", b"slots", b"order", b"free", b"pending", b"meta")
+
+
+def _reraise(e: Exception, path: str) -> NoReturn:
+    """Raise an LMDB error carrying a system errno (no space, file too large, permission, I/O) as the
+    ``OSError`` it is; LMDB's own negative codes (corruption, bugs) stay as they are."""
+    code = getattr(e, "code", 0)
+    if not isinstance(code, int) or code <= 0:
+        raise e
+    raise OSError(code, f"disk tier index {path}: {os.strerror(code)}") from e
+
+
 def owner_alive(owner: tuple[int, int]) -> bool:
     pid, start = owner
     try:
@@ -77,32 +126,53 @@ def owner_alive(owner: tuple[int, int]) -> bool:
 
 class DiskIndex:
     def __init__(self, path: str, map_size: int = 1 << 30) -> None:
-        self.env = lmdb.open(
-            path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=False,
-            readahead=False, max_readers=1024, lock=True,
-        )  # fmt: skip
-        self.env.reader_check()  # clear reader slots left by killed processes
-        with self.env.begin(write=True) as txn:
-            mk = lambda name: self.env.open_db(name, txn=txn)  # noqa: E731
-            self.blocks, self.slots, self.order = mk(b"blocks"), mk(b"slots"), mk(b"order")
-            self.free, self.pending, self.meta = mk(b"free"), mk(b"pending"), mk(b"meta")
+        self.path = path
         self.owner = process_identity()
+        self._closed = False
+        try:
+            self.env = _envs.acquire(path, map_size)
+        except lmdb.Error as e:
+            _reraise(e, path)
+        try:
+            self.env.reader_check()  # clear reader slots left by killed processes
+            self.blocks, self.slots, self.order, self.free, self.pending, self.meta = self.write(
+                lambda txn: [self.env.open_db(name, txn=txn) for name in DBS]
+            )
+        except BaseException:
+            self.close()
+            raise
 
     # ---- transactions --------------------------------------------------------------------
     def write(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(txn)`` in one write transaction, growing the map when it is full."""
+        """Run ``fn(txn)`` in one write transaction, growing the map when it is full.
+
+        A full or failing disk under the index (ENOSPC, EFBIG, EIO ...) raises ``OSError``
+        with that errno, so callers can refuse the operation instead of crashing on an LMDB type."""
         while True:
             try:
-                with self.env.begin(write=True) as txn:
+                with self._begin(write=True) as txn:
                     return fn(txn)
             except lmdb.MapFullError:
                 self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.Error as e:
+                _reraise(e, self.path)
 
     def read(self) -> Any:
-        return self.env.begin(buffers=False)
+        return self._begin(write=False)
+
+    def _begin(self, write: bool) -> Any:
+        """Begin a transaction; if another process grew the map, adopt its size first (else LMDB
+        refuses every transaction in this process with MDB_MAP_RESIZED)."""
+        try:
+            return self.env.begin(write=write, buffers=False)
+        except lmdb.MapResizedError:
+            self.env.set_mapsize(0)
+            return self.env.begin(write=write, buffers=False)
 
     def close(self) -> None:
-        self.env.close()
+        if not self._closed:
+            self._closed = True
+            _envs.release(self.env)
 
     # ---- lookups -------------------------------------------------------------------------
     def records(self, ns: int, hashes: np.ndarray) -> list[Record | None]:
@@ -135,14 +205,17 @@ class DiskIndex:
     def allocate(
         self, txn: Any, n: int, num_slots: int, protect: set[int]
     ) -> tuple[list[int], list[tuple[int, int, int]]]:
-        """Up to ``n`` slots for writing: free list, then never-used slots, then the coldest
-        unprotected blocks (evicted in this transaction). Returns (slots, evicted keys)."""
+        """Up to ``n`` slots for writing: free list, then never-used slots, then slots of writers that
+        died mid-put, then the coldest unprotected blocks (evicted in this transaction).
+        Returns (slots, evicted keys)."""
         got = self._take_free(txn, n)
         hwm = self.hwm(txn)
         fresh = min(n - len(got), num_slots - hwm)
         if fresh > 0:
             got.extend(range(hwm, hwm + fresh))
             txn.put(b"hwm", U64.pack(hwm + fresh), db=self.meta)
+        if len(got) < n and self.reclaim_pending(txn):  # a writer died mid-put: its slots come first
+            got.extend(self._take_free(txn, n - len(got)))
         evicted = self._evict(txn, n - len(got), protect, got) if len(got) < n else []
         mine = OWNER.pack(*self.owner)
         for s in got:
@@ -246,8 +319,14 @@ class DiskIndex:
             txn.put(kb, rec.pack(), db=self.blocks)
 
     def reclaim_pending(self, txn: Any) -> int:
-        """Free slots reserved by writers that died before committing."""
-        dead = [k for k, v in txn.cursor(self.pending) if not owner_alive(OWNER.unpack(v))]
+        """Free slots reserved by writers that died before committing (one liveness probe per writer)."""
+        alive = {OWNER.pack(*self.owner): True}
+        dead = []
+        for k, v in txn.cursor(self.pending):
+            if v not in alive:
+                alive[v] = owner_alive(OWNER.unpack(v))
+            if not alive[v]:
+                dead.append(k)
         for k in dead:
             txn.delete(k, db=self.pending)
             txn.put(k, b"", db=self.free)
