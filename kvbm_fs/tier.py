@@ -3,7 +3,9 @@
 Primitives are batch-first and take :class:`BlockKeys` plus 2-D uint8 row buffers
 ``[n, block_nbytes]`` (numpy or torch, any device).  A miss is a ``False`` in the
 returned mask; misuse raises.  ``get`` writes into caller-owned rows and leaves
-the rows of missing keys untouched.  Tiers that keep bytes outside process memory
+the rows of absent keys untouched; a block that was read but failed verification
+is a miss too, and its row's content is then unspecified (disk tiers read straight
+into the caller's buffer rather than pay a staging copy).  Tiers that keep bytes outside process memory
 verify every block they read (see :mod:`kvbm_fs.codec`) and report failures as misses.
 """
 
@@ -46,7 +48,7 @@ class Tier(abc.ABC):
 
     @abc.abstractmethod
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
-        """Copy present blocks into ``out`` rows; mask of keys found (and verified)."""
+        """Copy present blocks into ``out`` rows; mask of keys found and verified (False rows: recompute)."""
 
     @abc.abstractmethod
     def contains(self, keys: BlockKeys) -> np.ndarray: ...
