@@ -26,6 +26,10 @@ class EvictionPolicy(Protocol):
         """Up to ``n`` slot ids among ``evictable`` (a bool mask over all slots), best victims first."""
         ...
 
+    def rank(self, last_access_us: int, hits: int) -> int:
+        """Eviction order for persistent tiers, which keep blocks sorted by it: lowest goes first."""
+        ...
+
 
 class LRU:
     """Least recently used; within one batch, later blocks of a chain count as older.
@@ -53,6 +57,9 @@ class LRU:
 
     def on_remove(self, slots: np.ndarray) -> None:
         self.stamp[slots] = 0
+
+    def rank(self, last_access_us: int, hits: int) -> int:
+        return last_access_us
 
     def victims(self, evictable: np.ndarray, n: int) -> np.ndarray:
         cand = np.flatnonzero(evictable)

@@ -283,7 +283,7 @@ class DiskTier(Tier):
         now = _now_us()
         entries = [
             (int(keys.hashes[i]), s, int(keys.parents[i]),
-             Record(s, int(keys.parents[i]), csums[j], now - j, self.block_nbytes, 0))
+             Record(s, int(keys.parents[i]), csums[j], self.policy.rank(now - j, 0), self.block_nbytes, 0))
             for j, (i, s) in enumerate(zip(idx.tolist(), slots)) if results[j]
         ]  # fmt: skip
         failed = [s for j, s in enumerate(slots) if not results[j]]
@@ -310,7 +310,7 @@ class DiskTier(Tier):
             orphans, self._orphans = self._orphans, []
 
         def fn(txn: Any) -> tuple[list[int], list[tuple[int, int, int]]]:
-            self.index.touch(txn, touched)
+            self.index.touch(txn, touched, self.policy.rank)
             self.index.commit(txn, 0, [], orphans)
             return self.index.allocate(txn, n, self.num_slots, self._protected())
 
@@ -569,7 +569,7 @@ class DiskTier(Tier):
 
     def stats(self) -> dict[str, Any]:
         s = super().stats()
-        s.update(path=self.root, data_path=self.io.name, direct_io=self.direct, durable=self.durable,
+        s.update(path=self.root, data_path=self.io.name, direct_io=self.direct, durable=self.durable, policy=self.policy.name,
                  slot_bytes=self.slot_bytes, slots=self.num_slots, **self.counters)  # fmt: skip
         return s
 
@@ -595,7 +595,7 @@ class DiskTier(Tier):
         touched = self._take_touched()
         if touched:
             try:
-                self.index.write(lambda txn: self.index.touch(txn, touched))
+                self.index.write(lambda txn: self.index.touch(txn, touched, self.policy.rank))
             except OSError:
                 pass
 

@@ -315,9 +315,10 @@ class DiskIndex:
         txn.put(SLOT.pack(rec.slot), b"", db=self.free)
         return rec
 
-    def touch(self, txn: Any, hits: dict[int, tuple[int, int]]) -> None:
-        """Apply buffered accesses {slot: (count, rank)} to records and the eviction order."""
-        for slot, (count, rank) in hits.items():
+    def touch(self, txn: Any, hits: dict[int, tuple[int, int]], rank_of: Callable[[int, int], int]) -> None:
+        """Apply buffered accesses {slot: (count, last access us)} to records and the eviction order,
+        re-ranked by the policy's ``rank_of(last_access_us, hits)``."""
+        for slot, (count, last) in hits.items():
             kb = txn.get(SLOT.pack(slot), db=self.slots)
             raw = txn.get(kb, db=self.blocks) if kb else None
             if raw is None:
@@ -326,7 +327,8 @@ class DiskIndex:
             if rec.slot != slot:
                 continue
             txn.delete(KEY.pack(rec.rank, slot), db=self.order)
-            rec.rank, rec.hits = max(rec.rank, rank), min(rec.hits + count, 0xFFFFFFFF)
+            rec.hits = min(rec.hits + count, 0xFFFFFFFF)
+            rec.rank = rank_of(last, rec.hits)
             txn.put(KEY.pack(rec.rank, slot), b"", db=self.order)
             txn.put(kb, rec.pack(), db=self.blocks)
 
