@@ -24,6 +24,7 @@ class EventKind(StrEnum):
     PROMOTED = "promoted"
     DEMOTED = "demoted"
     LOAD_FAILED = "load_failed"
+    STORE_FAILED = "store_failed"
 
 
 @dataclass(frozen=True, slots=True)

@@ -21,6 +21,9 @@ _REGISTRY: dict[str, str] = {
     "disk": "kvbm_fs.tiers.disk:DiskTier",
     "file": "kvbm_fs.tiers.disk:DiskTier",
 }
+# Any other scheme fsspec knows (s3, gs, az, memory, ...) is a G4 remote tier, and so is
+# "remote+<scheme>://" (e.g. remote+file:///mnt/nfs/kv for a shared filesystem).
+REMOTE = "kvbm_fs.tiers.remote:open_remote"
 
 
 def register_tier(scheme: str, target: str | type, clobber: bool = False) -> None:
@@ -35,17 +38,25 @@ def known_schemes() -> list[str]:
 
 
 def tier_class(scheme: str) -> Any:
-    try:
-        target = _REGISTRY[scheme]
-    except KeyError:
+    """The tier class for ``scheme``, or (for remote schemes) a factory ``open(spec, **common)``."""
+    target = _REGISTRY.get(scheme) or (REMOTE if scheme.startswith("remote+") or _fsspec_knows(scheme) else None)
+    if target is None:
         raise UnknownSchemeError(
-            f"unknown tier scheme {scheme!r}; known schemes: {', '.join(known_schemes())}"
-        ) from None
+            f"unknown tier scheme {scheme!r}; known schemes: {', '.join(known_schemes())} and any fsspec protocol"
+        )
     mod, _, cls = target.partition(":")
     try:
         return getattr(importlib.import_module(mod), cls)
     except ImportError as e:
         raise ConfigError(f"tier scheme {scheme!r} needs an optional dependency: {e}") from e
+
+
+def _fsspec_knows(scheme: str) -> bool:
+    try:
+        from fsspec.registry import known_implementations, registry
+    except ImportError:
+        return False
+    return scheme in known_implementations or scheme in registry
 
 
 @dataclass
@@ -86,12 +97,14 @@ def open_tier(
 ) -> Tier:
     if isinstance(spec, str):
         spec = TierSpec.parse(spec)
-    cls = tier_class(spec.scheme)
+    cls: Any = tier_class(spec.scheme)
     opts = dict(spec.options)
     common: dict[str, Any] = dict(block_nbytes=block_nbytes, block_size=block_size, events=events)
     if "name" in opts:
         common["name"] = opts.pop("name")
     try:
-        return cls.from_options(spec.location, opts, **common)
+        if hasattr(cls, "from_options"):
+            return cls.from_options(spec.location, opts, **common)
+        return cls(TierSpec(spec.scheme, spec.location, opts, spec.url), **common)
     except TypeError as e:
         raise ConfigError(f"bad option for {spec.redacted()}: {e}") from None

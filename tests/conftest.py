@@ -37,3 +37,14 @@ def kv_blocks(n: int, seed: int = 0, layout: KVLayout = LAYOUT):
 
 def tokens(n_blocks: int, seed: int = 0, block_size: int = 16) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 50_000, n_blocks * block_size)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3 protocol server (moto) on 127.0.0.1, started once per test session."""
+    pytest.importorskip("s3fs")
+    from kvbm_fs.testing.s3 import start_moto
+
+    server = start_moto()
+    yield server
+    server.stop()

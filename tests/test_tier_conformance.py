@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -12,6 +14,7 @@ from kvbm_fs.tier import Tier
 from kvbm_fs.tiers.disk import DiskTier
 from kvbm_fs.tiers.gpu import GpuTier
 from kvbm_fs.tiers.host import HostTier
+from kvbm_fs.tiers.remote import RemoteTier
 
 
 class TestHostTier(TierTests):
@@ -45,3 +48,57 @@ class TestDiskTier(TierTests):
         assert isinstance(tier, DiskTier)
         tier.close()
         return DiskTier(tier.root, tier.block_nbytes, tier.capacity_bytes, segment_bytes=4 * tier.slot_bytes)
+
+
+class _RemoteTests(TierTests):
+    """G4 through fsspec; each test gets its own prefix."""
+
+    def base_url(self) -> str:
+        raise NotImplementedError
+
+    def options(self) -> dict[str, Any]:
+        return {}
+
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
+        self.made = getattr(self, "made", 0) + 1
+        self.url = f"{self.base_url()}/t{uuid.uuid4().hex[:8]}"
+        return RemoteTier(self.url, block_nbytes, capacity_blocks * (128 + block_nbytes), events=events,
+                          storage_options=self.options())  # fmt: skip
+
+    def reopen(self, tier: Tier) -> Tier | None:
+        assert isinstance(tier, RemoteTier)
+        tier.close()
+        return RemoteTier(self.url, tier.block_nbytes, tier.capacity_bytes, storage_options=self.options())
+
+
+class TestRemoteTierFile(_RemoteTests):
+    @pytest.fixture(autouse=True)
+    def _dir(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+
+    def base_url(self) -> str:
+        return f"file://{self.dir}"
+
+
+class TestRemoteTierMemory(_RemoteTests):
+    def base_url(self) -> str:
+        return "memory://kvbm-conformance"
+
+
+class TestRemoteTierS3(_RemoteTests):
+    """Against a real S3 protocol server (moto on 127.0.0.1) through s3fs."""
+
+    state_machine_examples = 10
+    bucket = ""
+
+    @pytest.fixture(autouse=True)
+    def _s3(self, moto_s3: Any) -> None:
+        self.s3 = moto_s3
+        if not getattr(type(self), "bucket", None):
+            type(self).bucket = moto_s3.create_bucket(f"conf-{uuid.uuid4().hex[:8]}")
+
+    def base_url(self) -> str:
+        return f"s3://{self.bucket}"
+
+    def options(self) -> dict[str, Any]:
+        return dict(self.s3.storage_options())

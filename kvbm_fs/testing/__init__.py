@@ -56,6 +56,7 @@ class TierTests:
 
     capacity_blocks = 16
     block_nbytes = LAYOUT.block_nbytes
+    state_machine_examples = 25  # slow (networked) tiers may lower it
 
     # ---- to implement ----------------------------------------------------------------------
     def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
@@ -279,7 +280,10 @@ class TierTests:
         run_state_machine_as_test(
             Machine,
             settings=settings(
-                max_examples=25, stateful_step_count=25, deadline=None, suppress_health_check=list(HealthCheck)
+                max_examples=self.state_machine_examples,
+                stateful_step_count=25,
+                deadline=None,
+                suppress_health_check=list(HealthCheck),
             ),
         )
 
@@ -306,12 +310,9 @@ class TierMachine(RuleBasedStateMachine):
         self.cap = len(tier) + tier.capacity_bytes // tier.block_nbytes
 
     def _present(self) -> set[tuple[int, int]]:
-        return {k for k, hit in zip(_UNIVERSE, self._contains(_UNIVERSE)) if hit}
-
-    def _contains(self, keys: list[tuple[int, int]]) -> list[bool]:
-        out: list[bool] = []
-        for ns, h in keys:
-            out.append(bool(self.tier.contains(BlockKeys(ns, np.array([h], np.uint64)))[0]))
+        out: set[tuple[int, int]] = set()
+        for b in _batch(_UNIVERSE):  # one batched call per namespace: remote tiers pay per round trip
+            out |= {(b.ns, h) for h, hit in zip(b.hashes.tolist(), self.tier.contains(b).tolist()) if hit}
         return out
 
     @rule(keys=_key_lists)

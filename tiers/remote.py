@@ -1,0 +1,535 @@
+"""G4: any fsspec URL as a tier (S3 via s3fs, GCS, Azure, NFS paths, memory://), shared by many instances.
+
+Object layout (one object per block; see docs/architecture.md for why not packed)::
+
+    <root>/kvbm_fs.remote.json                      format + block size, checked on open
+    <root>/<ns id:016x>/manifest.json               the namespace (model, layout, rank, tenant)
+    <root>/<ns id:016x>/<hash>>56:02x>/<hash:016x>  header + payload (kvbm_fs.codec), written whole
+
+The two-hex fan-out spreads keys over 256 prefixes per namespace, which is what
+S3 partitions request rates by.  All I/O is batched and concurrent through
+fsspec's async API with bounded concurrency, per-request timeouts and retries
+with backoff; a circuit breaker stops calling a dead endpoint and probes it
+again after a cool-down.  Failures never raise into the caller: a failed read is
+a miss, a failed write a dropped block, each counted and published as an event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import threading
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
+from typing import Any, TypeVar
+
+import numpy as np
+
+from .. import codec
+from ..errors import ConfigError, CorruptBlockError, FormatVersionError, LayoutMismatchError, PinnedError
+from ..events import EventBus, EventKind
+from ..keys import BlockKeys, Namespace
+from ..policy import EvictionPolicy, make_policy
+from ..registry import TierSpec
+from ..rows import is_torch
+from ..tier import Medium, Tier
+from ..units import parse_size
+
+log = logging.getLogger(__name__)
+FORMAT = "kvbm_fs.remote.v1"
+T = TypeVar("T")
+UNBOUNDED = 1 << 62
+
+
+class CircuitBreaker:
+    """Closed -> open after ``threshold`` consecutive failures; after ``cooldown`` s one probe may pass."""
+
+    def __init__(self, threshold: int = 5, cooldown: float = 5.0) -> None:
+        self.threshold, self.cooldown = threshold, cooldown
+        self.failures = 0
+        self.opened_at: float | None = None
+        self._probing = False
+        self._lock = threading.Lock()
+        self._room = threading.Lock()
+        self.trips = 0
+
+    def allow(self) -> bool:
+        with self._lock:
+            if self.opened_at is None:
+                return True
+            if time.monotonic() - self.opened_at < self.cooldown or self._probing:
+                return False
+            self._probing = True  # half-open: exactly one request probes the endpoint
+            return True
+
+    def record(self, ok: bool) -> None:
+        with self._lock:
+            self._probing = False
+            if ok:
+                self.failures, self.opened_at = 0, None
+                return
+            self.failures += 1
+            if self.opened_at is not None:  # a failed probe: stay open for another cool-down
+                self.opened_at = time.monotonic()
+            elif self.failures >= self.threshold:
+                self.opened_at = time.monotonic()
+                self.trips += 1
+
+    @property
+    def state(self) -> str:
+        if self.opened_at is None:
+            return "closed"
+        return "half-open" if time.monotonic() - self.opened_at >= self.cooldown else "open"
+
+
+class _Skip(Exception):
+    """The breaker is open: the request was not sent."""
+
+
+class RemoteTier(Tier):
+    medium = Medium.REMOTE
+    persistent = True
+
+    def __init__(
+        self,
+        url: str,
+        block_nbytes: int,
+        capacity: int | str | None = None,
+        *,
+        name: str = "remote",
+        block_size: int | None = None,
+        events: EventBus | None = None,
+        policy: EvictionPolicy | str | None = None,
+        storage_options: dict[str, Any] | None = None,
+        max_concurrency: int = 32,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.05,
+        breaker_threshold: int = 5,
+        breaker_cooldown: float = 5.0,
+    ) -> None:
+
+        self.name, self.block_nbytes, self.block_size = name, int(block_nbytes), block_size
+        self.events = events or EventBus()
+        self.policy = make_policy(policy)
+        self.spec = TierSpec.parse(url)
+        self.url = self.spec.redacted()
+        self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
+        self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
+        self.capacity = UNBOUNDED if capacity is None else parse_size(capacity, "remote capacity")
+        self.object_bytes = codec.HEADER_SIZE + self.block_nbytes
+        if self.capacity < self.object_bytes:
+            from ..errors import CapacityError
+
+            raise CapacityError(f"remote capacity {self.capacity} B is smaller than one {self.object_bytes} B object")
+        self.fs, self.root = _open_fs(url, storage_options or {})
+        self.atomic_rename = "file" in _protocols(self.fs)
+        self._loop = _loop_for(self.fs)
+        self._sem: asyncio.Semaphore | None = None
+        self._lock = threading.Lock()
+        self._room = threading.Lock()
+        self._pins: dict[tuple[int, int], int] = {}
+        self._namespaces: set[int] = set()
+        self.counters = dict(get_errors=0, put_errors=0, load_failures=0, corrupt_removed=0, retries=0,
+                             skipped_open_breaker=0, evictions=0)  # fmt: skip
+        self._check_tier_manifest()
+        self._count = self._count_objects() if self.capacity != UNBOUNDED else -1
+
+    # ---- async plumbing ------------------------------------------------------------------
+    def _run(self, coro: Awaitable[T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
+
+    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+        """One request: breaker, concurrency bound, timeout, retries with jittered backoff."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        for attempt in range(self.retries + 1):
+            if not self.breaker.allow():
+                self.counters["skipped_open_breaker"] += 1
+                raise _Skip
+            try:
+                async with self._sem:
+                    out = await asyncio.wait_for(fn(), self.timeout)
+                self.breaker.record(True)
+                return out
+            except FileNotFoundError:
+                self.breaker.record(True)  # the endpoint answered: the object is just not there
+                raise
+            except Exception as e:
+                self.breaker.record(False)
+                if attempt == self.retries:
+                    raise
+                self.counters["retries"] += 1
+                log.debug("%s: retry %d after %s", self.url, attempt + 1, type(e).__name__)
+                await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        raise AssertionError("unreachable")
+
+    async def _gather(self, fns: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
+        return await asyncio.gather(*(self._call(f) for f in fns), return_exceptions=True)
+
+    # ---- paths and manifests -------------------------------------------------------------
+    def _path(self, ns: int, h: int) -> str:
+        return f"{self.root}/{ns:016x}/{h >> 56:02x}/{h:016x}"
+
+    def _check_tier_manifest(self) -> None:
+        want = {"format": FORMAT, "block_nbytes": self.block_nbytes}
+        path = f"{self.root}/kvbm_fs.remote.json"
+        got = self._read_json(path)
+        if got is None:
+            self._write_json(path, want)
+            return
+        if got.get("format") != FORMAT:
+            raise FormatVersionError(
+                f"{self.url} holds a remote tier of format {got.get('format')!r}; this build reads {FORMAT!r}"
+            )
+        if got.get("block_nbytes") != self.block_nbytes:
+            raise LayoutMismatchError(
+                f"{self.url} holds {got.get('block_nbytes')}-byte blocks; this store needs {self.block_nbytes}-byte blocks"
+            )
+
+    def bind_namespace(self, ns: Namespace) -> None:
+        super().bind_namespace(ns)
+        path = f"{self.root}/{ns.short_id}/manifest.json"
+        got = self._read_json(path)
+        if got is None:
+            self._write_json(path, ns.to_dict())
+        elif Namespace.from_dict(got) != ns:
+            raise LayoutMismatchError(f"{self.url}: namespace {ns.short_id} was written for another layout: {got}")
+        self._namespaces.add(ns.id)
+
+    def _read_json(self, path: str) -> dict[str, Any] | None:
+        try:
+            raw = self._run(self._call(lambda: self.fs._cat_file(path)))
+        except FileNotFoundError:
+            return None
+        except _Skip:
+            raise ConfigError(f"{self.url} is unreachable (circuit open)") from None
+        except Exception as e:
+            raise ConfigError(
+                f"cannot read {self.url} ({type(e).__name__}); check the endpoint and credentials"
+            ) from None
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            raise FormatVersionError(f"{path.rsplit('/', 1)[-1]} at {self.url} is not JSON") from None
+        if not isinstance(doc, dict):
+            raise FormatVersionError(f"{path.rsplit('/', 1)[-1]} at {self.url} is not a JSON object")
+        return doc
+
+    def _write_json(self, path: str, doc: dict[str, Any]) -> None:
+        try:
+            self._run(self._call(lambda: self._write_object(path, json.dumps(doc, sort_keys=True).encode())))
+        except Exception as e:
+            raise ConfigError(
+                f"cannot write to {self.url} ({type(e).__name__}); check the endpoint and credentials"
+            ) from None
+
+    async def _write_object(self, path: str, data: bytes) -> None:
+        """Readers see a whole object or none: object stores PUT atomically; files go through a rename."""
+        if not self.atomic_rename:
+            await self.fs._pipe_file(path, data)
+            return
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        await self.fs._pipe_file(tmp, data)
+        await self.fs._mv(tmp, path)
+
+    # ---- Tier primitives -----------------------------------------------------------------
+    def contains(self, keys: BlockKeys) -> np.ndarray:
+        """Concurrent HEADs (bounded), not one round trip after another; errors count as absent."""
+        paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
+        res = self._run(self._gather([partial(self.fs._info, p) for p in paths]))
+        return np.array([not isinstance(r, BaseException) for r in res], bool)
+
+    def prefix_len(self, keys: BlockKeys, chunk: int = 64) -> int:
+        """Check the prefix chunk by chunk and stop at the first miss."""
+        for a in range(0, len(keys), chunk):
+            miss = np.flatnonzero(~self.contains(keys[a : a + chunk]))
+            if miss.size:
+                return a + int(miss[0])
+        return len(keys)
+
+    def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
+        self._check_rows(keys, out, "get")
+        paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
+        res = self._run(self._gather([partial(self.fs._cat_file, p) for p in paths]))
+        found = np.zeros(len(keys), bool)
+        bad: list[tuple[int, str]] = []
+        errors = 0
+        for i, r in enumerate(res):
+            if isinstance(r, FileNotFoundError):
+                continue
+            if isinstance(r, BaseException):
+                errors += not isinstance(r, _Skip)
+                continue
+            try:
+                payload = codec.verify(r, keys[i], self.block_nbytes, self.block_size)
+            except CorruptBlockError as e:
+                bad.append((i, str(e)))
+                continue
+            _write_row(out, i, payload)
+            found[i] = True
+        self._account_get_failures(keys, errors, bad, res)
+        return found
+
+    def _account_get_failures(self, keys: BlockKeys, errors: int, bad: list[tuple[int, str]], res: list[Any]) -> None:
+        if errors:
+            self.counters["get_errors"] += errors
+            failed = [
+                i
+                for i, r in enumerate(res)
+                if isinstance(r, BaseException) and not isinstance(r, (FileNotFoundError, _Skip))
+            ]
+            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[np.array(failed)], "remote read failed")
+        if bad:
+            self.counters["load_failures"] += len(bad)
+            idx = np.array([i for i, _ in bad])
+            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[idx], bad[0][1])
+            removed = self._delete_paths([self._path(keys.ns, int(keys.hashes[i])) for i in idx.tolist()])
+            self.counters["corrupt_removed"] += sum(removed)
+
+    def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
+        self._check_rows(keys, data, "put")
+        rows = _host_rows(data, len(keys))
+        have = self.contains(keys)
+        todo = np.flatnonzero(~have)
+        _, first = np.unique(keys.hashes[todo], return_index=True)
+        todo = todo[np.sort(first)]
+        if todo.size == 0:
+            return have
+        if self._count >= 0:  # bounded: the leading blocks that fit, after evicting the oldest
+            todo = todo[: self.capacity // self.object_bytes]
+            with self._room:  # one capacity decision at a time in this process; the slots are reserved
+                room = self._make_room(todo.size, {(keys.ns, h) for h in keys.hashes[have].tolist()})
+                todo = todo[:room]
+                with self._lock:
+                    self._count += todo.size
+            if todo.size == 0:
+                return have
+        tokens = self.block_size or 0
+        objs = [(self._path(keys.ns, int(keys.hashes[i])), codec.encode(keys[i], int(keys.parents[i]), tokens, rows[i]))
+                for i in todo.tolist()]  # fmt: skip
+        res = self._run(self._gather([partial(self._write_object, p, b) for p, b in objs]))
+        ok = np.array([not isinstance(r, BaseException) for r in res], bool)
+        self._account_puts(keys, todo, ok)
+        out = have.copy()
+        out[todo[ok]] = True
+        dup = np.flatnonzero(~have)
+        out[dup] = np.isin(keys.hashes[dup], keys.hashes[todo[ok]])
+        return out
+
+    def _account_puts(self, keys: BlockKeys, todo: np.ndarray, ok: np.ndarray) -> None:
+        if self._count >= 0:
+            with self._lock:
+                self._count -= int((~ok).sum())  # give back what was reserved but not written
+        if ok.any():
+            self.events.publish(EventKind.STORED, self.name, keys[todo[ok]])
+        if not ok.all():
+            self.counters["put_errors"] += int((~ok).sum())
+            self.events.publish(EventKind.STORE_FAILED, self.name, keys[todo[~ok]], "remote write dropped")
+
+    def delete(self, keys: BlockKeys) -> np.ndarray:
+        with self._lock:
+            if any((keys.ns, h) in self._pins for h in keys.hashes.tolist()):
+                raise PinnedError(f"{self.name}: cannot delete pinned blocks")
+        had = self.contains(keys)
+        _, first = np.unique(keys.hashes, return_index=True)
+        idx = np.intersect1d(np.flatnonzero(had), first)  # each object once, even if a key repeats
+        gone = self._delete_paths([self._path(keys.ns, int(keys.hashes[i])) for i in idx.tolist()])
+        done = idx[np.array(gone, bool)] if idx.size else idx
+        if self._count >= 0:
+            with self._lock:
+                self._count -= done.size
+        self.events.publish(EventKind.REMOVED, self.name, keys[done])
+        return had
+
+    def _delete_paths(self, paths: list[str]) -> list[bool]:
+        res = self._run(self._gather([partial(self.fs._rm_file, p) for p in paths]))
+        return [not isinstance(r, BaseException) or isinstance(r, FileNotFoundError) for r in res]
+
+    def pin(self, keys: BlockKeys) -> np.ndarray:
+        have = self.contains(keys)
+        with self._lock:
+            for h in keys.hashes[have].tolist():
+                self._pins[(keys.ns, h)] = self._pins.get((keys.ns, h), 0) + 1
+        return have
+
+    def unpin(self, keys: BlockKeys) -> None:
+        with self._lock:
+            ks = [(keys.ns, h) for h in keys.hashes.tolist()]
+            if any(k not in self._pins for k in ks):
+                from ..errors import IllegalTransitionError
+
+                raise IllegalTransitionError(f"{self.name}: unpin of blocks that are not pinned")
+            for k in ks:
+                self._pins[k] -= 1
+                if not self._pins[k]:
+                    del self._pins[k]
+
+    def pinned(self, keys: BlockKeys) -> np.ndarray:
+        with self._lock:
+            return np.array([(keys.ns, h) in self._pins for h in keys.hashes.tolist()], bool)
+
+    # ---- listing, capacity and eviction --------------------------------------------------
+    def _list(self) -> list[tuple[int, int, float]]:
+        """(ns, hash, mtime) of every block object under the root."""
+        try:
+            found = self._run(self._call(lambda: self.fs._find(self.root, detail=True)))
+        except FileNotFoundError:
+            return []
+        out = []
+        for path, info in found.items():
+            parts = path.rstrip("/").split("/")
+            if len(parts) < 3 or len(parts[-1]) != 16 or len(parts[-3]) != 16:
+                continue
+            try:
+                out.append((int(parts[-3], 16), int(parts[-1], 16), _mtime(info)))
+            except ValueError:
+                continue
+        return out
+
+    def _count_objects(self) -> int:
+        return len(self._list())
+
+    def _make_room(self, n: int, keep: set[tuple[int, int]]) -> int:
+        """Evict the least recently written objects (object stores keep no atime), never a pinned one
+        nor one the current put counts as stored (``keep``). Returns how many of ``n`` now fit."""
+        cap = self.capacity // self.object_bytes
+        over = self._count + n - cap
+        if over <= 0:
+            return n
+        with self._lock:
+            pinned = set(self._pins) | keep
+        objs = sorted((self.policy.rank(int(m * 1e6), 0), ns, h) for ns, h, m in self._list() if (ns, h) not in pinned)
+        victims = objs[:over]
+        gone = self._delete_paths([self._path(ns, h) for _, ns, h in victims])
+        evicted = [(ns, h) for (_, ns, h), g in zip(victims, gone) if g]
+        with self._lock:
+            self._count -= len(evicted)
+            room = max(0, cap - self._count)
+        self.counters["evictions"] += len(evicted)
+        for ns in {ns for ns, _ in evicted}:
+            hs = np.array([h for n2, h in evicted if n2 == ns], np.uint64)
+            self.events.publish(EventKind.EVICTED, self.name, BlockKeys(ns, hs))
+        return min(n, room)
+
+    def iter_keys(self) -> Iterator[BlockKeys]:
+        by_ns: dict[int, list[int]] = {}
+        for ns, h, _ in self._list():
+            by_ns.setdefault(ns, []).append(h)
+        for ns, hs in by_ns.items():
+            yield BlockKeys(ns, np.array(sorted(hs), np.uint64))
+
+    @property
+    def capacity_bytes(self) -> int:
+        return self.capacity
+
+    @property
+    def used_bytes(self) -> int:
+        return len(self) * self.object_bytes
+
+    def __len__(self) -> int:
+        return self._count if self._count >= 0 else len(self._list())
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = {"name": self.name, "medium": self.medium.value, "persistent": True}
+        if self._count >= 0:  # unbounded tiers would need a full listing for these
+            s = super().stats()
+        s.update(url=self.url, breaker=self.breaker.state, breaker_trips=self.breaker.trips, **self.counters)
+        return s
+
+    def __repr__(self) -> str:
+        return f"RemoteTier({self.url!r}, block_nbytes={self.block_nbytes})"
+
+
+def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
+    opts = dict(spec.options)
+    so = opts.pop("storage_options", {})
+    if not isinstance(so, dict):
+        raise ConfigError("storage_options must be a table/mapping")
+    for k in ("endpoint_url", "anon", "key", "secret", "token", "profile"):
+        if k in opts:
+            so[k] = opts.pop(k)
+    for k, conv in (("max_concurrency", int), ("timeout", float), ("retries", int), ("backoff", float),
+                    ("breaker_threshold", int), ("breaker_cooldown", float)):  # fmt: skip
+        if k in opts:
+            try:
+                opts[k] = conv(opts[k])
+            except ValueError:
+                raise ConfigError(f"remote tier option {k}={opts[k]!r} is not a number") from None
+    url = spec.url.split("?", 1)[0].removeprefix("remote+")
+    return RemoteTier(url, capacity=opts.pop("capacity", None), storage_options=so, **common, **opts)
+
+
+def _open_fs(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+    import fsspec
+    from fsspec.core import split_protocol
+
+    proto, _ = split_protocol(url)
+    proto = proto or "file"
+    try:
+        cls = fsspec.get_filesystem_class(proto)
+    except (ValueError, ImportError) as e:
+        raise ConfigError(
+            f"no fsspec filesystem for {proto}:// ({e}); install its package (e.g. kvbm-fs[s3])"
+        ) from None
+    opts = dict(storage_options)
+    if proto in ("s3", "s3a"):
+        opts.setdefault("skip_instance_cache", True)
+        opts.setdefault("use_listings_cache", False)
+    else:
+        opts.setdefault("skip_instance_cache", True)
+    if proto in ("file", "local"):
+        opts.setdefault("auto_mkdir", True)
+    try:
+        fs = cls(asynchronous=False, **opts) if getattr(cls, "async_impl", False) else cls(**opts)
+    except TypeError as e:
+        raise ConfigError(f"bad storage option for {proto}:// ({str(e).split('(')[0]})") from None
+    if proto in ("s3", "s3a"):
+        fs.retries = 1  # kvbm_fs retries itself, with its own backoff and breaker
+    if not getattr(fs, "async_impl", False):
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        fs = AsyncFileSystemWrapper(fs, asynchronous=False)
+    root = cls._strip_protocol(url).rstrip("/")
+    if proto in ("file", "local"):
+        import os
+
+        os.makedirs(root, exist_ok=True)
+    return fs, root
+
+
+def _protocols(fs: Any) -> tuple[str, ...]:
+    inner = getattr(fs, "sync_fs", fs)
+    p = getattr(inner, "protocol", ())
+    return (p,) if isinstance(p, str) else tuple(p)
+
+
+def _loop_for(fs: Any) -> asyncio.AbstractEventLoop:
+    from fsspec.asyn import get_loop
+
+    return getattr(fs, "loop", None) or get_loop()
+
+
+def _mtime(info: dict[str, Any]) -> float:
+    m = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
+    return m.timestamp() if hasattr(m, "timestamp") else float(m)
+
+
+def _host_rows(data: Any, n: int) -> np.ndarray:
+    if is_torch(data):
+        data = data.detach().cpu().numpy()
+    return np.ascontiguousarray(data[:n])
+
+
+def _write_row(out: Any, i: int, payload: memoryview) -> None:
+    src = np.frombuffer(payload, np.uint8)
+    if is_torch(out):
+        import torch
+
+        out[i].copy_(torch.from_numpy(src.copy()))
+    else:
+        out[i] = src
