@@ -144,24 +144,26 @@ class RemoteTier(Tier):
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
     async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
-        """One request: breaker, concurrency bound, timeout, retries with jittered backoff."""
+        """One request: breaker, concurrency bound, timeout, retries with jittered backoff.
+
+        The breaker hears only final outcomes, so throttling that a retry absorbs never opens it."""
+        if not self.breaker.allow():
+            self.counters["skipped_open_breaker"] += 1
+            raise _Skip
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_concurrency)
         for attempt in range(self.retries + 1):
-            if not self.breaker.allow():
-                self.counters["skipped_open_breaker"] += 1
-                raise _Skip
             try:
                 async with self._sem:
                     out = await asyncio.wait_for(fn(), self.timeout)
                 self.breaker.record(True)
                 return out
-            except FileNotFoundError:
-                self.breaker.record(True)  # the endpoint answered: the object is just not there
+            except (FileNotFoundError, PermissionError) as e:
+                self.breaker.record(isinstance(e, FileNotFoundError))  # the endpoint answered
                 raise
             except Exception as e:
-                self.breaker.record(False)
                 if attempt == self.retries:
+                    self.breaker.record(False)
                     raise
                 self.counters["retries"] += 1
                 log.debug("%s: retry %d after %s", self.url, attempt + 1, type(e).__name__)
@@ -263,7 +265,7 @@ class RemoteTier(Tier):
             if isinstance(r, FileNotFoundError):
                 continue
             if isinstance(r, BaseException):
-                errors += not isinstance(r, _Skip)
+                errors += 1
                 continue
             try:
                 payload = codec.verify(r, keys[i], self.block_nbytes, self.block_size)
@@ -276,17 +278,17 @@ class RemoteTier(Tier):
         return found
 
     def _account_get_failures(self, keys: BlockKeys, errors: int, bad: list[tuple[int, str]], res: list[Any]) -> None:
-        if errors:
+        if errors:  # errors, timeouts, throttling and an open breaker: misses the engine recomputes
             self.counters["get_errors"] += errors
             failed = [
-                i
-                for i, r in enumerate(res)
-                if isinstance(r, BaseException) and not isinstance(r, (FileNotFoundError, _Skip))
+                i for i, r in enumerate(res) if isinstance(r, BaseException) and not isinstance(r, FileNotFoundError)
             ]
-            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[np.array(failed)], "remote read failed")
+            self.events.publish(
+                EventKind.LOAD_FAILED, self.name, keys[np.array(failed, np.int64)], "remote read failed"
+            )
         if bad:
             self.counters["load_failures"] += len(bad)
-            idx = np.array([i for i, _ in bad])
+            idx = np.array([i for i, _ in bad], np.int64)
             self.events.publish(EventKind.LOAD_FAILED, self.name, keys[idx], bad[0][1])
             removed = self._delete_paths([self._path(keys.ns, int(keys.hashes[i])) for i in idx.tolist()])
             self.counters["corrupt_removed"] += sum(removed)

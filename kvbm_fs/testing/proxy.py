@@ -1,0 +1,151 @@
+"""A fault-injecting TCP proxy for HTTP on loopback, between a client (s3fs, boto3) and a server (moto).
+
+It adds latency to every request (real S3 takes tens of ms to the first byte) and,
+on demand, injects faults into the next requests: connection resets, stalls, and
+5xx responses (``503 SlowDown`` is S3's throttling answer).  Each connection
+carries one request: the upstream (moto) answers ``Connection: close``.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import threading
+import time
+from collections import deque
+
+from .s3 import free_port
+
+FAULTS = ("reset", "stall", "503", "500")
+_BODY_503 = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
+_BODY_500 = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>'
+
+
+class FaultProxy:
+    def __init__(self, upstream_port: int, latency: float = 0.0, stall_seconds: float = 30.0) -> None:
+        self.upstream = ("127.0.0.1", upstream_port)
+        self.latency = latency
+        self.stall_seconds = stall_seconds
+        self.port = free_port()
+        self.requests = 0
+        self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
+        self._plan: deque[str] = deque()
+        self._always: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._sock = socket.create_server(("127.0.0.1", self.port), backlog=256)
+        self._thread = threading.Thread(target=self._serve, daemon=True, name="fault-proxy")
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    # ---- control ---------------------------------------------------------------------------
+    def inject(self, fault: str, count: int = 1) -> None:
+        """Apply ``fault`` to the next ``count`` requests."""
+        self._check(fault)
+        with self._lock:
+            self._plan.extend([fault] * count)
+
+    def fail_always(self, fault: str | None) -> None:
+        """Apply ``fault`` to every request until called with None (a dead or throttling endpoint)."""
+        if fault is not None:
+            self._check(fault)
+        with self._lock:
+            self._always = fault
+            self._plan.clear()
+
+    def _check(self, fault: str) -> None:
+        if fault not in FAULTS:
+            raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
+
+    def _next_fault(self) -> str | None:
+        with self._lock:
+            self.requests += 1
+            fault = self._plan.popleft() if self._plan else self._always
+            if fault:
+                self.injected[fault] += 1
+            return fault
+
+    def close(self) -> None:
+        self._stop.set()
+        self._sock.close()
+
+    # ---- data path -------------------------------------------------------------------------
+    def _serve(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        try:
+            head, body = _read_request(client)
+            if head is None:
+                return
+            fault = self._next_fault()
+            if fault == "reset":
+                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                return
+            if fault == "stall":
+                self._stop.wait(self.stall_seconds)
+                return
+            if fault in ("503", "500"):
+                client.sendall(_error(int(fault)))
+                return
+            if self.latency:
+                time.sleep(self.latency)
+            self._forward(client, head + body)
+        except OSError:
+            pass
+        finally:
+            client.close()
+
+    def _forward(self, client: socket.socket, request: bytes) -> None:
+        with socket.create_connection(self.upstream, timeout=60) as up:
+            up.sendall(request)
+            while chunk := up.recv(1 << 20):
+                client.sendall(chunk)
+
+
+def _read_request(sock: socket.socket) -> tuple[bytes | None, bytes]:
+    """The request head and its body (by Content-Length or chunked encoding)."""
+    buf = b""
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return None, b""
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    fields = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(b":") for ln in lines[1:]) if k}
+    if fields.get(b"expect", b"").lower() == b"100-continue":  # the client waits for this before the body
+        sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        lines = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
+    head = b"\r\n".join(lines) + b"\r\n\r\n"
+    if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
+        while not rest.endswith(b"0\r\n\r\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            rest += chunk
+        return head, rest
+    need = int(fields.get(b"content-length", b"0"))
+    while len(rest) < need:
+        chunk = sock.recv(min(1 << 20, need - len(rest)))
+        if not chunk:
+            break
+        rest += chunk
+    return head, rest
+
+
+def _error(code: int) -> bytes:
+    body = _BODY_503 if code == 503 else _BODY_500
+    reason = "Slow Down" if code == 503 else "Internal Server Error"
+    return (
+        f"HTTP/1.1 {code} {reason}\r\nContent-Type: application/xml\r\nContent-Length: {len(body)}\r\n"
+        f"Connection: close\r\n\r\n"
+    ).encode() + body
