@@ -23,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("url", help="file:///path/to/tier")
     c.add_argument("--deep", action="store_true", help="also verify every payload checksum")
     c.add_argument("--fix", action="store_true", help="remove bad entries and reclaim leaked slots")
+    dm = sub.add_parser(
+        "daemon", help="run the placement daemon over the tiers of a config (e.g. shared disk + remote)"
+    )
+    dm.add_argument("--config", required=True, help="TOML/YAML/JSON config with tiers, layout and a [daemon] table")
+    dm.add_argument("--once", action="store_true", help="run one round, print stats and exit")
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -30,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
             tiers = args.tiers or default_tiers(args.dir or DEMO_DIR)
             return run_demo(requests=args.requests, tiers=tiers, json_only=args.json)
+        if args.cmd == "daemon":
+            return _daemon(args.config, args.once)
         if args.cmd == "check":
             from .maintenance import check
 
@@ -46,6 +53,30 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvbm-fs: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _daemon(config: str, once: bool) -> int:
+    """Standalone daemon: no engine in this process, so it only demotes between the configured tiers."""
+    import signal
+    import threading
+
+    from .config import load_file
+    from .mount import mount
+
+    daemon_cfg = load_file(config).get("daemon", True)
+    with mount(config=config) as store:
+        d = store.start_daemon(daemon_cfg if isinstance(daemon_cfg, dict) else None)
+        if once:
+            d.stop()
+            d.run_once()
+        else:
+            done = threading.Event()
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: done.set())
+            done.wait()
+            d.stop()
+        print(json.dumps(store.stats(), indent=2, default=str))
+    return 0
 
 
 if __name__ == "__main__":

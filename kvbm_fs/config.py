@@ -21,7 +21,7 @@ from .layout import KVLayout
 
 ENV_PREFIX = "KVBM_FS_"
 DEFAULT_TIERS = ("host://?capacity=1GiB",)
-_KEYS = {"model", "layout", "tiers", "tenant", "rank", "world_size", "policy", "hash_scheme"}
+_KEYS = {"model", "layout", "tiers", "tenant", "rank", "world_size", "policy", "hash_scheme", "daemon", "cost"}
 
 
 @dataclass
@@ -34,6 +34,8 @@ class StoreConfig:
     world_size: int = 1
     policy: str = "lru"
     hash_scheme: str = "kvbm-v1"
+    daemon: bool | dict[str, Any] = False  # true or a [daemon] table: run the placement daemon
+    cost: dict[str, Any] = field(default_factory=dict)  # [cost] table: prefill_tokens_per_s, latency, bandwidth
 
     def namespace(self) -> Namespace:
         if self.layout is None:
@@ -129,6 +131,10 @@ def _build(d: dict[str, Any]) -> StoreConfig:
             raise ConfigError(f"config {k} must be an integer, got {v!r}")
         elif k in ("model", "tenant", "policy", "hash_scheme") and not isinstance(v, str):
             raise ConfigError(f"config {k} must be a string, got {v!r}")
+        elif k == "daemon" and not isinstance(v, (bool, Mapping)):
+            raise ConfigError(f"config daemon must be true/false or a table of daemon options, got {v!r}")
+        elif k == "cost" and not isinstance(v, Mapping):
+            raise ConfigError(f"config cost must be a table (prefill_tokens_per_s, latency, bandwidth), got {v!r}")
         setattr(cfg, k, v)
     return cfg
 

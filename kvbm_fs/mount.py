@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from .config import StoreConfig, resolve
+from .cost import CostModel
 from .errors import ConfigError
 from .events import EventBus
 from .keys import Namespace
@@ -25,6 +26,8 @@ def mount(
     world_size: int | None = None,
     policy: str | None = None,
     hash_scheme: str | None = None,
+    daemon: bool | Mapping[str, Any] | None = None,
+    cost: Mapping[str, Any] | None = None,
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
 ) -> Store:
@@ -44,6 +47,8 @@ def mount(
         world_size=world_size,
         policy=policy,
         hash_scheme=hash_scheme,
+        daemon=daemon,
+        cost=cost,
     )
     return build_store(cfg)
 
@@ -59,11 +64,21 @@ def build_store(cfg: StoreConfig) -> Store:
             if "name" not in spec.options and any(_spec(o).scheme == spec.scheme for o in cfg.tiers[:i]):
                 spec.options["name"] = f"{spec.scheme}{i}"
             opened.append(open_tier(spec, block_nbytes=ns.block_nbytes, block_size=ns.layout.block_size, events=events))
-        return Store(opened, ns, events)
+        store = Store(opened, ns, events, _cost(cfg.cost))
+        if cfg.daemon:
+            store.start_daemon(dict(cfg.daemon) if isinstance(cfg.daemon, Mapping) else None)
+        return store
     except BaseException:
         for t in opened:
             t.close()
         raise
+
+
+def _cost(d: Mapping[str, Any]) -> CostModel:
+    try:
+        return CostModel(**dict(d))
+    except TypeError as e:
+        raise ConfigError(f"bad [cost] option: {e}") from None
 
 
 def _spec(t: str | Mapping[str, Any]) -> TierSpec:

@@ -9,17 +9,23 @@ tier fails to deliver (evicted meanwhile, failed verification) is a miss.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .cost import CostModel
 from .errors import ConfigError, LayoutMismatchError, PinnedError, TierClosedError
 from .events import EventBus, EventKind
 from .keys import BlockKeys, Namespace
 from .tier import Tier
 from .transfer import transfer
+
+if TYPE_CHECKING:
+    from .daemon import DaemonConfig, PlacementDaemon
 
 
 @dataclass(frozen=True)
@@ -31,10 +37,19 @@ class Match:
     runs: tuple[tuple[str, int, int], ...]  # (tier name, start, stop), covering [0, length)
     block_size: int = 0
     where: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8), repr=False)
+    worth: int = -1  # leading blocks worth loading rather than recomputing (-1: no cost model, = length)
+
+    def __post_init__(self) -> None:
+        if self.worth < 0:
+            object.__setattr__(self, "worth", self.length)
 
     @property
     def num_tokens(self) -> int:
         return self.length * self.block_size
+
+    @property
+    def tokens_worth_loading(self) -> int:
+        return self.worth * self.block_size
 
     @property
     def matched(self) -> BlockKeys:
@@ -49,7 +64,11 @@ class Match:
 
 class Store:
     def __init__(
-        self, tiers: Sequence[Tier], namespace: Namespace | None = None, events: EventBus | None = None
+        self,
+        tiers: Sequence[Tier],
+        namespace: Namespace | None = None,
+        events: EventBus | None = None,
+        cost: CostModel | None = None,
     ) -> None:
         if not tiers:
             raise ConfigError("a store needs at least one tier")
@@ -62,6 +81,9 @@ class Store:
         self.default_namespace = namespace
         self._lock = threading.Lock()
         self._closed = False
+        self.cost = cost or CostModel()
+        self.daemon: PlacementDaemon | None = None
+        self._fg = 0  # foreground operations in flight (the daemon yields to them)
         self.counters = {"put_blocks": 0, "match_calls": 0, "matched_blocks": 0, "get_blocks": 0, "get_misses": 0}
         if namespace is not None:
             self.add_namespace(namespace)
@@ -111,12 +133,13 @@ class Store:
         rows = self._rows(keys, data, "put")
         start = self.tiers.index(self.tier(tier)) if tier else 0
         ok = np.zeros(len(keys), bool)
-        for t in self.tiers[start : len(self.tiers) if spill else start + 1]:
-            todo = np.flatnonzero(~ok)
-            if todo.size == 0:
-                break
-            sub = keys if todo.size == len(keys) else keys[todo]
-            ok[todo] = t.put(sub, rows if todo.size == len(keys) else rows[todo])
+        with self._foreground():
+            for t in self.tiers[start : len(self.tiers) if spill else start + 1]:
+                todo = np.flatnonzero(~ok)
+                if todo.size == 0:
+                    break
+                sub = keys if todo.size == len(keys) else keys[todo]
+                ok[todo] = t.put(sub, rows if todo.size == len(keys) else rows[todo])
         self._count(put_blocks=int(ok.sum()))
         return ok
 
@@ -135,7 +158,11 @@ class Store:
         miss = np.flatnonzero(where < 0)
         length = int(miss[0]) if miss.size else len(keys)
         self._count(match_calls=1, matched_blocks=length)
-        return Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where)
+        worth = self.cost.worth(where[:length], self.tiers, ns.block_nbytes, ns.layout.block_size)
+        m = Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where, worth)
+        if self.daemon is not None and length:
+            self.daemon.on_match(m)
+        return m
 
     def _runs(self, where: np.ndarray) -> tuple[tuple[str, int, int], ...]:
         if where.size == 0:
@@ -157,13 +184,47 @@ class Store:
             idx = np.flatnonzero(where == i)
             if idx.size == 0:
                 continue
-            for a, b in _spans(idx):
-                got[a:b] = t.get(keys[a:b], rows[a:b])
+            t0 = time.perf_counter()
+            with self._foreground():
+                for a, b in _spans(idx):
+                    got[a:b] = t.get(keys[a:b], rows[a:b])
+            self.cost.observe(t, int(got[idx].sum()) * t.block_nbytes, time.perf_counter() - t0)
             failed = idx[~got[idx]]
             if failed.size:  # matched a moment ago, but the tier could not deliver: the engine recomputes
                 self.events.publish(EventKind.LOAD_FAILED, t.name, keys[failed])
         self._count(get_blocks=int(got.sum()), get_misses=int((where >= 0).sum() - got.sum()))
+        if self.daemon is not None:
+            self.daemon.on_get(keys, where, got)
         return got
+
+    @contextmanager
+    def _foreground(self) -> Iterator[None]:
+        with self._lock:
+            self._fg += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._fg -= 1
+
+    @property
+    def foreground_busy(self) -> bool:
+        """Engine loads or stores are running: background migration waits."""
+        return self._fg > 0
+
+    # ---- daemon ----------------------------------------------------------------------------
+    def start_daemon(self, config: DaemonConfig | dict[str, Any] | None = None) -> PlacementDaemon:
+        """Run the placement daemon in a background thread (watermarks, promotion, prefetch)."""
+        from .daemon import DaemonConfig, PlacementDaemon
+
+        if self.daemon is None:
+            cfg = DaemonConfig.from_dict(config) if isinstance(config, dict) else config
+            self.daemon = PlacementDaemon(self, cfg)
+        return self.daemon.start()
+
+    def stop_daemon(self) -> None:
+        if self.daemon is not None:
+            self.daemon.stop()
 
     def _out_rows(self, keys: BlockKeys, out: Any) -> Any:
         contiguous = out.is_contiguous() if hasattr(out, "is_contiguous") else out.flags.c_contiguous
@@ -212,6 +273,7 @@ class Store:
         return {
             "namespaces": [ns.short_id for ns in self.namespaces.values()],
             "tiers": [t.stats() for t in self.tiers],
+            "daemon": self.daemon.stats() if self.daemon is not None else None,
             **counters,
         }
 
@@ -240,6 +302,7 @@ class Store:
         """Close every tier; with ``persist`` (default), first save volatile blocks to the persistent tier."""
         if self._closed:
             return
+        self.stop_daemon()
         if persist:
             self.persist()
         self._closed = True

@@ -40,6 +40,10 @@ class Tier(abc.ABC):
     persistent: bool = False
     block_nbytes: int
     events: EventBus
+    # A full tier evicts by its policy to take a put. The placement daemon turns this off for every
+    # tier but the last, so upper tiers refuse (and the store spills down) instead of dropping blocks
+    # that may exist nowhere else; the daemon frees them by demotion.
+    evict_on_put: bool = True
 
     # ---- primitives ------------------------------------------------------------------------
     @abc.abstractmethod
@@ -88,6 +92,11 @@ class Tier(abc.ABC):
     def pinned(self, keys: BlockKeys) -> np.ndarray:
         """Mask of keys pinned in this tier (tiers without pins: none)."""
         return np.zeros(len(keys), bool)
+
+    def coldest(self, n: int) -> list[BlockKeys]:
+        """Up to ``n`` unpinned blocks the policy would evict next, coldest first (for demotion).
+        Tiers that cannot rank their blocks return none."""
+        return []
 
     def bind_namespace(self, ns: Namespace) -> None:
         """Called once per namespace before use; persistent tiers check or record a manifest here."""
@@ -157,7 +166,7 @@ class SlotTier(Tier):
     # ---- slot-level API, used by transfer handlers -----------------------------------------
     def reserve(self, n: int) -> np.ndarray | None:
         self._live()
-        return self.pool.allocate(n)
+        return self.pool.allocate(n, evict=self.evict_on_put)
 
     def publish(self, slots: np.ndarray, keys: BlockKeys) -> np.ndarray:
         """Bytes are in place: register the slots and drop the writer's pin. Returns final slots."""
@@ -194,7 +203,8 @@ class SlotTier(Tier):
         done = np.zeros(len(keys), bool)
         slots = self.reserve(len(keys))
         if slots is None:
-            slots = self.reserve(min(len(keys), self.pool.num_free + self.pool.num_evictable))
+            room = self.pool.num_free + (self.pool.num_evictable if self.evict_on_put else 0)
+            slots = self.reserve(min(len(keys), room))
         if slots is None or slots.size == 0:
             return done
         n = slots.size

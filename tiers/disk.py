@@ -312,7 +312,7 @@ class DiskTier(Tier):
         def fn(txn: Any) -> tuple[list[int], list[tuple[int, int, int]]]:
             self.index.touch(txn, touched, self.policy.rank)
             self.index.commit(txn, 0, [], orphans)
-            return self.index.allocate(txn, n, self.num_slots, self._protected())
+            return self.index.allocate(txn, n, self.num_slots, self._protected(), self.evict_on_put)
 
         try:
             with self._claim:
@@ -471,6 +471,15 @@ class DiskTier(Tier):
     def pinned(self, keys: BlockKeys) -> np.ndarray:
         pins = self._protected()
         return np.array([r is not None and r.slot in pins for r in self.index.records(keys.ns, keys.hashes)], bool)
+
+    def coldest(self, n: int) -> list[BlockKeys]:
+        self._live()
+        self.flush()  # rank by what readers saw, not by what they saw before the last write
+        found = self.index.coldest(n, self._protected())
+        by_ns: dict[int, list[tuple[int, int, int]]] = {}
+        for g in found:
+            by_ns.setdefault(g[0], []).append(g)
+        return [_keys_of(b) for b in by_ns.values()]
 
     def evict(self, n: int) -> int:
         """Evict exactly ``n`` blocks (coldest first), or none."""

@@ -215,7 +215,7 @@ class DiskIndex:
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(
-        self, txn: Any, n: int, num_slots: int, protect: set[int]
+        self, txn: Any, n: int, num_slots: int, protect: set[int], evict: bool = True
     ) -> tuple[list[int], list[tuple[int, int, int]]]:
         """Up to ``n`` slots for writing: free list, then never-used slots, then slots of writers that
         died mid-put, then the coldest unprotected blocks (evicted in this transaction).
@@ -228,7 +228,7 @@ class DiskIndex:
             txn.put(b"hwm", U64.pack(hwm + fresh), db=self.meta)
         if len(got) < n and self.reclaim_pending(txn):  # a writer died mid-put: its slots come first
             got.extend(self._take_free(txn, n - len(got)))
-        evicted = self._evict(txn, n - len(got), protect, got) if len(got) < n else []
+        evicted = self._evict(txn, n - len(got), protect, got) if len(got) < n and evict else []
         mine = OWNER.pack(*self.owner)
         for s in got:
             txn.put(SLOT.pack(s), mine, db=self.pending)
@@ -263,6 +263,22 @@ class DiskIndex:
         ns, h = KEY.unpack(kb)
         rec = Record.unpack(txn.pop(kb, db=self.blocks))
         return ns, h, rec.parent
+
+    def coldest(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
+        """The ``n`` lowest-ranked unprotected blocks (ns, hash, parent), without touching them."""
+        out: list[tuple[int, int, int]] = []
+        with self.read() as txn:
+            cur = txn.cursor(self.order)
+            for k, _ in cur:
+                if len(out) >= n:
+                    break
+                slot = KEY.unpack(k)[1]
+                kb = txn.get(SLOT.pack(slot), db=self.slots) if slot not in protect else None
+                raw = txn.get(kb, db=self.blocks) if kb else None
+                if kb is not None and raw is not None:
+                    ns, h = KEY.unpack(kb)
+                    out.append((ns, h, Record.unpack(raw).parent))
+        return out
 
     def evict(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
         """Evict exactly ``n`` blocks (or none) and free their slots."""
