@@ -152,5 +152,6 @@ def _tiers(v: Any) -> list[Any]:
         raise ConfigError("config tiers must be a non-empty list of URLs or {url=..., ...} tables")
     for t in v:
         if not (isinstance(t, str) or (isinstance(t, Mapping) and isinstance(t.get("url"), str))):
-            raise ConfigError(f"each tier must be a URL string or a table with a 'url', got {t!r}")
+            what = f"a table with keys {sorted(t)}" if isinstance(t, Mapping) else type(t).__name__
+            raise ConfigError(f"each tier must be a URL string or a table with a 'url', got {what}")
     return list(v)

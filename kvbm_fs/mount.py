@@ -87,7 +87,7 @@ def _spec(t: str | Mapping[str, Any]) -> TierSpec:
     opts = dict(t)
     url = opts.pop("url", None)
     if not isinstance(url, str):
-        raise ConfigError(f"tier table {t!r} needs a 'url'")
+        raise ConfigError(f"a tier table (keys {sorted(t)}) needs a 'url'")
     return TierSpec.parse(url, **opts)
 
 

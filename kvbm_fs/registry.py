@@ -71,10 +71,10 @@ class TierSpec:
     @classmethod
     def parse(cls, url: str, **options: Any) -> TierSpec:
         if not isinstance(url, str) or "://" not in url:
-            raise ConfigError(f"tier URL {url!r} must look like scheme://location?option=value")
+            raise ConfigError(f"tier URL {_shape(url)!r} must look like scheme://location?option=value")
         parts = urlsplit(url)
         if not parts.scheme:
-            raise ConfigError(f"tier URL {url!r} has no scheme")
+            raise ConfigError(f"tier URL {_shape(url)!r} has no scheme")
         opts: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
         opts.update(options)
         return cls(parts.scheme.lower(), parts.netloc + parts.path, opts, url)
@@ -85,6 +85,18 @@ class TierSpec:
         q = "&".join(f"{k}={v}" for k, v in shown.items())
         loc = self.location.rsplit("@", 1)[-1]
         return f"{self.scheme}://{loc}" + (f"?{q}" if q else "")
+
+
+def _shape(url: object) -> str:
+    """A malformed URL as far as it is safe to echo: no query (options may hold secrets), no userinfo."""
+    if not isinstance(url, str):
+        return f"<{type(url).__name__}>"
+    head = url.split("?", 1)[0]
+    return (
+        head.rsplit("@", 1)[-1]
+        if "://" not in head
+        else head.split("://", 1)[0] + "://" + head.split("://", 1)[1].rsplit("@", 1)[-1]
+    )
 
 
 def _secret(key: str) -> bool:

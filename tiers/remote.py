@@ -118,6 +118,8 @@ class RemoteTier(Tier):
         self.policy = make_policy(policy)
         self.spec = TierSpec.parse(url)
         self.url = self.spec.redacted()
+        _check_knobs(max_concurrency=max_concurrency, timeout=timeout, retries=retries, backoff=backoff,
+                     breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)  # fmt: skip
         self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self.capacity = UNBOUNDED if capacity is None else parse_size(capacity, "remote capacity")
@@ -126,7 +128,8 @@ class RemoteTier(Tier):
             from ..errors import CapacityError
 
             raise CapacityError(f"remote capacity {self.capacity} B is smaller than one {self.object_bytes} B object")
-        self.fs, self.root = _open_fs(url, storage_options or {})
+        self.fs, self.root = _open_fs(url, storage_options or {}, max_concurrency)
+        self._read_kw = _whole_read_kwargs(self.fs)
         self.atomic_rename = "file" in _protocols(self.fs)
         self._loop = _loop_for(self.fs)
         self._sem: asyncio.Semaphore | None = None
@@ -134,8 +137,8 @@ class RemoteTier(Tier):
         self._room = threading.Lock()
         self._pins: dict[tuple[int, int], int] = {}
         self._namespaces: set[int] = set()
-        self.counters = dict(get_errors=0, put_errors=0, load_failures=0, corrupt_removed=0, retries=0,
-                             skipped_open_breaker=0, evictions=0)  # fmt: skip
+        self.counters = dict(get_errors=0, put_errors=0, head_errors=0, load_failures=0, corrupt_removed=0,
+                             retries=0, skipped_open_breaker=0, evictions=0)  # fmt: skip
         self._check_tier_manifest()
         self._count = self._count_objects() if self.capacity != UNBOUNDED else -1
 
@@ -199,7 +202,7 @@ class RemoteTier(Tier):
         got = self._read_json(path)
         if got is None:
             self._write_json(path, ns.to_dict())
-        elif Namespace.from_dict(got) != ns:
+        elif _namespace_of(got, self.url, ns.short_id) != ns:
             raise LayoutMismatchError(f"{self.url}: namespace {ns.short_id} was written for another layout: {got}")
         self._namespaces.add(ns.id)
 
@@ -243,8 +246,19 @@ class RemoteTier(Tier):
     def contains(self, keys: BlockKeys) -> np.ndarray:
         """Concurrent HEADs (bounded), not one round trip after another; errors count as absent."""
         paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
-        res = self._run(self._gather([partial(self.fs._info, p) for p in paths]))
+        res = self._run(self._gather([partial(self._head, p) for p in paths]))
+        self.counters["head_errors"] += sum(
+            isinstance(r, Exception) and not isinstance(r, FileNotFoundError) for r in res
+        )
         return np.array([not isinstance(r, BaseException) for r in res], bool)
+
+    async def _head(self, path: str) -> Any:
+        """One HEAD per key. s3fs's ``_info`` follows a 404 with a listing (is it a directory?), a second
+        round trip for every miss, so S3 gets a bare HEAD (404 still arrives as FileNotFoundError)."""
+        if hasattr(self.fs, "_call_s3"):
+            bucket, key, _ = self.fs.split_path(path)
+            return await self.fs._call_s3("head_object", Bucket=bucket, Key=key)
+        return await self.fs._info(path)
 
     def prefix_len(self, keys: BlockKeys, chunk: int = 64) -> int:
         """Check the prefix chunk by chunk and stop at the first miss."""
@@ -257,7 +271,7 @@ class RemoteTier(Tier):
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
         paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
-        res = self._run(self._gather([partial(self.fs._cat_file, p) for p in paths]))
+        res = self._run(self._gather([partial(self.fs._cat_file, p, **self._read_kw) for p in paths]))
         found = np.zeros(len(keys), bool)
         bad: list[tuple[int, str]] = []
         errors = 0
@@ -403,6 +417,8 @@ class RemoteTier(Tier):
         over = self._count + n - cap
         if over <= 0:
             return n
+        if not self.evict_on_put:  # the daemon demotes from this tier; a put only takes free room
+            return max(0, n - over)
         with self._lock:
             pinned = set(self._pins) | keep
         objs = sorted((self.policy.rank(int(m * 1e6), 0), ns, h) for ns, h, m in self._list() if (ns, h) not in pinned)
@@ -452,6 +468,7 @@ def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
     so = opts.pop("storage_options", {})
     if not isinstance(so, dict):
         raise ConfigError("storage_options must be a table/mapping")
+    so = dict(so)  # the caller's config table stays as it was
     for k in ("endpoint_url", "anon", "key", "secret", "token", "profile"):
         if k in opts:
             so[k] = opts.pop(k)
@@ -466,7 +483,37 @@ def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
     return RemoteTier(url, capacity=opts.pop("capacity", None), storage_options=so, **common, **opts)
 
 
-def _open_fs(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
+def _check_knobs(**knobs: float) -> None:
+    """Refuse values that would hang or silently disable I/O: a zero semaphore waits forever, negative
+    retries never send a request, a zero timeout fails every request."""
+    import math
+
+    for k, v in knobs.items():
+        least = 1 if k in ("max_concurrency", "breaker_threshold") else 0
+        if not math.isfinite(v) or v < least or (k == "timeout" and v <= 0):
+            want = "> 0" if k == "timeout" else f">= {least}"
+            raise ConfigError(f"remote tier option {k}={v!r} is out of range (must be finite and {want})")
+
+
+def _namespace_of(doc: dict[str, Any], url: str, short_id: str) -> Namespace:
+    """A stored namespace manifest, or FormatVersionError when it is not one this build reads."""
+    try:
+        return Namespace.from_dict(doc)
+    except ConfigError as e:
+        raise FormatVersionError(f"{url}: {short_id}/manifest.json is not a namespace manifest: {e}") from None
+
+
+def _whole_read_kwargs(fs: Any) -> dict[str, Any]:
+    """s3fs's whole-object read first HEADs the object for its size (to split big ones): a second round
+    trip per block. Blocks are read whole in one GET, so turn that off where the option exists."""
+    import inspect
+
+    if "max_concurrency" in inspect.signature(fs._cat_file).parameters:
+        return {"max_concurrency": 1}
+    return {}
+
+
+def _open_fs(url: str, storage_options: dict[str, Any], max_concurrency: int = 32) -> tuple[Any, str]:
     import fsspec
     from fsspec.core import split_protocol
 
@@ -479,17 +526,24 @@ def _open_fs(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
             f"no fsspec filesystem for {proto}:// ({e}); install its package (e.g. kvbm-fs[s3])"
         ) from None
     opts = dict(storage_options)
+    opts.setdefault("skip_instance_cache", True)
     if proto in ("s3", "s3a"):
-        opts.setdefault("skip_instance_cache", True)
         opts.setdefault("use_listings_cache", False)
-    else:
-        opts.setdefault("skip_instance_cache", True)
+        # botocore's defaults: a pool of 10 connections (requests past it would wait inside our timeout)
+        # and its own retries (5 attempts, with backoff). One layer of retries, ours: `retries` bounds
+        # them, `timeout` each try, and the breaker hears the final outcome.
+        opts["config_kwargs"] = {"max_pool_connections": max_concurrency, "retries": {"total_max_attempts": 1},
+                                 **opts.get("config_kwargs", {})}  # fmt: skip
     if proto in ("file", "local"):
         opts.setdefault("auto_mkdir", True)
     try:
         fs = cls(asynchronous=False, **opts) if getattr(cls, "async_impl", False) else cls(**opts)
+        if proto in ("s3", "s3a"):  # s3fs hands unknown options to its botocore session: fail here, not per request
+            fs.connect()
     except TypeError as e:
-        raise ConfigError(f"bad storage option for {proto}:// ({str(e).split('(')[0]})") from None
+        raise ConfigError(f"bad storage option for {proto}:// ({_bad_option(e)})") from None
+    except Exception as e:  # e.g. botocore's ProfileNotFound; the type names it, the message might hold values
+        raise ConfigError(f"cannot set up {proto}:// from its storage options ({type(e).__name__})") from None
     if proto in ("s3", "s3a"):
         fs.retries = 1  # kvbm_fs retries itself, with its own backoff and breaker
     if not getattr(fs, "async_impl", False):
@@ -502,6 +556,14 @@ def _open_fs(url: str, storage_options: dict[str, Any]) -> tuple[Any, str]:
 
         os.makedirs(root, exist_ok=True)
     return fs, root
+
+
+def _bad_option(e: TypeError) -> str:
+    """The option a TypeError complains about, without echoing any value (which may be a secret)."""
+    import re
+
+    m = re.search(r"unexpected keyword argument '(\w+)'", str(e))
+    return f"unknown option {m.group(1)!r}" if m else "an option has the wrong type"
 
 
 def _protocols(fs: Any) -> tuple[str, ...]:

@@ -4,6 +4,9 @@ It adds latency to every request (real S3 takes tens of ms to the first byte) an
 on demand, injects faults into the next requests: connection resets, stalls, and
 5xx responses (``503 SlowDown`` is S3's throttling answer).  Each connection
 carries one request: the upstream (moto) answers ``Connection: close``.
+
+It also counts what it sees (``requests``, ``methods``, ``max_in_flight``), so tests
+can show that a batch went out concurrently, or that an open breaker sent nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import socket
 import struct
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 
 from .s3 import free_port
 
@@ -28,8 +31,11 @@ class FaultProxy:
         self.stall_seconds = stall_seconds
         self.port = free_port()
         self.requests = 0
+        self.methods: Counter[str] = Counter()  # requests by HTTP method (HEAD, GET, PUT, ...)
+        self.in_flight = 0
+        self.max_in_flight = 0  # most requests held at once (read, not yet answered)
         self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
-        self._plan: deque[str] = deque()
+        self._plan: deque[tuple[str, str | None]] = deque()  # (fault, only for this HTTP method or any)
         self._always: str | None = None
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -42,11 +48,12 @@ class FaultProxy:
         return f"http://127.0.0.1:{self.port}"
 
     # ---- control ---------------------------------------------------------------------------
-    def inject(self, fault: str, count: int = 1) -> None:
-        """Apply ``fault`` to the next ``count`` requests."""
+    def inject(self, fault: str, count: int = 1, method: str | None = None) -> None:
+        """Apply ``fault`` to the next ``count`` requests (only those of HTTP ``method``, if given:
+        a tier's put HEADs before it PUTs, and a test may want the PUTs to fail)."""
         self._check(fault)
         with self._lock:
-            self._plan.extend([fault] * count)
+            self._plan.extend([(fault, method.upper() if method else None)] * count)
 
     def fail_always(self, fault: str | None) -> None:
         """Apply ``fault`` to every request until called with None (a dead or throttling endpoint)."""
@@ -56,21 +63,50 @@ class FaultProxy:
             self._always = fault
             self._plan.clear()
 
+    def reset_counts(self) -> None:
+        """Zero the request counters (not the fault plan), to count what one operation sends."""
+        with self._lock:
+            self.requests, self.max_in_flight = 0, self.in_flight
+            self.methods.clear()
+
     def _check(self, fault: str) -> None:
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
 
-    def _next_fault(self) -> str | None:
+    def _next_fault(self, head: bytes) -> str | None:
+        """Count the request (held until :meth:`_done`) and pick its fault, if any."""
+        method = head.split(b" ", 1)[0].decode("ascii", "replace")
         with self._lock:
             self.requests += 1
-            fault = self._plan.popleft() if self._plan else self._always
+            self.methods[method] += 1
+            self.in_flight += 1
+            self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            fault = self._always
+            for i, (f, only) in enumerate(self._plan):
+                if only in (None, method):
+                    fault = f
+                    del self._plan[i]
+                    break
             if fault:
                 self.injected[fault] += 1
             return fault
 
+    def _done(self) -> None:
+        with self._lock:
+            self.in_flight -= 1
+
     def close(self) -> None:
+        """Stop listening: from now on the port refuses connections (a dead endpoint).
+
+        shutdown() wakes the accept() in the serving thread; close() alone leaves it blocked
+        there, still accepting one more connection."""
         self._stop.set()
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._sock.close()
+        self._thread.join(5)
 
     # ---- data path -------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -86,23 +122,29 @@ class FaultProxy:
             head, body = _read_request(client)
             if head is None:
                 return
-            fault = self._next_fault()
-            if fault == "reset":
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-                return
-            if fault == "stall":
-                self._stop.wait(self.stall_seconds)
-                return
-            if fault in ("503", "500"):
-                client.sendall(_error(int(fault)))
-                return
-            if self.latency:
-                time.sleep(self.latency)
-            self._forward(client, head + body)
+            fault = self._next_fault(head)
+            try:
+                self._answer(client, head + body, fault)
+            finally:
+                self._done()
         except OSError:
             pass
         finally:
             client.close()
+
+    def _answer(self, client: socket.socket, request: bytes, fault: str | None) -> None:
+        if fault == "reset":
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            return
+        if fault == "stall":
+            self._stop.wait(self.stall_seconds)
+            return
+        if fault in ("503", "500"):
+            client.sendall(_error(int(fault)))
+            return
+        if self.latency:
+            time.sleep(self.latency)
+        self._forward(client, request)
 
     def _forward(self, client: socket.socket, request: bytes) -> None:
         with socket.create_connection(self.upstream, timeout=60) as up:
@@ -112,7 +154,10 @@ class FaultProxy:
 
 
 def _read_request(sock: socket.socket) -> tuple[bytes | None, bytes]:
-    """The request head and its body (by Content-Length or chunked encoding)."""
+    """The request head and its body (by Content-Length or chunked encoding).
+
+    A client that goes away before its whole body arrived gets (None, b""): forwarding the torn
+    request would have the server wait for bytes that never come (or store a partial upload)."""
     buf = b""
     while b"\r\n\r\n" not in buf:
         chunk = sock.recv(65536)
@@ -130,14 +175,14 @@ def _read_request(sock: socket.socket) -> tuple[bytes | None, bytes]:
         while not rest.endswith(b"0\r\n\r\n"):
             chunk = sock.recv(1 << 20)
             if not chunk:
-                break
+                return None, b""
             rest += chunk
         return head, rest
     need = int(fields.get(b"content-length", b"0"))
     while len(rest) < need:
         chunk = sock.recv(min(1 << 20, need - len(rest)))
         if not chunk:
-            break
+            return None, b""
         rest += chunk
     return head, rest
 

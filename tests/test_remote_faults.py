@@ -1,0 +1,484 @@
+"""G4 remote tier under faults, corruption, foreign manifests, bad config, and with secrets to keep.
+
+Faults go through :class:`~kvbm_fs.testing.proxy.FaultProxy`, a real TCP proxy between s3fs and a real
+S3 protocol server (moto on 127.0.0.1).  Tier options use short timeouts and cool-downs so that each
+test takes a second or two; nothing here asserts on elapsed time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import traceback
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvbm_fs import KVLayout, mount
+from kvbm_fs.codec import HEADER_SIZE
+from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError, UnknownSchemeError
+from kvbm_fs.events import BlockEvent, EventBus, EventKind
+from kvbm_fs.keys import BlockKeys
+from kvbm_fs.testing import LAYOUT, NS_A, NS_B, blocks_for, chain
+from kvbm_fs.testing.proxy import FAULTS, FaultProxy
+from kvbm_fs.testing.s3 import free_port
+from kvbm_fs.tiers.remote import RemoteTier
+
+pytest.importorskip("s3fs")
+
+BN = NS_A.block_nbytes
+# Fast failure handling: a stalled request costs `timeout`; the breaker stays out of the way unless asked.
+FAST: dict[str, Any] = dict(timeout=0.5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
+
+
+# ---- helpers and fixtures ------------------------------------------------------------------------
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_werkzeug() -> Iterator[None]:
+    """moto's HTTP server logs every request at INFO; keep test output (and caplog) readable."""
+    lg = logging.getLogger("werkzeug")
+    old = lg.level
+    lg.setLevel(logging.WARNING)
+    yield
+    lg.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_s3: Any) -> str:
+    return str(moto_s3.create_bucket(f"faults-{uuid.uuid4().hex[:8]}"))
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def proxy(moto_s3: Any) -> Iterator[FaultProxy]:
+    p = FaultProxy(moto_s3.port, stall_seconds=5)
+    yield p
+    p.close()
+
+
+class Recorder:
+    """Collects a tier's events."""
+
+    def __init__(self) -> None:
+        self.bus = EventBus()
+        self.events: list[BlockEvent] = []
+        self.bus.subscribe(self.events.append)
+
+    def keys(self, kind: EventKind) -> set[tuple[int, int]]:
+        return {(k.ns, k.seq_hash) for e in self.events if e.kind is kind for k in e.keys}
+
+
+def keyset(keys: BlockKeys) -> set[tuple[int, int]]:
+    return {(k.ns, k.seq_hash) for k in keys}
+
+
+def open_s3(moto_s3: Any, url: str, endpoint: str, events: EventBus | None = None, **kw: Any) -> RemoteTier:
+    t = RemoteTier(url, BN, events=events, storage_options=moto_s3.storage_options(endpoint), **{**FAST, **kw})
+    t.bind_namespace(NS_A)
+    return t
+
+
+def object_name(root: str, keys: BlockKeys, i: int) -> str:
+    """Where the documented layout puts block ``i``: <root>/<ns:016x>/<hash>>56:02x>/<hash:016x>."""
+    h = int(keys.hashes[i])
+    return f"{root}/{keys.ns:016x}/{h >> 56:02x}/{h:016x}"
+
+
+def untouched_misses(t: RemoteTier, keys: BlockKeys) -> np.ndarray:
+    """get(); every row it did not find must still hold the 0xAB fill, every row found its own bytes."""
+    out = np.full((len(keys), BN), 0xAB, np.uint8)
+    found = t.get(keys, out)
+    want = blocks_for(keys, BN)
+    for i in range(len(keys)):
+        assert np.array_equal(out[i], want[i]) if found[i] else (out[i] == 0xAB).all(), f"row {i}"
+    return found
+
+
+# ---- transient and persistent faults ---------------------------------------------------------------
+@pytest.mark.parametrize("fault", FAULTS)
+def test_transient_fault_is_absorbed_by_retries(
+    fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+) -> None:
+    rec = Recorder()
+    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus)
+    keys = chain(NS_A, 4)
+    proxy.inject(fault, 2, method="PUT")
+    assert t.put(keys, blocks_for(keys, BN)).all()
+    proxy.inject(fault, 2, method="GET")
+    assert untouched_misses(t, keys).all()
+    proxy.inject(fault, 2, method="HEAD")
+    assert t.contains(keys).all()
+    assert proxy.injected[fault] == 6, "every planned fault hit a request"
+    assert not rec.keys(EventKind.LOAD_FAILED) and not rec.keys(EventKind.STORE_FAILED)
+    s = t.stats()
+    assert s["get_errors"] == s["put_errors"] == s["head_errors"] == 0
+    assert s["breaker"] == "closed" and s["breaker_trips"] == 0, "absorbed faults must not trip the breaker"
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_persistent_fault_gives_misses_and_dropped_puts(
+    fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+) -> None:
+    rec = Recorder()
+    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=0.3, retries=1)
+    stored, new = chain(NS_A, 3), chain(NS_A, 2, start=100)
+    assert t.put(stored, blocks_for(stored, BN)).all()
+
+    proxy.fail_always(fault)
+    proxy.reset_counts()
+    assert not untouched_misses(t, stored).any()
+    if fault != "reset":  # (aiohttp itself resends once on a reset connection)
+        assert proxy.methods["GET"] == 3 * 2, "one layer of retries: 1 + retries tries per block, no more"
+    assert not t.put(new, blocks_for(new, BN)).any()
+    assert not t.contains(stored).any()
+    assert t.prefix_len(stored) == 0
+    assert not t.delete(new).any()  # nothing raised into the caller anywhere above
+
+    s = t.stats()
+    assert s["get_errors"] == 3 and s["put_errors"] == 2 and s["head_errors"] >= 3 + 2
+    assert rec.keys(EventKind.LOAD_FAILED) == keyset(stored)
+    assert rec.keys(EventKind.STORE_FAILED) == keyset(new)
+
+    proxy.fail_always(None)  # the endpoint is back: what was stored is intact, what was dropped is absent
+    assert untouched_misses(t, stored).all()
+    assert not t.contains(new).any()
+
+
+@pytest.mark.parametrize("fault", ["503", "stall"])
+def test_breaker_opens_stops_requests_probes_and_closes(
+    fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+) -> None:
+    cooldown = 0.5
+    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=0, breaker_threshold=3,
+                breaker_cooldown=cooldown)  # fmt: skip
+    keys = chain(NS_A, 8)
+    assert t.put(keys, blocks_for(keys, BN)).all()
+
+    proxy.fail_always(fault)
+    for _ in range(3):  # three final failures in a row
+        assert not untouched_misses(t, keys[:1]).any()
+    assert t.breaker.state == "open" and t.stats()["breaker_trips"] == 1
+
+    proxy.reset_counts()  # open: nothing is sent, everything is a miss or a dropped put
+    assert not untouched_misses(t, keys).any()
+    assert not t.contains(keys).any() and t.prefix_len(keys) == 0
+    assert not t.put(chain(NS_A, 2, start=50), blocks_for(chain(NS_A, 2, start=50), BN)).any()
+    assert proxy.requests == 0
+    assert t.stats()["skipped_open_breaker"] >= 8 + 8 + 2
+
+    time.sleep(cooldown * 1.1)
+    assert t.breaker.state == "half-open"
+    proxy.reset_counts()
+    assert not untouched_misses(t, keys).any()
+    assert proxy.requests == 1, "after the cool-down exactly one probe goes out"
+    assert t.breaker.state == "open", "a failed probe re-opens for another cool-down"
+
+    proxy.fail_always(None)
+    time.sleep(cooldown * 1.1)
+    proxy.reset_counts()
+    assert untouched_misses(t, keys).tolist() == [True] + [False] * 7  # the probe itself is served
+    assert proxy.requests == 1
+    assert t.breaker.state == "closed"
+    assert untouched_misses(t, keys).all()
+
+
+def test_dead_endpoint_at_open_is_a_clear_config_error(moto_s3: Any, bucket: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    with pytest.raises(ConfigError) as ei:
+        RemoteTier(f"s3://{bucket}/x", BN, storage_options=moto_s3.storage_options(dead), **{**FAST, "retries": 0})
+    msg = str(ei.value)
+    assert f"s3://{bucket}/x" in msg and "endpoint" in msg
+
+
+def test_endpoint_dying_after_open_gives_misses_through_the_store(moto_s3: Any, bucket: str, prefix: str) -> None:
+    proxy = FaultProxy(moto_s3.port)
+    so = moto_s3.storage_options(proxy.endpoint)
+    tier = {"url": f"s3://{bucket}/{prefix}", "storage_options": so, "timeout": 0.3, "retries": 1,
+            "backoff": 0.01, "breaker_threshold": 4, "breaker_cooldown": 60}  # fmt: skip
+    store = mount(tier, layout=LAYOUT, model="conformance-model", tenant="a", env={})
+    try:
+        keys = chain(NS_A, 6)
+        assert store.put(keys, blocks_for(keys, BN)).all()
+        assert store.match(keys).length == 6
+
+        proxy.close()  # the port now refuses connections
+        assert store.match(keys).length == 0
+        out = np.full((6, BN), 0xAB, np.uint8)
+        assert not store.get(keys, out).any() and (out == 0xAB).all()
+        assert not store.put(chain(NS_A, 2, start=70), blocks_for(chain(NS_A, 2, start=70), BN)).any()
+        assert not store.delete(keys).any()
+        s = store.stats()["tiers"][0]
+        assert s["breaker"] == "open" and s["head_errors"] > 0
+    finally:
+        store.close()
+        proxy.close()
+
+
+# ---- corruption -----------------------------------------------------------------------------------
+def _flip(at: int) -> Callable[[bytes], bytes]:
+    def f(b: bytes) -> bytes:
+        ba = bytearray(b)
+        ba[at] ^= 0x10
+        return bytes(ba)
+
+    return f
+
+
+DAMAGE: dict[str, Callable[[bytes], bytes]] = {
+    "payload bit flip": _flip(HEADER_SIZE + BN // 3),
+    "header bit flip": _flip(40),
+    "payload truncated": lambda b: b[: HEADER_SIZE + BN // 2],
+    "header truncated": lambda b: b[:60],
+    "empty": lambda b: b"",
+}
+
+
+class S3Objects:
+    def __init__(self, moto_s3: Any, bucket: str, prefix: str) -> None:
+        self.c, self.bucket, self.root = moto_s3.client(), bucket, prefix
+
+    def read(self, name: str) -> bytes:
+        return bytes(self.c.get_object(Bucket=self.bucket, Key=name)["Body"].read())
+
+    def write(self, name: str, data: bytes) -> None:
+        self.c.put_object(Bucket=self.bucket, Key=name, Body=data)
+
+    def exists(self, name: str) -> bool:
+        return bool(self.c.list_objects_v2(Bucket=self.bucket, Prefix=name)["KeyCount"])
+
+
+class FileObjects:
+    def __init__(self, root: Path) -> None:
+        self.root = str(root)
+
+    def read(self, name: str) -> bytes:
+        return Path(name).read_bytes()
+
+    def write(self, name: str, data: bytes) -> None:
+        Path(name).write_bytes(data)
+
+    def exists(self, name: str) -> bool:
+        return Path(name).exists()
+
+
+@pytest.mark.parametrize("backend", ["s3", "file"])
+def test_damaged_or_swapped_objects_are_detected_missed_and_removed(
+    backend: str, moto_s3: Any, bucket: str, prefix: str, tmp_path: Path
+) -> None:
+    rec = Recorder()
+    objs: S3Objects | FileObjects
+    if backend == "s3":
+        objs = S3Objects(moto_s3, bucket, prefix)
+        t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", moto_s3.endpoint, rec.bus)
+    else:
+        objs = FileObjects(tmp_path / "remote")
+        t = RemoteTier(f"file://{objs.root}", BN, events=rec.bus, **FAST)
+        t.bind_namespace(NS_A)
+    n_bad = len(DAMAGE) + 1  # every kind of damage, plus one object holding another key's block
+    keys = chain(NS_A, n_bad + 1)
+    assert t.put(keys, blocks_for(keys, BN)).all()
+    names = [object_name(objs.root, keys, i) for i in range(len(keys))]
+    assert all(objs.exists(n) for n in names), "objects sit where the documented layout says"
+
+    for name, damage in zip(names, DAMAGE.values()):
+        objs.write(name, damage(objs.read(name)))
+    objs.write(names[n_bad - 1], objs.read(names[n_bad]))  # a whole, valid block, but for the next key
+
+    assert untouched_misses(t, keys).tolist() == [False] * n_bad + [True]
+    assert rec.keys(EventKind.LOAD_FAILED) == keyset(keys[:n_bad])
+    s = t.stats()
+    assert s["load_failures"] == n_bad and s["corrupt_removed"] == n_bad
+    assert [objs.exists(n) for n in names] == [False] * n_bad + [True], "bad objects are removed, the good one kept"
+    assert t.contains(keys).tolist() == [False] * n_bad + [True]
+
+    rec.events.clear()
+    assert untouched_misses(t, keys).tolist() == [False] * n_bad + [True]
+    assert not rec.keys(EventKind.LOAD_FAILED), "once removed they are plain misses"
+
+
+# ---- manifests ------------------------------------------------------------------------------------
+def test_tier_written_for_another_block_size_is_refused(moto_s3: Any, bucket: str, prefix: str) -> None:
+    url, so = f"s3://{bucket}/{prefix}", moto_s3.storage_options()
+    RemoteTier(url, BN, storage_options=so, **FAST).close()
+    with pytest.raises(LayoutMismatchError, match=f"{BN}-byte"):
+        RemoteTier(url, BN // 2, storage_options=so, **FAST)
+    other = KVLayout(num_layers=4, num_kv_heads=2, head_dim=32, block_size=16, dtype="float16")
+    with pytest.raises(LayoutMismatchError):
+        mount({"url": url, "storage_options": so}, layout=other, model="m", env={})
+    mount({"url": url, "storage_options": so}, layout=LAYOUT, model="m", env={}).close()  # the right one opens
+
+
+@pytest.mark.parametrize(
+    "doc",
+    [
+        json.dumps({"format": "someone-elses.v9", "block_nbytes": BN}).encode(),
+        json.dumps({"block_nbytes": BN}).encode(),
+        b"not json {",
+        b"[1, 2, 3]",
+        b"\xff\xfe\x00",
+    ],
+    ids=["other-format", "no-format", "not-json", "json-list", "binary"],
+)
+def test_foreign_tier_manifest_is_refused(doc: bytes, moto_s3: Any, bucket: str, prefix: str) -> None:
+    moto_s3.client().put_object(Bucket=bucket, Key=f"{prefix}/kvbm_fs.remote.json", Body=doc)
+    with pytest.raises(FormatVersionError):
+        RemoteTier(f"s3://{bucket}/{prefix}", BN, storage_options=moto_s3.storage_options(), **FAST)
+
+
+def test_conflicting_or_foreign_namespace_manifest_is_refused(moto_s3: Any, bucket: str, prefix: str) -> None:
+    t = RemoteTier(f"s3://{bucket}/{prefix}", BN, storage_options=moto_s3.storage_options(), **FAST)
+    c, name = moto_s3.client(), f"{prefix}/{NS_A.short_id}/manifest.json"
+    c.put_object(Bucket=bucket, Key=name, Body=json.dumps(NS_B.to_dict()).encode())  # another namespace's record
+    with pytest.raises(LayoutMismatchError, match=NS_A.short_id):
+        t.bind_namespace(NS_A)
+    for junk in (b'{"format": "not-a-namespace"}', b"<xml/>"):
+        c.put_object(Bucket=bucket, Key=name, Body=junk)
+        with pytest.raises(FormatVersionError):
+            t.bind_namespace(NS_A)
+    c.put_object(Bucket=bucket, Key=name, Body=json.dumps(NS_A.to_dict()).encode())
+    t.bind_namespace(NS_A)  # its own record is accepted
+
+
+# ---- bad configuration ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "query, named",
+    [
+        ("timeout=soon", "timeout"),
+        ("retries=many", "retries"),
+        ("backoff=1e", "backoff"),
+        ("max_concurrency=0", "max_concurrency"),
+        ("timeout=-1", "timeout"),
+        ("breaker_cooldown=nan", "breaker_cooldown"),
+        ("colour=red", "colour"),
+    ],
+)
+def test_bad_url_option_is_a_config_error_naming_it(query: str, named: str) -> None:
+    url = f"s3://bucket/p?endpoint_url=http://127.0.0.1:9&{query}"
+    with pytest.raises(ConfigError, match=named):
+        mount(url, layout=LAYOUT, env={})
+
+
+def test_unknown_storage_option_or_protocol_is_a_config_error() -> None:
+    bad = {"url": "s3://bucket/p", "storage_options": {"endpoint_url": "http://127.0.0.1:9", "colour_depth": 3}}
+    with pytest.raises(ConfigError, match="colour_depth"):
+        mount(bad, layout=LAYOUT, env={})
+    with pytest.raises(ConfigError, match="nosuchfs"):
+        mount("remote+nosuchfs://somewhere/kv", layout=LAYOUT, env={})
+    with pytest.raises(UnknownSchemeError, match="nosuchfs"):
+        mount("nosuchfs://somewhere/kv", layout=LAYOUT, env={})
+
+
+def test_storage_options_of_the_callers_config_are_not_modified(tmp_path: Path) -> None:
+    so: dict[str, Any] = {}
+    mount({"url": f"remote+file://{tmp_path}/kv", "storage_options": so}, layout=LAYOUT, env={}).close()
+    assert so == {}
+
+
+# ---- credentials never leak -----------------------------------------------------------------------
+SECRET = f"kvbm-canary-{uuid.uuid4().hex}"
+
+
+@contextmanager
+def moto_checks_signatures() -> Iterator[None]:
+    """Turn on moto's request authentication (off by default) for the in-process server."""
+    from moto import settings
+    from moto.core.authorization import ActionAuthenticatorMixin
+
+    old = settings.INITIAL_NO_AUTH_ACTION_COUNT
+    settings.INITIAL_NO_AUTH_ACTION_COUNT = 0
+    ActionAuthenticatorMixin.request_count = 0
+    try:
+        yield
+    finally:
+        settings.INITIAL_NO_AUTH_ACTION_COUNT = old
+
+
+def _exception_texts(e: BaseException) -> list[str]:
+    """str and repr of the exception and of everything chained to it, and the formatted traceback."""
+    out, seen = ["".join(traceback.format_exception(e))], set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        out += [str(cur), repr(cur), *map(repr, cur.args)]
+        cur = cur.__cause__ or cur.__context__
+    return out
+
+
+def as_query(options: dict[str, Any]) -> str:
+    return "&".join(f"{k}={v}" for k, v in options.items())
+
+
+def _toml(tiers_url: str, so: dict[str, Any], path: Path) -> Path:
+    lines = ["model = 'leak-check'", "[layout]", *(f"{k} = {json.dumps(v)}" for k, v in LAYOUT.to_dict().items())]
+    lines += ["[[tiers]]", f"url = '{tiers_url}'", "timeout = 0.5", "retries = 0", "[tiers.storage_options]"]
+    lines += [f"{k} = {json.dumps(v)}" for k, v in so.items() if not isinstance(v, dict)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_secrets_never_appear_in_errors_stats_repr_or_logs(
+    moto_s3: Any, bucket: str, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    import boto3
+
+    iam = boto3.client("iam", endpoint_url=moto_s3.endpoint, region_name="us-east-1",
+                       aws_access_key_id="x", aws_secret_access_key="x")  # fmt: skip
+    iam.create_user(UserName=f"kv-{prefix}")
+    key_id = iam.create_access_key(UserName=f"kv-{prefix}")["AccessKey"]["AccessKeyId"]
+    url = f"s3://{bucket}/{prefix}"
+    wrong = {"key": key_id, "secret": SECRET, "endpoint_url": moto_s3.endpoint}  # a real key id, a wrong secret
+    dead = {**wrong, "endpoint_url": f"http://127.0.0.1:{free_port()}"}
+    texts: list[str] = []
+    errors: list[str] = []
+
+    def fails(fn: Callable[[], Any]) -> None:
+        with pytest.raises(ConfigError) as ei:
+            fn()
+        errors.append(str(ei.value))
+        texts.extend(_exception_texts(ei.value))
+
+    # opened while moto accepts anything; every request fails (403) once it checks signatures
+    rec = Recorder()
+    t = RemoteTier(url, BN, events=rec.bus, storage_options=wrong, **{**FAST, "breaker_threshold": 3})
+    t.bind_namespace(NS_A)
+    store = mount({"url": url, "storage_options": wrong, **FAST}, layout=LAYOUT, model="leak-check", env={})
+    keys = chain(NS_A, 3)
+    with moto_checks_signatures():
+        assert not t.put(keys, blocks_for(keys, BN)).any()
+        assert not untouched_misses(t, keys).any() and not t.contains(keys).any()
+        skeys = store.keys(np.arange(48))
+        assert not store.put(skeys, np.zeros((3, BN), np.uint8)).any() and store.match(skeys).length == 0
+        fails(lambda: RemoteTier(url, BN, storage_options=wrong, **FAST))
+        fails(lambda: mount(f"{url}?{as_query(wrong)}&timeout=0.5&retries=0", layout=LAYOUT, env={}))
+        fails(lambda: mount(config=_toml(url, wrong, tmp_path / "kvbm.toml"), env={}))
+    assert t.stats()["put_errors"] == 3 and t.stats()["get_errors"] == 3
+    assert all("PermissionError" in e for e in errors) and len(errors) == 3, errors
+    # a dead endpoint, a malformed endpoint, an unknown option next to the secret
+    fails(lambda: RemoteTier(url, BN, storage_options=dead, **{**FAST, "retries": 0}))
+    fails(lambda: mount(f"{url}?{as_query(dead)}&timeout=0.3&retries=0", layout=LAYOUT, env={}))
+    fails(lambda: RemoteTier(url, BN, storage_options={**wrong, "endpoint_url": "not a url"}, **FAST))
+    fails(lambda: RemoteTier(url, BN, storage_options={**wrong, "colour_depth": SECRET}, **FAST))
+
+    assert "colour_depth" in errors[-1] and "endpoint" in errors[3], errors
+    texts += [str(t), repr(t), json.dumps(t.stats(), default=str), json.dumps(store.stats(), default=str)]
+    texts += [repr(e) for e in rec.events]
+    texts += [caplog.text, *(r.getMessage() for r in caplog.records)]
+    store.close()
+    assert texts and all(SECRET not in s for s in texts)
+    assert any(r.levelname == "DEBUG" for r in caplog.records), "debug logging was captured"
+
+
+def test_malformed_tier_url_does_not_echo_its_secret() -> None:
+    with pytest.raises(ConfigError) as ei:
+        mount(f"s3:/bucket/p?secret={SECRET}", layout=LAYOUT, env={})
+    assert SECRET not in str(ei.value)

@@ -1,0 +1,292 @@
+"""G4 remote tier shared between processes: one puts, another mount() of the same URL matches and reads.
+
+Also: existence checks for a long prefix go out as concurrent HEADs and stop at the first miss, and
+a writer killed in the middle of a put never leaves a partial object where readers look.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvbm_fs import KVLayout, Namespace, mount
+from kvbm_fs.codec import HEADER_SIZE
+from kvbm_fs.events import EventBus, EventKind
+from kvbm_fs.testing import LAYOUT, NS_A, blocks_for, chain
+from kvbm_fs.testing.proxy import FaultProxy
+from kvbm_fs.tiers.remote import RemoteTier
+
+pytest.importorskip("s3fs")
+
+REPO = Path(__file__).resolve().parents[1]
+BN = NS_A.block_nbytes
+N_SHARED = 12
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _quiet_werkzeug() -> Iterator[None]:
+    """moto's HTTP server logs every request at INFO."""
+    lg = logging.getLogger("werkzeug")
+    old = lg.level
+    lg.setLevel(logging.WARNING)
+    yield
+    lg.setLevel(old)
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_s3: Any) -> str:
+    return str(moto_s3.create_bucket(f"sharing-{uuid.uuid4().hex[:8]}"))
+
+
+def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter that imports kvbm_fs from this checkout."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def write_config(path: Path, tier: dict[str, Any]) -> Path:
+    """A TOML store config: model, layout and one tier table (nested tables for storage options)."""
+
+    def table(name: str, d: dict[str, Any]) -> list[str]:
+        out = [f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict))]
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out += table(f"{name}.{k}", v)
+        return out
+
+    lines = ["model = 'shared-model'", *table("layout", LAYOUT.to_dict()), "[[tiers]]"]
+    lines += table("tiers", tier)[1:]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# Process A: mount the config, put N blocks derived from a seed, report the keys it computed.
+WRITER = """
+import json, sys
+import numpy as np
+from kvbm_fs import mount
+cfg, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+store = mount(config=cfg, env={})
+keys = store.keys(np.random.default_rng(seed).integers(0, 50_000, n * 16))
+data = np.random.default_rng(seed + 1).integers(0, 256, (n, store.default_namespace.block_nbytes), dtype=np.uint8)
+ok = store.put(keys, data)
+print(json.dumps({"stored": int(ok.sum()), "hashes": [int(h) for h in keys.hashes.tolist()]}))
+store.close()
+"""
+
+
+@pytest.mark.parametrize("backend", ["s3", "file"])
+def test_process_b_matches_and_reads_what_process_a_put(
+    backend: str, moto_s3: Any, bucket: str, tmp_path: Path
+) -> None:
+    if backend == "s3":
+        tier = {"url": f"s3://{bucket}/shared-{uuid.uuid4().hex[:6]}", "storage_options": moto_s3.storage_options()}
+    else:
+        tier = {"url": f"remote+file://{tmp_path}/shared"}
+    cfg = write_config(tmp_path / "kvbm.toml", tier)
+    seed = 7
+    a = run_python(WRITER, str(cfg), str(N_SHARED), str(seed))
+    assert a.returncode == 0, a.stderr[-3000:]
+    report = json.loads(a.stdout.strip().splitlines()[-1])
+    assert report["stored"] == N_SHARED
+
+    with mount(config=cfg, env={}) as b:  # process B: this one, its own mount of the same URL
+        keys = b.keys(np.random.default_rng(seed).integers(0, 50_000, N_SHARED * 16))
+        assert keys.hashes.tolist() == report["hashes"], "both processes derive the same keys"
+        m = b.match(keys)
+        assert m.length == N_SHARED and m.by_tier() == {"remote": N_SHARED}
+        out = np.zeros((N_SHARED, BN), np.uint8)
+        assert b.get(keys, out, m).all()
+        want = np.random.default_rng(seed + 1).integers(0, 256, (N_SHARED, BN), dtype=np.uint8)
+        assert np.array_equal(out, want), "bit-exact"
+        tokens = np.random.default_rng(seed).integers(0, 50_000, N_SHARED * 16)
+        longer = b.keys(np.concatenate([tokens, np.arange(4 * 16)]))  # the same prompt, continued
+        assert b.match(longer).length == N_SHARED
+
+
+# ---- batched existence checks ---------------------------------------------------------------------
+def test_prefix_checks_are_concurrent_heads_that_stop_at_the_first_miss(moto_s3: Any, bucket: str) -> None:
+    proxy = FaultProxy(moto_s3.port, latency=0.02)  # like S3's time to first byte
+    try:
+        t = RemoteTier(f"s3://{bucket}/batch-{uuid.uuid4().hex[:6]}", BN,
+                       storage_options=moto_s3.storage_options(proxy.endpoint))  # fmt: skip
+        t.bind_namespace(NS_A)
+        keys = chain(NS_A, 256)
+        assert t.put(keys[:64], blocks_for(keys[:64], BN)).all()
+        assert t.delete(keys[10:11]).all()  # the first miss of the chain is at 10
+
+        proxy.reset_counts()
+        assert t.contains(keys[:64]).sum() == 63
+        assert dict(proxy.methods) == {"HEAD": 64}, "one HEAD per key, nothing else"
+        assert proxy.max_in_flight >= 8, "the HEADs were in flight together, not one after another"
+
+        proxy.reset_counts()
+        assert t.prefix_len(keys) == 10
+        assert proxy.requests < 256 and set(proxy.methods) == {"HEAD"}, "stops at the chunk holding the miss"
+
+        proxy.reset_counts()
+        out = np.zeros((10, BN), np.uint8)
+        assert t.get(keys[:10], out).all() and np.array_equal(out, blocks_for(keys[:10], BN))
+        assert dict(proxy.methods) == {"GET": 10}, "one GET per block (no size HEAD first)"
+        assert proxy.max_in_flight >= 5
+    finally:
+        proxy.close()
+
+
+def test_puts_are_one_whole_object_each(moto_s3: Any, bucket: str) -> None:
+    """S3 PUTs are atomic: a reader sees a whole object or none; so each block is exactly one PUT
+    (not a multipart upload, nor a write-then-rename that readers could catch half-way)."""
+    proxy = FaultProxy(moto_s3.port)
+    try:
+        t = RemoteTier(f"s3://{bucket}/whole-{uuid.uuid4().hex[:6]}", BN,
+                       storage_options=moto_s3.storage_options(proxy.endpoint))  # fmt: skip
+        keys = chain(NS_A, 16)
+        proxy.reset_counts()
+        assert t.put(keys, blocks_for(keys, BN)).all()
+        assert dict(proxy.methods) == {"HEAD": 16, "PUT": 16}
+    finally:
+        proxy.close()
+
+
+@pytest.mark.parametrize("via", ["direct", "proxy"])
+def test_torn_s3_upload_is_never_visible(via: str, moto_s3: Any, bucket: str) -> None:
+    """A client that dies half-way through a PUT body leaves no object at all (and the test proxy
+    does not forward the torn request)."""
+    import socket
+
+    proxy = FaultProxy(moto_s3.port)
+    port = proxy.port if via == "proxy" else moto_s3.port
+    prefix = f"torn-{uuid.uuid4().hex[:6]}"
+    events = EventBus()
+    failed: list[Any] = []
+    events.subscribe(lambda e: failed.append(e) if e.kind is EventKind.LOAD_FAILED else None)
+    t = RemoteTier(f"s3://{bucket}/{prefix}", BN, events=events, storage_options=moto_s3.storage_options())
+    t.bind_namespace(NS_A)
+    keys = chain(NS_A, 1)
+    h = int(keys.hashes[0])
+    name = f"{prefix}/{NS_A.id:016x}/{h >> 56:02x}/{h:016x}"
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as s:
+            s.sendall(
+                f"PUT /{bucket}/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {HEADER_SIZE + BN}\r\n\r\n".encode()
+            )
+            s.sendall(b"\x00" * (BN // 2))
+        assert moto_s3.client().list_objects_v2(Bucket=bucket, Prefix=name)["KeyCount"] == 0
+        out = np.full((1, BN), 0xAB, np.uint8)
+        assert not t.contains(keys).any() and not t.get(keys, out).any() and (out == 0xAB).all()
+        assert not failed
+        assert proxy.requests == 0
+    finally:
+        proxy.close()
+
+
+# ---- shared filesystems: a killed writer never leaves a partial object at a final name ----------------
+TORN_WRITER = """
+import os, signal, sys
+from kvbm_fs.testing import NS_A, blocks_for, chain
+from kvbm_fs.tiers.remote import RemoteTier
+t = RemoteTier(sys.argv[1], NS_A.block_nbytes)
+t.bind_namespace(NS_A)
+async def torn(path, data, **kw):  # write half the object, then die as a crash would
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data[: len(data) // 2])
+    os.kill(os.getpid(), signal.SIGKILL)
+t.fs._pipe_file = torn
+keys = chain(NS_A, 1, start=int(sys.argv[2]))
+t.put(keys, blocks_for(keys, NS_A.block_nbytes))
+"""
+
+
+def _block_files(root: Path) -> list[Path]:
+    """Files whose names are block names (16 hex digits), as a listing reader would take them."""
+    return [p for p in root.rglob("*") if p.is_file() and len(p.name) == 16 and p.parent.parent.parent == root]
+
+
+def test_writer_killed_mid_put_leaves_no_partial_object(tmp_path: Path) -> None:
+    root = tmp_path / "nfs"
+    url = f"file://{root}"
+    w = run_python(TORN_WRITER, url, "5")
+    assert w.returncode == -signal.SIGKILL, w.stderr[-3000:]
+    keys = chain(NS_A, 1, start=5)
+    h = int(keys.hashes[0])
+    assert not (root / f"{NS_A.id:016x}" / f"{h >> 56:02x}" / f"{h:016x}").exists()
+    tmp = [p for p in root.rglob("*.tmp-*")]
+    assert tmp and tmp[0].stat().st_size < HEADER_SIZE + BN, "the crash did land mid-write (in a tmp file)"
+    assert _block_files(root) == []
+
+    events = EventBus()
+    seen: list[Any] = []
+    events.subscribe(seen.append)
+    t = RemoteTier(url, BN, capacity=64 * (HEADER_SIZE + BN), events=events)
+    t.bind_namespace(NS_A)
+    assert len(t) == 0 and list(t.iter_keys()) == [], "tmp names are never listed as blocks"
+    out = np.full((1, BN), 0xAB, np.uint8)
+    assert not t.contains(keys).any() and not t.get(keys, out).any() and (out == 0xAB).all()
+    assert not seen
+    assert t.put(keys, blocks_for(keys, BN)).all(), "a leftover tmp file does not block a later put"
+    assert t.get(keys, out).all() and np.array_equal(out[0], blocks_for(keys, BN)[0])
+
+
+BIG = KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16")  # 256 KiB blocks
+NS_BIG = Namespace("atomic-writes", BIG)
+
+LOOP_WRITER = """
+import sys
+import numpy as np
+from kvbm_fs import KVLayout, Namespace
+from kvbm_fs.keys import BlockKeys
+from kvbm_fs.tiers.remote import RemoteTier
+ns = Namespace("atomic-writes", KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16"))
+t = RemoteTier(sys.argv[1], ns.block_nbytes, max_concurrency=8)
+t.bind_namespace(ns)
+rng, first = np.random.default_rng(int(sys.argv[2])), int(sys.argv[2]) * 1_000_000
+for i in range(1_000_000):
+    keys = BlockKeys(ns.id, (np.arange(4, dtype=np.uint64) + np.uint64(first + 4 * i + 1)) * np.uint64(0x9E3779B97F4A7C15))
+    t.put(keys, rng.integers(0, 256, (4, ns.block_nbytes), dtype=np.uint8))
+    print(i, flush=True)
+"""
+
+
+def test_writers_killed_at_random_leave_only_whole_objects(tmp_path: Path) -> None:
+    root = tmp_path / "nfs"
+    url = f"file://{root}"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    rng = np.random.default_rng(0)
+    for round_ in range(3):
+        p = subprocess.Popen([sys.executable, "-c", LOOP_WRITER, url, str(round_ + 1)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert p.stdout is not None
+        for _ in range(int(rng.integers(1, 4))):  # let it store a few batches, then kill it mid-stream
+            assert p.stdout.readline(), p.stderr.read() if p.stderr else ""
+        p.send_signal(signal.SIGKILL)
+        p.wait(30)
+        p.stdout.close()
+        if p.stderr:
+            p.stderr.close()
+
+    events = EventBus()
+    failed: list[Any] = []
+    events.subscribe(lambda e: failed.append(e) if e.kind is EventKind.LOAD_FAILED else None)
+    t = RemoteTier(url, NS_BIG.block_nbytes, events=events)
+    t.bind_namespace(NS_BIG)
+    files = _block_files(root)
+    assert len(files) >= 3 * 4
+    assert all(f.stat().st_size == HEADER_SIZE + NS_BIG.block_nbytes for f in files)
+    listed = [b for b in t.iter_keys() if b.ns == NS_BIG.id]
+    assert sum(len(b) for b in listed) == len(files)
+    for b in listed:
+        assert t.get(b, np.zeros((len(b), NS_BIG.block_nbytes), np.uint8)).all()
+    assert not failed, "every object a reader can find is whole and verifies"
