@@ -310,7 +310,9 @@ class RemoteTier(Tier):
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._check_rows(keys, data, "put")
         rows = _host_rows(data, len(keys))
-        have = self.contains(keys)
+        # Objects are content-addressed and a PUT replaces whole, so an unbounded tier need not ask
+        # first (saves a HEAD per block); a bounded one must, to count what it holds.
+        have = self.contains(keys) if self._count >= 0 else np.zeros(len(keys), bool)
         todo = np.flatnonzero(~have)
         _, first = np.unique(keys.hashes[todo], return_index=True)
         todo = todo[np.sort(first)]
