@@ -1,4 +1,4 @@
-"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults) and ``info``."""
+"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``replay``, ``daemon``."""
 
 from __future__ import annotations
 
@@ -23,6 +23,42 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("url", help="file:///path/to/tier")
     c.add_argument("--deep", action="store_true", help="also verify every payload checksum")
     c.add_argument("--fix", action="store_true", help="remove bad entries and reclaim leaked slots")
+    r = sub.add_parser(
+        "replay",
+        help="replay a Mooncake-format trace through the store: every policy beside Belady's optimum",
+        description="Replays a request trace (JSONL with hash_ids) through the real store for each policy at "
+        "each capacity (one host tier holding that fraction of the trace's distinct blocks), beside "
+        "Belady's MIN, and optionally over several tiers (--tiers host:0.02 disk:0.1 remote).",
+    )
+    r.add_argument("trace", help="JSONL trace, one request a line with hash_ids (Mooncake format)")
+    r.add_argument(
+        "--capacities", type=float, nargs="+", help="fractions of distinct blocks (default 0.02 0.05 0.1 0.2)"
+    )
+    r.add_argument("--policies", nargs="+", help="policy specs EVICTION[+ADMISSION] (default: every shipped one)")
+    r.add_argument(
+        "--tiers", nargs="+", help="multi-tier replay too: KIND[:FRACTION] ... with KIND in gpu, host, disk, remote"
+    )
+    r.add_argument(
+        "--placement",
+        choices=("auto", "daemon", "spill"),
+        default="auto",
+        help="multi-tier: run the placement daemon after each request, or only spill refused puts (auto: daemon)",
+    )
+    r.add_argument("--real-bytes", action="store_true", help="move blocks of --block-bytes (default: 1 KiB stand-ins)")
+    r.add_argument("--block-bytes", type=int, help="bytes per block with --real-bytes (default 262144)")
+    r.add_argument("--prefill-tps", type=float, default=10_000.0, help="engine prefill rate, tokens/s (default 10000)")
+    r.add_argument(
+        "--kv-bytes-per-token",
+        type=int,
+        default=131_072,
+        help="KV bytes per token for the cost model (default: Llama-3-8B fp16)",
+    )
+    r.add_argument("--bandwidth", nargs="+", help="tier bandwidths for the cost model, NAME=BYTES_PER_S (host=12e9)")
+    r.add_argument("--latency", nargs="+", help="tier latencies for the cost model, NAME=SECONDS (remote=0.03)")
+    r.add_argument("--out", help="folder for replay.json and replay.png")
+    r.add_argument("--limit", type=int, help="replay only the first N requests")
+    r.add_argument("--jobs", type=int, default=1, help="replays to run in parallel processes (default 1)")
+    r.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
     dm = sub.add_parser(
         "daemon", help="run the placement daemon over the tiers of a config (e.g. shared disk + remote)"
     )
@@ -35,6 +71,26 @@ def main(argv: list[str] | None = None) -> int:
 
             tiers = args.tiers or default_tiers(args.dir or DEMO_DIR)
             return run_demo(requests=args.requests, tiers=tiers, json_only=args.json)
+        if args.cmd == "replay":
+            from .replay import run_cli
+
+            return run_cli(
+                args.trace,
+                capacities=args.capacities,
+                policies=args.policies,
+                tiers=args.tiers,
+                placement=args.placement,
+                real_bytes=args.real_bytes,
+                block_bytes=args.block_bytes,
+                prefill_tps=args.prefill_tps,
+                kv_bytes_per_token=args.kv_bytes_per_token,
+                bandwidth=args.bandwidth,
+                latency=args.latency,
+                out_dir=args.out,
+                limit=args.limit,
+                jobs=args.jobs,
+                json_only=args.json,
+            )
         if args.cmd == "daemon":
             return _daemon(args.config, args.once)
         if args.cmd == "check":

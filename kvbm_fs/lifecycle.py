@@ -55,6 +55,10 @@ class SlotPool:
         self.events = events or EventBus()
         self.policy = make_policy(policy)
         self.policy.bind(num_slots)
+        attach = getattr(self.policy, "attach", None)
+        if attach is not None:  # policies that name blocks (ghost lists) read slot_ns/slot_hash
+            attach(self)
+        self._with_parents = bool(getattr(self.policy, "uses_parents", False))
         self.lock = threading.RLock()
         self.state = np.zeros(num_slots, np.uint8)
         self.refs = np.zeros(num_slots, np.int32)
@@ -174,7 +178,10 @@ class SlotPool:
                 self.slot_ns[ns_slots] = keys.ns
                 self.slot_hash[ns_slots] = keys.hashes[new]
                 self.slot_parent[ns_slots] = keys.parents[new]
-                self.policy.on_insert(ns_slots)
+                if self._with_parents:  # prefix-aware policies get each block's parent slot (-1: absent)
+                    self.policy.on_insert(ns_slots, self.index.find(keys.ns, keys.parents[new])[0])
+                else:
+                    self.policy.on_insert(ns_slots)
             dup = ~new
             if dup.any():
                 again = self.index.find(keys.ns, keys.hashes[dup])[0]

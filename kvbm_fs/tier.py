@@ -22,7 +22,7 @@ from .errors import LayoutMismatchError, TierClosedError
 from .events import EventBus
 from .keys import BlockKey, BlockKeys, Namespace
 from .lifecycle import SlotPool
-from .policy import EvictionPolicy
+from .policy import AdmissionPolicy, EvictionPolicy, admission_of
 from .rows import copy_rows, is_torch
 
 
@@ -161,6 +161,11 @@ class SlotTier(Tier):
         self.block_nbytes = int(buf.shape[1])
         self.events = events or EventBus()
         self.pool = SlotPool(int(buf.shape[0]), block_size, name=name, events=self.events, policy=policy)
+        # Admission ("lru+tinylfu"): new blocks the filter refuses are not stored here (put answers
+        # False for them, and the store spills them to the next tier).
+        self.admission: AdmissionPolicy | None = admission_of(self.pool.policy)
+        if self.admission is not None:
+            self.admission.bind(self.pool.num_slots)
         self._closed = False
 
     # ---- slot-level API, used by transfer handlers -----------------------------------------
@@ -188,15 +193,29 @@ class SlotTier(Tier):
     # ---- Tier primitives -------------------------------------------------------------------
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._check_rows(keys, data, "put")
+        if self.admission is not None:
+            self.admission.record(keys)
         held = self.acquire(keys)  # pins what is already here, so making room cannot evict it
         try:
             out = held >= 0
             todo = np.flatnonzero(~out)
+            if todo.size and self.admission is not None:
+                todo = todo[: self._admitted(keys[todo])]
             if todo.size:
                 out[todo] = self._write(keys[todo], data, todo)
             return out
         finally:
             self.pool.release(held)
+
+    def _admitted(self, keys: BlockKeys) -> int:
+        """How many leading new keys the admission policy lets in (a refused block ends the chain)."""
+        assert self.admission is not None
+        free = self.pool.num_free
+        need = len(keys) - free
+        victims = self.pool.coldest(need) if need > 0 and self.admission.needs_victims else []
+        ok = self.admission.admit(keys, free, victims)
+        refused = np.flatnonzero(~ok)
+        return int(refused[0]) if refused.size else len(keys)
 
     def _write(self, keys: BlockKeys, src: Any, src_rows: np.ndarray) -> np.ndarray:
         """Store as many leading keys as fit (a prefix is what matching can use); mask of those written."""
@@ -224,6 +243,8 @@ class SlotTier(Tier):
 
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
+        if self.admission is not None:
+            self.admission.record(keys)
         slots = self.acquire(keys)
         found = slots >= 0
         try:
