@@ -32,7 +32,7 @@ class StoreConfig:
     tenant: str = ""
     rank: int = 0
     world_size: int = 1
-    policy: str = "lru"
+    policy: str = "default"
     hash_scheme: str = "kvbm-v1"
     daemon: bool | dict[str, Any] = False  # true or a [daemon] table: run the placement daemon
     cost: dict[str, Any] = field(default_factory=dict)  # [cost] table: prefill_tokens_per_s, latency, bandwidth

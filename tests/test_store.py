@@ -76,7 +76,8 @@ def test_copy_between_tiers_publishes_promoted_and_demoted(store: Store) -> None
     assert store.get(keys, out).all() and torch.equal(out, data)
 
 
-def test_full_tier_evicts_lru_and_keeps_data_intact(store: Store) -> None:
+def test_full_tier_evicts_lru_and_keeps_data_intact() -> None:
+    store = mount("gpu://cpu?capacity=128KiB", "host://?capacity=512KiB", layout=LAYOUT, policy="lru", env={})
     gpu = store.tier("gpu")
     cap = gpu.capacity_bytes // gpu.block_nbytes
     keys = store.keys(tokens(cap + 4))
