@@ -28,7 +28,25 @@ def test_benchmark_quick_run_prints_json(script: str, fields: list[str], tmp_pat
     args = [sys.executable, str(ROOT / "benchmarks" / script), "--quick"]
     if script != "gpu_check.py":
         args += ["--out", str(tmp_path / "out.json")]
+    if script == "bench_policies.py" and not (ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl").exists():
+        args += ["--trace", str(_small_trace(tmp_path / "trace.jsonl"))]  # a checkout without ../shared
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(proc.stdout)
     for f in fields:
         assert isinstance(result[f], (int, float)) and result[f] > 0, f
+
+
+def _small_trace(path: Path) -> Path:
+    """A Mooncake-format trace: requests share system prompts and revisit earlier documents."""
+    import random
+
+    rng = random.Random(0)
+    lines, next_id = [], 1000
+    for i in range(400):
+        prefix = list(range(rng.choice([0, 10, 20]), rng.choice([0, 10, 20]) + 4))
+        doc = rng.randrange(50) * 10 if rng.random() < 0.6 else next_id
+        next_id += 10
+        ids = prefix + list(range(doc, doc + rng.randint(1, 6)))
+        lines.append(json.dumps({"timestamp": i, "input_length": 512 * len(ids), "output_length": 4, "hash_ids": ids}))
+    path.write_text("\n".join(lines) + "\n")
+    return path
