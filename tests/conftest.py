@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -42,9 +43,21 @@ def tokens(n_blocks: int, seed: int = 0, block_size: int = 16) -> np.ndarray:
 @pytest.fixture(scope="session")
 def moto_s3():
     """A real S3 protocol server (moto) on 127.0.0.1, started once per test session."""
+    import logging
+
     pytest.importorskip("s3fs")
     from kvbm_fs.testing.s3 import start_moto
 
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto logs every request at INFO
     server = start_moto()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="module")
+def bucket(moto_s3: Any, request: pytest.FixtureRequest) -> str:
+    """A fresh bucket per test module."""
+    import uuid
+
+    name = request.module.__name__.removeprefix("test_").replace("_", "-")[:40]
+    return str(moto_s3.create_bucket(f"{name}-{uuid.uuid4().hex[:8]}"))

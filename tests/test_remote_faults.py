@@ -38,21 +38,6 @@ FAST: dict[str, Any] = dict(timeout=0.5, retries=2, backoff=0.01, breaker_thresh
 
 
 # ---- helpers and fixtures ------------------------------------------------------------------------
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_werkzeug() -> Iterator[None]:
-    """moto's HTTP server logs every request at INFO; keep test output (and caplog) readable."""
-    lg = logging.getLogger("werkzeug")
-    old = lg.level
-    lg.setLevel(logging.WARNING)
-    yield
-    lg.setLevel(old)
-
-
-@pytest.fixture(scope="module")
-def bucket(moto_s3: Any) -> str:
-    return str(moto_s3.create_bucket(f"faults-{uuid.uuid4().hex[:8]}"))
-
-
 @pytest.fixture
 def prefix() -> str:
     return f"t{uuid.uuid4().hex[:8]}"

@@ -7,13 +7,11 @@ a writer killed in the middle of a put never leaves a partial object where reade
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,21 +30,6 @@ pytest.importorskip("s3fs")
 REPO = Path(__file__).resolve().parents[1]
 BN = NS_A.block_nbytes
 N_SHARED = 12
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _quiet_werkzeug() -> Iterator[None]:
-    """moto's HTTP server logs every request at INFO."""
-    lg = logging.getLogger("werkzeug")
-    old = lg.level
-    lg.setLevel(logging.WARNING)
-    yield
-    lg.setLevel(old)
-
-
-@pytest.fixture(scope="module")
-def bucket(moto_s3: Any) -> str:
-    return str(moto_s3.create_bucket(f"sharing-{uuid.uuid4().hex[:8]}"))
 
 
 def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
