@@ -16,6 +16,9 @@ Load it with vLLM's own configuration::
 ``layout``           a KVLayout table the engine must match; a different engine layout is refused
 ``write_through``    also write every saved block to the persistent tiers at once (default false:
                      they reach disk when a daemon demotes them or when the store closes)
+``async_load``       load in the background while the engine keeps serving other requests (default true)
+``async_save``       write saved blocks to the store in the background, overlapping the next step (default true)
+``max_inflight_save_bytes``   staged bytes a step may leave in flight (default 256 MiB; the rest waits)
 
 How it works:
 
@@ -37,10 +40,18 @@ How it works:
 - Events: ``take_events`` turns the shipped events into vLLM ``BlockStored``/``BlockRemoved`` (named by
   the Dynamo hash, medium GPU/CPU/STORAGE, ownership ``kvbm_fs:<tier>``); stats go through
   ``get_kv_connector_stats`` (both sides) and per-tier hit sources through ``get_external_cache_hit_sources``.
-- Worker: loads and saves are synchronous in this first version (``start_load_kv`` loads everything
-  before the forward, ``wait_for_save`` saves after it; ``wait_for_layer_load``/``save_kv_layer`` have
-  nothing left to do). On CPU there is no copy engine to overlap with. Because saves finish inside the
-  step, ``request_finished`` never needs to hold a request's blocks.
+- Worker, loads: with ``async_load`` (the default) ``get_num_new_matched_tokens`` answers
+  ``load_kv_async=True``; vLLM parks the request (WAITING_FOR_REMOTE_KVS) and keeps serving others
+  while a background thread reads, verifies and scatters its blocks; ``get_finished`` reports it done,
+  with any failed blocks in ``get_block_ids_with_load_errors`` in the same step, as vLLM requires.
+  Without it, ``start_load_kv`` loads before the forward. Loads are not split per layer: a kvbm_fs
+  block holds every layer and is verified whole before any byte of it is used, so
+  ``wait_for_layer_load`` has nothing left to wait for; the overlap comes from loading across steps.
+- Worker, saves: ``wait_for_save`` gathers the step's new blocks into staging memory at once (the
+  engine may overwrite its blocks after the step), then writes them to the store on a background
+  thread that overlaps the next step; the next ``wait_for_save`` (or ``flush``/shutdown) waits for it.
+  At most ``max_inflight_save_bytes`` are staged in flight. Because the engine's blocks are copied
+  before the step ends, ``request_finished`` never needs to hold a request's blocks.
 - Bytes: each block is gathered from every layer's tensor through its strides (``kv[ids]``), whatever
   the physical layout, and the layers' pages are concatenated into one kvbm_fs row. Nothing assumes
   where K ends and V begins; the byte order of a page is the backend's, which is why the backend is
@@ -59,6 +70,7 @@ import threading
 import time
 import weakref
 from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -89,7 +101,22 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-EXTRA_KEYS = frozenset({"tiers", "config", "model", "tenant", "policy", "daemon", "cost", "layout", "write_through"})
+EXTRA_KEYS = frozenset(
+    {
+        "tiers",
+        "config",
+        "model",
+        "tenant",
+        "policy",
+        "daemon",
+        "cost",
+        "layout",
+        "write_through",
+        "async_load",
+        "async_save",
+        "max_inflight_save_bytes",
+    }
+)
 
 # Semantic axis order of one layer's page as each backend stores it (see the class docstring: the
 # bytes are copied in the per-layer view's logical order, so only the backend's packing matters).
@@ -337,6 +364,7 @@ class KvbmFsMetadata(KVConnectorMetadata):
     """Scheduler -> worker plan for one step. Plain data: it pickles across processes."""
 
     ns_ids: tuple[int, ...] = ()
+    async_loads: bool = False  # the loads may finish in a later step (reported by get_finished)
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
 
@@ -371,6 +399,8 @@ COUNTERS = (
     "saved_blocks",
     "save_skipped_blocks",  # already stored, or computed in a step whose load failed
     "saved_bytes",
+    "save_failed_blocks",  # a put that raised (dropped: recomputed next time)
+    "async_load_requests",  # requests whose blocks loaded in the background (load_kv_async)
 )
 TIMERS = ("load_s", "save_s", "match_s")
 
@@ -429,6 +459,9 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self.loads_enabled = tc.kv_role in ("kv_both", "kv_consumer")
         self.saves_enabled = tc.kv_role in ("kv_both", "kv_producer")
         self.write_through = bool(self.extra.get("write_through", False))
+        self.async_load = _flag(self.extra, "async_load", True)
+        self.async_save = _flag(self.extra, "async_save", True)
+        self.max_inflight_save_bytes = _size(self.extra, "max_inflight_save_bytes", STAGE_BYTES)
         if self.loads_enabled and tc.kv_load_failure_policy != "recompute":
             log.warning(
                 "kvbm_fs: kv_load_failure_policy=%r: a block that fails verification fails its request;"
@@ -474,6 +507,10 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._checked_ns = False
         self._shipping: list[ShippedEvent] = []
         self._chunk = max(1, STAGE_BYTES // self.layout.block_nbytes)  # blocks staged per copy
+        self._load_pool: ThreadPoolExecutor | None = None  # one thread each: order kept, no contention
+        self._save_pool: ThreadPoolExecutor | None = None
+        self._loading: dict[str, Future[list[int]]] = {}  # async loads in flight, by request
+        self._saving: list[tuple[Future[None], int]] = []  # (put, staged bytes) in flight
         if is_worker:
             assert self.store is not None
             self._unsubscribe = self.store.events.subscribe(self._on_worker_event)
@@ -608,7 +645,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         st.load = (start, n)
         for name in names[start:n]:
             st.by_tier[name] = st.by_tier.get(name, 0) + 1
-        return ext, False
+        return ext, self.async_load
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -642,7 +679,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._count(hit_tokens=num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmFsMetadata:
-        meta = KvbmFsMetadata(ns_ids=tuple(ns.id for ns in self.namespaces))
+        meta = KvbmFsMetadata(ns_ids=tuple(ns.id for ns in self.namespaces), async_loads=self.async_load)
         for p in self._reqs.values():
             if p.load is not None and p.load_ids:
                 a, b = p.load
@@ -816,44 +853,65 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._check_namespace(meta)
         if not meta.loads or not self._layers:
             return
+        if not meta.async_loads:
+            failed = self._load(meta.loads)
+            if failed:
+                bad = set(failed)
+                self._load_errors |= bad
+                self._tainted = {t.req_id for t in meta.loads if bad.intersection(t.block_ids)}
+            return
+        if self._load_pool is None:
+            self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-load")
+        for t in meta.loads:  # one job a request, so each request is reported as soon as its blocks are in
+            self._loading[t.req_id] = self._load_pool.submit(self._load, [t])
+
+    def _load(self, transfers: list[Transfer]) -> list[int]:
+        """Read, verify and scatter the transfers' blocks into the engine's KV cache; returns the engine
+        block ids that failed (missing or failed verification), for vLLM to recompute."""
         t0 = time.perf_counter()
-        hashes = np.concatenate([t.hashes for t in meta.loads])
-        parents = np.concatenate([t.parents for t in meta.loads])
-        ids = [b for t in meta.loads for b in t.block_ids]
+        hashes = np.concatenate([t.hashes for t in transfers])
+        parents = np.concatenate([t.parents for t in transfers])
+        ids = [b for t in transfers for b in t.block_ids]
         assert self.store is not None
         keys = BlockKeys(self.namespace.id, hashes, parents)
         got = np.zeros(len(ids), bool)
-        for a in range(0, len(ids), self._chunk):  # bounded staging memory
-            b = min(len(ids), a + self._chunk)
-            stage = self._stage(b - a)
-            got[a:b] = self.store.get(keys[a:b], _u8_rows(stage))
-            ok = np.flatnonzero(got[a:b])
-            if not ok.size:
-                continue
-            idx = torch.as_tensor([ids[a + i] for i in ok.tolist()], dtype=torch.long)
-            src = stage[torch.as_tensor(ok, dtype=torch.long)] if ok.size != b - a else stage
-            for li, (_, view) in enumerate(self._layers):
-                view[idx.to(view.device)] = src[:, li].reshape(ok.size, *self._page_shape).to(view.device)
-        ok = np.flatnonzero(got)
+        try:
+            for a in range(0, len(ids), self._chunk):  # bounded staging memory
+                b = min(len(ids), a + self._chunk)
+                got[a:b] = self._load_chunk(keys[a:b], ids[a:b])
+        except Exception:  # never into the engine: whatever did not load is recomputed
+            log.exception("kvbm_fs: load failed; vLLM recomputes the blocks")
         failed = np.flatnonzero(~got)
         if failed.size:
-            bad = {ids[i] for i in failed.tolist()}
-            self._load_errors |= bad
-            self._tainted = {t.req_id for t in meta.loads if bad.intersection(t.block_ids)}
             log.warning(
                 "kvbm_fs: %d of %d blocks failed to load (missing or failed verification); vLLM recomputes them",
                 failed.size,
                 len(ids),
             )
+        ok = int(got.sum())
         self._count(
-            loaded_blocks=int(ok.size),
+            loaded_blocks=ok,
             load_failed_blocks=int(failed.size),
-            loaded_bytes=int(ok.size) * self.layout.block_nbytes,
+            loaded_bytes=ok * self.layout.block_nbytes,
             load_s=time.perf_counter() - t0,
         )
+        return [ids[i] for i in failed.tolist()]
+
+    def _load_chunk(self, keys: BlockKeys, ids: list[int]) -> np.ndarray:
+        assert self.store is not None
+        stage = self._stage(len(ids))
+        got = np.asarray(self.store.get(keys, _u8_rows(stage)), bool)
+        ok = np.flatnonzero(got)
+        if not ok.size:
+            return got
+        idx = torch.as_tensor([ids[i] for i in ok.tolist()], dtype=torch.long)
+        src = stage[torch.as_tensor(ok, dtype=torch.long)] if ok.size != len(ids) else stage
+        for li, (_, view) in enumerate(self._layers):
+            view[idx.to(view.device)] = src[:, li].reshape(ok.size, *self._page_shape).to(view.device)
+        return got
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # start_load_kv loaded every layer before the forward (synchronous first version)
+        return  # blocks are verified whole, so a sync load finished every layer in start_load_kv
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
@@ -861,6 +919,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         return  # saves happen in wait_for_save, after the step's forward has written every layer
 
     def wait_for_save(self) -> None:
+        self._drain_saves()  # the previous step's puts: their events ship with this step
         meta = self._connector_metadata
         tainted, self._tainted = self._tainted, set()
         if not isinstance(meta, KvbmFsMetadata) or not meta.saves or not self._layers:
@@ -882,27 +941,53 @@ class KvbmFsConnector(KVConnectorBase_V1):
         for tier in self.store.tiers:
             present |= tier.contains(keys)
         new = np.flatnonzero(~present)
-        skipped += int(present.sum())
-        saved = 0
+        self._count(save_skipped_blocks=skipped + int(present.sum()), save_s=time.perf_counter() - t0)
         for a in range(0, new.size, self._chunk):  # bounded staging memory
             sel = new[a : a + self._chunk]
-            sub = keys[sel]
             idx = torch.as_tensor(ids[sel], dtype=torch.long)
             stage = self._stage(sel.size)
             for li, (_, view) in enumerate(self._layers):
                 stage[:, li].view(sel.size, *self._page_shape).copy_(view[idx.to(view.device)])
-            rows = _u8_rows(stage)
-            saved += int(self.store.put(sub, rows).sum())
+            self._submit_save(keys[sel], _u8_rows(stage))
+
+    def _submit_save(self, keys: BlockKeys, rows: torch.Tensor) -> None:
+        """Hand staged rows to the save thread; the engine's own blocks are free to change from here on."""
+        nbytes = int(rows.numel())
+        if not self.async_save:
+            self._put(keys, rows)
+            return
+        while self._saving and sum(n for _, n in self._saving) + nbytes > self.max_inflight_save_bytes:
+            fut, _ = self._saving.pop(0)
+            fut.result()
+        if self._save_pool is None:
+            self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-save")
+        self._saving.append((self._save_pool.submit(self._put, keys, rows), nbytes))
+
+    def _put(self, keys: BlockKeys, rows: torch.Tensor) -> None:
+        t0 = time.perf_counter()
+        assert self.store is not None
+        try:
+            saved = int(np.asarray(self.store.put(keys, rows)).sum())
             if self.write_through:
                 for tier in self.store.tiers[1:]:
                     if tier.persistent:
-                        self.store.put(sub, rows, tier=tier.name, spill=False)
-        self._count(
-            saved_blocks=saved,
-            save_skipped_blocks=skipped,
-            saved_bytes=saved * self.layout.block_nbytes,
-            save_s=time.perf_counter() - t0,
-        )
+                        self.store.put(keys, rows, tier=tier.name, spill=False)
+        except Exception:  # a dropped save only costs a future recompute; never fail the engine
+            log.exception("kvbm_fs: saving %d blocks failed; they are dropped", len(keys))
+            self._count(save_failed_blocks=len(keys))
+            return
+        self._count(saved_blocks=saved, saved_bytes=saved * self.layout.block_nbytes, save_s=time.perf_counter() - t0)
+
+    def _drain_saves(self) -> None:
+        pending, self._saving = self._saving, []
+        for fut, _ in pending:
+            fut.result()
+
+    def flush(self) -> None:
+        """Wait for every background load and save: their blocks, stats and events are then final."""
+        self._drain_saves()
+        for fut in list(self._loading.values()):
+            fut.result()
 
     def _on_worker_event(self, ev: BlockEvent) -> None:
         if ev.kind not in SHIPPED_KINDS or self.store is None:
@@ -920,7 +1005,14 @@ class KvbmFsConnector(KVConnectorBase_V1):
         return KvbmFsWorkerMeta(events)
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
-        return None, None  # nothing asynchronous: loads and saves complete within their step
+        """Async loads that completed; their failed blocks go out with them (vLLM's rule). Saves never
+        hold engine blocks (they are staged), so nothing is reported as finished sending."""
+        done = [rid for rid, fut in self._loading.items() if fut.done()]
+        for rid in done:
+            self._load_errors.update(self._loading.pop(rid).result())
+        if done:
+            self._count(async_load_requests=len(done))
+        return None, set(done) or None
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()
@@ -931,9 +1023,37 @@ class KvbmFsConnector(KVConnectorBase_V1):
         if self._closed:
             return
         self._closed = True
+        try:
+            self.flush()
+        finally:
+            for pool in (self._load_pool, self._save_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
         _release_store(self._store_key)
+
+
+def _flag(extra: Mapping[str, Any], key: str, default: bool) -> bool:
+    v = extra.get(key, default)
+    if isinstance(v, str) and v.lower() in ("0", "1", "true", "false"):
+        return v.lower() in ("1", "true")
+    if not isinstance(v, bool):
+        raise ConfigError(f"kvbm_fs: kv_connector_extra_config.{key} must be true or false, not {v!r}")
+    return v
+
+
+def _size(extra: Mapping[str, Any], key: str, default: int) -> int:
+    from kvbm_fs.units import parse_size
+
+    v = extra.get(key, default)
+    try:
+        n = parse_size(v)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"kvbm_fs: kv_connector_extra_config.{key}: {e}") from None
+    if n < 0:
+        raise ConfigError(f"kvbm_fs: kv_connector_extra_config.{key} must not be negative")
+    return n
 
 
 def _u8_rows(stage: torch.Tensor) -> torch.Tensor:

@@ -171,6 +171,7 @@ def stored(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
 
         sched.__dict__["take_events"] = recording
         outs = generate(llm, ENGINE1)
+        worker.flush()  # background saves are final (they are anyway after the decode steps)
         assert worker.store is not None
         tiers = {t["name"]: t["blocks"] for t in worker.store.stats()["tiers"]}
         result = {
@@ -268,6 +269,8 @@ def test_engine2_loads_shared_prefixes_from_disk(
     assert s["hit_tokens"] == ENGINE2_HIT_BLOCKS * BLOCK
     assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
     assert w["loaded_bytes"] == ENGINE2_HIT_BLOCKS * stored["namespace"].block_nbytes
+    # async loads (the default): the three hitting requests waited for their KV off the step path
+    assert w["async_load_requests"] == 3
     assert ext_hits == ENGINE2_HIT_BLOCKS * BLOCK
     assert by_source.get("disk") == ENGINE2_HIT_BLOCKS * BLOCK and "host" not in by_source, by_source
     print(f"\nengine 2 connector stats: scheduler {s}\n  worker {w}")
@@ -319,6 +322,7 @@ def test_corrupt_blocks_on_disk_are_recomputed(
     assert on_disk == ENGINE2_ALL_BLOCKS  # 21 stored - 2 corrupt (dropped) + 12 written through while serving
     assert w["load_failed_blocks"] == 2, w
     assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS - 2
+    assert w["async_load_requests"] == 3  # failed blocks went out with their async loads, as vLLM requires
     assert w["saved_blocks"] >= 2  # the recomputed blocks were stored again
     with open_offline(ns, root) as st:
         assert st.match(keys_of(ns, A)).length == 6
@@ -329,20 +333,25 @@ def test_corrupt_blocks_on_disk_are_recomputed(
 def test_chunked_prefill_saves_blocks_as_steps_complete_them(
     stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With a 64-token step budget a prompt is prefilled over several steps: loads happen in its first
-    step, and each block is saved in the step that completes it. Staging is cut to 4 blocks per copy,
-    so loads and saves also go through several batches."""
+    """The synchronous mode (async_load/async_save off) with a 64-token step budget: a prompt is
+    prefilled over several steps, loads happen in its first step before the forward, and each block is
+    saved in the step that completes it. Staging is cut to 4 blocks per copy, so loads and saves also go
+    through several batches."""
     monkeypatch.setattr(kvc, "STAGE_BYTES", 4 * stored["namespace"].block_nbytes)
     root = copy_store(stored, tmp_path)
-    llm = new_engine(model, kv_config(root), max_num_batched_tokens=64, max_num_seqs=8)
+    kv = kv_config(root, async_load=False, async_save=False)
+    llm = new_engine(model, kv, max_num_batched_tokens=64, max_num_seqs=8)
     try:
         outs = generate(llm, ENGINE2)
-        w = dict(connectors(llm)["WORKER"].totals.reduce())
+        worker = connectors(llm)["WORKER"]
+        w = dict(worker.totals.reduce())
+        in_flight = len(worker._saving) + len(worker._loading)
     finally:
         stop(llm)
     assert outs == baseline["engine2"]
     assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
     assert w["saved_blocks"] == ENGINE2_ALL_BLOCKS - ENGINE2_HIT_BLOCKS
+    assert w["async_load_requests"] == 0 and in_flight == 0
 
 
 CHILD = r"""
