@@ -75,7 +75,8 @@ class TierSpec:
         parts = urlsplit(url)
         if not parts.scheme:
             raise ConfigError(f"tier URL {_shape(url)!r} has no scheme")
-        opts: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+        # '+' stays a plus ("policy=lru+count2"), not a form-encoded space; a space is %20
+        opts: dict[str, Any] = dict(parse_qsl(parts.query.replace("+", "%2B"), keep_blank_values=True))
         opts.update(options)
         return cls(parts.scheme.lower(), parts.netloc + parts.path, opts, url)
 

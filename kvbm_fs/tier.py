@@ -139,6 +139,37 @@ class Tier(abc.ABC):
             raise LayoutMismatchError(f"{self.name}.{what}: buffer dtype {dt}, need uint8 rows")
 
 
+class Admission:
+    """A tier's admission filter (the ``+ADMISSION`` part of its policy spec), for tiers that are not
+    slot pools (disk, remote). Why: a frequency filter in front of a disk or a bucket keeps one-off
+    prompts from being written at all, which saves SSD wear and PUT requests, the write churn a
+    write-through G3 suffers. Counts are per process (not shared with other processes of the tier)."""
+
+    SKETCH_BLOCKS = 1 << 20  # sketch size for an unbounded tier
+
+    def __init__(self, policy: EvictionPolicy, capacity_blocks: int | None) -> None:
+        self.filter: AdmissionPolicy | None = admission_of(policy)
+        if self.filter is not None:
+            self.filter.bind(min(capacity_blocks or self.SKETCH_BLOCKS, self.SKETCH_BLOCKS))
+
+    def seen(self, keys: BlockKeys) -> None:
+        """One access (a read, or an offer to store) per key."""
+        if self.filter is not None and len(keys):
+            self.filter.record(keys)
+
+    def trim(self, tier: Tier, keys: BlockKeys, todo: np.ndarray, free: int) -> np.ndarray:
+        """The leading part of ``todo`` (indices into ``keys`` of blocks new to ``tier``, chain order)
+        that the filter admits: a refused block ends the chain, since a child without its parent
+        can never be matched."""
+        if self.filter is None or todo.size == 0:
+            return todo
+        need = todo.size - max(0, free)
+        victims = tier.coldest(need) if need > 0 and self.filter.needs_victims else []
+        ok = self.filter.admit(keys[todo], max(0, free), victims)
+        refused = np.flatnonzero(~ok)
+        return todo[: refused[0]] if refused.size else todo
+
+
 class SlotTier(Tier):
     """A tier whose blocks sit in rows of one preallocated 2-D buffer, tracked by a :class:`SlotPool`.
 

@@ -43,7 +43,7 @@ from ..events import EventBus, EventKind
 from ..keys import BlockKey, BlockKeys, Namespace
 from ..policy import EvictionPolicy, make_policy
 from ..rows import is_torch
-from ..tier import Medium, Tier
+from ..tier import Admission, Medium, Tier
 from ..units import parse_size
 from .disk_index import KEY as KEY_STRUCT
 from .disk_index import OWNER as OWNER_STRUCT
@@ -94,6 +94,7 @@ class DiskTier(Tier):
             raise CapacityError(f"disk capacity {cap} B is smaller than one {self.slot_bytes} B slot")
         self._open_dir(cap // self.slot_bytes, parse_size(segment_bytes, "segment_bytes"))
         self.index = self._open_index()
+        self.admission = Admission(self.policy, self.num_slots)
         self.direct = probe_direct_io(self.root) if direct is None else direct
         self.io: BlockIO = _make_io(io)
         self._fds: dict[int, tuple[int, int]] = {}
@@ -247,12 +248,15 @@ class DiskTier(Tier):
         self._live()
         self._check_rows(keys, data, "put")
         rows = _host_rows(data, len(keys))
+        self.admission.seen(keys)
         recs, held = self._records_pinned(keys)  # making room must not evict what this put counts as stored
         present = np.array([r is not None for r in recs], bool)
         todo = np.flatnonzero(~present)
         _, first = np.unique(keys.hashes[todo], return_index=True)
         todo = todo[np.sort(first)]
         try:
+            if self.admission.filter is not None:
+                todo = self.admission.trim(self, keys, todo, self.num_slots - len(self))
             if todo.size == 0:
                 return present
             stored = self._write_blocks(keys, rows, todo)
@@ -359,6 +363,7 @@ class DiskTier(Tier):
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._live()
         self._check_rows(keys, out, "get")
+        self.admission.seen(keys)
         recs, slots = self._records_pinned(keys)
         found = np.array([r is not None for r in recs], bool)
         idx = np.flatnonzero(found)

@@ -36,7 +36,7 @@ from ..keys import BlockKeys, Namespace
 from ..policy import EvictionPolicy, make_policy
 from ..registry import TierSpec
 from ..rows import is_torch
-from ..tier import Medium, Tier
+from ..tier import Admission, Medium, Tier
 from ..units import parse_size
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,7 @@ class RemoteTier(Tier):
                              retries=0, skipped_open_breaker=0, evictions=0)  # fmt: skip
         self._check_tier_manifest()
         self._count = self._count_objects() if self.capacity != UNBOUNDED else -1
+        self.admission = Admission(self.policy, None if self._count < 0 else self.capacity // self.object_bytes)
 
     # ---- async plumbing ------------------------------------------------------------------
     def _run(self, coro: Awaitable[T]) -> T:
@@ -270,6 +271,7 @@ class RemoteTier(Tier):
 
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
+        self.admission.seen(keys)
         paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
         res = self._run(self._gather([partial(self.fs._cat_file, p, **self._read_kw) for p in paths]))
         found = np.zeros(len(keys), bool)
@@ -310,12 +312,16 @@ class RemoteTier(Tier):
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._check_rows(keys, data, "put")
         rows = _host_rows(data, len(keys))
+        self.admission.seen(keys)
         # Objects are content-addressed and a PUT replaces whole, so an unbounded tier need not ask
         # first (saves a HEAD per block); a bounded one must, to count what it holds.
         have = self.contains(keys) if self._count >= 0 else np.zeros(len(keys), bool)
         todo = np.flatnonzero(~have)
         _, first = np.unique(keys.hashes[todo], return_index=True)
         todo = todo[np.sort(first)]
+        if self.admission.filter is not None:
+            free = self.capacity // self.object_bytes - self._count if self._count >= 0 else todo.size
+            todo = self.admission.trim(self, keys, todo, free)
         if todo.size == 0:
             return have
         if self._count >= 0:  # bounded: the leading blocks that fit, after evicting the oldest
