@@ -1,4 +1,5 @@
-"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``replay``, ``daemon``."""
+"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``replay``, ``daemon``,
+``hf-prepopulate`` (offline warm-cache prepopulation with a local transformers model)."""
 
 from __future__ import annotations
 
@@ -10,8 +11,17 @@ from .errors import KvbmError
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["hf-prepopulate"]:  # its own parser: importing it (torch) only when it is asked for
+        from .integration.transformers import main as hf_main
+
+        return hf_main(argv[1:])
     p = argparse.ArgumentParser(prog="kvbm-fs", description="Tiered KV-cache block store")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser(
+        "hf-prepopulate",
+        help="prefill prompts with a local transformers model and store their KV blocks (--help for options)",
+    )
     d = sub.add_parser("demo", help="store and match real KV-shaped blocks through every tier")
     d.add_argument("--json", action="store_true", help="print only the JSON summary")
     d.add_argument("--requests", type=int, default=8)

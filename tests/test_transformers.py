@@ -201,8 +201,10 @@ def test_read_prompts_and_cli(model: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="tokenizer"):
         kt.read_prompts(str(bad))
     model.save_pretrained(tmp_path / "model")
-    rc = kt.main([str(tmp_path / "model"), str(src), "--tiers", f"file://{tmp_path}/kv?capacity=4MiB", "--name", "t"])
-    assert rc == 0
+    from kvbm_fs.cli import main as cli_main
+
+    tiers = f"file://{tmp_path}/kv?capacity=4MiB"
+    assert cli_main(["hf-prepopulate", str(tmp_path / "model"), str(src), "--tiers", tiers, "--name", "t"]) == 0
     with kt.mount_model(model, f"file://{tmp_path}/kv?capacity=4MiB", name="t") as store:
         assert kt.load_prefix(store, SECOND)[1] == SHARED
 

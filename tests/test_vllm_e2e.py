@@ -42,7 +42,7 @@ pytestmark = pytest.mark.slow
 # A tiny Llama with random weights saved locally. Not load_format="dummy": vLLM's dummy weights are
 # uniform in +-1e-3, which makes attention uniform and greedy outputs blind to the context (a zeroed or
 # corrupt KV block gave the same tokens), so output equality would prove nothing.
-TINY_LLAMA = dict(
+TINY_LLAMA: dict[str, Any] = dict(
     hidden_size=256,
     intermediate_size=512,
     num_hidden_layers=2,
