@@ -1,0 +1,574 @@
+"""SGLang (0.5.23) HiCache L3 storage backend: SGLang's host-memory KV pages persist in kvbm_fs tiers.
+
+Load it with SGLang's own flags::
+
+    --hicache-storage-backend dynamic --hicache-storage-backend-extra-config '{
+        "backend_name": "kvbm_fs", "module_path": "kvbm_fs.integration.sglang",
+        "class_name": "KvbmFsHiCacheStorage", "interface_v1": 1,
+        "tiers": ["host://?capacity=8GiB", "file:///var/cache/kvbm?capacity=200GiB"]}'
+
+SGLang hands that whole JSON object to the backend as ``storage_config.extra_config``; besides SGLang's
+own keys it takes (all optional; the rest comes from ``KVBM_FS_*`` like any :func:`kvbm_fs.mount`):
+
+``tiers``            tier URLs or ``{url=..., ...}`` tables, fastest first (default: a 1 GiB host tier
+                     and a 10 GiB disk tier under ``$KVBM_FS_SGLANG_DIR`` or ``~/.cache/kvbm_fs/sglang``)
+``config``           a kvbm_fs TOML/YAML/JSON file (same keys as ``mount(config=...)``)
+``model``            the model name in the namespace (default: SGLang's ``model_name``)
+``tenant``, ``policy``, ``daemon``, ``cost``   as for ``mount``
+``write_through``    also write every page to the persistent tiers at once (default true: L3 is what
+                     other ranks, other engines and the next restart read, so it must be on disk)
+
+How it works:
+
+- Names: SGLang's keys are opaque page hashes (64 hex digits; any other string is folded as UTF-8).
+  They live in a :class:`~kvbm_fs.Namespace` with ``hash_scheme="sglang"`` built from the model, the
+  page's byte layout as the host pool holds it (layers, KV heads, head dim, page size, dtype, axis order
+  of the page layout, MLA or not) and the parallel rank (TP x attention-CP x PP). An MLA page is the
+  same on every TP rank, so its namespace leaves TP out: only the storage writer (rank 0) stores, and
+  every rank reads what it stored.
+- Bytes: ``batch_set_v1``/``batch_get_v1`` (``"interface_v1": 1``) gather and scatter whole pages
+  between the host pool's ``kv_buffer`` and one kvbm_fs row per page with one ``index_select`` /
+  ``index_copy_`` per batch, whatever the layout; the row holds exactly the bytes SGLang's own
+  ``get_data_page(flat=True)`` would, so the legacy ``get``/``set`` path (flat page tensors) names
+  and reads the same blocks.
+- Batching: one store call per SGLang batch (``batch_exists`` is one ``Store.match``).
+- Failures: every page read is verified by the store; a page that fails verification or vanished is
+  ``False`` in the returned list (``None`` for ``get``) and its host slot is left untouched.
+- Observability: :meth:`KvbmFsHiCacheStorage.stats` (pages and bytes read, written, hit, missed,
+  failed, seconds), :meth:`~KvbmFsHiCacheStorage.take_events` (kvbm_fs block events) and SGLang's
+  ``get_stats`` (``StorageMetrics``, for ``--enable-storage-metrics``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import xxhash
+
+from kvbm_fs import BlockKeys, ConfigError, IllegalTransitionError, KVLayout, LayoutMismatchError, Namespace, Store
+from kvbm_fs.config import DEFAULT_TIERS, StoreConfig, resolve
+from kvbm_fs.events import BlockEvent, EventKind
+from kvbm_fs.keys import engine_hash_to_u64
+from kvbm_fs.mount import build_store
+from kvbm_fs.registry import TierSpec, tier_class
+
+log = logging.getLogger(__name__)
+
+EXTRA_KEYS = frozenset({"tiers", "config", "model", "tenant", "policy", "daemon", "cost", "write_through"})
+# Keys SGLang itself reads from the same JSON object (dynamic loading, controller and file backend options).
+SGLANG_KEYS = frozenset(
+    {
+        "backend_name",
+        "module_path",
+        "class_name",
+        "interface_v1",
+        "tp_lcm_size",
+        "prefetch_threshold",
+        "prefetch_timeout_base",
+        "prefetch_timeout_per_ki_token",
+        "enable_metadata_cache",
+        "metadata_ttl",
+        "file_storage_path",
+    }
+)
+DISK_CAPACITY = "10GiB"
+
+TORCH_DTYPES = {
+    torch.float32: "float32",
+    torch.float16: "float16",
+    torch.bfloat16: "bfloat16",
+    torch.float8_e4m3fn: "float8_e4m3fn",
+    torch.float8_e5m2: "float8_e5m2",
+    torch.int8: "int8",
+    torch.uint8: "uint8",
+}
+
+# Host pool layout -> (leading kv_buffer dims before the page/token axis, axis order of one page's bytes).
+# MHA kv_buffer: layer_first [2, L, tokens, H, D], page_first [2, tokens, L, H, D],
+# page_first_direct [2, pages, L, T, H, D], page_head [2, pages, H, T, L, D].
+MHA_LAYOUTS = {
+    "layer_first": (2, "KLTHD"),
+    "page_first": (1, "KTLHD"),
+    "page_first_direct": (1, "KLTHD"),
+    "page_head": (1, "KHTLD"),
+}
+# MLA kv_buffer: layer_first [L, tokens, 1, D], page_first [tokens, L, 1, D], page_first_direct [pages, L, T, 1, D].
+MLA_LAYOUTS = {"layer_first": (1, "LTD"), "page_first": (0, "TLD"), "page_first_direct": (0, "LTD")}
+
+
+class _LocalHiCacheStorage:
+    """Stand-in for SGLang's ``HiCacheStorage`` ABC where SGLang is not installed (the core venv), so
+    this module imports and type-checks everywhere; SGLang's own class is the base whenever it imports."""
+
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        self.mem_pool_host = mem_pool_host
+
+    def on_host_pools_registered(self) -> None:
+        return None
+
+
+def _hicache_base() -> type:
+    try:
+        from sglang.srt.mem_cache.hicache_storage import HiCacheStorage
+    except ImportError:
+        return _LocalHiCacheStorage
+    return HiCacheStorage
+
+
+if TYPE_CHECKING:
+    _Base = _LocalHiCacheStorage
+else:
+    _Base = _hicache_base()
+
+
+# ---- pages of the host pool ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HostPages:
+    """The host pool's ``kv_buffer`` seen as ``[pages, outer, inner]``: one page is ``view[p]``, possibly
+    strided (K and V halves apart), and its bytes in ``view[p]``'s logical order are the kvbm_fs row."""
+
+    view: torch.Tensor
+    layout: KVLayout
+    page_size: int
+
+    @property
+    def num_pages(self) -> int:
+        return int(self.view.shape[0])
+
+    def page_ids(self, host_indices: Any, n: int) -> torch.Tensor:
+        """Page numbers of ``n`` whole pages given as SGLang's token-slot indices; misuse raises."""
+        idx = torch.as_tensor(host_indices).reshape(-1).to(device="cpu", dtype=torch.int64)
+        ps = self.page_size
+        if idx.numel() != n * ps:
+            raise LayoutMismatchError(f"{n} keys need {n * ps} host indices (page size {ps}), got {idx.numel()}")
+        per = idx.view(n, ps)
+        starts = per[:, 0]
+        whole = bool((starts % ps == 0).all()) and bool((per == starts[:, None] + torch.arange(ps)).all())
+        if not whole:
+            raise LayoutMismatchError("host indices must cover whole, page-aligned pages of the host pool")
+        pages = starts // ps
+        if n and (int(pages.min()) < 0 or int(pages.max()) >= self.num_pages):
+            raise LayoutMismatchError(f"host indices outside the host pool ({self.num_pages} pages)")
+        return pages
+
+    def gather(self, pages: torch.Tensor) -> torch.Tensor:
+        """Copy pages out as contiguous uint8 rows ``[n, block_nbytes]`` (one copy, whatever the strides)."""
+        n = int(pages.numel())
+        return self.view.index_select(0, pages).view(n, -1).view(torch.uint8)
+
+    def staging(self, n: int) -> torch.Tensor:
+        return torch.empty((n, *self.view.shape[1:]), dtype=self.view.dtype)
+
+    def scatter(self, pages: torch.Tensor, stage: torch.Tensor) -> None:
+        """Write staged pages (pool dtype, ``[n, outer, inner]``) back into their host slots."""
+        self.view.index_copy_(0, pages, stage)
+
+
+def host_pages(pool: Any) -> HostPages:
+    """Describe an SGLang host pool (``MHATokenToKVPoolHost`` / ``MLATokenToKVPoolHost``) for page copies.
+
+    Only what the page bytes depend on goes into the layout; pools whose pages are not one uniform
+    block (asymmetric K/V widths, split or unified page formats, DCP shards) are refused here."""
+    buf = getattr(pool, "kv_buffer", None)
+    if not isinstance(buf, torch.Tensor):
+        raise ConfigError(f"kvbm_fs: host pool {type(pool).__name__} has no single kv_buffer tensor to copy pages of")
+    if int(getattr(pool, "dcp_size", 1) or 1) != 1:
+        raise ConfigError("kvbm_fs: decode context parallel (dcp_size > 1) host pools are not supported")
+    mla = hasattr(pool, "kv_cache_dim")
+    table = MLA_LAYOUTS if mla else MHA_LAYOUTS
+    if pool.layout not in table:
+        kind = "MLA" if mla else "MHA"
+        raise ConfigError(
+            f"kvbm_fs: {kind} host pool layout {pool.layout!r} is not supported; use one of {sorted(table)}"
+        )
+    dtype = TORCH_DTYPES.get(buf.dtype)
+    if dtype is None:
+        raise ConfigError(f"kvbm_fs: host pool dtype {buf.dtype} is not supported")
+    outer, order = table[pool.layout]
+    layout = _pool_layout(pool, dtype, order, mla)
+    per_page = math.prod(layout.block_shape)
+    page_num = buf.numel() // per_page
+    if not buf.is_contiguous() or page_num * per_page != buf.numel() or buf.ndim < outer + 1:
+        raise LayoutMismatchError(
+            f"kvbm_fs: host pool kv_buffer {tuple(buf.shape)} is not whole pages of {layout.block_shape}"
+        )
+    view = buf.view(math.prod(buf.shape[:outer]), page_num, -1).transpose(0, 1)
+    return HostPages(view, layout, layout.block_size)
+
+
+def _pool_layout(pool: Any, dtype: str, order: str, mla: bool) -> KVLayout:
+    if mla:
+        return KVLayout(int(pool.layer_num), 1, int(pool.kv_cache_dim), int(pool.page_size), dtype, order, mla=True)
+    v_dim = getattr(pool, "v_head_dim", pool.head_dim)
+    if v_dim != pool.head_dim:
+        raise ConfigError(f"kvbm_fs: K head dim {pool.head_dim} != V head dim {v_dim} is not supported")
+    return KVLayout(int(pool.layer_num), int(pool.head_num), int(pool.head_dim), int(pool.page_size), dtype, order)
+
+
+# ---- configuration ---------------------------------------------------------------------------------
+
+
+def default_dir() -> Path:
+    """Where the default disk tier lives: ``$KVBM_FS_SGLANG_DIR``, else the user's cache directory."""
+    env = os.environ.get("KVBM_FS_SGLANG_DIR")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "kvbm_fs" / "sglang"
+
+
+def store_config(extra: Mapping[str, Any] | None) -> tuple[StoreConfig, bool]:
+    """The kvbm_fs StoreConfig and write-through flag from SGLang's extra config, its ``config`` file, then env."""
+    extra = dict(extra or {})
+    stray = set(extra) - EXTRA_KEYS - SGLANG_KEYS
+    if stray:  # SGLang grows options of its own: warn rather than refuse
+        log.warning("kvbm_fs: ignoring unknown hicache extra config key(s) %s", sorted(stray))
+    write_through = extra.get("write_through", True)
+    if not isinstance(write_through, bool):
+        raise ConfigError(f"kvbm_fs: write_through must be true or false, got {write_through!r}")
+    explicit = {k: extra[k] for k in ("tiers", "tenant", "policy", "daemon", "cost") if k in extra}
+    cfg = resolve(config=extra.get("config"), **explicit)
+    if cfg.tiers == list(DEFAULT_TIERS):  # nobody chose tiers: L3 wants a disk tier, not host memory alone
+        cfg.tiers = ["host://?capacity=1GiB", f"file://{default_dir()}?capacity={DISK_CAPACITY}"]
+    for t in cfg.tiers:  # a typo in a URL fails when SGLang attaches the backend, not at the first page
+        tier_class(TierSpec.parse(t if isinstance(t, str) else str(t["url"])).scheme)
+    return cfg, write_through
+
+
+def _attr(cfg: Any, name: str, default: int) -> int:
+    v = getattr(cfg, name, default)
+    return default if v is None else int(v)
+
+
+def namespace_for(storage_config: Any, extra: Mapping[str, Any] | None, layout: KVLayout, tenant: str) -> Namespace:
+    """Model, page layout and parallel rank. MLA pages are replicated across TP ranks: TP is left out."""
+    if getattr(storage_config, "should_split_heads", False):
+        raise ConfigError("kvbm_fs: heterogeneous-TP head splitting (tp_lcm_size) is not supported")
+    if _attr(storage_config, "dcp_size", 1) != 1:
+        raise ConfigError("kvbm_fs: decode context parallel (dcp_size > 1) is not supported")
+    model = str((extra or {}).get("model") or getattr(storage_config, "model_name", None) or "default")
+    tp, tp_rank = _attr(storage_config, "tp_size", 1), _attr(storage_config, "tp_rank", 0)
+    pp, pp_rank = _attr(storage_config, "pp_size", 1), _attr(storage_config, "pp_rank", 0)
+    cp, cp_rank = _attr(storage_config, "attn_cp_size", 1), _attr(storage_config, "attn_cp_rank", 0)
+    stage = pp_rank * cp + cp_rank
+    if layout.mla:
+        rank, world = stage, pp * cp
+    else:
+        rank, world = stage * tp + tp_rank, pp * cp * tp
+    return Namespace(model, layout, rank, world, tenant, hash_scheme="sglang")
+
+
+def is_writer(storage_config: Any) -> bool:
+    """SGLang's rule: every rank writes MHA pages; one rank per replica group writes MLA pages."""
+    flag = getattr(storage_config, "is_storage_writer", None)
+    if flag is not None:
+        return bool(flag)
+    return not storage_config.is_mla_model or _attr(storage_config, "tp_rank", 0) == 0
+
+
+def page_key(key: str) -> int:
+    """A 64-bit key for one SGLang page key: hex digests are folded as bytes, anything else as UTF-8."""
+    try:
+        return engine_hash_to_u64(key)
+    except ValueError:
+        return xxhash.xxh3_64_intdigest(key.encode(), 0)
+
+
+@dataclass
+class PageMetrics:
+    """The fields of SGLang's ``StorageMetrics`` (pages per batch, GiB/s per batch), without importing its
+    metrics module (which pulls in SGLang's whole model zoo); SGLang's collector reads them by name."""
+
+    prefetch_pgs: list[float]
+    backup_pgs: list[float]
+    prefetch_bandwidth: list[float]
+    backup_bandwidth: list[float]
+
+
+# ---- the backend -----------------------------------------------------------------------------------
+
+COUNTERS = (
+    "exists_calls",
+    "exists_pages",
+    "exists_hits",
+    "get_pages",
+    "hit_pages",
+    "miss_pages",
+    "failed_pages",
+    "read_bytes",
+    "set_pages",
+    "present_pages",
+    "written_pages",
+    "written_bytes",
+    "skipped_pages",
+)
+TIMERS = ("read_s", "write_s", "exists_s")
+
+
+class KvbmFsHiCacheStorage(_Base):
+    """SGLang ``HiCacheStorage`` over a kvbm_fs :class:`~kvbm_fs.Store` (see the module docstring)."""
+
+    def __init__(self, storage_config: Any, kwargs: Mapping[str, Any] | None = None) -> None:
+        self.storage_config = storage_config
+        self.extra: dict[str, Any] = dict(getattr(storage_config, "extra_config", None) or {})
+        self.config, self.write_through = store_config(self.extra)
+        self.is_writer = is_writer(storage_config)
+        self.mem_pool_host: Any = None
+        self.pages: HostPages | None = None
+        self.namespace: Namespace | None = None
+        self.store: Store | None = None
+        self._lock = threading.Lock()
+        self._counters: dict[str, float] = dict.fromkeys((*COUNTERS, *TIMERS), 0)
+        self._metrics: dict[str, list[float]] = {
+            "prefetch_pgs": [],
+            "backup_pgs": [],
+            "prefetch_bw": [],
+            "backup_bw": [],
+        }
+        self._events: deque[BlockEvent] = deque(maxlen=4096)
+        self._unsubscribe: Callable[[], None] | None = None
+
+    # ---- setup -----------------------------------------------------------------------------------
+    def register_mem_pool_host(self, mem_pool_host: Any) -> None:
+        """SGLang calls this right after construction: the pool fixes the page layout, hence the namespace
+        and the tiers' block size, so the store opens here."""
+        pages = host_pages(mem_pool_host)
+        pinned = self.config.layout
+        if pinned is not None and pinned != pages.layout:
+            raise LayoutMismatchError(
+                f"kvbm_fs: the configured layout {pinned.to_dict()} does not match the host pool's pages "
+                f"{pages.layout.to_dict()}"
+            )
+        ns = namespace_for(self.storage_config, self.extra, pages.layout, self.config.tenant)
+        if self.store is not None:
+            if ns != self.namespace:
+                raise LayoutMismatchError("kvbm_fs: a second host pool with another page layout was registered")
+            self.mem_pool_host, self.pages = mem_pool_host, pages
+            return
+        cfg = self.config
+        cfg.model, cfg.layout, cfg.rank, cfg.world_size = ns.model, ns.layout, ns.rank, ns.world_size
+        cfg.hash_scheme = "sglang"
+        self.store = build_store(cfg)
+        self.mem_pool_host, self.pages, self.namespace = mem_pool_host, pages, ns
+        self._unsubscribe = self.store.events.subscribe(self._on_event)
+
+    def _ready(self) -> tuple[Store, HostPages, Namespace]:
+        if self.store is None or self.pages is None or self.namespace is None:
+            raise IllegalTransitionError("kvbm_fs: call register_mem_pool_host() before reading or writing pages")
+        return self.store, self.pages, self.namespace
+
+    def keys(self, keys: Sequence[str], extra_info: Any = None) -> BlockKeys:
+        """Chained kvbm_fs keys of SGLang page keys; the page before the batch (``prefix_keys``) is the root."""
+        _, _, ns = self._ready()
+        hashes = np.fromiter((page_key(k) for k in keys), np.uint64, len(keys))
+        prefix = getattr(extra_info, "prefix_keys", None)
+        return BlockKeys.chain(ns.id, hashes, page_key(prefix[-1]) if prefix else 0)
+
+    # ---- zero-copy path (interface_v1) --------------------------------------------------------------
+    def batch_set_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
+        """Store whole host pages; True where the page is now stored (or this rank is not the writer)."""
+        if not keys:
+            return []
+        if not self.is_writer:  # the writer rank stores this replicated MLA page for everyone
+            self._count(set_pages=len(keys), skipped_pages=len(keys))
+            return [True] * len(keys)
+        _, pages, _ = self._ready()
+        ids = pages.page_ids(host_indices, len(keys))
+        return self._write(self.keys(keys, extra_info), lambda sel: pages.gather(ids[sel])).tolist()
+
+    def batch_get_v1(self, keys: list[str], host_indices: Any, extra_info: Any = None) -> list[bool]:
+        """Load pages into their host slots; False (slot untouched) where a page is missing or corrupt."""
+        if not keys:
+            return []
+        _, pages, _ = self._ready()
+        ids = pages.page_ids(host_indices, len(keys))
+        stage = pages.staging(len(keys))
+        got = self._read(self.keys(keys, extra_info), stage.view(len(keys), -1).view(torch.uint8))
+        if got.any():
+            sel = torch.from_numpy(np.flatnonzero(got))
+            pages.scatter(ids[sel], stage[sel])
+        return got.tolist()
+
+    # ---- legacy path: flat page tensors --------------------------------------------------------------
+    def get(self, key: str, target_location: Any = None, target_sizes: Any = None) -> torch.Tensor | None:
+        return self.batch_get([key], [target_location])[0]
+
+    def batch_get(
+        self, keys: list[str], target_locations: Any = None, target_sizes: Any = None
+    ) -> list[torch.Tensor | None]:
+        """Read flat pages into the given tensors (new ones when None); None where missing or corrupt."""
+        if not keys:
+            return []
+        _, pages, _ = self._ready()
+        targets = list(target_locations) if target_locations is not None else [None] * len(keys)
+        if len(targets) != len(keys):
+            raise ValueError(f"batch_get: {len(keys)} keys but {len(targets)} target locations")
+        stage = torch.empty((len(keys), pages.layout.block_nbytes), dtype=torch.uint8)
+        got = self._read(self.keys(keys), stage).tolist()
+        return [self._deliver(stage[i], t) if ok else None for i, (ok, t) in enumerate(zip(got, targets))]
+
+    def _deliver(self, row: torch.Tensor, target: Any) -> torch.Tensor:
+        if target is None:
+            return row.view(self._ready()[1].view.dtype).clone()
+        _flat_bytes(target, row.numel()).copy_(row)
+        return target
+
+    def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
+        return self.batch_set([key], [value])
+
+    def batch_set(
+        self, keys: list[str], values: Any = None, target_locations: Any = None, target_sizes: Any = None
+    ) -> bool:
+        """Store flat pages (``get_data_page(flat=True)``); True only if every page is stored."""
+        if not keys:
+            return True
+        if values is None or len(values) != len(keys):
+            raise ValueError(f"batch_set: {len(keys)} keys need as many page tensors")
+        if not self.is_writer:
+            self._count(set_pages=len(keys), skipped_pages=len(keys))
+            return True
+        _, pages, _ = self._ready()
+        rows = torch.stack([_flat_bytes(v, pages.layout.block_nbytes) for v in values])
+        return bool(self._write(self.keys(keys), lambda sel: rows[sel]).all())
+
+    # ---- lookups --------------------------------------------------------------------------------------
+    def exists(self, key: str) -> bool:
+        return self.batch_exists([key]) == 1
+
+    def batch_exists(self, keys: list[str], extra_info: Any = None) -> int:
+        """Length of the longest run of leading pages stored in any tier: one batched match."""
+        if not keys:
+            return 0
+        store, _, _ = self._ready()
+        t0 = time.perf_counter()
+        n = store.match(self.keys(keys, extra_info)).length
+        self._count(exists_calls=1, exists_pages=len(keys), exists_hits=n, exists_s=time.perf_counter() - t0)
+        return n
+
+    # ---- store access ---------------------------------------------------------------------------------
+    def _read(self, keys: BlockKeys, rows: torch.Tensor) -> np.ndarray:
+        store, pages, _ = self._ready()
+        t0 = time.perf_counter()
+        got = store.get(keys, rows)
+        dt = time.perf_counter() - t0
+        hit = int(got.sum())
+        nbytes = hit * pages.layout.block_nbytes
+        self._count(get_pages=len(keys), hit_pages=hit, miss_pages=len(keys) - hit, read_bytes=nbytes, read_s=dt)
+        self._metric("prefetch", len(keys), nbytes, dt)
+        return got
+
+    def _write(self, keys: BlockKeys, rows_of: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray:
+        """Put the pages some target tier lacks (the first tier, plus every persistent tier when writing
+        through); ``rows_of(selection)`` copies out only those. Mask of pages now stored."""
+        store, pages, _ = self._ready()
+        t0 = time.perf_counter()
+        targets = [store.tiers[0]]
+        if self.write_through:
+            targets += [t for t in store.tiers[1:] if t.persistent]
+        lacks = [~t.contains(keys) for t in targets]
+        ok = ~np.logical_and.reduce(lacks)  # already in some target tier
+        todo = np.flatnonzero(np.logical_or.reduce(lacks))
+        written = 0
+        if todo.size:
+            sub, rows = keys[todo], rows_of(torch.from_numpy(todo))
+            for t, lack in zip(targets, lacks):
+                sel = np.flatnonzero(lack[todo])
+                if not sel.size:
+                    continue
+                every = sel.size == todo.size
+                part = rows if every else rows[torch.from_numpy(sel)]
+                spill = len(targets) == 1  # without write-through, what the first tier refuses goes down a tier
+                put = store.put(sub if every else sub[sel], part, t.name, spill)
+                ok[todo[sel]] |= put
+                written = max(written, int(put.sum()))
+        dt = time.perf_counter() - t0
+        nbytes = written * pages.layout.block_nbytes
+        self._count(set_pages=len(keys), present_pages=len(keys) - int(todo.size), written_pages=written)
+        self._count(written_bytes=nbytes, write_s=dt)
+        self._metric("backup", len(keys), nbytes, dt)
+        return ok
+
+    # ---- observability --------------------------------------------------------------------------------
+    def _count(self, **delta: float) -> None:
+        with self._lock:
+            for k, v in delta.items():
+                self._counters[k] += v
+
+    def _metric(self, kind: str, n: int, nbytes: int, dt: float) -> None:
+        with self._lock:
+            self._metrics[f"{kind}_pgs"].append(n)
+            self._metrics[f"{kind}_bw"].append(nbytes / (1 << 30) / dt if dt > 0 else 0.0)
+
+    def _on_event(self, ev: BlockEvent) -> None:
+        self._events.append(ev)
+        if ev.kind is EventKind.LOAD_FAILED:
+            self._count(failed_pages=len(ev.keys))
+
+    def stats(self) -> dict[str, Any]:
+        """Cumulative counters (pages, bytes, seconds) and the store's per-tier stats."""
+        with self._lock:
+            out: dict[str, Any] = dict(self._counters)
+        for k in COUNTERS:
+            out[k] = int(out[k])
+        out["namespace"] = self.namespace.short_id if self.namespace is not None else None
+        out["writer"] = self.is_writer
+        out["store"] = self.store.stats() if self.store is not None else None
+        return out
+
+    def take_events(self) -> list[BlockEvent]:
+        """kvbm_fs block events (stored, evicted, load_failed, ...) since the last call, oldest first."""
+        out = []
+        while self._events:
+            out.append(self._events.popleft())
+        return out
+
+    def get_stats(self) -> PageMetrics:
+        """SGLang's storage metrics since the last call (``--enable-storage-metrics``)."""
+        with self._lock:
+            m, self._metrics = self._metrics, {k: [] for k in self._metrics}
+        return PageMetrics(m["prefetch_pgs"], m["backup_pgs"], m["prefetch_bw"], m["backup_bw"])
+
+    # ---- lifecycle --------------------------------------------------------------------------------------
+    def clear(self) -> bool:
+        """Delete this backend's pages (its namespace) from every tier; other namespaces stay."""
+        store, _, ns = self._ready()
+        for t in store.tiers:
+            for batch in list(t.iter_keys()):
+                if batch.ns == ns.id:
+                    store.delete(batch)
+        return True
+
+    def close(self) -> None:
+        """Close the store (SGLang calls this when it detaches the backend); volatile tiers persist to disk."""
+        store, self.store = self.store, None
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+        if store is not None:
+            store.close()
+
+
+def _flat_bytes(t: Any, nbytes: int) -> torch.Tensor:
+    """A contiguous tensor's bytes as a flat uint8 view, checked to be exactly one page."""
+    if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+        raise LayoutMismatchError("kvbm_fs: page tensors must be contiguous torch tensors")
+    flat = t.reshape(-1).view(torch.uint8)
+    if flat.numel() != nbytes:
+        raise LayoutMismatchError(f"kvbm_fs: a page tensor holds {flat.numel()} bytes; a page is {nbytes}")
+    return flat
+
+
+__all__ = ["KvbmFsHiCacheStorage", "HostPages", "host_pages", "namespace_for", "store_config"]
