@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from .errors import KvbmError
@@ -27,6 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--requests", type=int, default=8)
     d.add_argument("--tiers", nargs="*", help="tier URLs, fastest first (default: GPU/CPU pool, host, local disk)")
     d.add_argument("--dir", help="folder for the default disk tier (default: ./.kvbm_fs-demo)")
+    d.add_argument("--no-model", action="store_true", help="skip the transformers model part")
     i = sub.add_parser("info", help="show the store a config/environment would mount")
     i.add_argument("--config", help="TOML/YAML/JSON config file")
     c = sub.add_parser("check", help="verify a disk tier's index against its segment files")
@@ -79,8 +81,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "demo":
             from .demo import DEMO_DIR, default_tiers, run_demo
 
-            tiers = args.tiers or default_tiers(args.dir or DEMO_DIR)
-            return run_demo(requests=args.requests, tiers=tiers, json_only=args.json)
+            root = args.dir or DEMO_DIR
+            tiers = args.tiers or default_tiers(root)
+            return run_demo(
+                requests=args.requests,
+                tiers=tiers,
+                json_only=args.json,
+                model_dir=os.path.join(root, "hf"),
+                model=not args.no_model,
+            )
         if args.cmd == "replay":
             from .replay import run_cli
 

@@ -96,11 +96,17 @@ class PlacementDaemon:
                              demoted_bytes=0, promoted_bytes=0, kept_blocks=0)  # fmt: skip
 
     # ---- lifecycle -----------------------------------------------------------------------
+    def attach(self) -> PlacementDaemon:
+        """Take over placement without a thread (the caller runs ``run_once``): from now on only the
+        bottom tier may drop blocks to take a put; the others refuse, and puts spill down."""
+        for t in self.store.tiers[:-1]:
+            t.evict_on_put = False
+        return self
+
     def start(self) -> PlacementDaemon:
         if self._thread is not None and self._thread.is_alive():
             return self
-        for t in self.store.tiers[:-1]:  # only the bottom tier may drop blocks to take a put
-            t.evict_on_put = False
+        self.attach()
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="kvbm-daemon", daemon=True)
         self._thread.start()
