@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_disk.py", ["write_ratio", "read_ratio", "naive_write_ratio", "lookup_hit_p50_us_per_key"]),
         ("bench_remote.py", ["get_speedup", "put_speedup"]),
         ("bench_policies.py", ["default_ratio_5pct", "lru_ratio_5pct", "distinct_blocks"]),
+        ("bench_sglang.py", []),  # {"skipped"} here; .ci/run-sglang has SGLang
         ("gpu_check.py", []),
     ],
 )
