@@ -135,6 +135,10 @@ else:
 # ---- pages of the host pool ------------------------------------------------------------------------
 
 
+STAGE_PAGES = 128  # SGLang's storage batch size (STORAGE_BATCH_SIZE): staging buffers start this big
+_stages = threading.local()
+
+
 @dataclass(frozen=True)
 class HostPages:
     """The host pool's ``kv_buffer`` seen as ``[pages, outer, inner]``: one page is ``view[p]``, possibly
@@ -170,7 +174,13 @@ class HostPages:
         return self.view.index_select(0, pages).view(n, -1).view(torch.uint8)
 
     def staging(self, n: int) -> torch.Tensor:
-        return torch.empty((n, *self.view.shape[1:]), dtype=self.view.dtype)
+        """A staging buffer for ``n`` pages, reused per thread: a fresh one would pay a page fault per
+        4 KiB on every batch (SGLang prefetches and backs up from two threads, hence one each)."""
+        buf: torch.Tensor | None = getattr(_stages, "buf", None)
+        if buf is None or buf.shape[1:] != self.view.shape[1:] or buf.dtype != self.view.dtype or buf.shape[0] < n:
+            buf = torch.empty((max(n, STAGE_PAGES), *self.view.shape[1:]), dtype=self.view.dtype)
+            _stages.buf = buf
+        return buf[:n]
 
     def scatter(self, pages: torch.Tensor, stage: torch.Tensor) -> None:
         """Write staged pages (pool dtype, ``[n, outer, inner]``) back into their host slots."""
@@ -397,7 +407,9 @@ class KvbmFsHiCacheStorage(_Base):
         ids = pages.page_ids(host_indices, len(keys))
         stage = pages.staging(len(keys))
         got = self._read(self.keys(keys, extra_info), stage.view(len(keys), -1).view(torch.uint8))
-        if got.any():
+        if got.all():
+            pages.scatter(ids, stage)
+        elif got.any():
             sel = torch.from_numpy(np.flatnonzero(got))
             pages.scatter(ids[sel], stage[sel])
         return got.tolist()
