@@ -47,10 +47,12 @@ How it works:
   Without it, ``start_load_kv`` loads before the forward. Loads are not split per layer: a kvbm_fs
   block holds every layer and is verified whole before any byte of it is used, so
   ``wait_for_layer_load`` has nothing left to wait for; the overlap comes from loading across steps.
-- Worker, saves: ``wait_for_save`` gathers the step's new blocks into staging memory at once (the
-  engine may overwrite its blocks after the step), then writes them to the store on a background
-  thread that overlaps the next step; the next ``wait_for_save`` (or ``flush``/shutdown) waits for it.
-  At most ``max_inflight_save_bytes`` are staged in flight. Because the engine's blocks are copied
+- Worker, saves: layer-wise. ``save_kv_layer`` stages each layer's pages of the step's new blocks as
+  soon as its attention has written them (the engine may overwrite its blocks after the step);
+  ``wait_for_save`` copies any layer the engine did not hand over, then writes the staged blocks to
+  the store on a background thread that overlaps the next step; the next ``wait_for_save`` (or
+  ``flush``/shutdown) waits for it. At most ``max_inflight_save_bytes`` are staged layer by layer;
+  the rest of a large step is staged at ``wait_for_save`` in chunks. Because the engine's blocks are copied
   before the step ends, ``request_finished`` never needs to hold a request's blocks.
 - Bytes: each block is gathered from every layer's tensor through its strides (``kv[ids]``), whatever
   the physical layout, and the layers' pages are concatenated into one kvbm_fs row. Nothing assumes
@@ -58,7 +60,10 @@ How it works:
   part of the namespace.
 - Failures: a block that fails verification (or vanished since the match) is reported through
   ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy="recompute"`` vLLM recomputes it.
-  Blocks computed in a step whose load failed are not saved (their KV attended to garbage).
+  Blocks computed in a step whose load failed are not saved (their KV attended to garbage). A remote
+  tier that dies while serving never raises into the engine: its blocks stop matching (misses,
+  recomputed), a load it cannot deliver after matching is a failed load (recomputed), and write-through
+  saves it drops are counted in ``write_through_failed_blocks``.
 """
 
 from __future__ import annotations
@@ -400,7 +405,9 @@ COUNTERS = (
     "save_skipped_blocks",  # already stored, or computed in a step whose load failed
     "saved_bytes",
     "save_failed_blocks",  # a put that raised (dropped: recomputed next time)
+    "write_through_failed_blocks",  # saved, but a persistent tier (write_through) dropped them: dead, full
     "async_load_requests",  # requests whose blocks loaded in the background (load_kv_async)
+    "layerwise_saved_layers",  # layer copies staged in save_kv_layer, during the forward
 )
 TIMERS = ("load_s", "save_s", "match_s")
 
@@ -435,6 +442,17 @@ class KvbmFsStats(KVConnectorStats):
 
 
 # ---- the connector -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _SavePlan:
+    """One step's saves, planned at the first ``save_kv_layer`` (or at ``wait_for_save``)."""
+
+    keys: BlockKeys | None = None  # blocks to store, chain order
+    ids: np.ndarray | None = None  # their engine block ids
+    stage: torch.Tensor | None = None  # [n, layers, page] for the leading n blocks, filled layer by layer
+    idx: torch.Tensor | None = None  # engine block ids of those n
+    copied: set[int] = field(default_factory=set)  # layers already staged
 
 
 @dataclass
@@ -511,6 +529,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._save_pool: ThreadPoolExecutor | None = None
         self._loading: dict[str, Future[list[int]]] = {}  # async loads in flight, by request
         self._saving: list[tuple[Future[None], int]] = []  # (put, staged bytes) in flight
+        self._save_plan: _SavePlan | None = None  # this step's saves, once planned
+        self._layer_index: dict[str, int] = {}
         if is_worker:
             assert self.store is not None
             self._unsubscribe = self.store.events.subscribe(self._on_worker_event)
@@ -821,6 +841,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
             shape, self._kv_dtype = tuple(view.shape[1:]), view.dtype
             layers.append((name, view))
         self._layers, self._page_shape = layers, shape or ()
+        self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
         log.info(
             "kvbm_fs: registered %d KV layers, page %s %s (%d B per block)",
             len(layers),
@@ -916,39 +937,80 @@ class KvbmFsConnector(KVConnectorBase_V1):
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
     ) -> None:
-        return  # saves happen in wait_for_save, after the step's forward has written every layer
+        """Stage this layer's pages of the step's new blocks as soon as its attention has written them,
+        so the copy-out is spread over the forward (on a GPU, overlapped with the next layers' compute)
+        instead of all landing in ``wait_for_save``."""
+        li = self._layer_index.get(layer_name)
+        if li is None:
+            return
+        plan = self._save_plan if self._save_plan is not None else self._plan_saves()
+        if plan.stage is None or li in plan.copied:
+            return
+        self._stage_layer(plan, li)
+        self._count(layerwise_saved_layers=1)
+
+    def _plan_saves(self) -> _SavePlan:
+        """This step's blocks to save: those not stored yet, minus requests whose load failed (their KV
+        attended to garbage). The leading ones (up to ``max_inflight_save_bytes``) get a staging buffer
+        that ``save_kv_layer`` fills layer by layer."""
+        meta = self._connector_metadata
+        plan = _SavePlan()
+        self._save_plan = plan
+        if not isinstance(meta, KvbmFsMetadata) or not meta.saves or not self._layers:
+            return plan
+        t0 = time.perf_counter()
+        todo = [t for t in meta.saves if t.req_id not in self._tainted]
+        skipped = sum(len(t.block_ids) for t in meta.saves) - sum(len(t.block_ids) for t in todo)
+        if todo:
+            keys = BlockKeys(
+                self.namespace.id,
+                np.concatenate([t.hashes for t in todo]),
+                np.concatenate([t.parents for t in todo]),
+            )
+            ids = np.asarray([b for t in todo for b in t.block_ids], dtype=np.int64)
+            assert self.store is not None
+            present = np.zeros(len(keys), bool)
+            for tier in self.store.tiers:
+                present |= tier.contains(keys)
+            new = np.flatnonzero(~present)
+            skipped += int(present.sum())
+            plan.keys, plan.ids = keys[new], ids[new]
+            n = min(new.size, max(1, self.max_inflight_save_bytes // self.layout.block_nbytes))
+            if n:
+                plan.stage = self._stage(n)
+                plan.idx = torch.as_tensor(plan.ids[:n], dtype=torch.long)
+        self._count(save_skipped_blocks=skipped, save_s=time.perf_counter() - t0)
+        return plan
+
+    def _stage_layer(self, plan: _SavePlan, li: int) -> None:
+        assert plan.stage is not None and plan.idx is not None
+        view = self._layers[li][1]
+        n = plan.stage.shape[0]
+        plan.stage[:, li].view(n, *self._page_shape).copy_(view[plan.idx.to(view.device)])
+        plan.copied.add(li)
 
     def wait_for_save(self) -> None:
         self._drain_saves()  # the previous step's puts: their events ship with this step
-        meta = self._connector_metadata
-        tainted, self._tainted = self._tainted, set()
-        if not isinstance(meta, KvbmFsMetadata) or not meta.saves or not self._layers:
+        plan = self._save_plan if self._save_plan is not None else self._plan_saves()
+        self._save_plan, self._tainted = None, set()
+        if plan.keys is None or not len(plan.keys):
             return
-        t0 = time.perf_counter()
-        todo = [t for t in meta.saves if t.req_id not in tainted]
-        skipped = sum(len(t.block_ids) for t in meta.saves) - sum(len(t.block_ids) for t in todo)
-        if not todo:
-            self._count(save_skipped_blocks=skipped)
-            return
-        keys = BlockKeys(
-            self.namespace.id,
-            np.concatenate([t.hashes for t in todo]),
-            np.concatenate([t.parents for t in todo]),
-        )
-        ids = np.asarray([b for t in todo for b in t.block_ids], dtype=np.int64)
-        assert self.store is not None
-        present = np.zeros(len(keys), bool)
-        for tier in self.store.tiers:
-            present |= tier.contains(keys)
-        new = np.flatnonzero(~present)
-        self._count(save_skipped_blocks=skipped + int(present.sum()), save_s=time.perf_counter() - t0)
-        for a in range(0, new.size, self._chunk):  # bounded staging memory
-            sel = new[a : a + self._chunk]
-            idx = torch.as_tensor(ids[sel], dtype=torch.long)
-            stage = self._stage(sel.size)
+        staged = 0
+        if plan.stage is not None:  # layers the engine did not hand to save_kv_layer are copied now
+            for li in range(len(self._layers)):
+                if li not in plan.copied:
+                    self._stage_layer(plan, li)
+            staged = plan.stage.shape[0]
+            self._submit_save(plan.keys[:staged], _u8_rows(plan.stage))
+        ids = plan.ids
+        assert ids is not None
+        for a in range(staged, len(plan.keys), self._chunk):  # the rest: bounded staging, chunk by chunk
+            b = min(len(plan.keys), a + self._chunk)
+            idx = torch.as_tensor(ids[a:b], dtype=torch.long)
+            stage = self._stage(b - a)
             for li, (_, view) in enumerate(self._layers):
-                stage[:, li].view(sel.size, *self._page_shape).copy_(view[idx.to(view.device)])
-            self._submit_save(keys[sel], _u8_rows(stage))
+                stage[:, li].view(b - a, *self._page_shape).copy_(view[idx.to(view.device)])
+            self._submit_save(plan.keys[a:b], _u8_rows(stage))
 
     def _submit_save(self, keys: BlockKeys, rows: torch.Tensor) -> None:
         """Hand staged rows to the save thread; the engine's own blocks are free to change from here on."""
@@ -966,17 +1028,24 @@ class KvbmFsConnector(KVConnectorBase_V1):
     def _put(self, keys: BlockKeys, rows: torch.Tensor) -> None:
         t0 = time.perf_counter()
         assert self.store is not None
+        dropped = 0
         try:
             saved = int(np.asarray(self.store.put(keys, rows)).sum())
             if self.write_through:
                 for tier in self.store.tiers[1:]:
-                    if tier.persistent:
-                        self.store.put(keys, rows, tier=tier.name, spill=False)
+                    if tier.persistent:  # a dead or full tier drops blocks (its put returns False) instead of raising
+                        kept = np.asarray(self.store.put(keys, rows, tier=tier.name, spill=False), bool)
+                        dropped += int((~kept).sum())
         except Exception:  # a dropped save only costs a future recompute; never fail the engine
             log.exception("kvbm_fs: saving %d blocks failed; they are dropped", len(keys))
             self._count(save_failed_blocks=len(keys))
             return
-        self._count(saved_blocks=saved, saved_bytes=saved * self.layout.block_nbytes, save_s=time.perf_counter() - t0)
+        self._count(
+            saved_blocks=saved,
+            saved_bytes=saved * self.layout.block_nbytes,
+            write_through_failed_blocks=dropped,
+            save_s=time.perf_counter() - t0,
+        )
 
     def _drain_saves(self) -> None:
         pending, self._saving = self._saving, []

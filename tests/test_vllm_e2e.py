@@ -215,6 +215,8 @@ def test_engine1_stores_through_host_then_disk(stored: dict[str, Any], baseline:
     assert stored["outputs"] == baseline["engine1"], "the connector changed engine 1's greedy outputs"
     w, s = stored["worker"], stored["scheduler"]
     assert w["saved_blocks"] == 6 + 9 + 6 and w["load_failed_blocks"] == 0 and w["loaded_blocks"] == 0
+    # saves were staged layer by layer as vLLM handed each layer to save_kv_layer during the forward
+    assert w["layerwise_saved_layers"] >= 2
     assert s["hit_tokens"] == 0 and s["lookups"] == 3
     # saves land in the host tier while serving; closing the store persisted them to disk
     assert stored["tiers_while_serving"] == {"host": 21, "disk": 0}
@@ -422,6 +424,102 @@ def test_multiprocess_engine_scheduler_mirrors_the_workers_host_tier(
     two = run_child(tmp_path, model, root, phase=2)  # a new engine process: only the disk remembers
     assert two["engine2"] == baseline["engine2"]
     assert two["cached"] == {"disk": ENGINE2_ALL_BLOCKS * BLOCK}, two["cached"]
+
+
+def _empty_host(llm: LLM, store: Any) -> None:
+    """vLLM forgets its prefix cache and the store's host tier is emptied: the remote tier holds the only copy."""
+    assert llm.reset_prefix_cache()
+    host = store.tier("host")
+    for batch in list(host.iter_keys()):
+        host.delete(batch)
+    assert len(host) == 0
+
+
+def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
+    return {k: after[k] - before.get(k, 0) for k in kvc.COUNTERS}
+
+
+def test_dead_remote_tier_during_serving_gives_misses_and_serving_continues(
+    baseline: dict[str, Any], model: Path, moto_s3: Any, bucket: str
+) -> None:
+    """A host tier over an S3 tier (moto behind a fault-injecting TCP proxy) that dies while the engine
+    serves. In one engine, each phase starting from an empty host tier and an empty vLLM prefix cache:
+
+    1. remote up: engine 1's prompts are saved, written through to the remote;
+    2. GETs reset (the remote dies between match and load): matched, loads fail, vLLM recomputes;
+    3. remote back: the same prompts load from it (so the blocks were there all along);
+    4. every request reset (the remote is dead): misses, recomputed; saves land in the host tier, the
+       write-through copies are dropped and counted; closing the store then persists into the dead tier.
+
+    Greedy outputs equal the connector-off run in every phase, and nothing raises into the engine."""
+    from kvbm_fs.testing.proxy import FaultProxy
+
+    proxy = FaultProxy(moto_s3.port)
+    # breaker_threshold high: every request reaches the proxy, so the counts below do not depend on
+    # when a breaker would have opened (tests/test_remote_faults.py covers the breaker)
+    remote = {
+        "url": f"s3://{bucket}/dead?retries=1&backoff=0.01&timeout=5&breaker_threshold=1000",
+        "storage_options": moto_s3.storage_options(proxy.endpoint),
+    }
+    kv = {**kv_config(Path()), "kv_connector_extra_config": {"tiers": ["host://?capacity=32MiB", remote],
+                                                             "write_through": True}}  # fmt: skip
+    llm = new_engine(model, kv, stats=True)
+    try:
+        conns = connectors(llm)
+        sched, worker = conns["SCHEDULER"], conns["WORKER"]
+        store = worker.store
+        assert store is not None and [t.name for t in store.tiers] == ["host", "remote"]
+        rt = store.tier("remote")
+
+        def run(spec: list[tuple[list[int], str | None]]) -> tuple[list[list[int]], dict[str, Any]]:
+            before = {**sched.totals.reduce(), **worker.totals.reduce()}
+            outs = generate(llm, spec)
+            worker.flush()
+            return outs, _delta({**sched.totals.reduce(), **worker.totals.reduce()}, before)
+
+        # 1. remote up: saved to the host tier and written through to the remote
+        outs, d = run(ENGINE1)
+        assert outs == baseline["engine1"]
+        assert d["saved_blocks"] == 21 and d["write_through_failed_blocks"] == 0 and d["hit_tokens"] == 0
+        ns = worker.namespace
+        for toks, salt in ENGINE1:
+            assert rt.contains(keys_of(ns, toks[: (len(toks) - 1) // BLOCK * BLOCK], salt)).all()
+
+        # 2. the remote answers HEADs but resets every GET: matched, failed loads, recomputed
+        _empty_host(llm, store)
+        proxy.inject("reset", 100_000, method="GET")
+        outs, d = run(ENGINE1)
+        assert outs == baseline["engine1"], "a load from the dying remote changed the outputs"
+        assert d["hit_tokens"] == 21 * BLOCK and d["loaded_blocks"] == 0 and d["load_failed_blocks"] == 21, d
+        assert rt.stats()["get_errors"] >= 21
+
+        # 3. the remote is back: the same prompts load from it
+        proxy.fail_always(None)  # also drops the GET faults still planned
+        _empty_host(llm, store)
+        outs, d = run(ENGINE1)
+        assert outs == baseline["engine1"]
+        assert d["loaded_blocks"] == 21 and d["load_failed_blocks"] == 0, d
+
+        # 4. the remote dies: every request to it resets
+        _empty_host(llm, store)
+        proxy.fail_always("reset")
+        put_errors, head_errors = rt.stats()["put_errors"], rt.stats()["head_errors"]
+        outs, d = run(ENGINE2)
+        assert outs == baseline["engine2"], "serving with a dead remote tier changed the outputs"
+        assert d["hit_tokens"] == 0 and d["loaded_blocks"] == 0 and d["load_failed_blocks"] == 0, d
+        assert d["lookups"] == len(ENGINE2) and d["save_failed_blocks"] == 0
+        assert d["saved_blocks"] == ENGINE2_ALL_BLOCKS  # into the host tier, which still works
+        assert d["write_through_failed_blocks"] == ENGINE2_ALL_BLOCKS  # the remote copies were dropped
+        assert rt.stats()["put_errors"] - put_errors == ENGINE2_ALL_BLOCKS
+        assert rt.stats()["head_errors"] > head_errors
+        assert len(store.tier("host")) == ENGINE2_ALL_BLOCKS
+        print(f"\ndead-remote stats: {d}\n  remote tier: {rt.stats()}")
+    finally:
+        try:
+            stop(llm)  # closing persists the host tier into the dead remote: dropped, not raised
+        finally:
+            proxy.close()
+    assert proxy.injected["reset"] > 0
 
 
 def test_layout_pinned_in_config_must_match_the_engine(model: Path, tmp_path: Path) -> None:
