@@ -463,6 +463,7 @@ class _Req:
     stored: int = 0  # leading blocks known to be in the store (not saved again)
     load: tuple[int, int] | None = None  # block range planned for loading in the next step
     load_start: int = 0
+    load_cap: int | None = None  # leading blocks it may still load: capped at its first failed load
     load_ids: list[int] = field(default_factory=list)  # engine blocks of the last load
     by_tier: dict[str, int] = field(default_factory=dict)
 
@@ -655,7 +656,11 @@ class KvbmFsConnector(KVConnectorBase_V1):
         if usable <= 0 or num_computed_tokens >= usable * self.block_size:
             return 0, False
         t0 = time.perf_counter()
-        n, names = self._locate(st, usable)
+        # a block that failed to load for this request is recomputed, not offered again: a tier that
+        # matches but cannot deliver (a remote dying between HEAD and GET) would otherwise reschedule
+        # the request into the same failing load forever
+        limit = usable if st.load_cap is None else min(usable, st.load_cap)
+        n, names = self._locate(st, limit) if limit > 0 else (0, [])
         st.stored = max(st.stored, n)
         start = num_computed_tokens // self.block_size
         ext = max(0, n * self.block_size - num_computed_tokens)
@@ -744,6 +749,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
                 for i, bid in enumerate(st.load_ids):
                     if bid in bad:
                         st.stored = min(st.stored, st.load_start + i)
+                        cap = st.load_start + i
+                        st.load_cap = cap if st.load_cap is None else min(st.load_cap, cap)
                         break
 
     def _apply_worker_events(self, events: list[ShippedEvent]) -> None:

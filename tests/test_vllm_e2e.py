@@ -12,6 +12,7 @@ import gc
 import json
 import os
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -435,12 +436,61 @@ def _empty_host(llm: LLM, store: Any) -> None:
     assert len(host) == 0
 
 
+def _totals(*conns: kvc.KvbmFsConnector) -> dict[str, Any]:
+    """The connectors' cumulative counters, summed (the scheduler counts lookups, the worker transfers)."""
+    return {k: sum(c.totals.data.get(k, 0) for c in conns) for k in kvc.COUNTERS}
+
+
 def _delta(after: dict[str, Any], before: dict[str, Any]) -> dict[str, Any]:
-    return {k: after[k] - before.get(k, 0) for k in kvc.COUNTERS}
+    return {k: after[k] - before[k] for k in kvc.COUNTERS}
+
+
+class _Child:
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+@pytest.fixture(scope="module")
+def moto_child() -> Iterator[Any]:
+    """moto's S3 server in a child process. Not in this one (conftest's ``moto_s3``): moto's server
+    imports flask, and vLLM 0.32's CPU worker init scans every loaded module's attributes with
+    ``hasattr``, which raises on flask's unbound ``request``/``current_app`` proxies ("Working outside
+    of application context"), so no engine could start in this process afterwards."""
+    import socket
+    import subprocess
+    import time
+
+    pytest.importorskip("s3fs")
+    from kvbm_fs.testing.s3 import MotoS3, free_port
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = MotoS3(_Child(proc), port)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("moto server did not start") from None
+                time.sleep(0.1)
+        yield server
+    finally:
+        server.stop()
 
 
 def test_dead_remote_tier_during_serving_gives_misses_and_serving_continues(
-    baseline: dict[str, Any], model: Path, moto_s3: Any, bucket: str
+    baseline: dict[str, Any], model: Path, moto_child: Any, tmp_path: Path
 ) -> None:
     """A host tier over an S3 tier (moto behind a fault-injecting TCP proxy) that dies while the engine
     serves. In one engine, each phase starting from an empty host tier and an empty vLLM prefix cache:
@@ -454,6 +504,9 @@ def test_dead_remote_tier_during_serving_gives_misses_and_serving_continues(
     Greedy outputs equal the connector-off run in every phase, and nothing raises into the engine."""
     from kvbm_fs.testing.proxy import FaultProxy
 
+    assert "flask" not in sys.modules, "an in-process moto server would stop vLLM's engine from starting"
+    moto_s3 = moto_child
+    bucket = moto_s3.create_bucket(f"vllm-e2e-{os.getpid()}")
     proxy = FaultProxy(moto_s3.port)
     # breaker_threshold high: every request reaches the proxy, so the counts below do not depend on
     # when a breaker would have opened (tests/test_remote_faults.py covers the breaker)
@@ -461,8 +514,11 @@ def test_dead_remote_tier_during_serving_gives_misses_and_serving_continues(
         "url": f"s3://{bucket}/dead?retries=1&backoff=0.01&timeout=5&breaker_threshold=1000",
         "storage_options": moto_s3.storage_options(proxy.endpoint),
     }
-    kv = {**kv_config(Path()), "kv_connector_extra_config": {"tiers": ["host://?capacity=32MiB", remote],
-                                                             "write_through": True}}  # fmt: skip
+    # the tiers (with the remote's credentials) in a kvbm_fs config file: vLLM logs its arguments,
+    # kv_connector_extra_config included
+    conf = tmp_path / "kvbm.json"
+    conf.write_text(json.dumps({"tiers": ["host://?capacity=32MiB", remote]}))
+    kv = {**kv_config(tmp_path), "kv_connector_extra_config": {"config": str(conf), "write_through": True}}
     llm = new_engine(model, kv, stats=True)
     try:
         conns = connectors(llm)
@@ -472,10 +528,10 @@ def test_dead_remote_tier_during_serving_gives_misses_and_serving_continues(
         rt = store.tier("remote")
 
         def run(spec: list[tuple[list[int], str | None]]) -> tuple[list[list[int]], dict[str, Any]]:
-            before = {**sched.totals.reduce(), **worker.totals.reduce()}
+            before = _totals(sched, worker)
             outs = generate(llm, spec)
             worker.flush()
-            return outs, _delta({**sched.totals.reduce(), **worker.totals.reduce()}, before)
+            return outs, _delta(_totals(sched, worker), before)
 
         # 1. remote up: saved to the host tier and written through to the remote
         outs, d = run(ENGINE1)
