@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_remote.py", ["get_speedup", "put_speedup"]),
         ("bench_policies.py", ["default_ratio_5pct", "lru_ratio_5pct", "distinct_blocks"]),
         ("bench_sglang.py", []),  # {"skipped"} here; .ci/run-sglang has SGLang
+        ("bench_ttft.py", ["host_speedup", "disk_speedup"]),
         ("bench_vllm.py", []),  # {"skipped"} here; .venv-vllm (.ci/run-vllm) has vLLM
         ("gpu_check.py", []),
     ],
