@@ -13,10 +13,12 @@ What it measures
       the same encoded objects (the objects are deleted before every put, untimed).  The tier is
       opened as a user would (credentials and endpoint only), with ``max_concurrency`` swept over
       8/16/32/64; the headline is the best.
-    - NIXL's OBJ backend (``tiers/nixl_obj.py``, 32 threads) on the same objects through the same
-      proxy: raw (bytes only) and as a tier would use it (get: read, verify, copy into the caller's
-      rows; put: existence query, encode, write), next to s3fs raw (a bounded gather of
-      ``_cat_file`` / ``_pipe_file`` on the same objects, no verification).
+    - The same tier with NIXL's OBJ backend as its data path (``io=nixl``: block objects through
+      ``tiers/nixl_obj.py``, ``max_concurrency`` its thread count, swept like the s3fs tier), in the
+      same rounds: ``tier_nixl_get_speedup`` / ``tier_nixl_put_speedup`` against the same boto3
+      loops, and ``nixl_obj.tier_*_vs_s3fs_tier`` against the s3fs tier.  Also raw NIXL OBJ (bytes
+      only, 32 threads) next to s3fs raw (a bounded gather of ``_cat_file`` / ``_pipe_file`` on the
+      same objects, no verification).
     - Where the time goes: moto without the proxy (a sequential loop, a 32-thread boto3 pool, the
       tier, NIXL), 64 sequential HEADs with and without the proxy (the fixed cost of one request),
       HTTP requests per batch by method and the most held at once (counted by the proxy), and
@@ -256,10 +258,10 @@ class Bench:
         self.direct = server.moto.client()
         self.proxied = server.moto.client(server.proxy_endpoint)
 
-    def tier(self, endpoint: str, mc: int, url: str) -> RemoteTier:
+    def tier(self, endpoint: str, mc: int, url: str, io: str = "s3fs") -> RemoteTier:
         """The tier as a user opens it: credentials and endpoint only; everything else its defaults."""
         opts = self.server.moto.storage_options(endpoint)
-        return RemoteTier(url, self.bnb, storage_options=opts, max_concurrency=mc, timeout=120, retries=1)
+        return RemoteTier(url, self.bnb, storage_options=opts, max_concurrency=mc, timeout=120, retries=1, io=io)
 
     def fs(self, endpoint: str, mc: int) -> Any:
         import s3fs
@@ -364,32 +366,11 @@ class Bench:
 
         return f
 
-    def nixl_get_tier(self, c: Any) -> Callable[[], None]:
-        """What RemoteTier.get would do over NIXL: read, verify header and checksum, copy into the rows."""
-        items = [(k, self.ob) for k in self.keys_g]
-
-        def f() -> None:
-            for i, g in enumerate(c.get(items)):
-                self.out[i] = np.frombuffer(codec.verify(g, self.kg[i], self.bnb, None), np.uint8)
-
-        return f
-
     def nixl_put(self, c: Any) -> Callable[[], None]:
         items = list(zip(self.keys_p, self.encoded_p))
 
         def f() -> None:
             assert c.put(items) == [None] * len(items), "NIXL OBJ write failed"
-
-        return f
-
-    def nixl_put_tier(self, c: Any) -> Callable[[], None]:
-        """What RemoteTier.put would do over NIXL: existence query, encode, write."""
-
-        def f() -> None:
-            there = c.exists(self.keys_p)
-            todo = [i for i, t in enumerate(there) if not t]
-            objs = [(self.keys_p[i], codec.encode(self.kp[i], int(self.kp.parents[i]), 0, self.data[i])) for i in todo]
-            assert c.put(objs) == [None] * len(objs), "NIXL OBJ write failed"
 
         return f
 
@@ -407,6 +388,12 @@ def headline(b: Bench, mcs: list[int], rounds: int, nixl_ok: bool) -> dict[str, 
     for mc in mcs:
         cases.append(Case(f"tier_get_mc{mc}", b.tier_get(b.tier(px, mc, b.url_g))))
         cases.append(Case(f"tier_put_mc{mc}", b.tier_put(b.tier(px, mc, b.url_p)), b.drop_puts))
+    nixl_tiers: list[RemoteTier] = []
+    if nixl_ok:  # the same tier, block objects through NIXL OBJ, in the same rounds
+        for mc in mcs:
+            nixl_tiers += [b.tier(px, mc, b.url_g, "nixl"), b.tier(px, mc, b.url_p, "nixl")]
+            cases.append(Case(f"tier_nixl_get_mc{mc}", b.tier_get(nixl_tiers[-2])))
+            cases.append(Case(f"tier_nixl_put_mc{mc}", b.tier_put(nixl_tiers[-1]), b.drop_puts))
     fs = b.fs(px, 32)
     cases.append(Case("s3fs_raw_get", b.s3fs_get(fs, 32)))
     cases.append(Case("s3fs_raw_put", b.s3fs_put(fs, 32), b.drop_puts))
@@ -416,16 +403,19 @@ def headline(b: Bench, mcs: list[int], rounds: int, nixl_ok: bool) -> dict[str, 
         cases += [
             Case("nixl_raw_get", b.nixl_get(client)),
             Case("nixl_raw_put", b.nixl_put(client), b.drop_puts),
-            Case("nixl_tier_get", b.nixl_get_tier(client)),
-            Case("nixl_tier_put", b.nixl_put_tier(client), b.drop_puts),
         ]
     interleave(cases, rounds, b.server)
     if client is not None:
         client.close()
-    # sanity (untimed): the tier returns the bytes it was given
-    b.out.fill(0)
-    ok = b.tier(px, 32, b.url_g).get(b.kg, b.out)
-    assert ok.all() and np.array_equal(b.out, b.data), "tier get returned wrong bytes"
+    # sanity (untimed): the tier returns the bytes it was given, on either data path
+    for t in [b.tier(px, 32, b.url_g), *nixl_tiers[:1]]:
+        b.out.fill(0)
+        ok = t.get(b.kg, b.out)
+        assert ok.all() and np.array_equal(b.out, b.data), f"tier get (io={t.io}) returned wrong bytes"
+        if t.io == "nixl":
+            assert t._nixl.counters["gets"] > 0 and not t.stats()["get_errors"], "the NIXL path served the gets"
+    for t in nixl_tiers:
+        t.close()
     by = {c.name: c for c in cases}
     seq_g, seq_p = by["boto3_seq_get"], by["boto3_seq_put"]
     sweep = {
@@ -453,18 +443,32 @@ def headline(b: Bench, mcs: list[int], rounds: int, nixl_ok: bool) -> dict[str, 
         "s3fs_raw_put_speedup": ratio(by["s3fs_raw_put"], seq_p),
     }
     if nixl_ok:
+        nsweep = {
+            op: {mc: {"ms": ms(by[f"tier_nixl_{op}_mc{mc}"]),
+                      "speedup": ratio(by[f"tier_nixl_{op}_mc{mc}"], seq_g if op == "get" else seq_p)} for mc in mcs}
+            for op in ("get", "put")
+        }  # fmt: skip
+        ng = max(mcs, key=lambda mc: nsweep["get"][mc]["speedup"])
+        np_ = max(mcs, key=lambda mc: nsweep["put"][mc]["speedup"])
+        tg, tp = by[f"tier_nixl_get_mc{ng}"], by[f"tier_nixl_put_mc{np_}"]
+        res["tier_nixl_get_speedup"] = nsweep["get"][ng]["speedup"]
+        res["tier_nixl_put_speedup"] = nsweep["put"][np_]["speedup"]
         res["nixl"] = {
-            "tier_get_speedup": ratio(by["nixl_tier_get"], seq_g),
-            "tier_put_speedup": ratio(by["nixl_tier_put"], seq_p),
+            "tier_get_speedup": res["tier_nixl_get_speedup"],
+            "tier_put_speedup": res["tier_nixl_put_speedup"],
+            "tier_get_ms": ms(tg),
+            "tier_put_ms": ms(tp),
+            "best_max_concurrency_get": ng,
+            "best_max_concurrency_put": np_,
+            "tier_get_vs_s3fs_tier": ratio(tg, by[f"tier_get_mc{best_g}"]),
+            "tier_put_vs_s3fs_tier": ratio(tp, by[f"tier_put_mc{best_p}"]),
             "raw_get_speedup": ratio(by["nixl_raw_get"], seq_g),
             "raw_put_speedup": ratio(by["nixl_raw_put"], seq_p),
             "raw_get_vs_s3fs_raw": ratio(by["nixl_raw_get"], by["s3fs_raw_get"]),
             "raw_put_vs_s3fs_raw": ratio(by["nixl_raw_put"], by["s3fs_raw_put"]),
-            "tier_get_vs_remote_tier": ratio(by["nixl_tier_get"], by[f"tier_get_mc{best_g}"]),
-            "tier_put_vs_remote_tier": ratio(by["nixl_tier_put"], by[f"tier_put_mc{best_p}"]),
-            "tier_get_ms": ms(by["nixl_tier_get"]),
-            "tier_put_ms": ms(by["nixl_tier_put"]),
-            "num_threads": NIXL_THREADS,
+            "raw_num_threads": NIXL_THREADS,
+            "sweep": {op: {str(k): v for k, v in sw.items()} for op, sw in nsweep.items()},
+            "tier_options": "io=nixl; otherwise the same as the s3fs tier (max_concurrency = NIXL threads)",
         }
     nbytes = {c.name: b.batch for c in cases}
     res["detail"] = detail(cases, nbytes)
@@ -516,16 +520,16 @@ def small_blocks(b: Bench, rounds: int, mc: int, nixl_ok: bool) -> dict[str, Any
         Case("tier_get", b.tier_get(b.tier(px, mc, b.url_g))),
         Case("tier_put", b.tier_put(b.tier(px, mc, b.url_p)), b.drop_puts),
     ]
-    client = None
+    nixl_tiers: list[RemoteTier] = []
     if nixl_ok:
-        client = b.nixl(px, NIXL_THREADS)
+        nixl_tiers = [b.tier(px, mc, b.url_g, "nixl"), b.tier(px, mc, b.url_p, "nixl")]
         cases += [
-            Case("nixl_tier_get", b.nixl_get_tier(client)),
-            Case("nixl_tier_put", b.nixl_put_tier(client), b.drop_puts),
+            Case("tier_nixl_get", b.tier_get(nixl_tiers[0])),
+            Case("tier_nixl_put", b.tier_put(nixl_tiers[1]), b.drop_puts),
         ]
     interleave(cases, rounds, b.server)
-    if client is not None:
-        client.close()
+    for t in nixl_tiers:
+        t.close()
     by = {c.name: c for c in cases}
     res: dict[str, Any] = {
         "block_nbytes": b.bnb,
@@ -534,8 +538,8 @@ def small_blocks(b: Bench, rounds: int, mc: int, nixl_ok: bool) -> dict[str, Any
         "put_speedup": ratio(by["tier_put"], by["boto3_seq_put"]),
     }
     if nixl_ok:
-        res["nixl_tier_get_speedup"] = ratio(by["nixl_tier_get"], by["boto3_seq_get"])
-        res["nixl_tier_put_speedup"] = ratio(by["nixl_tier_put"], by["boto3_seq_put"])
+        res["tier_nixl_get_speedup"] = ratio(by["tier_nixl_get"], by["boto3_seq_get"])
+        res["tier_nixl_put_speedup"] = ratio(by["tier_nixl_put"], by["boto3_seq_put"])
     res["detail"] = detail(cases, {c.name: b.batch for c in cases})
     return res
 
@@ -661,7 +665,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         mark("headline")
         res.update({k: v for k, v in head.items() if k not in ("detail", "nixl", "sweep")})
         res["target_speedup"] = TARGET
-        res["below_target"] = [k for k in ("get_speedup", "put_speedup") if res[k] < TARGET]
+        headline_keys = ["get_speedup", "put_speedup", "tier_nixl_get_speedup", "tier_nixl_put_speedup"]
+        res["below_target"] = [k for k in headline_keys if k in res and res[k] < TARGET]
         best = res["best_max_concurrency_get"]
         res["moto_unthrottled"] = unthrottled(big, side_rounds, best, nixl_ok)
         mark("unthrottled")

@@ -404,17 +404,28 @@ def as_query(options: dict[str, Any]) -> str:
     return "&".join(f"{k}={v}" for k, v in options.items())
 
 
-def _toml(tiers_url: str, so: dict[str, Any], path: Path) -> Path:
+def _toml(tiers_url: str, so: dict[str, Any], path: Path, io: str = "s3fs") -> Path:
     lines = ["model = 'leak-check'", "[layout]", *(f"{k} = {json.dumps(v)}" for k, v in LAYOUT.to_dict().items())]
-    lines += ["[[tiers]]", f"url = '{tiers_url}'", "timeout = 0.5", "retries = 0", "[tiers.storage_options]"]
+    lines += ["[[tiers]]", f"url = '{tiers_url}'", f"io = '{io}'", "timeout = 0.5", "retries = 0"]
+    lines += ["[tiers.storage_options]"]
     lines += [f"{k} = {json.dumps(v)}" for k, v in so.items() if not isinstance(v, dict)]
     path.write_text("\n".join(lines) + "\n")
     return path
 
 
+@pytest.mark.parametrize("io", ["s3fs", "nixl"])
 def test_secrets_never_appear_in_errors_stats_repr_or_logs(
-    moto_s3: Any, bucket: str, prefix: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    io: str,
+    moto_s3: Any,
+    bucket: str,
+    prefix: str,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    capfd: pytest.CaptureFixture[str],
 ) -> None:
+    """Through s3fs, and with block objects through NIXL OBJ (io=nixl: its native logs on stderr too)."""
+    if io == "nixl":
+        pytest.importorskip("nixl_cu12")
     caplog.set_level(logging.DEBUG)
     import boto3
 
@@ -436,31 +447,35 @@ def test_secrets_never_appear_in_errors_stats_repr_or_logs(
 
     # opened while moto accepts anything; every request fails (403) once it checks signatures
     rec = Recorder()
-    t = RemoteTier(url, BN, events=rec.bus, storage_options=wrong, **{**FAST, "breaker_threshold": 3})
+    t = RemoteTier(url, BN, events=rec.bus, storage_options=wrong, io=io, **{**FAST, "breaker_threshold": 3})
     t.bind_namespace(NS_A)
-    store = mount({"url": url, "storage_options": wrong, **FAST}, layout=LAYOUT, model="leak-check", env={})
+    store = mount({"url": url, "storage_options": wrong, "io": io, **FAST}, layout=LAYOUT, model="leak-check", env={})
     keys = chain(NS_A, 3)
     with moto_checks_signatures():
         assert not t.put(keys, blocks_for(keys, BN)).any()
         assert not untouched_misses(t, keys).any() and not t.contains(keys).any()
         skeys = store.keys(np.arange(48))
         assert not store.put(skeys, np.zeros((3, BN), np.uint8)).any() and store.match(skeys).length == 0
-        fails(lambda: RemoteTier(url, BN, storage_options=wrong, **FAST))
-        fails(lambda: mount(f"{url}?{as_query(wrong)}&timeout=0.5&retries=0", layout=LAYOUT, env={}))
-        fails(lambda: mount(config=_toml(url, wrong, tmp_path / "kvbm.toml"), env={}))
+        fails(lambda: RemoteTier(url, BN, storage_options=wrong, io=io, **FAST))
+        fails(lambda: mount(f"{url}?{as_query(wrong)}&timeout=0.5&retries=0&io={io}", layout=LAYOUT, env={}))
+        fails(lambda: mount(config=_toml(url, wrong, tmp_path / "kvbm.toml", io), env={}))
     assert t.stats()["put_errors"] == 3 and t.stats()["get_errors"] == 3
     assert all("PermissionError" in e for e in errors) and len(errors) == 3, errors
     # a dead endpoint, a malformed endpoint, an unknown option next to the secret
-    fails(lambda: RemoteTier(url, BN, storage_options=dead, **{**FAST, "retries": 0}))
-    fails(lambda: mount(f"{url}?{as_query(dead)}&timeout=0.3&retries=0", layout=LAYOUT, env={}))
-    fails(lambda: RemoteTier(url, BN, storage_options={**wrong, "endpoint_url": "not a url"}, **FAST))
-    fails(lambda: RemoteTier(url, BN, storage_options={**wrong, "colour_depth": SECRET}, **FAST))
+    fails(lambda: RemoteTier(url, BN, storage_options=dead, io=io, **{**FAST, "retries": 0}))
+    fails(lambda: mount(f"{url}?{as_query(dead)}&timeout=0.3&retries=0&io={io}", layout=LAYOUT, env={}))
+    fails(lambda: RemoteTier(url, BN, storage_options={**wrong, "endpoint_url": "not a url"}, io=io, **FAST))
+    fails(lambda: RemoteTier(url, BN, storage_options={**wrong, "colour_depth": SECRET}, io=io, **FAST))
 
     assert "colour_depth" in errors[-1] and "endpoint" in errors[3], errors
     texts += [str(t), repr(t), json.dumps(t.stats(), default=str), json.dumps(store.stats(), default=str)]
     texts += [repr(e) for e in rec.events]
     texts += [caplog.text, *(r.getMessage() for r in caplog.records)]
+    if io == "nixl":
+        assert t.stats()["io"] == "nixl" and t._nixl.counters["put_errors"] > 0, "NIXL did send the requests"
+        texts += [repr(t._nixl), json.dumps(t._nixl.stats(), default=str)]
     store.close()
+    texts += list(capfd.readouterr())  # native code (NIXL, the AWS SDK) writes to the fds, not to logging
     assert texts and all(SECRET not in s for s in texts)
     assert any(r.levelname == "DEBUG" for r in caplog.records), "debug logging was captured"
 

@@ -12,6 +12,16 @@ fsspec's async API with bounded concurrency, per-request timeouts and retries
 with backoff; a circuit breaker stops calling a dead endpoint and probes it
 again after a cool-down.  Failures never raise into the caller: a failed read is
 a miss, a failed write a dropped block, each counted and published as an event.
+
+Data path (``io=`` in the URL query or the tier table): ``s3fs`` (default), ``nixl`` (S3 only:
+block objects are read and written through NIXL's OBJ backend, :mod:`.nixl_obj`), or ``auto``
+(= s3fs; why: docs/architecture.md 1.9).
+With ``io=nixl`` manifests, HEADs, listing, delete, capacity and eviction stay on s3fs, and the
+NIXL client gets the endpoint, region and credentials botocore resolved for s3fs.  Each batch is
+one NIXL transfer per object, posted and polled together, behind the same breaker, retries,
+timeout and codec checks.  NIXL reports only "failed", so failed reads are followed by one round
+of concurrent HEADs (404: a clean miss; wrong size: corrupt, removed; else: retried, then an
+error): a miss costs GET + HEAD instead of one GET.
 """
 
 from __future__ import annotations
@@ -90,6 +100,11 @@ class _Skip(Exception):
     """The breaker is open: the request was not sent."""
 
 
+# A request the store answered: the object is absent, or present but not a valid block object.
+_ANSWERED = (FileNotFoundError, CorruptBlockError)
+IO_PATHS = ("s3fs", "nixl", "auto")
+
+
 class RemoteTier(Tier):
     medium = Medium.REMOTE
     persistent = True
@@ -111,6 +126,7 @@ class RemoteTier(Tier):
         backoff: float = 0.05,
         breaker_threshold: int = 5,
         breaker_cooldown: float = 5.0,
+        io: str = "s3fs",
     ) -> None:
 
         self.name, self.block_nbytes, self.block_size = name, int(block_nbytes), block_size
@@ -128,7 +144,12 @@ class RemoteTier(Tier):
             from ..errors import CapacityError
 
             raise CapacityError(f"remote capacity {self.capacity} B is smaller than one {self.object_bytes} B object")
+        self.io = _resolve_io(io, url, self.url)
         self.fs, self.root = _open_fs(url, storage_options or {}, max_concurrency)
+        self._nixl: Any = None  # NixlObjClient: the data path for block objects when io=nixl
+        if self.io == "nixl":
+            self._bucket = self.root.split("/", 1)[0]
+            self._nixl = _nixl_client(self.fs, self._bucket, self.url, max_concurrency, timeout)
         self._read_kw = _whole_read_kwargs(self.fs)
         self.atomic_rename = "file" in _protocols(self.fs)
         self._loop = _loop_for(self.fs)
@@ -139,8 +160,12 @@ class RemoteTier(Tier):
         self._namespaces: set[int] = set()
         self.counters = dict(get_errors=0, put_errors=0, head_errors=0, load_failures=0, corrupt_removed=0,
                              retries=0, skipped_open_breaker=0, evictions=0)  # fmt: skip
-        self._check_tier_manifest()
-        self._count = self._count_objects() if self.capacity != UNBOUNDED else -1
+        try:
+            self._check_tier_manifest()
+            self._count = self._count_objects() if self.capacity != UNBOUNDED else -1
+        except BaseException:
+            self.close()
+            raise
         self.admission = Admission(self.policy, None if self._count < 0 else self.capacity // self.object_bytes)
 
     # ---- async plumbing ------------------------------------------------------------------
@@ -176,6 +201,88 @@ class RemoteTier(Tier):
 
     async def _gather(self, fns: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
         return await asyncio.gather(*(self._call(f) for f in fns), return_exceptions=True)
+
+    async def _gather_once(self, fns: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
+        """One try each, bounded and timed out, outside the breaker (the caller reports to it)."""
+        if self._sem is None:
+            self._sem = asyncio.Semaphore(self.max_concurrency)
+        sem = self._sem
+
+        async def once(fn: Callable[[], Awaitable[T]]) -> T:
+            async with sem:
+                return await asyncio.wait_for(fn(), self.timeout)
+
+        return await asyncio.gather(*(once(f) for f in fns), return_exceptions=True)
+
+    # ---- the NIXL OBJ data path (io=nixl) --------------------------------------------------
+    def _allowed(self, n: int) -> list[int]:
+        """Which of ``n`` requests the breaker lets out (all when closed, one probe when half-open)."""
+        out = []
+        for i in range(n):
+            if self.breaker.allow():
+                out.append(i)
+            else:
+                self.counters["skipped_open_breaker"] += 1
+        return out
+
+    def _settle(self, sent: list[int], res: list[Any]) -> None:
+        """Tell the breaker each request's final outcome: answered (data, absent, corrupt) or failed."""
+        for i in sent:
+            r = res[i]
+            self.breaker.record(not isinstance(r, BaseException) or isinstance(r, _ANSWERED))
+
+    async def _backoff(self, attempt: int) -> None:
+        await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+
+    def _nixl_read(self, paths: list[str]) -> list[Any]:
+        """Whole block objects through NIXL OBJ: per path the bytes (a uint8 array), FileNotFoundError,
+        CorruptBlockError (an object of the wrong size) or the error; never raises.
+
+        One batch of NIXL transfers per try, the breaker, retries with backoff and the timeout as for
+        s3fs.  NIXL says only "failed", so the failed reads (not the timed-out ones) are followed by one
+        concurrent round of HEADs through s3fs: 404 is a clean miss, an object whose size is not one
+        block is corrupt (an empty object cannot even be range-read), anything else is retried.  A miss
+        therefore costs two round trips (GET, HEAD) where s3fs needs one."""
+        res: list[Any] = [_Skip() for _ in paths]
+        sent = todo = self._allowed(len(paths))
+        for attempt in range(self.retries + 1):
+            got = self._nixl.get([(self._key(paths[i]), self.object_bytes) for i in todo], check_missing=False)
+            for i, g in zip(todo, got):
+                res[i] = g
+            ask = [i for i, g in zip(todo, got) if isinstance(g, BaseException) and not isinstance(g, TimeoutError)]
+            if ask:
+                heads = self._run(self._gather_once([partial(self._head, paths[i]) for i in ask]))
+                for i, h in zip(ask, heads):
+                    if isinstance(h, FileNotFoundError):
+                        res[i] = FileNotFoundError(paths[i])
+                    elif not isinstance(h, BaseException) and _size(h) not in (None, self.object_bytes):
+                        res[i] = CorruptBlockError(f"object has {_size(h)} bytes, a block object {self.object_bytes}")
+            todo = [i for i in todo if isinstance(res[i], BaseException) and not isinstance(res[i], _ANSWERED)]
+            if not todo or attempt == self.retries:
+                break
+            self.counters["retries"] += len(todo)
+            self._run(self._backoff(attempt))
+        self._settle(sent, res)
+        return res
+
+    def _nixl_write(self, objs: list[tuple[str, bytes]]) -> list[BaseException | None]:
+        """Whole-object PUTs through NIXL OBJ (atomic, as with s3fs): per object None or the error."""
+        res: list[BaseException | None] = [_Skip() for _ in objs]
+        sent = todo = self._allowed(len(objs))
+        for attempt in range(self.retries + 1):
+            errs = self._nixl.put([(self._key(objs[i][0]), objs[i][1]) for i in todo])
+            for i, e in zip(todo, errs):
+                res[i] = e
+            todo = [i for i in todo if res[i] is not None]
+            if not todo or attempt == self.retries:
+                break
+            self.counters["retries"] += len(todo)
+            self._run(self._backoff(attempt))
+        self._settle(sent, res)
+        return res
+
+    def _key(self, path: str) -> str:
+        return path[len(self._bucket) + 1 :]
 
     # ---- paths and manifests -------------------------------------------------------------
     def _path(self, ns: int, h: int) -> str:
@@ -273,12 +380,18 @@ class RemoteTier(Tier):
         self._check_rows(keys, out, "get")
         self.admission.seen(keys)
         paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
-        res = self._run(self._gather([partial(self.fs._cat_file, p, **self._read_kw) for p in paths]))
+        if self._nixl is not None:
+            res = self._nixl_read(paths)
+        else:
+            res = self._run(self._gather([partial(self.fs._cat_file, p, **self._read_kw) for p in paths]))
         found = np.zeros(len(keys), bool)
         bad: list[tuple[int, str]] = []
         errors = 0
         for i, r in enumerate(res):
             if isinstance(r, FileNotFoundError):
+                continue
+            if isinstance(r, CorruptBlockError):
+                bad.append((i, str(r)))
                 continue
             if isinstance(r, BaseException):
                 errors += 1
@@ -296,9 +409,7 @@ class RemoteTier(Tier):
     def _account_get_failures(self, keys: BlockKeys, errors: int, bad: list[tuple[int, str]], res: list[Any]) -> None:
         if errors:  # errors, timeouts, throttling and an open breaker: misses the engine recomputes
             self.counters["get_errors"] += errors
-            failed = [
-                i for i, r in enumerate(res) if isinstance(r, BaseException) and not isinstance(r, FileNotFoundError)
-            ]
+            failed = [i for i, r in enumerate(res) if isinstance(r, BaseException) and not isinstance(r, _ANSWERED)]
             self.events.publish(
                 EventKind.LOAD_FAILED, self.name, keys[np.array(failed, np.int64)], "remote read failed"
             )
@@ -336,7 +447,10 @@ class RemoteTier(Tier):
         tokens = self.block_size or 0
         objs = [(self._path(keys.ns, int(keys.hashes[i])), codec.encode(keys[i], int(keys.parents[i]), tokens, rows[i]))
                 for i in todo.tolist()]  # fmt: skip
-        res = self._run(self._gather([partial(self._write_object, p, b) for p, b in objs]))
+        if self._nixl is not None:
+            res: list[Any] = self._nixl_write(objs)
+        else:
+            res = self._run(self._gather([partial(self._write_object, p, b) for p, b in objs]))
         ok = np.array([not isinstance(r, BaseException) for r in res], bool)
         self._account_puts(keys, todo, ok)
         out = have.copy()
@@ -464,11 +578,21 @@ class RemoteTier(Tier):
         s: dict[str, Any] = {"name": self.name, "medium": self.medium.value, "persistent": True}
         if self._count >= 0:  # unbounded tiers would need a full listing for these
             s = super().stats()
-        s.update(url=self.url, breaker=self.breaker.state, breaker_trips=self.breaker.trips, **self.counters)
+        s.update(
+            url=self.url, io=self.io, breaker=self.breaker.state, breaker_trips=self.breaker.trips, **self.counters
+        )
+        if self._nixl is not None:
+            s["nixl_timeouts"] = self._nixl.counters["timeouts"]
         return s
 
+    def close(self) -> None:
+        """Free the NIXL agent (io=nixl); the fsspec filesystem needs no closing."""
+        if self._nixl is not None:
+            self._nixl.close()
+
     def __repr__(self) -> str:
-        return f"RemoteTier({self.url!r}, block_nbytes={self.block_nbytes})"
+        io = "" if self.io == "s3fs" else f", io={self.io!r}"
+        return f"RemoteTier({self.url!r}, block_nbytes={self.block_nbytes}{io})"
 
 
 def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
@@ -489,6 +613,80 @@ def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
                 raise ConfigError(f"remote tier option {k}={opts[k]!r} is not a number") from None
     url = spec.url.split("?", 1)[0].removeprefix("remote+")
     return RemoteTier(url, capacity=opts.pop("capacity", None), storage_options=so, **common, **opts)
+
+
+def _resolve_io(io: Any, url: str, shown: str) -> str:
+    """The data path for block objects.  ``auto`` is s3fs: NIXL OBJ measured somewhat faster for hits
+    (benchmarks/results/bench_remote.json, ``nixl_obj``), but a miss costs it a second round trip, its
+    credentials are taken once and never refreshed, and it logs every failed transfer on stderr, so
+    it is chosen only by name."""
+    from fsspec.core import split_protocol
+
+    if not isinstance(io, str) or io.lower() not in IO_PATHS:
+        raise ConfigError(f"remote tier option io must be one of {', '.join(IO_PATHS)}")
+    io = io.lower()
+    proto = split_protocol(url)[0] or "file"
+    if io == "nixl" and proto not in ("s3", "s3a"):
+        raise ConfigError(f"io=nixl needs an s3:// tier URL; {shown} is {proto}://")
+    return "s3fs" if io == "auto" else io
+
+
+def _nixl_client(fs: Any, bucket: str, shown: str, num_threads: int, timeout: float) -> Any:
+    """A NixlObjClient on the bucket, with the endpoint, region and credentials s3fs/botocore resolved
+    (storage options, environment, profile), so that both data paths reach the same store as the same
+    user.  Credentials are taken once, here: refreshable ones (SSO, assumed roles) are not refreshed."""
+    try:
+        import nixl_cu12  # noqa: F401
+
+        from .nixl_obj import NixlObjClient
+    except ImportError:
+        raise ConfigError(f"io=nixl for {shown}: NIXL is not installed (pip install nixl-cu12)") from None
+    if getattr(fs, "anon", False):
+        raise ConfigError(f"io=nixl for {shown}: NIXL OBJ signs its requests; anonymous access needs io=s3fs")
+    from urllib.parse import urlsplit
+
+    s3 = fs.s3
+    endpoint = str(s3.meta.endpoint_url)
+    aws = (urlsplit(endpoint).hostname or "").endswith(".amazonaws.com")
+    style = (s3.meta.config.s3 or {}).get("addressing_style")
+    creds = _frozen_credentials(fs)
+    try:
+        return NixlObjClient(
+            bucket,
+            endpoint=None if aws else endpoint,  # AWS itself: the SDK resolves the regional endpoint
+            access_key=creds.access_key if creds else None,
+            secret_key=creds.secret_key if creds else None,
+            session_token=creds.token if creds else None,
+            region=s3.meta.region_name or "us-east-1",
+            virtual_addressing=style == "virtual" or (aws and style != "path"),
+            num_threads=num_threads,
+            timeout=timeout,
+        )
+    except (RuntimeError, ValueError, ImportError, OSError) as e:  # their messages hold no secrets
+        raise ConfigError(f"io=nixl for {shown}: cannot set up NIXL's OBJ backend ({e})") from None
+
+
+def _frozen_credentials(fs: Any) -> Any:
+    """The (access_key, secret_key, token) botocore resolved for s3fs's client, or None."""
+    from fsspec.asyn import sync
+
+    creds = getattr(getattr(fs.s3, "_request_signer", None), "_credentials", None)
+    if creds is None:
+        return None
+
+    async def frozen() -> Any:
+        out = creds.get_frozen_credentials()
+        return await out if asyncio.iscoroutine(out) else out
+
+    try:
+        return sync(fs.loop, frozen)
+    except Exception:
+        return None
+
+
+def _size(head: Any) -> int | None:
+    n = head.get("ContentLength", head.get("size")) if isinstance(head, dict) else None
+    return int(n) if isinstance(n, int) else None
 
 
 def _check_knobs(**knobs: float) -> None:
