@@ -27,11 +27,13 @@ How it works:
   same on every TP rank, so its namespace leaves TP out: only the storage writer (rank 0) stores, and
   every rank reads what it stored.
 - Bytes: ``batch_set_v1``/``batch_get_v1`` (``"interface_v1": 1``) gather and scatter whole pages
-  between the host pool's ``kv_buffer`` and one kvbm_fs row per page with one ``index_select`` /
-  ``index_copy_`` per batch, whatever the layout; the row holds exactly the bytes SGLang's own
+  between the host pool's ``kv_buffer`` and one kvbm_fs row per page with one slice copy per run of
+  consecutive host pages (one ``index_select`` / ``index_copy_`` per batch when runs are short),
+  whatever the layout; the row holds exactly the bytes SGLang's own
   ``get_data_page(flat=True)`` would, so the legacy ``get``/``set`` path (flat page tensors) names
   and reads the same blocks.
-- Batching: one store call per SGLang batch (``batch_exists`` is one ``Store.match``).
+- Batching: one store call per SGLang batch (``batch_exists`` is one ``Store.match``, after a probe of
+  its first page so that a prompt never seen costs one lookup, not a whole batch).
 - Failures: every page read is verified by the store; a page that fails verification or vanished is
   ``False`` in the returned list (``None`` for ``get``) and its host slot is left untouched.
 - Observability: :meth:`KvbmFsHiCacheStorage.stats` (pages and bytes read, written, hit, missed,
@@ -168,10 +170,29 @@ class HostPages:
             raise LayoutMismatchError(f"host indices outside the host pool ({self.num_pages} pages)")
         return pages
 
+    def runs(self, pages: torch.Tensor) -> list[tuple[int, int, int]] | None:
+        """(row in the batch, first page, pages) of each run of consecutive pages; None when runs average
+        under 8 pages. A slice copy per run is 2.5x (scatter) to 3x (gather) faster than one indexed copy
+        on CPU, and SGLang's host slots mostly come in runs."""
+        n = int(pages.numel())
+        if n == 0:
+            return []
+        starts = [0, *(torch.nonzero(pages[1:] - pages[:-1] != 1).flatten() + 1).tolist()]
+        if len(starts) > max(1, n // 8):
+            return None
+        first = pages[starts].tolist()
+        return [(a, p, b - a) for a, b, p in zip(starts, [*starts[1:], n], first)]
+
     def gather(self, pages: torch.Tensor) -> torch.Tensor:
         """Copy pages out as contiguous uint8 rows ``[n, block_nbytes]`` (one copy, whatever the strides)."""
         n = int(pages.numel())
-        return self.view.index_select(0, pages).view(n, -1).view(torch.uint8)
+        runs = self.runs(pages)
+        if runs is None:
+            return self.view.index_select(0, pages).view(n, -1).view(torch.uint8)
+        out = torch.empty((n, *self.view.shape[1:]), dtype=self.view.dtype)
+        for row, first, count in runs:
+            out[row : row + count].copy_(self.view[first : first + count])
+        return out.view(n, -1).view(torch.uint8)
 
     def staging(self, n: int) -> torch.Tensor:
         """A staging buffer for ``n`` pages, reused per thread: a fresh one would pay a page fault per
@@ -184,7 +205,12 @@ class HostPages:
 
     def scatter(self, pages: torch.Tensor, stage: torch.Tensor) -> None:
         """Write staged pages (pool dtype, ``[n, outer, inner]``) back into their host slots."""
-        self.view.index_copy_(0, pages, stage)
+        runs = self.runs(pages)
+        if runs is None:
+            self.view.index_copy_(0, pages, stage)
+            return
+        for row, first, count in runs:
+            self.view[first : first + count].copy_(stage[row : row + count])
 
 
 def host_pages(pool: Any) -> HostPages:
@@ -297,6 +323,18 @@ def page_key(key: str) -> int:
         return xxhash.xxh3_64_intdigest(key.encode(), 0)
 
 
+def page_hashes(keys: Sequence[str]) -> np.ndarray:
+    """:func:`page_key` of every key; SGLang's 64-hex keys in one pass (about 9x faster than key by key, which
+    was most of a ``batch_exists`` call)."""
+    try:
+        raw = [bytes.fromhex(k) for k in keys]
+    except (TypeError, ValueError):
+        raw = None
+    if raw is not None and 8 not in map(len, raw):  # 8 bytes are read as a number, not folded: page_key
+        return np.fromiter(map(xxhash.xxh3_64_intdigest, raw), np.uint64, len(raw))
+    return np.fromiter((page_key(k) for k in keys), np.uint64, len(keys))
+
+
 @dataclass
 class PageMetrics:
     """The fields of SGLang's ``StorageMetrics`` (pages per batch, GiB/s per batch), without importing its
@@ -383,7 +421,7 @@ class KvbmFsHiCacheStorage(_Base):
     def keys(self, keys: Sequence[str], extra_info: Any = None) -> BlockKeys:
         """Chained kvbm_fs keys of SGLang page keys; the page before the batch (``prefix_keys``) is the root."""
         _, _, ns = self._ready()
-        hashes = np.fromiter((page_key(k) for k in keys), np.uint64, len(keys))
+        hashes = page_hashes(keys)
         prefix = getattr(extra_info, "prefix_keys", None)
         return BlockKeys.chain(ns.id, hashes, page_key(prefix[-1]) if prefix else 0)
 
@@ -464,9 +502,13 @@ class KvbmFsHiCacheStorage(_Base):
         """Length of the longest run of leading pages stored in any tier: one batched match."""
         if not keys:
             return 0
-        store, _, _ = self._ready()
+        store, _, ns = self._ready()
         t0 = time.perf_counter()
-        n = store.match(self.keys(keys, extra_info)).length
+        head = BlockKeys(ns.id, np.array([page_key(keys[0])], np.uint64))
+        if any(bool(t.contains(head)[0]) for t in store.tiers):
+            n = store.match(self.keys(keys, extra_info)).length
+        else:  # a new prompt (SGLang's most common query): one probe, not a match of the whole batch
+            n = 0
         self._count(exists_calls=1, exists_pages=len(keys), exists_hits=n, exists_s=time.perf_counter() - t0)
         return n
 

@@ -281,6 +281,30 @@ def test_set_v1_then_get_v1_into_another_region_is_bit_exact(
     assert page_bytes(pool, 11) == untouched
 
 
+@pytest.mark.parametrize(("kind", "layout"), POOLS)
+def test_runs_of_consecutive_pages_copy_bit_exact(kind: str, layout: str, tmp_path: Path, closing: Any) -> None:
+    """Long runs of host pages are copied a run at a time (slices), short ones with one indexed copy: both
+    move the same bytes, in batch order, whatever the layout."""
+    pool = make_pool(kind, layout, page_num=64)
+    fill(pool, seed=2)
+    b = backend(tmp_path, pool)
+    closing.append(b)
+    assert b.pages is not None
+    src = [*range(20, 28), *range(2, 10)]  # two runs of 8, out of order
+    dst = [*range(40, 44), *range(50, 62)]
+    assert b.pages.runs(torch.tensor(src)) == [(0, 20, 8), (8, 2, 8)]
+    assert b.pages.runs(torch.tensor([1, 3, 5])) is None
+    keys = page_keys(16, "runs")
+    assert b.batch_set_v1(keys, indices(pool, src)) == [True] * 16
+    want = [page_bytes(pool, p) for p in src]
+    untouched = page_bytes(pool, 44)
+    assert b.batch_get_v1(keys, indices(pool, dst)) == [True] * 16
+    assert [page_bytes(pool, p) for p in dst] == want
+    assert page_bytes(pool, 44) == untouched
+    assert b.batch_get_v1(keys[::2], indices(pool, list(range(30, 38)))) == [True] * 8  # via index_copy_
+    assert [page_bytes(pool, p) for p in range(30, 38)] == want[::2]
+
+
 @pytest.mark.parametrize(("kind", "layout"), [("mha", "page_first"), ("mha", "layer_first"), ("mla", "layer_first")])
 def test_legacy_flat_pages_and_v1_name_the_same_bytes(kind: str, layout: str, tmp_path: Path, closing: Any) -> None:
     """SGLang without interface_v1 moves ``get_data_page(flat=True)`` tensors; they are the v1 rows."""
@@ -315,6 +339,24 @@ def test_batch_exists_is_the_longest_present_prefix_in_one_store_call(tmp_path: 
     assert b.batch_exists(keys[:3]) == 3
     assert b.batch_exists(keys[3:]) == 0
     assert b.batch_exists([]) == 0
+
+
+def test_batch_exists_probes_the_first_page_in_every_tier(tmp_path: Path, closing: Any) -> None:
+    """A prompt whose first page is nowhere is answered by one probe (no match); one whose first page is
+    only in a lower tier is still matched in full."""
+    pool = MHAPool()
+    fill(pool)
+    b = backend(tmp_path, pool)
+    closing.append(b)
+    keys = page_keys(4)
+    assert b.batch_set_v1(keys, indices(pool, [0, 1, 2, 3])) == [True] * 4
+    assert b.store is not None and len(b.store.tiers) == 2
+    b.store.tiers[0].delete(b.keys(keys[:1]))  # first page now only on disk
+    before = b.store.counters["match_calls"]
+    assert b.batch_exists(keys) == 4
+    assert b.batch_exists(page_keys(4, "new") + keys) == 0
+    assert b.store.counters["match_calls"] == before + 1
+    assert b.stats()["exists_calls"] == 2 and b.stats()["exists_hits"] == 4
 
 
 def disk_of(b: KvbmFsHiCacheStorage) -> DiskTier:
