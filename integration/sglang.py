@@ -62,6 +62,7 @@ from kvbm_fs import BlockKeys, ConfigError, IllegalTransitionError, KVLayout, La
 from kvbm_fs.config import DEFAULT_TIERS, StoreConfig, resolve
 from kvbm_fs.events import BlockEvent, EventKind
 from kvbm_fs.keys import engine_hash_to_u64
+from kvbm_fs.layout import dtype_name
 from kvbm_fs.mount import build_store
 from kvbm_fs.registry import TierSpec, tier_class
 
@@ -86,15 +87,6 @@ SGLANG_KEYS = frozenset(
 )
 DISK_CAPACITY = "10GiB"
 
-TORCH_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-}
 
 # Host pool layout -> (leading kv_buffer dims before the page/token axis, axis order of one page's bytes).
 # MHA kv_buffer: layer_first [2, L, tokens, H, D], page_first [2, tokens, L, H, D],
@@ -230,7 +222,7 @@ def host_pages(pool: Any) -> HostPages:
         raise ConfigError(
             f"kvbm_fs: {kind} host pool layout {pool.layout!r} is not supported; use one of {sorted(table)}"
         )
-    dtype = TORCH_DTYPES.get(buf.dtype)
+    dtype = dtype_name(buf.dtype)
     if dtype is None:
         raise ConfigError(f"kvbm_fs: host pool dtype {buf.dtype} is not supported")
     outer, order = table[pool.layout]

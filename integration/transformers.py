@@ -37,17 +37,11 @@ import torch
 import xxhash
 
 from kvbm_fs import BlockKeys, ConfigError, KvbmError, KVLayout, LayoutMismatchError, Namespace, Store, mount
+from kvbm_fs.layout import dtype_name, torch_dtype
 
 ORDER = "LKHTD"  # one block: [layers, K|V, kv heads, tokens, head dim] -- HF's [H, T, D] per layer kept intact
 DEFAULT_BLOCK_SIZE = 16
-TORCH_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-}
-LAYOUT_DTYPES = {v: k for k, v in TORCH_DTYPES.items()}
+FLOAT_DTYPES = ("float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2")  # what an HF cache holds
 # Config keys that do not change what a KV entry holds (runtime switches, bookkeeping, tokenizer ids).
 UNFINGERPRINTED = frozenset(
     {
@@ -133,9 +127,9 @@ def weights_fingerprint(model: Any) -> str:
 def _dtype_name(dtype: Any) -> str:
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype.removeprefix("torch."), dtype)
-    name = TORCH_DTYPES.get(dtype)
-    if name is None:
-        raise UnsupportedCacheError(f"KV dtype {dtype} is not supported; one of {sorted(LAYOUT_DTYPES)}")
+    name = dtype_name(dtype)
+    if name is None or name not in FLOAT_DTYPES:
+        raise UnsupportedCacheError(f"KV dtype {dtype} is not supported; one of {list(FLOAT_DTYPES)}")
     return name
 
 
@@ -288,7 +282,7 @@ def _check_layers(pairs: Sequence[tuple[Any, Any]], layout: KVLayout) -> int:
     want = (1, layout.num_kv_heads, k0.shape[2], layout.head_dim)
     for i, (k, v) in enumerate(pairs):
         for t in (k, v):
-            if tuple(t.shape) != want or TORCH_DTYPES.get(t.dtype) != layout.dtype:
+            if tuple(t.shape) != want or dtype_name(t.dtype) != layout.dtype:
                 raise LayoutMismatchError(
                     f"layer {i} KV is {tuple(t.shape)} {t.dtype}; the namespace layout needs {want} {layout.dtype}"
                     " (kv heads, head dim, dtype and equal lengths across layers must match)"
@@ -306,7 +300,7 @@ def _present(store: Store, keys: BlockKeys) -> np.ndarray:
 def _gather(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: KVLayout, n: int, sel: Any) -> torch.Tensor:
     """Blocks ``sel`` (of the first ``n``) as ``[len(sel), *block_shape]`` on the host: one copy per layer."""
     bs = layout.block_size
-    out = torch.empty((len(sel), *layout.block_shape), dtype=LAYOUT_DTYPES[layout.dtype])
+    out = torch.empty((len(sel), *layout.block_shape), dtype=torch_dtype(layout.dtype))
     idx = None if len(sel) == n else torch.as_tensor(sel, dtype=torch.long)
     for li, (k, v) in enumerate(pairs):
         for kv, t in enumerate((k, v)):
@@ -362,7 +356,7 @@ def load_prefix(
     m = store.match(keys)
     if m.worth == 0:
         return None, 0
-    out = torch.empty((m.worth, *ns.layout.block_shape), dtype=LAYOUT_DTYPES[ns.layout.dtype])
+    out = torch.empty((m.worth, *ns.layout.block_shape), dtype=torch_dtype(ns.layout.dtype))
     got = store.get(keys[: m.worth], out, m)
     n = int(np.argmin(got)) if not got.all() else got.size
     if n == 0:

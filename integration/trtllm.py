@@ -82,6 +82,7 @@ import torch
 
 from kvbm_fs import BlockKeys, ConfigError, KvbmError, KVLayout, LayoutMismatchError, Namespace, Store
 from kvbm_fs.config import StoreConfig, resolve
+from kvbm_fs.layout import dtype_name
 from kvbm_fs.mount import build_store
 
 log = logging.getLogger(__name__)
@@ -89,15 +90,6 @@ log = logging.getLogger(__name__)
 ENV_OPTIONS = "KVBM_FS_TRTLLM_CONFIG"
 STORE_KEYS = ("tiers", "tenant", "policy", "daemon", "cost", "layout")
 OPTION_KEYS = frozenset({*STORE_KEYS, "config", "model", "write_through", "async_load", "async_save"})
-TORCH_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-}
 REFUSED_ATTRS = ("multimodal_hashes", "multimodal_positions", "prompt_embedding_table")
 
 
@@ -274,7 +266,7 @@ def pool_layout(kv: torch.Tensor, block_size: int, pinned: KVLayout | None) -> K
             f"kvbm_fs trtllm: KV pool of shape {tuple(kv.shape)} is not [blocks, layers, 2, elements]"
             " (K-only / MLA caches are not supported)"
         )
-    dtype = TORCH_DTYPES.get(kv.dtype)
+    dtype = dtype_name(kv.dtype)
     if dtype is None:
         raise ConfigError(f"kvbm_fs trtllm: KV pool dtype {kv.dtype} is not supported")
     layers, elems = int(kv.shape[1]), int(kv.shape[3])

@@ -92,6 +92,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kvbm_fs import BlockKeys, ConfigError, EventKind, KVLayout, LayoutMismatchError, Namespace, Store
 from kvbm_fs.config import resolve
 from kvbm_fs.events import BlockEvent
+from kvbm_fs.layout import dtype_name
 from kvbm_fs.mount import build_store
 
 if TYPE_CHECKING:
@@ -129,15 +130,6 @@ EXTRA_KEYS = frozenset(
 BACKEND_ORDER = {"CPU_ATTN": "LHKTD"}
 DEFAULT_ORDER = "LHTKD"  # [H, N, (K|V)*D]; unknown backends are told apart by name in the namespace anyway
 
-TORCH_DTYPES = {
-    torch.float32: "float32",
-    torch.float16: "float16",
-    torch.bfloat16: "bfloat16",
-    torch.float8_e4m3fn: "float8_e4m3fn",
-    torch.float8_e5m2: "float8_e5m2",
-    torch.int8: "int8",
-    torch.uint8: "uint8",
-}
 STAGE_BYTES = 256 << 20  # host staging buffer per load/save batch
 MEDIUM_RANK = {"gpu": 0, "host": 1, "disk": 2, "remote": 3}
 FP8_CACHE = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
@@ -206,7 +198,7 @@ def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backe
     if int(getattr(spec, "kv_quant_mode", 0) or 0):
         raise ConfigError(f"kvbm_fs: quantized KV ({spec.kv_quant_mode}) is not supported")
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
-    dtype = FP8_CACHE.get(cache_dtype) or TORCH_DTYPES.get(spec.dtype)
+    dtype = FP8_CACHE.get(cache_dtype) or dtype_name(spec.dtype)
     if dtype is None:
         raise ConfigError(f"kvbm_fs: KV cache dtype {spec.dtype} (cache_dtype={cache_dtype!r}) is not supported")
     return KVLayout(

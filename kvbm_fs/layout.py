@@ -26,6 +26,21 @@ DTYPES: dict[str, tuple[int, str]] = {
     "uint8": (1, "uint8"),
 }
 
+
+def dtype_name(dtype: Any) -> str | None:
+    """The layout dtype name of a torch (or numpy) dtype, or None when no layout holds it. Engines hand
+    over torch dtypes; layouts and namespaces speak names, so every connector converts here."""
+    name = str(dtype).removeprefix("torch.")
+    return name if name in DTYPES else None
+
+
+def torch_dtype(name: str) -> Any:
+    """The torch dtype of a layout dtype name (torch imported only when asked)."""
+    import torch
+
+    return getattr(torch, name)
+
+
 # Axis letters: L layers, K the K/V pair, T tokens in the block, H KV heads, D head dim.
 AXES_MHA = frozenset("LKTHD")
 AXES_MLA = frozenset("LTD")

@@ -786,3 +786,13 @@ def test_spec_9_6_damage_table() -> None:
     with pytest.raises(CorruptBlockError, match="payload checksum"):
         codec.verify(flipped(130), key)
     assert bytes(codec.verify(SPEC_BLOCK + b"\x00\x00", key)) == bytes(range(32))
+
+
+def test_dtype_names_round_trip_through_torch() -> None:
+    import torch
+
+    from kvbm_fs.layout import DTYPES, dtype_name, torch_dtype
+
+    for name in DTYPES:
+        assert dtype_name(torch_dtype(name)) == name
+    assert dtype_name(torch.float64) is None and dtype_name(torch.complex64) is None
