@@ -176,12 +176,15 @@ class HostPages:
         return [(a, p, b - a) for a, b, p in zip(starts, [*starts[1:], n], first)]
 
     def gather(self, pages: torch.Tensor) -> torch.Tensor:
-        """Copy pages out as contiguous uint8 rows ``[n, block_nbytes]`` (one copy, whatever the strides)."""
+        """Copy pages out as contiguous uint8 rows ``[n, block_nbytes]`` (one copy, whatever the strides),
+        into this thread's staging buffer: ``Store.put`` copies what it keeps, so the rows are free
+        again when the put returns."""
         n = int(pages.numel())
+        out = self.staging(n)
         runs = self.runs(pages)
         if runs is None:
-            return self.view.index_select(0, pages).view(n, -1).view(torch.uint8)
-        out = torch.empty((n, *self.view.shape[1:]), dtype=self.view.dtype)
+            torch.index_select(self.view, 0, pages, out=out)
+            return out.view(n, -1).view(torch.uint8)
         for row, first, count in runs:
             out[row : row + count].copy_(self.view[first : first + count])
         return out.view(n, -1).view(torch.uint8)
