@@ -44,9 +44,11 @@ How it works:
   ``load_kv_async=True``; vLLM parks the request (WAITING_FOR_REMOTE_KVS) and keeps serving others
   while a background thread reads, verifies and scatters its blocks; ``get_finished`` reports it done,
   with any failed blocks in ``get_block_ids_with_load_errors`` in the same step, as vLLM requires.
-  Without it, ``start_load_kv`` loads before the forward. Loads are not split per layer: a kvbm_fs
-  block holds every layer and is verified whole before any byte of it is used, so
-  ``wait_for_layer_load`` has nothing left to wait for; the overlap comes from loading across steps.
+  Without it (sync loads), loads are layer-wise: ``start_load_kv`` starts reading and verifying the
+  step's blocks on a background thread, and ``wait_for_layer_load`` places each layer's pages into
+  the KV cache just before that layer's attention (the read is whole-block: a kvbm_fs block holds
+  every layer and is verified whole before any byte of it is used). A step loading more than one
+  staging buffer (``STAGE_BYTES``) loads everything before the forward instead.
 - Worker, saves: layer-wise. ``save_kv_layer`` stages each layer's pages of the step's new blocks as
   soon as its attention has written them (the engine may overwrite its blocks after the step);
   ``wait_for_save`` copies any layer the engine did not hand over, then writes the staged blocks to
@@ -400,6 +402,7 @@ COUNTERS = (
     "write_through_failed_blocks",  # saved, but a persistent tier (write_through) dropped them: dead, full
     "async_load_requests",  # requests whose blocks loaded in the background (load_kv_async)
     "layerwise_saved_layers",  # layer copies staged in save_kv_layer, during the forward
+    "layerwise_loaded_layers",  # layers a sync load placed in wait_for_layer_load, during the forward
 )
 TIMERS = ("load_s", "save_s", "match_s")
 
@@ -434,6 +437,16 @@ class KvbmFsStats(KVConnectorStats):
 
 
 # ---- the connector -----------------------------------------------------------------------------------
+
+
+@dataclass
+class _Staged:
+    """Blocks of a load that verified, staged ``[n, layers, page]``, with their engine block ids."""
+
+    stage: torch.Tensor
+    idx: torch.Tensor
+    failed: list[int]  # engine block ids that did not load
+    scattered: int = 0  # leading layers already in the KV cache
 
 
 @dataclass
@@ -523,6 +536,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._loading: dict[str, Future[list[int]]] = {}  # async loads in flight, by request
         self._saving: list[tuple[Future[None], int]] = []  # (put, staged bytes) in flight
         self._save_plan: _SavePlan | None = None  # this step's saves, once planned
+        self._layer_load: Future[_Staged] | None = None  # this step's sync load, placed layer by layer
+        self._layer_staged: tuple[Future[_Staged], _Staged] | None = None
         self._layer_index: dict[str, int] = {}
         if is_worker:
             assert self.store is not None
@@ -868,70 +883,118 @@ class KvbmFsConnector(KVConnectorBase_V1):
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._connector_metadata
+        self._layer_load = None
         if not isinstance(meta, KvbmFsMetadata):
             return
         self._check_namespace(meta)
         if not meta.loads or not self._layers:
             return
-        if not meta.async_loads:
-            failed = self._load(meta.loads)
-            if failed:
-                bad = set(failed)
-                self._load_errors |= bad
-                self._tainted = {t.req_id for t in meta.loads if bad.intersection(t.block_ids)}
-            return
         if self._load_pool is None:
             self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-load")
-        for t in meta.loads:  # one job a request, so each request is reported as soon as its blocks are in
-            self._loading[t.req_id] = self._load_pool.submit(self._load, [t])
+        if meta.async_loads:
+            for t in meta.loads:  # one job a request, so each request is reported as soon as its blocks are in
+                self._loading[t.req_id] = self._load_pool.submit(self._load, [t])
+            return
+        if sum(len(t.block_ids) for t in meta.loads) <= self._chunk:
+            # layer-wise: read and verify in the background while the forward starts; each layer's pages
+            # go into the KV cache in wait_for_layer_load, just before that layer's attention needs them
+            self._layer_load = self._load_pool.submit(self._read_all, meta.loads)
+            return
+        self._note_failed(meta, self._load(meta.loads))  # more than one staging buffer: all before the forward
+
+    def _note_failed(self, meta: KvbmFsMetadata, failed: list[int]) -> None:
+        if failed:
+            bad = set(failed)
+            self._load_errors |= bad
+            self._tainted = {t.req_id for t in meta.loads if bad.intersection(t.block_ids)}
 
     def _load(self, transfers: list[Transfer]) -> list[int]:
-        """Read, verify and scatter the transfers' blocks into the engine's KV cache; returns the engine
-        block ids that failed (missing or failed verification), for vLLM to recompute."""
+        """Read, verify and scatter the transfers' blocks into the engine's KV cache, one staging buffer
+        at a time; returns the engine block ids that failed (missing or failed verification)."""
         t0 = time.perf_counter()
+        keys, ids = self._transfer_keys(transfers)
+        failed: list[int] = []
+        for a in range(0, len(ids), self._chunk):  # bounded staging memory
+            st = self._read(keys[a : a + self._chunk], ids[a : a + self._chunk])
+            self._scatter(st, len(self._layers))
+            failed += st.failed
+        self._account_load(len(ids), failed, t0)
+        return failed
+
+    def _read_all(self, transfers: list[Transfer]) -> _Staged:
+        t0 = time.perf_counter()
+        keys, ids = self._transfer_keys(transfers)
+        st = self._read(keys, ids)
+        self._account_load(len(ids), st.failed, t0)
+        return st
+
+    def _transfer_keys(self, transfers: list[Transfer]) -> tuple[BlockKeys, list[int]]:
         hashes = np.concatenate([t.hashes for t in transfers])
         parents = np.concatenate([t.parents for t in transfers])
-        ids = [b for t in transfers for b in t.block_ids]
+        return BlockKeys(self.namespace.id, hashes, parents), [b for t in transfers for b in t.block_ids]
+
+    def _read(self, keys: BlockKeys, ids: list[int]) -> _Staged:
+        """One staging buffer's worth: read and verify, keep only the blocks that verified."""
         assert self.store is not None
-        keys = BlockKeys(self.namespace.id, hashes, parents)
-        got = np.zeros(len(ids), bool)
+        stage = self._stage(len(ids))
         try:
-            for a in range(0, len(ids), self._chunk):  # bounded staging memory
-                b = min(len(ids), a + self._chunk)
-                got[a:b] = self._load_chunk(keys[a:b], ids[a:b])
+            got = np.asarray(self.store.get(keys, _u8_rows(stage)), bool)
         except Exception:  # never into the engine: whatever did not load is recomputed
             log.exception("kvbm_fs: load failed; vLLM recomputes the blocks")
-        failed = np.flatnonzero(~got)
-        if failed.size:
+            got = np.zeros(len(ids), bool)
+        ok = np.flatnonzero(got)
+        failed = [ids[i] for i in np.flatnonzero(~got).tolist()]
+        if ok.size != len(ids):
+            stage = stage[torch.as_tensor(ok, dtype=torch.long)]
+        return _Staged(stage, torch.as_tensor([ids[i] for i in ok.tolist()], dtype=torch.long), failed)
+
+    def _scatter(self, st: _Staged, upto: int) -> None:
+        """Put layers ``[st.scattered, upto)`` of the verified blocks into the engine's KV cache."""
+        n = st.idx.numel()
+        for li in range(st.scattered, upto):
+            view = self._layers[li][1]
+            if n:
+                view[st.idx.to(view.device)] = st.stage[:, li].reshape(n, *self._page_shape).to(view.device)
+        st.scattered = max(st.scattered, upto)
+
+    def _account_load(self, n: int, failed: list[int], t0: float) -> None:
+        if failed:
             log.warning(
                 "kvbm_fs: %d of %d blocks failed to load (missing or failed verification); vLLM recomputes them",
-                failed.size,
-                len(ids),
+                len(failed),
+                n,
             )
-        ok = int(got.sum())
+        ok = n - len(failed)
         self._count(
             loaded_blocks=ok,
-            load_failed_blocks=int(failed.size),
+            load_failed_blocks=len(failed),
             loaded_bytes=ok * self.layout.block_nbytes,
             load_s=time.perf_counter() - t0,
         )
-        return [ids[i] for i in failed.tolist()]
-
-    def _load_chunk(self, keys: BlockKeys, ids: list[int]) -> np.ndarray:
-        assert self.store is not None
-        stage = self._stage(len(ids))
-        got = np.asarray(self.store.get(keys, _u8_rows(stage)), bool)
-        ok = np.flatnonzero(got)
-        if not ok.size:
-            return got
-        idx = torch.as_tensor([ids[i] for i in ok.tolist()], dtype=torch.long)
-        src = stage[torch.as_tensor(ok, dtype=torch.long)] if ok.size != len(ids) else stage
-        for li, (_, view) in enumerate(self._layers):
-            view[idx.to(view.device)] = src[:, li].reshape(ok.size, *self._page_shape).to(view.device)
-        return got
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return  # blocks are verified whole, so a sync load finished every layer in start_load_kv
+        """A sync load's pages of this layer (and any earlier one not yet placed) into the KV cache."""
+        li = self._layer_index.get(layer_name)
+        if self._layer_load is None or li is None:
+            return
+        st = self._staged()
+        before = st.scattered
+        self._scatter(st, li + 1)
+        if st.scattered > before:
+            self._count(layerwise_loaded_layers=st.scattered - before)
+
+    def _staged(self) -> _Staged:
+        """The sync layer-wise load of this step, waited for once; its failures are noted then."""
+        assert self._layer_load is not None
+        first = self._layer_staged is None or self._layer_staged[0] is not self._layer_load
+        if first:
+            st = self._layer_load.result()
+            meta = self._connector_metadata
+            if isinstance(meta, KvbmFsMetadata):
+                self._note_failed(meta, st.failed)
+            self._layer_staged = (self._layer_load, st)
+        assert self._layer_staged is not None
+        return self._layer_staged[1]
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: AttentionMetadata, **kwargs: Any
@@ -953,6 +1016,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
         attended to garbage). The leading ones (up to ``max_inflight_save_bytes``) get a staging buffer
         that ``save_kv_layer`` fills layer by layer."""
         meta = self._connector_metadata
+        if self._layer_load is not None:
+            self._staged()  # this step's failed loads taint their requests' saves
         plan = _SavePlan()
         self._save_plan = plan
         if not isinstance(meta, KvbmFsMetadata) or not meta.saves or not self._layers:
@@ -990,6 +1055,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
 
     def wait_for_save(self) -> None:
         self._drain_saves()  # the previous step's puts: their events ship with this step
+        if self._layer_load is not None:  # layers the engine never waited for still go into the cache
+            self._scatter(self._staged(), len(self._layers))
         plan = self._save_plan if self._save_plan is not None else self._plan_saves()
         self._save_plan, self._tainted = None, set()
         if plan.keys is None or not len(plan.keys):

@@ -279,8 +279,9 @@ def test_engine2_loads_shared_prefixes_from_disk(
     print(f"\nengine 2 connector stats: scheduler {s}\n  worker {w}")
 
 
+@pytest.mark.parametrize("async_load", [True, False], ids=["async-load", "sync-layerwise-load"])
 def test_corrupt_blocks_on_disk_are_recomputed(
-    stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path
+    stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path, async_load: bool
 ) -> None:
     from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
 
@@ -310,7 +311,7 @@ def test_corrupt_blocks_on_disk_are_recomputed(
     conf = tmp_path / "kvbm.toml"
     conf.write_text("tiers = [" + ", ".join(json.dumps(u) for u in tier_urls(root)) + "]\n")
     kv = kv_config(root)
-    kv["kv_connector_extra_config"] = {"config": str(conf), "write_through": True}
+    kv["kv_connector_extra_config"] = {"config": str(conf), "write_through": True, "async_load": async_load}
     llm = new_engine(model, kv)
     try:
         outs = generate(llm, ENGINE2)
@@ -325,7 +326,10 @@ def test_corrupt_blocks_on_disk_are_recomputed(
     assert on_disk == ENGINE2_ALL_BLOCKS  # 21 stored - 2 corrupt (dropped) + 12 written through while serving
     assert w["load_failed_blocks"] == 2, w
     assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS - 2
-    assert w["async_load_requests"] == 3  # failed blocks went out with their async loads, as vLLM requires
+    if async_load:
+        assert w["async_load_requests"] == 3  # failed blocks went out with their async loads, as vLLM requires
+    else:  # loads placed layer by layer inside the forward; the failed blocks were reported after it
+        assert w["async_load_requests"] == 0 and w["layerwise_loaded_layers"] >= 2
     assert w["saved_blocks"] >= 2  # the recomputed blocks were stored again
     with open_offline(ns, root) as st:
         assert st.match(keys_of(ns, A)).length == 6
