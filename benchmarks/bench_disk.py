@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import platform
 import re
@@ -70,21 +69,35 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import _common
 import lmdb
 import numpy as np
+from _common import (
+    Caches,
+    add_output_args,
+    add_scratch_arg,
+    bulk_load_index,
+    emit,
+    env,
+    gbps_spread,
+    interleave,
+    mount_of,
+    paired_ratio,
+    pct,
+    results_path,
+    scratch_dir,
+    scratch_parent,
+)
 
 from kvbm_fs import KVLayout
 from kvbm_fs.errors import ConfigError
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.store import Store
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier, round_up
-from kvbm_fs.tiers.disk_index import KEY, U64, VAL, DiskIndex
 from kvbm_fs.tiers.diskio import ALIGN, PosixIO, aligned_buffer, probe_direct_io
 
 NAME = "bench_disk"
@@ -95,86 +108,9 @@ LAYOUT = KVLayout(num_layers=32, num_kv_heads=8, head_dim=128, block_size=16, dt
 NOT_ON_DISK = {"tmpfs", "ramfs", "devtmpfs", "proc", "sysfs", "squashfs"}
 
 
-# ---- timing harness (as in bench_host.py) -----------------------------------------------------
-class Case:
-    """One timed operation; ``before``/``after`` run untimed around it every round.  ``fn`` may
-    return its own duration in seconds (dd's self-reported time), which is then recorded instead."""
-
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[[], float | None],
-        before: Callable[[], Any] | None = None,
-        after: Callable[[], Any] | None = None,
-    ) -> None:
-        self.name, self.fn, self.before, self.after = name, fn, before, after
-        self.times: list[float] = []
-        self.wall: list[float] = []
-
-    def run(self, record: bool) -> None:
-        if self.before:
-            self.before()
-        gc.disable()
-        t0 = time.perf_counter()
-        own = self.fn()
-        dt = time.perf_counter() - t0
-        gc.enable()
-        if self.after:
-            self.after()
-        if record:
-            self.times.append(dt if own is None else own)
-            self.wall.append(dt)
-
-
-def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> None:
-    """Every case once per round; the order rotates each round so no case always runs first."""
-    for r in range(warmup + rounds):
-        k = r % len(cases)
-        for c in cases[k:] + cases[:k]:
-            c.run(record=r >= warmup)
-
-
-def paired_ratio(num: Case, den: Case) -> float:
-    """Median over rounds of (den time / num time): throughput of ``num`` relative to ``den``."""
-    return statistics.median(d / n for n, d in zip(num.times, den.times))
-
-
-# ---- the machine ----------------------------------------------------------------------------
-class Caches:
-    """``sync; echo 3 > /proc/sys/vm/drop_caches``, counting whether it worked."""
-
-    def __init__(self) -> None:
-        self.tried = self.ok = 0
-        self.error = ""
-
-    def drop(self) -> bool:
-        os.sync()
-        self.tried += 1
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError as e:
-            self.error = f"{type(e).__name__}: {e.strerror}"
-            return False
-        self.ok += 1
-        return True
-
-
-def mount_of(path: str) -> dict[str, str]:
-    """The /proc/self/mounts entry whose mount point is the longest prefix of ``path``."""
-    path = os.path.realpath(path)
-    best = {"mountpoint": "", "fstype": "unknown", "device": "unknown", "options": ""}
-    try:
-        with open("/proc/self/mounts") as f:
-            for line in f:
-                dev, mnt, fstype, opts = line.split()[:4]
-                mnt = mnt.replace("\\040", " ")
-                inside = path == mnt or path.startswith(mnt.rstrip("/") + "/")
-                if inside and len(mnt) >= len(best["mountpoint"]):
-                    best = {"mountpoint": mnt, "fstype": fstype, "device": dev, "options": opts}
-    except OSError:
-        pass
-    return best
+# ---- timing harness and the machine (see _common) ----------------------------------------------
+class Case(_common.Case):
+    self_timed = True  # fn may return its own duration in seconds (dd's self-reported time)
 
 
 def io_read_bytes() -> int:
@@ -393,10 +329,10 @@ def throughput(root: str, n: int, rounds: int, caches: Caches) -> dict[str, Any]
     total = n * bnb
 
     def gbps(ts: list[float]) -> float:
-        return round(total / statistics.median(ts) / 1e9, 3)
+        return _common.gbps(total, ts)
 
     def ratio(a: str, b: str) -> float:
-        return round(paired_ratio(by[a], by[b]), 3)
+        return round(paired_ratio(by[a].times, by[b].times), 3)
 
     raw_mode = (
         "O_DIRECT: dd oflag=direct / iflag=direct; tier segments opened O_DIRECT"
@@ -452,12 +388,7 @@ def throughput(root: str, n: int, rounds: int, caches: Caches) -> dict[str, Any]
         "wall_seconds": round(wall, 2),
         # per case: GB/s min/median/max over rounds (dd: from its own time; wall includes its start-up)
         "detail": {
-            c.name: {
-                "gbps_min": round(total / max(c.times) / 1e9, 3),
-                "gbps_median": round(total / statistics.median(c.times) / 1e9, 3),
-                "gbps_max": round(total / min(c.times) / 1e9, 3),
-                "wall_median_s": round(statistics.median(c.wall), 4),
-            }
+            c.name: {**gbps_spread(total, c.times, 3), "wall_median_s": round(statistics.median(c.wall), 4)}
             for c in cases
         },
     }
@@ -467,53 +398,10 @@ def throughput(root: str, n: int, rounds: int, caches: Caches) -> dict[str, Any]
 def bulk_load(index_dir: str, ns: Namespace, hashes: np.ndarray, parents: np.ndarray, chunk: int) -> float:
     """Write entries for ``hashes`` straight into the tier's LMDB index, as committed blocks in
     slots 0..n-1 (slot i holds the i-th smallest key; rank grows with slot), hwm = n."""
-    n = hashes.size
-    order = np.argsort(hashes, kind="stable")
-    h, p = hashes[order], parents[order]
-    assert n == 0 or (np.diff(h) > 0).all(), "duplicate hashes"
-    kdt = np.dtype([("ns", ">u8"), ("h", ">u8")])
-    u8, u4 = "<u8", "<u4"  # VAL: slot, parent, csum lo, csum hi, rank, payload_len, hits
-    vdt = np.dtype([("slot", u8), ("parent", u8), ("lo", u8), ("hi", u8), ("rank", u8), ("plen", u4), ("hits", u4)])
-    assert kdt.itemsize == KEY.size and vdt.itemsize == VAL.size
-    rng = np.random.default_rng(1)
-    rank0 = time.time_ns() // 1000 - n  # older than anything written later
-    t0 = time.perf_counter()
-    idx = DiskIndex(index_dir, map_size=max(1 << 30, n * 256))
-    try:
-        for a in range(0, n, chunk):
-            b = min(a + chunk, n)
-            slots = np.arange(a, b, dtype=np.uint64)
-            k = np.empty(b - a, kdt)
-            k["ns"], k["h"] = ns.id, h[a:b]
-            v = np.zeros(b - a, vdt)
-            v["slot"], v["parent"], v["rank"], v["plen"] = slots, p[a:b], rank0 + slots, LAYOUT.block_nbytes
-            v["lo"] = rng.integers(0, np.iinfo(np.uint64).max, b - a, dtype=np.uint64)
-            v["hi"] = rng.integers(0, np.iinfo(np.uint64).max, b - a, dtype=np.uint64)
-            kb = np.frombuffer(k.tobytes(), f"V{KEY.size}").tolist()
-            vb = np.frombuffer(v.tobytes(), f"V{VAL.size}").tolist()
-            sk = np.frombuffer(slots.astype(">u8").tobytes(), "V8").tolist()
-            o = np.empty(b - a, kdt)
-            o["ns"], o["h"] = rank0 + slots, slots  # order key: (rank, slot) BE
-            ob = np.frombuffer(o.tobytes(), f"V{KEY.size}").tolist()
-            with idx.env.begin(write=True) as txn:
-                for db, items in (
-                    (idx.blocks, zip(kb, vb)),
-                    (idx.slots, zip(sk, kb)),
-                    (idx.order, ((x, b"") for x in ob)),
-                ):
-                    added = txn.cursor(db).putmulti(items, append=True)[1]
-                    assert added == b - a, f"bulk load: {added} of {b - a} added"
-        with idx.env.begin(write=True) as txn:
-            txn.put(b"hwm", U64.pack(n), db=idx.meta)
-            txn.put(b"ns/%016x" % ns.id, ns.canonical_bytes(), db=idx.meta)
-        idx.env.sync(True)
-    finally:
-        idx.close()
-    return time.perf_counter() - t0
-
-
-def pct(ts: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(ts), q))
+    map_size = max(1 << 30, hashes.size * 256)
+    return bulk_load_index(
+        index_dir, ns.id, hashes, parents, LAYOUT.block_nbytes, chunk, map_size, ns.canonical_bytes()
+    )
 
 
 def lookups(root: str, entries: int, calls: int, single_calls: int, caches: Caches) -> dict[str, Any]:
@@ -666,20 +554,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=9, help="timed throughput rounds (default 9)")
     ap.add_argument("--index-entries", type=int, default=10_000_000, help="indexed blocks (default 10M)")
     ap.add_argument("--calls", type=int, default=200, help="timed batched lookups per kind (default 200)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch parent (default benchmarks/.scratch)")
+    add_scratch_arg(ap)
     ap.add_argument("--parts", default="throughput,lookup", help="comma list: throughput, lookup (default both)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
-    ap.add_argument("--quick", action="store_true", help="small run: 64 blocks, 3 rounds, 100k index entries")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "small run: 64 blocks, 3 rounds, 100k index entries")
     args = ap.parse_args(argv)
-    here = Path(__file__).resolve().parent
-    if args.out is None:
-        only = "" if args.parts == "throughput,lookup" else "." + args.parts.replace(",", "+")
-        args.out = here / "results" / f"{NAME}{'.quick' if args.quick else ''}{only}.json"
+    only = "" if args.parts == "throughput,lookup" else "." + args.parts.replace(",", "+")
+    args.out = args.out or results_path(NAME, args.quick, only)
     if args.quick:
         args.blocks, args.rounds, args.index_entries, args.calls = 64, 3, 100_000, 30
-    parent = args.dir if args.dir is not None else here / ".scratch"
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = scratch_parent(args.dir)
     mnt = mount_of(str(parent))
     if mnt["fstype"] in NOT_ON_DISK:
         raise SystemExit(f"{parent} is on {mnt['fstype']}, not a disk; pass --dir on a real filesystem")
@@ -691,22 +575,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parts = set(args.parts.split(","))
     if not parts or not parts <= {"throughput", "lookup"}:
         raise SystemExit(f"--parts takes throughput and/or lookup, not {args.parts!r}")
-    root = tempfile.mkdtemp(prefix=f"{NAME}-", dir=parent)
     thr: dict[str, Any] = {}
     lk: dict[str, Any] = {}
     caches = Caches()
     t0 = time.perf_counter()
-    try:
+    with scratch_dir(parent, f"{NAME}-", keep=args.keep) as scratch:
+        root = str(scratch)
         if "throughput" in parts:
             thr = throughput(os.path.join(root, "data"), args.blocks, args.rounds, caches)
             shutil.rmtree(os.path.join(root, "data"))
         if "lookup" in parts:
             lk = lookups(root, args.index_entries, args.calls, 20 * args.calls, caches)
-    finally:
-        if not args.keep:
-            shutil.rmtree(root, ignore_errors=True)
-            if args.dir is None and not any(parent.iterdir()):
-                parent.rmdir()
+    if not args.keep and args.dir is None and not any(parent.iterdir()):
+        parent.rmdir()
     total = time.perf_counter() - t0
 
     head = ["write_gbps", "read_gbps", "dd_write_gbps", "dd_read_gbps", "write_ratio", "read_ratio", "target_ratio",
@@ -727,25 +608,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "lookup": lk,
         "ratio_method": "median over rounds of paired (dd time / case time), same round",
         "wall_seconds": round(total, 1),
-        "env": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "lmdb": ".".join(map(str, lmdb.version())),
-            "py_lmdb": lmdb.__version__,
-            "kernel": platform.release(),
-            "cpus": os.cpu_count(),
-            "loadavg_1m": round(os.getloadavg()[0], 2),
-        },
+        "env": env(
+            numpy=np.__version__,
+            lmdb=".".join(map(str, lmdb.version())),
+            py_lmdb=lmdb.__version__,
+            kernel=platform.release(),
+        ),
     }
-    _emit(res, args.out)
+    emit(res, args.out)
     return res
-
-
-def _emit(res: dict[str, Any], path: Path) -> None:
-    text = json.dumps(res, indent=2)
-    print(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -33,8 +33,6 @@ Run ``python benchmarks/bench_disk_io.py [--quick] [--dir DIR]``; prints one JSO
 from __future__ import annotations
 
 import argparse
-import gc
-import json
 import os
 import platform
 import shutil
@@ -46,7 +44,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
+from _common import Caches, add_output_args, emit, env, gbps_spread, interleave, paired_ratio, results_path
 
 from kvbm_fs.tiers.diskio import ALIGN, BlockIO, IoOp, PosixIO, aligned_buffer, probe_direct_io
 
@@ -54,48 +54,8 @@ NAME = "bench_disk_io"
 MiB = 1 << 20
 
 
-class Case:
-    """One timed operation; ``before``/``after`` run untimed around it every round."""
-
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[[], Any],
-        before: Callable[[], Any] | None = None,
-        after: Callable[[], Any] | None = None,
-    ) -> None:
-        self.name, self.fn, self.before, self.after = name, fn, before, after
-        self.times: list[float] = []
-        self.cpu: list[float] = []  # CPU seconds of the whole process (all threads) during the call
-
-    def run(self, record: bool) -> None:
-        if self.before:
-            self.before()
-        gc.disable()
-        c0 = time.process_time()
-        t0 = time.perf_counter()
-        self.fn()
-        dt = time.perf_counter() - t0
-        dc = time.process_time() - c0
-        gc.enable()
-        if self.after:
-            self.after()
-        if record:
-            self.times.append(dt)
-            self.cpu.append(dc)
-
-
-def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> None:
-    """Every case once per round; the order rotates each round so no case always runs first."""
-    for r in range(warmup + rounds):
-        k = r % len(cases)
-        for c in cases[k:] + cases[:k]:
-            c.run(record=r >= warmup)
-
-
-def paired_ratio(num: Case, den: Case) -> float:
-    """Median over rounds of (den time / num time): throughput of ``num`` relative to ``den``."""
-    return statistics.median(d / n for n, d in zip(num.times, den.times))
+class Case(_common.Case):
+    track_cpu = True  # CPU seconds of the whole process (all threads) during the call
 
 
 class SeqIO:
@@ -113,16 +73,6 @@ class SeqIO:
         pass
 
 
-def drop_caches() -> bool:
-    try:
-        os.sync()
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
-
-
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--blocks", type=int, default=64, help="blocks per batch (default 64)")
@@ -132,11 +82,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--no-direct", action="store_true", help="do not use O_DIRECT even where it works")
     ap.add_argument("--no-sync", action="store_true", help="without O_DIRECT, time writes without fdatasync")
     ap.add_argument("--no-drop", action="store_true", help="do not drop the page cache before reads")
-    ap.add_argument("--quick", action="store_true", help="small run for smoke tests (8 blocks, 3 rounds)")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "small run for smoke tests (8 blocks, 3 rounds)")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = Path(__file__).resolve().parent / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     rounds = 3 if args.quick else args.rounds
     n, bnb = (8 if args.quick else args.blocks), int(args.block_mib * MiB)
     pay = -(-bnb // ALIGN) * ALIGN
@@ -177,13 +125,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engines["posix"] = PosixIO()
     engines["seq"] = SeqIO()
 
-    dropped: list[bool] = []
+    caches = Caches()
 
     def before_read() -> None:
         dst_h.fill(0)
         dst_p.fill(0)
         if not args.no_drop:
-            dropped.append(drop_caches())
+            caches.drop()
 
     def write(io: BlockIO) -> Callable[[], None]:
         def f() -> None:
@@ -214,7 +162,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     wall = time.perf_counter() - t0
 
     def gbps(name: str) -> float:
-        return round(batch / statistics.median(by[name].times) / 1e9, 3)
+        return _common.gbps(batch, by[name].times)
+
+    def ratio(a: str, b: str) -> float:
+        return round(paired_ratio(by[a].times, by[b].times), 3)
 
     res: dict[str, Any] = {"benchmark": NAME, "quick": bool(args.quick)}
     for name in engines:
@@ -224,12 +175,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         cpu = statistics.median(by[f"write_{name}"].cpu) + statistics.median(by[f"read_{name}"].cpu)
         res[f"cpu_s_per_gb_{name}"] = round(cpu / (2 * batch / 1e9), 4)
     if "nixl" in engines:
-        res["write_ratio_nixl_vs_posix"] = round(paired_ratio(by["write_nixl"], by["write_posix"]), 3)
-        res["read_ratio_nixl_vs_posix"] = round(paired_ratio(by["read_nixl"], by["read_posix"]), 3)
-        res["write_ratio_nixl_vs_seq"] = round(paired_ratio(by["write_nixl"], by["write_seq"]), 3)
-        res["read_ratio_nixl_vs_seq"] = round(paired_ratio(by["read_nixl"], by["read_seq"]), 3)
-    res["write_ratio_posix_vs_seq"] = round(paired_ratio(by["write_posix"], by["write_seq"]), 3)
-    res["read_ratio_posix_vs_seq"] = round(paired_ratio(by["read_posix"], by["read_seq"]), 3)
+        res["write_ratio_nixl_vs_posix"] = ratio("write_nixl", "write_posix")
+        res["read_ratio_nixl_vs_posix"] = ratio("read_nixl", "read_posix")
+        res["write_ratio_nixl_vs_seq"] = ratio("write_nixl", "write_seq")
+        res["read_ratio_nixl_vs_seq"] = ratio("read_nixl", "read_seq")
+    res["write_ratio_posix_vs_seq"] = ratio("write_posix", "write_seq")
+    res["read_ratio_posix_vs_seq"] = ratio("read_posix", "read_seq")
     tier_engines = [e for e in ("nixl", "posix") if e in engines]
     # the tier's choice: the engine with the better geometric mean of write and read throughput
     score = {e: (res[f"write_gbps_{e}"] * res[f"read_gbps_{e}"]) ** 0.5 for e in tier_engines}
@@ -240,7 +191,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res.update(_single_block_latency(bfd, src_h, dst_h, rounds))
     res.update(
         direct_io=direct,
-        caches_dropped=bool(dropped) and all(dropped),
+        caches_dropped=caches.all_worked,
         write_includes_fdatasync=not direct and not args.no_sync,
         block_nbytes=bnb,
         blocks_per_batch=n,
@@ -249,17 +200,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ratio_method="median over rounds of paired (baseline time / case time), same round",
         wall_seconds=round(wall, 2),
         detail={
-            c.name: {
-                "gbps_min": round(batch / max(c.times) / 1e9, 3),
-                "gbps_median": round(batch / statistics.median(c.times) / 1e9, 3),
-                "gbps_max": round(batch / min(c.times) / 1e9, 3),
-                "cpu_ms": round(statistics.median(c.cpu) * 1e3, 1),
-            }
+            c.name: {**gbps_spread(batch, c.times, 3), "cpu_ms": round(statistics.median(c.cpu) * 1e3, 1)}
             for c in cases
         },
         engine_stats={k: io.stats() for k, io in engines.items() if hasattr(io, "stats")},
         filesystem_dir=str(workdir.parent),
-        env=_env(),
+        env=env(numpy=np.__version__, kernel=platform.release()),
     )
     for io in engines.values():
         io.close()
@@ -267,7 +213,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         os.close(fd)
     os.close(bfd)
     shutil.rmtree(workdir, ignore_errors=True)
-    _emit(res, args.out)
+    emit(res, args.out)
     return res
 
 
@@ -321,23 +267,6 @@ def _single_block_latency(fd: int, src_h: np.ndarray, dst_h: np.ndarray, rounds:
             out[f"single_4k_{kind}_us_{name}"] = round(statistics.median(ts) * 1e6, 1)
         io.close()
     return out
-
-
-def _env() -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "cpus": os.cpu_count(),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-        "kernel": platform.release(),
-    }
-
-
-def _emit(res: dict[str, Any], path: Path) -> None:
-    text = json.dumps(res, indent=2)
-    print(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -31,56 +31,28 @@ to ``benchmarks/results/bench_hash_match.json`` (``.quick.json`` with ``--quick`
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import os
-import platform
-import statistics
 import struct
 import sys
 import time
-from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import xxhash
+from _common import Case, add_output_args, emit, env, interleave, paired_ratio, results_path
 
 from kvbm_fs import KVLayout, hashing, mount
 
 NAME = "bench_hash_match"
 
 
-class Case:
-    def __init__(self, name: str, fn: Callable[[], Any]) -> None:
-        self.name, self.fn = name, fn
-        self.times: list[float] = []
-
-    def run(self, record: bool) -> None:
-        gc.disable()
-        t0 = time.perf_counter()
-        self.fn()
-        dt = time.perf_counter() - t0
-        gc.enable()
-        if record:
-            self.times.append(dt)
-
-    @property
-    def ms(self) -> float:
-        return round(statistics.median(self.times) * 1e3, 3)
-
-
-def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> None:
-    """Every case once per round; the order rotates each round so no case always runs first."""
-    for r in range(warmup + rounds):
-        k = r % len(cases)
-        for c in cases[k:] + cases[:k]:
-            c.run(record=r >= warmup)
+def ms(c: Case) -> float:
+    return round(c.median * 1e3, 3)
 
 
 def speedup(fast: Case, slow: Case) -> float:
     """Median over rounds of slow time / fast time (paired within a round)."""
-    return round(statistics.median(s / f for f, s in zip(fast.times, slow.times)), 1)
+    return round(paired_ratio(fast.times, slow.times), 1)
 
 
 # ---- the naive baseline: the spec, one block and one token at a time ------------------------
@@ -121,11 +93,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--tokens", type=int, default=131072, help="prompt length (default 131072)")
     ap.add_argument("--block-size", type=int, default=16, help="tokens per block (default 16)")
     ap.add_argument("--rounds", type=int, default=21, help="timed rounds (default 21)")
-    ap.add_argument("--quick", action="store_true", help="small run for smoke tests (16384 tokens, 5 rounds)")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "small run for smoke tests (16384 tokens, 5 rounds)")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = Path(__file__).resolve().parent / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     n_tok = 16384 if args.quick else args.tokens
     rounds = 5 if args.quick else args.rounds
     bs = args.block_size
@@ -184,25 +154,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res: dict[str, Any] = {
         "benchmark": NAME,
         "quick": bool(args.quick),
-        "hash_ms": by["hash_numpy"].ms,
-        "sequence_hash_array_ms": by["seq_hash_array_numpy"].ms,
-        "match_ms": by["match"].ms,
-        "total_ms": by["total_numpy"].ms,
+        "hash_ms": ms(by["hash_numpy"]),
+        "sequence_hash_array_ms": ms(by["seq_hash_array_numpy"]),
+        "match_ms": ms(by["match"]),
+        "total_ms": ms(by["total_numpy"]),
         "target_total_ms": 5.0,  # for the full 131,072-token prompt; --quick runs 16,384 tokens
-        "baseline_hash_ms": by["naive_hash"].ms,
-        "baseline_match_ms": by["naive_match"].ms,
-        "baseline_total_ms": by["naive_total"].ms,
+        "baseline_hash_ms": ms(by["naive_hash"]),
+        "baseline_match_ms": ms(by["naive_match"]),
+        "baseline_total_ms": ms(by["naive_total"]),
         "speedup": speedup(by["total_numpy"], by["naive_total"]),
         "hash_speedup": speedup(by["hash_numpy"], by["naive_hash"]),
         "match_speedup": speedup(by["match"], by["naive_match"]),
         "list": {
-            "hash_ms": by["hash_list"].ms,
-            "total_ms": by["total_list"].ms,
+            "hash_ms": ms(by["hash_list"]),
+            "total_ms": ms(by["total_list"]),
             "speedup": speedup(by["total_list"], by["naive_total"]),
         },
         "torch": {
-            "hash_ms": by["hash_torch"].ms,
-            "total_ms": by["total_torch"].ms,
+            "hash_ms": ms(by["hash_torch"]),
+            "total_ms": ms(by["total_torch"]),
             "speedup": speedup(by["total_torch"], by["naive_total"]),
         },
         "below_target": [],
@@ -216,14 +186,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rounds": rounds,
         "speedup_method": "median over rounds of paired (baseline time / case time), same round",
         "wall_seconds": round(wall, 2),
-        "env": {
-            "python": platform.python_version(),
-            "numpy": np.__version__,
-            "xxhash": xxhash.VERSION,
-            "torch": torch.__version__,
-            "cpus": os.cpu_count(),
-            "loadavg_1m": round(os.getloadavg()[0], 2),
-        },
+        "env": env(numpy=np.__version__, xxhash=xxhash.VERSION, torch=torch.__version__),
     }
     res["below_target"] = [
         k
@@ -235,15 +198,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         if v > res["target_total_ms"]
     ]
     store.close()
-    _emit(res, args.out)
+    emit(res, args.out)
     return res
-
-
-def _emit(res: dict[str, Any], path: Path) -> None:
-    text = json.dumps(res, indent=2)
-    print(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

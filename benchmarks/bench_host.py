@@ -33,19 +33,15 @@ Run ``python benchmarks/bench_host.py [--quick]``; prints one JSON object and wr
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import os
-import platform
-import resource
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import _common
 import numpy as np
+from _common import add_output_args, emit, env, gbps_spread, interleave, paired_ratio, results_path
 
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.host import HostTier
@@ -54,48 +50,8 @@ NAME = "bench_host"
 MiB = 1 << 20
 
 
-class Case:
-    """One timed operation; ``before``/``after`` run untimed around it every round."""
-
-    def __init__(
-        self,
-        name: str,
-        fn: Callable[[], Any],
-        before: Callable[[], Any] | None = None,
-        after: Callable[[], Any] | None = None,
-    ) -> None:
-        self.name, self.fn, self.before, self.after = name, fn, before, after
-        self.times: list[float] = []
-        self.faults: list[int] = []
-
-    def run(self, record: bool) -> None:
-        if self.before:
-            self.before()
-        gc.disable()
-        f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        t0 = time.perf_counter()
-        self.fn()
-        dt = time.perf_counter() - t0
-        f1 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        gc.enable()
-        if self.after:
-            self.after()
-        if record:
-            self.times.append(dt)
-            self.faults.append(f1 - f0)
-
-
-def interleave(cases: list[Case], rounds: int, warmup: int = 1) -> None:
-    """Every case once per round; the order rotates each round so no case always runs first."""
-    for r in range(warmup + rounds):
-        k = r % len(cases)
-        for c in cases[k:] + cases[:k]:
-            c.run(record=r >= warmup)
-
-
-def paired_ratio(num: Case, den: Case) -> float:
-    """Median over rounds of (den time / num time): throughput of ``num`` relative to ``den``."""
-    return statistics.median(d / n for n, d in zip(num.times, den.times))
+class Case(_common.Case):
+    track_faults = True  # a temporary 128 MiB buffer shows up as ~32768 faults per call (4 KiB pages)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -103,11 +59,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--blocks", type=int, default=64, help="blocks per batch (default 64)")
     ap.add_argument("--block-mib", type=float, default=2.0, help="block size in MiB (default 2)")
     ap.add_argument("--rounds", type=int, default=21, help="timed rounds (default 21)")
-    ap.add_argument("--quick", action="store_true", help="small run for smoke tests (16 blocks, 5 rounds)")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "small run for smoke tests (16 blocks, 5 rounds)")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = Path(__file__).resolve().parent / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     rounds = 5 if args.quick else args.rounds
     n, bnb = (16 if args.quick else args.blocks), int(args.block_mib * MiB)
     batch = n * bnb
@@ -199,10 +153,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     assert tier.get(keys_g, t_out).all() and np.array_equal(t_out_np, src), "host get (torch) returned wrong bytes"
 
     def gbps(name: str) -> float:
-        return round(batch / statistics.median(by[name].times) / 1e9, 3)
+        return _common.gbps(batch, by[name].times)
 
     def ratio(a: str, b: str) -> float:
-        return round(paired_ratio(by[a], by[b]), 3)
+        return round(paired_ratio(by[a].times, by[b].times), 3)
 
     memcpy_all = by["memcpy_put"].times + by["memcpy_get"].times
     res: dict[str, Any] = {
@@ -210,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "quick": bool(args.quick),
         "put_gbps": gbps("put"),
         "get_gbps": gbps("get"),
-        "memcpy_gbps": round(batch / statistics.median(memcpy_all) / 1e9, 3),
+        "memcpy_gbps": _common.gbps(batch, memcpy_all),
         "put_ratio": ratio("put", "memcpy_put"),
         "get_ratio": ratio("get", "memcpy_get"),
         "target_ratio": 0.9,
@@ -245,22 +199,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # per case: GB/s min/median/max over rounds, and median minor page faults per call
         # (a temporary 128 MiB buffer shows up as ~32768 faults per call with 4 KiB pages)
         "detail": {
-            c.name: {
-                "gbps_min": round(batch / max(c.times) / 1e9, 2),
-                "gbps_median": round(batch / statistics.median(c.times) / 1e9, 2),
-                "gbps_max": round(batch / min(c.times) / 1e9, 2),
-                "page_faults": int(statistics.median(c.faults)),
-            }
-            for c in cases
+            c.name: {**gbps_spread(batch, c.times, 2), "page_faults": int(statistics.median(c.faults))} for c in cases
         },
-        "env": _env(torch),
+        "env": env(
+            numpy=np.__version__,
+            torch=torch.__version__,
+            torch_threads=torch.get_num_threads(),
+            cuda=bool(torch.cuda.is_available()),
+        ),
     }
     res["below_target"] = [
         k for k in ("put_ratio", "get_ratio", "torch_get_ratio", "torch_put_ratio") if res[k] < res["target_ratio"]
     ]
     tier.close()
     tier_e.close()
-    _emit(res, args.out)
+    emit(res, args.out)
     return res
 
 
@@ -270,25 +223,6 @@ def _rows_view(tier: HostTier, keys: BlockKeys) -> np.ndarray:
     assert (slots >= 0).all() and (np.diff(slots) == 1).all(), f"slots not consecutive: {slots[:8]}"
     s0 = int(slots[0])
     return tier.buf[s0 : s0 + len(keys)]
-
-
-def _env(torch: Any) -> dict[str, Any]:
-    return {
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cpus": os.cpu_count(),
-        "cuda": bool(torch.cuda.is_available()),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-    }
-
-
-def _emit(res: dict[str, Any], path: Path) -> None:
-    text = json.dumps(res, indent=2)
-    print(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

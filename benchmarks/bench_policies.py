@@ -28,7 +28,6 @@ writes it to ``benchmarks/results/bench_policies.json`` (``bench_policies.quick.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import add_output_args, emit, results_path
 
 from kvbm_fs.policy import DEFAULT_POLICY, SHIPPED
 from kvbm_fs.replay import TierSpec, compare, load_trace
@@ -54,12 +54,10 @@ ISSUE_LRU = {"0.05": 0.40, "0.1": 0.52}
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", type=Path, default=TRACE, help=f"Mooncake-format JSONL (default {TRACE})")
-    ap.add_argument("--quick", action="store_true", help="first 400 requests only (smoke tests)")
     ap.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="parallel replays")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "first 400 requests only (smoke tests)")
     args = ap.parse_args(argv)
-    if args.out is None:
-        args.out = Path(__file__).resolve().parent / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     trace = load_trace(args.trace, 400 if args.quick else None)
     t0 = time.perf_counter()
     single = compare(trace, capacities=CAPACITIES, policies=SHIPPED, jobs=args.jobs)
@@ -123,15 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": round(wall, 2),
         "env": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count()},
     }
-    _emit(res, args.out)
+    emit(res, args.out)
     return res
-
-
-def _emit(res: dict[str, Any], path: Path) -> None:
-    text = json.dumps(res, indent=2)
-    print(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,6 @@ import asyncio
 import json
 import logging
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import add_output_args, emit, env, loadavg_1m, paired_ratio, results_path
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -209,7 +209,7 @@ def ratio(num: Case, den: Case) -> float:
     (a case timed once: the baseline's median over its time)."""
     if num.once or den.once:
         return round(den.median / num.median, 2)
-    return round(statistics.median(d / n for n, d in zip(num.times, den.times)), 2)
+    return round(paired_ratio(num.times, den.times), 2)
 
 
 def ms(c: Case) -> float:
@@ -626,16 +626,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--block-mib", type=float, default=2.0, help="block size in MiB (default 2)")
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds of the headline cases (default 4)")
     ap.add_argument("--latency", type=float, default=LATENCY, help="seconds the proxy adds per request (default 0.02)")
-    ap.add_argument("--quick", action="store_true", help="small run for smoke tests (8 blocks, 1 round)")
     ap.add_argument("--no-nixl", action="store_true", help="skip the NIXL OBJ cases")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "small run for smoke tests (8 blocks, 1 round)")
     ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.serve:
         serve(args.latency)
         return {}
-    if args.out is None:
-        args.out = Path(__file__).resolve().parent / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     q = args.quick
     n = 8 if q else args.blocks
     bnb = int(args.block_mib * MiB)
@@ -644,7 +642,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mcs = [32] if q else [8, 16, 32, 64]
     nixl_ok, why_not = (False, "--no-nixl") if args.no_nixl else _nixl_available()
 
-    load0 = os.getloadavg()[0]
+    load0 = loadavg_1m()
     t0 = time.perf_counter()
     server = Server(args.latency)
     try:
@@ -708,7 +706,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         server.close()
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["env"] = _env(load0)
-    _emit(res, args.out)
+    emit(res, args.out)
     return res
 
 
@@ -718,23 +716,8 @@ def _env(load0: float) -> dict[str, Any]:
     import moto
     import s3fs
 
-    return {
-        "python": platform.python_version(),
-        "s3fs": s3fs.__version__,
-        "fsspec": fsspec.__version__,
-        "boto3": boto3.__version__,
-        "moto": moto.__version__,
-        "cpus": os.cpu_count(),
-        "loadavg_1m_start": round(load0, 2),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-    }
-
-
-def _emit(res: dict[str, Any], path: Path) -> None:
-    text = json.dumps(res, indent=2)
-    print(text)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text + "\n")
+    versions = env(s3fs=s3fs.__version__, fsspec=fsspec.__version__, boto3=boto3.__version__, moto=moto.__version__)
+    return {**versions, "loadavg_1m_start": load0}
 
 
 if __name__ == "__main__":

@@ -76,7 +76,6 @@ import argparse
 import ast
 import gc
 import hashlib
-import json
 import os
 import shutil
 import statistics
@@ -87,6 +86,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    Caches,
+    add_output_args,
+    add_scratch_arg,
+    bulk_load_index,
+    emit,
+    load_average,
+    mount_of,
+    pct,
+    results_path,
+    scratch_parent,
+    skip,
+)
 
 NAME = "bench_sglang"
 BATCH = 128  # SGLang's STORAGE_BATCH_SIZE
@@ -279,41 +291,10 @@ class KvbmSide:
 # ---- the machine --------------------------------------------------------------------------------------
 
 
-class Caches:
-    """``sync; echo 3 > /proc/sys/vm/drop_caches``, counting whether it worked."""
-
-    def __init__(self) -> None:
-        self.tried = self.ok = 0
-        self.error = ""
-
-    def drop(self) -> bool:
-        os.sync()
-        self.tried += 1
-        try:
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
-        except OSError as e:
-            self.error = f"{type(e).__name__}: {e.strerror}"
-            return False
-        self.ok += 1
-        return True
-
-    def summary(self) -> dict[str, Any]:
-        return {"tried": self.tried, "worked": self.ok, "error": self.error or None}
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
 def filesystem(path: str) -> dict[str, Any]:
     st = os.statvfs(path)
-    real, best, fs = os.path.realpath(path), "", {}
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            dev, mnt, kind = line.split()[:3]
-            if (real == mnt or real.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
-                best, fs = mnt, {"device": dev, "mount": mnt, "type": kind}
+    m = mount_of(path)
+    fs = {"device": m["device"], "mount": m["mountpoint"], "type": m["fstype"]}
     return {**fs, "free_gib": round(st.f_bavail * st.f_frsize / 2**30, 1), "free_inodes": st.f_favail}
 
 
@@ -327,10 +308,6 @@ def du(path: str) -> int:
         total += os.lstat(dirpath).st_blocks * 512
         total += sum(os.lstat(os.path.join(dirpath, f)).st_blocks * 512 for f in files)
     return total
-
-
-def pct(ts: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(ts), q))
 
 
 # ---- part 1: batch_set / batch_get GB/s -------------------------------------------------------------------
@@ -438,7 +415,6 @@ def populate_file(side: FileSide, stored: int) -> float:
 def populate_kvbm(root: str, pool: PageFirstPool, stored: int, disk_opts: str) -> dict[str, Any]:
     """Index records for every stored page, bulk-loaded into the disk tier's LMDB index (no data)."""
     from kvbm_fs.tiers.disk import ALIGN, HEADER_PAGE, round_up
-    from kvbm_fs.tiers.disk_index import KEY, U64, VAL, DiskIndex
 
     nbytes = pool.page_nbytes
     slot_bytes = HEADER_PAGE + round_up(nbytes, ALIGN)
@@ -456,46 +432,7 @@ def populate_kvbm(root: str, pool: PageFirstPool, stored: int, disk_opts: str) -
     keys_s = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    h_all, p_all = np.concatenate(hashes), np.concatenate(parents)
-    order = np.argsort(h_all, kind="stable")
-    h, p = h_all[order], p_all[order]
-    assert (np.diff(h) > 0).all(), "duplicate page keys"
-    kdt = np.dtype([("ns", ">u8"), ("h", ">u8")])
-    u8, u4 = "<u8", "<u4"  # VAL: slot, parent, csum lo, csum hi, rank, payload_len, hits
-    vdt = np.dtype([("slot", u8), ("parent", u8), ("lo", u8), ("hi", u8), ("rank", u8), ("plen", u4), ("hits", u4)])
-    assert kdt.itemsize == KEY.size and vdt.itemsize == VAL.size
-    rng = np.random.default_rng(1)
-    rank0 = time.time_ns() // 1000 - stored  # older than anything written later
-    idx = DiskIndex(os.path.join(root, "index"))
-    try:
-        for a in range(0, stored, CHUNK):
-            b = min(a + CHUNK, stored)
-            slots = np.arange(a, b, dtype=np.uint64)
-            k = np.empty(b - a, kdt)
-            k["ns"], k["h"] = ns.id, h[a:b]
-            v = np.zeros(b - a, vdt)
-            v["slot"], v["parent"], v["rank"], v["plen"] = slots, p[a:b], rank0 + slots, nbytes
-            v["lo"] = rng.integers(0, np.iinfo(np.uint64).max, b - a, dtype=np.uint64)
-            v["hi"] = rng.integers(0, np.iinfo(np.uint64).max, b - a, dtype=np.uint64)
-            kb = np.frombuffer(k.tobytes(), f"V{KEY.size}").tolist()
-            vb = np.frombuffer(v.tobytes(), f"V{VAL.size}").tolist()
-            sk = np.frombuffer(slots.astype(">u8").tobytes(), "V8").tolist()
-            o = np.empty(b - a, kdt)
-            o["ns"], o["h"] = rank0 + slots, slots  # order key: (rank, slot) BE
-            ob = np.frombuffer(o.tobytes(), f"V{KEY.size}").tolist()
-            with idx.env.begin(write=True) as txn:
-                for db, items in (
-                    (idx.blocks, zip(kb, vb)),
-                    (idx.slots, zip(sk, kb)),
-                    (idx.order, ((x, b"") for x in ob)),
-                ):
-                    added = txn.cursor(db).putmulti(items, append=True)[1]
-                    assert added == b - a, f"bulk load: {added} of {b - a} added"
-        with idx.env.begin(write=True) as txn:
-            txn.put(b"hwm", U64.pack(stored), db=idx.meta)
-        idx.env.sync(True)
-    finally:
-        idx.close()
+    bulk_load_index(os.path.join(root, "index"), ns.id, np.concatenate(hashes), np.concatenate(parents), nbytes, CHUNK)
     load_s = time.perf_counter() - t0
     return {"capacity": capacity, "keys_s": keys_s, "bulk_load_s": load_s}
 
@@ -609,28 +546,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="stored pages for batch_exists, comma-separated (default 10000,1000000)",
     )
     ap.add_argument("--calls", type=int, default=1000, help="batch_exists calls per case and backend (default 1000)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch parent (default benchmarks/.scratch)")
+    add_scratch_arg(ap)
     ap.add_argument("--disk-opts", default="", help="extra kvbm_fs disk tier URL options, e.g. '&direct=false'")
-    ap.add_argument("--quick", action="store_true", help="small run: 2 rounds, 10,000 stored pages, 100 calls")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_output_args(ap, "small run: 2 rounds, 10,000 stored pages, 100 calls")
     args = ap.parse_args(argv)
-    here = Path(__file__).resolve().parent
-    if args.out is None:
-        args.out = here / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     if args.quick:
         args.rounds, args.stored, args.calls = 2, [10_000], 100
     skipped = have_sglang()
     if skipped is not None:
-        result: dict[str, Any] = {"skipped": skipped}
-        print(json.dumps(result))
-        return result
+        return skip(skipped)
     import sglang
     import torch
 
-    parent = args.dir if args.dir is not None else here / ".scratch"
-    parent.mkdir(parents=True, exist_ok=True)
+    parent = scratch_parent(args.dir)
     t_start = time.perf_counter()
-    result = {"benchmark": NAME, "load_average_start": load_average(), "filesystem_start": filesystem(str(parent))}
+    result: dict[str, Any] = {
+        "benchmark": NAME,
+        "load_average_start": load_average(),
+        "filesystem_start": filesystem(str(parent)),
+    }
     methods = use_sglang_page_methods()
     m = MODEL
     pool = PageFirstPool(2 * BATCH, m["layers"], m["kv_heads"], m["head_dim"], m["page_tokens"])
@@ -652,13 +587,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     result[f"exists_{n}_{kind}_{s}_{q}_us"] = e[kind][f"{s}_{q}_us"]
     result["throughput"] = tput
     result["exists"] = exists
-    result["drop_caches"] = caches.summary()
+    result["drop_caches"] = {"tried": caches.tried, "worked": caches.ok, "error": caches.error or None}
     result["load_average_end"] = load_average()
     result["filesystem_end"] = filesystem(str(parent))
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.out, one_line=True)
     return result
 
 

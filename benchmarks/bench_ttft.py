@@ -31,18 +31,24 @@ object and writes it to ``benchmarks/results/bench_ttft.json`` (``.quick.json`` 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
+from _common import (
+    add_output_args,
+    add_scratch_arg,
+    emit,
+    load_average,
+    paired_ratio,
+    results_path,
+    scratch_dir,
+    scratch_parent,
+    skip,
+)
 
-RESULTS = Path(__file__).resolve().parent / "results"
 MODELS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         num_hidden_layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2
@@ -120,8 +126,7 @@ def one_model(name: str, tokens: int, rounds: int, root: str) -> dict[str, Any]:
     out: dict[str, Any] = {"layers": MODELS[name]["num_hidden_layers"], "hidden": MODELS[name]["hidden_size"]}
     out.update({f"{k}_ttft_ms": round(statistics.median(v) * 1000, 2) for k, v in times.items()})
     for case in ("host", "disk"):
-        ratios = [f / c for f, c in zip(times["full"], times[case])]
-        out[f"{case}_speedup"] = round(statistics.median(ratios), 2)
+        out[f"{case}_speedup"] = round(paired_ratio(times[case], times["full"]), 2)
         out[f"{case}_loaded_tokens"] = loaded.get(case, 0)
     out["kv_bytes_loaded"] = loaded.get("host", 0) // 16 * nbytes
     out["first_token_match"] = bool(match)
@@ -130,39 +135,33 @@ def one_model(name: str, tokens: int, rounds: int, root: str) -> dict[str, Any]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--quick", action="store_true")
     ap.add_argument("--tokens", type=int)
     ap.add_argument("--rounds", type=int)
     ap.add_argument("--models", nargs="+", choices=sorted(MODELS))
-    ap.add_argument("--dir", help="scratch folder for the disk tier (default: benchmarks/.scratch)")
-    ap.add_argument("--out", help="JSON path (default: benchmarks/results/bench_ttft[.quick].json)")
+    add_scratch_arg(ap)
+    add_output_args(ap, "small run: 512 tokens, the tiny model, 2 rounds")
     a = ap.parse_args()
     try:
         import transformers  # noqa: F401
     except ImportError:
-        print(json.dumps({"benchmark": "bench_ttft", "skipped": "transformers is not installed"}))
+        skip("transformers is not installed", benchmark="bench_ttft")
         return 0
     import torch
 
     tokens = a.tokens or (512 if a.quick else 4096)
     rounds = a.rounds or (2 if a.quick else 5)
     models = a.models or (["tiny"] if a.quick else ["tiny", "small"])
-    scratch = Path(a.dir or Path(__file__).resolve().parent / ".scratch")
-    scratch.mkdir(parents=True, exist_ok=True)
+    scratch = scratch_parent(a.dir)
     res: dict[str, Any] = {"benchmark": "bench_ttft", "quick": a.quick, "prompt_tokens": tokens, "rounds": rounds}
     res["torch_threads"] = torch.get_num_threads()
-    with tempfile.TemporaryDirectory(dir=scratch) as root:
+    with scratch_dir(scratch, "bench_ttft-") as root:
         for name in models:
-            res[name] = one_model(name, tokens, rounds, root)
+            res[name] = one_model(name, tokens, rounds, str(root))
     first = res[models[0]]
     res["host_speedup"], res["disk_speedup"] = first["host_speedup"], first["disk_speedup"]
     res["target_host_speedup"] = 10.0
-    res["load_average"] = [round(x, 2) for x in os.getloadavg()]
-    text = json.dumps(res, indent=1)
-    print(text)
-    out = Path(a.out) if a.out else RESULTS / ("bench_ttft.quick.json" if a.quick else "bench_ttft.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text + "\n")
+    res["load_average"] = load_average()
+    emit(res, a.out or results_path("bench_ttft", a.quick), indent=1)
     return 0
 
 

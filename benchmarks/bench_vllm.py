@@ -46,16 +46,24 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from _common import (
+    add_output_args,
+    add_scratch_arg,
+    emit,
+    load_average,
+    results_path,
+    scratch_dir,
+    scratch_parent,
+    skip,
+)
 
 NAME = "bench_vllm"
 BLOCK = 32  # vLLM's CPU block sizes are multiples of 32
@@ -281,39 +289,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shared", type=float, default=0.9, help="fraction of a prompt shared with a prime prompt")
     ap.add_argument("--layers", type=int, default=8, help="model layers (default 8)")
     ap.add_argument("--rounds", type=int, default=3, help="timed batches per case (default 3)")
-    ap.add_argument("--dir", type=Path, default=None, help="scratch parent (default benchmarks/.scratch)")
-    ap.add_argument("--quick", action="store_true", help="small run: 4 layers, 4 requests of 512 tokens, 1 round")
-    ap.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<name>[.quick].json")
+    add_scratch_arg(ap)
+    add_output_args(ap, "small run: 4 layers, 4 requests of 512 tokens, 1 round")
     args = ap.parse_args(argv)
-    here = Path(__file__).resolve().parent
-    if args.out is None:
-        args.out = here / "results" / f"{NAME}{'.quick' if args.quick else ''}.json"
+    args.out = args.out or results_path(NAME, args.quick)
     if args.quick:
         args.layers, args.requests, args.tokens, args.rounds = 4, 4, 512, 1
     skipped = have_vllm()
     if skipped is not None:
-        result: dict[str, Any] = {"skipped": skipped}
-        print(json.dumps(result))
-        return result
+        return skip(skipped)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # engines in this process, one at a time
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB
-    parent = args.dir if args.dir is not None else here / ".scratch"
-    parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f"{NAME}-", dir=parent))
+    parent = scratch_parent(args.dir)
     t0 = time.perf_counter()
-    before, up0 = os.getloadavg(), uptime()
-    try:
+    before, up0 = load_average(), uptime()
+    with scratch_dir(parent, f"{NAME}-") as scratch:
         result = {"benchmark": NAME, **run(args, scratch)}
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    result["loadavg_before"] = [round(x, 2) for x in before]
-    result["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["loadavg_before"] = before
+    result["loadavg_after"] = load_average()
     result["uptime_before"], result["uptime_after"] = up0, uptime()
     result["cpus"] = os.cpu_count()
     result["seconds"] = round(time.perf_counter() - t0, 1)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps(result))
+    emit(result, args.out, one_line=True)
     return result
 
 

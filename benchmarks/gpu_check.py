@@ -10,14 +10,13 @@ Measured side by side in one run, 2 MiB blocks in batches of 64:
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _common import emit, results_path, skip
 
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.gpu import GpuTier
@@ -91,15 +90,11 @@ def main() -> None:
     p.add_argument("--slab-gib", type=float, default=8.0)
     a = p.parse_args()
     if not torch.cuda.is_available():
-        result: dict[str, Any] = {"skipped": "no CUDA device"}
-    else:
-        result = run(2 * MiB, 64, 3 if a.quick else 10, 1.0 if a.quick else a.slab_gib)
-        result["device"] = torch.cuda.get_device_name()
-    print(json.dumps(result, indent=2))
-    if "skipped" not in result:
-        out = Path(__file__).parent / "results"
-        out.mkdir(exist_ok=True)
-        (out / "gpu_check.json").write_text(json.dumps(result, indent=2))
+        skip("no CUDA device")
+        return
+    result = run(2 * MiB, 64, 3 if a.quick else 10, 1.0 if a.quick else a.slab_gib)
+    result["device"] = torch.cuda.get_device_name()
+    emit(result, results_path("gpu_check", False))
 
 
 if __name__ == "__main__":
