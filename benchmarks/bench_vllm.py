@@ -94,14 +94,14 @@ def have_vllm() -> str | None:
     return None
 
 
-def write_model(d: Path, layers: int) -> Path:
+def write_model(d: Path, layers: int, tokens: int) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**{**MODEL, "num_hidden_layers": layers})).float().save_pretrained(
-        d, safe_serialization=True
-    )
+    LlamaForCausalLM(
+        LlamaConfig(**{**MODEL, "num_hidden_layers": layers, "max_position_embeddings": max(4096, tokens + 64)})
+    ).float().save_pretrained(d, safe_serialization=True)
     return d
 
 
@@ -217,7 +217,7 @@ HIT_KEYS = ("hit_tokens", "loaded_blocks", "load_failed_blocks", "async_load_req
 def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     shared = int(args.tokens * args.shared) // BLOCK * BLOCK
     ps = prompts(args.requests, args.tokens, shared, args.rounds)
-    model = write_model(scratch / "model", args.layers)
+    model = write_model(scratch / "model", args.layers, args.tokens)
     kv_per_block = 2 * args.layers * MODEL["num_key_value_heads"] * MODEL["head_dim"] * 4 * BLOCK
     # every prime and query block fits in the host tier, so the host cases never evict
     host_cap = f"{(args.requests * (args.tokens // BLOCK) * (2 + 2 * args.rounds) + 64) * kv_per_block}"
