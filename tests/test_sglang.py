@@ -679,3 +679,36 @@ def test_page_rows_are_sglangs_flat_pages() -> None:
         assert rows[0].numpy().tobytes() == page_bytes(pool, 2), (kind, layout)
         assert rows[1].numpy().tobytes() == page_bytes(pool, 5), (kind, layout)
         assert np.array_equal(rows.shape, (2, hp.layout.block_nbytes))
+
+
+def test_a_dead_remote_tier_gives_misses_and_serving_continues(
+    moto_s3: Any, bucket: str, tmp_path: Path, closing: Any
+) -> None:
+    """An S3 tier (moto behind a fault proxy) that goes away mid-serving: exists/get become misses and
+    sets are refused (False), quickly, and nothing raises into SGLang's prefetch or backup threads."""
+    pytest.importorskip("s3fs")
+    from kvbm_fs.testing.proxy import FaultProxy
+
+    proxy = FaultProxy(moto_s3.port)
+    tier = {"url": f"s3://{bucket}/sglang", "storage_options": moto_s3.storage_options(proxy.endpoint),
+            "timeout": 0.3, "retries": 0, "backoff": 0.01, "breaker_threshold": 2, "breaker_cooldown": 60}  # fmt: skip
+    try:
+        pool = MHAPool("page_first")
+        fill(pool)
+        b = backend(tmp_path, pool, tiers=[tier])
+        closing.append(b)
+        keys = page_keys(4, seed="remote")
+        assert b.batch_set_v1(keys, indices(pool, [0, 1, 2, 3])) == [True] * 4
+        assert b.batch_exists(keys) == 4
+        want = page_bytes(pool, 1)
+        assert b.batch_get_v1(keys[:2], indices(pool, [8, 9])) == [True, True]
+        assert page_bytes(pool, 9) == want  # served from S3
+        proxy.close()  # the endpoint is gone: connection refused
+        assert b.batch_exists(keys) == 0
+        before = page_bytes(pool, 10)
+        assert b.batch_get_v1(keys, indices(pool, [10, 11, 12, 13])) == [False] * 4
+        assert page_bytes(pool, 10) == before  # nothing half-written into the host pool
+        assert b.batch_set_v1(page_keys(2, seed="later"), indices(pool, [4, 5])) == [False, False]
+        assert b.stats()["miss_pages"] >= 4
+    finally:
+        proxy.close()
