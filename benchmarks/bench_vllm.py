@@ -81,6 +81,8 @@ MODEL: dict[str, Any] = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+# --tiny: the vLLM tests' model (tests/test_vllm_e2e.py TINY_LLAMA: 2 layers, hidden 256, 4 heads, 2 KV heads)
+TINY: dict[str, Any] = dict(hidden_size=256, intermediate_size=512, num_attention_heads=4, num_key_value_heads=2)
 CASES = ("recompute", "sync_host", "async_host", "sync_disk", "async_disk")
 
 
@@ -289,12 +291,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--shared", type=float, default=0.9, help="fraction of a prompt shared with a prime prompt")
     ap.add_argument("--layers", type=int, default=8, help="model layers (default 8)")
     ap.add_argument("--rounds", type=int, default=3, help="timed batches per case (default 3)")
+    ap.add_argument("--tiny", action="store_true", help="the vLLM tests' 2-layer hidden-256 model")
     add_scratch_arg(ap)
     add_output_args(ap, "small run: 4 layers, 4 requests of 512 tokens, 1 round")
     args = ap.parse_args(argv)
     args.out = args.out or results_path(NAME, args.quick)
     if args.quick:
         args.layers, args.requests, args.tokens, args.rounds = 4, 4, 512, 1
+    if args.tiny:
+        MODEL.update(TINY)
+        args.layers = 2
     skipped = have_vllm()
     if skipped is not None:
         return skip(skipped)

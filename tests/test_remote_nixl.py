@@ -36,7 +36,8 @@ pytest.importorskip("nixl_cu12")
 
 REPO = Path(__file__).resolve().parents[1]
 BN = NS_A.block_nbytes
-FAST: dict[str, Any] = dict(timeout=0.5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
+# a timeout no healthy request on a loaded 2-core CI box comes near; fault tests set short ones themselves
+FAST: dict[str, Any] = dict(timeout=5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -206,7 +207,7 @@ def test_transient_fault_is_absorbed_by_retries(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
     rec = Recorder()
-    t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus)
+    t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=1.0 if fault == "stall" else 5)
     keys = chain(NS_A, 4)
     proxy.inject(fault, 2, method="PUT")
     assert t.put(keys, blocks_for(keys, BN)).all()
@@ -258,8 +259,9 @@ def test_breaker_opens_stops_requests_probes_and_closes(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
     cooldown = 0.5
+    timeout = 0.5 if fault == "stall" else 5  # a stall must time out; otherwise no timeout should fire
     t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=0, breaker_threshold=3,
-                  breaker_cooldown=cooldown)  # fmt: skip
+                  breaker_cooldown=cooldown, timeout=timeout)  # fmt: skip
     keys = chain(NS_A, 8)
     assert t.put(keys, blocks_for(keys, BN)).all()
 
