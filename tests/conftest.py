@@ -61,3 +61,21 @@ def bucket(moto_s3: Any, request: pytest.FixtureRequest) -> str:
 
     name = request.module.__name__.removeprefix("test_").replace("_", "-")[:40]
     return str(moto_s3.create_bucket(f"{name}-{uuid.uuid4().hex[:8]}"))
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh object prefix inside the module's bucket."""
+    import uuid
+
+    return f"t{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def proxy(moto_s3: Any) -> Iterator[Any]:
+    """A fault-injecting TCP proxy in front of the moto server (resets, stalls, 5xx on demand)."""
+    from kvbm_fs.testing.proxy import FaultProxy
+
+    p = FaultProxy(moto_s3.port, stall_seconds=5)
+    yield p
+    p.close()

@@ -24,7 +24,7 @@ from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError
 from kvbm_fs.events import BlockEvent, EventKind
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.layout import KVLayout
-from kvbm_fs.testing import NS_A, NS_B, blocks_for, chain
+from kvbm_fs.testing import NS_A, NS_B, blocks_for, chain, keyset
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
 from kvbm_fs.tiers.disk_index import KEY
 
@@ -101,10 +101,6 @@ def flip(path: Path, offset: int, rng: np.random.Generator) -> None:
 def locate(t: DiskTier, slot: int) -> tuple[Path, int]:
     seg, off = t._locate(slot)
     return Path(t._segment_path(seg)), off
-
-
-def keyset(keys: BlockKeys) -> set[tuple[int, int]]:
-    return {(keys.ns, h) for h in keys.hashes.tolist()}
 
 
 def failed_keys(events: list[BlockEvent]) -> set[tuple[int, int]]:

@@ -23,9 +23,9 @@ import pytest
 from kvbm_fs import KVLayout, mount
 from kvbm_fs.codec import HEADER_SIZE
 from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError, UnknownSchemeError
-from kvbm_fs.events import BlockEvent, EventBus, EventKind
+from kvbm_fs.events import EventBus, EventKind
 from kvbm_fs.keys import BlockKeys
-from kvbm_fs.testing import LAYOUT, NS_A, NS_B, blocks_for, chain
+from kvbm_fs.testing import LAYOUT, NS_A, NS_B, EventRecorder, blocks_for, chain, keyset
 from kvbm_fs.testing.proxy import FAULTS, FaultProxy
 from kvbm_fs.testing.s3 import free_port
 from kvbm_fs.tiers.remote import RemoteTier
@@ -38,34 +38,6 @@ FAST: dict[str, Any] = dict(timeout=0.5, retries=2, backoff=0.01, breaker_thresh
 
 
 # ---- helpers and fixtures ------------------------------------------------------------------------
-@pytest.fixture
-def prefix() -> str:
-    return f"t{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def proxy(moto_s3: Any) -> Iterator[FaultProxy]:
-    p = FaultProxy(moto_s3.port, stall_seconds=5)
-    yield p
-    p.close()
-
-
-class Recorder:
-    """Collects a tier's events."""
-
-    def __init__(self) -> None:
-        self.bus = EventBus()
-        self.events: list[BlockEvent] = []
-        self.bus.subscribe(self.events.append)
-
-    def keys(self, kind: EventKind) -> set[tuple[int, int]]:
-        return {(k.ns, k.seq_hash) for e in self.events if e.kind is kind for k in e.keys}
-
-
-def keyset(keys: BlockKeys) -> set[tuple[int, int]]:
-    return {(k.ns, k.seq_hash) for k in keys}
-
-
 def open_s3(moto_s3: Any, url: str, endpoint: str, events: EventBus | None = None, **kw: Any) -> RemoteTier:
     t = RemoteTier(url, BN, events=events, storage_options=moto_s3.storage_options(endpoint), **{**FAST, **kw})
     t.bind_namespace(NS_A)
@@ -93,7 +65,7 @@ def untouched_misses(t: RemoteTier, keys: BlockKeys) -> np.ndarray:
 def test_transient_fault_is_absorbed_by_retries(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus)
     keys = chain(NS_A, 4)
     proxy.inject(fault, 2, method="PUT")
@@ -113,7 +85,7 @@ def test_transient_fault_is_absorbed_by_retries(
 def test_persistent_fault_gives_misses_and_dropped_puts(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     # the breaker has its own test; here it must not open and turn the last reads into skips
     t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=0.3, retries=1,
                 breaker_threshold=1000)  # fmt: skip
@@ -261,7 +233,7 @@ class FileObjects:
 def test_damaged_or_swapped_objects_are_detected_missed_and_removed(
     backend: str, moto_s3: Any, bucket: str, prefix: str, tmp_path: Path
 ) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     objs: S3Objects | FileObjects
     if backend == "s3":
         objs = S3Objects(moto_s3, bucket, prefix)
@@ -446,7 +418,7 @@ def test_secrets_never_appear_in_errors_stats_repr_or_logs(
         texts.extend(_exception_texts(ei.value))
 
     # opened while moto accepts anything; every request fails (403) once it checks signatures
-    rec = Recorder()
+    rec = EventRecorder()
     t = RemoteTier(url, BN, events=rec.bus, storage_options=wrong, io=io, **{**FAST, "breaker_threshold": 3})
     t.bind_namespace(NS_A)
     store = mount({"url": url, "storage_options": wrong, "io": io, **FAST}, layout=LAYOUT, model="leak-check", env={})

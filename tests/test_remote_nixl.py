@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,9 @@ import pytest
 from kvbm_fs import mount
 from kvbm_fs.codec import HEADER_SIZE
 from kvbm_fs.errors import ConfigError
-from kvbm_fs.events import BlockEvent, EventBus, EventKind
+from kvbm_fs.events import EventBus, EventKind
 from kvbm_fs.keys import BlockKeys
-from kvbm_fs.testing import LAYOUT, NS_A, TierTests, blocks_for, chain
+from kvbm_fs.testing import LAYOUT, NS_A, EventRecorder, TierTests, blocks_for, chain, keyset
 from kvbm_fs.testing.proxy import FAULTS, FaultProxy
 from kvbm_fs.tier import Tier
 from kvbm_fs.tiers.remote import RemoteTier
@@ -41,32 +41,6 @@ FAST: dict[str, Any] = dict(timeout=5, retries=2, backoff=0.01, breaker_threshol
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
-@pytest.fixture
-def prefix() -> str:
-    return f"n{uuid.uuid4().hex[:8]}"
-
-
-@pytest.fixture
-def proxy(moto_s3: Any) -> Iterator[FaultProxy]:
-    p = FaultProxy(moto_s3.port, stall_seconds=5)
-    yield p
-    p.close()
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.bus = EventBus()
-        self.events: list[BlockEvent] = []
-        self.bus.subscribe(self.events.append)
-
-    def keys(self, kind: EventKind) -> set[tuple[int, int]]:
-        return {(k.ns, k.seq_hash) for e in self.events if e.kind is kind for k in e.keys}
-
-
-def keyset(keys: BlockKeys) -> set[tuple[int, int]]:
-    return {(k.ns, k.seq_hash) for k in keys}
-
-
 def open_nixl(
     moto_s3: Any, url: str, endpoint: str | None = None, events: EventBus | None = None, **kw: Any
 ) -> RemoteTier:
@@ -133,7 +107,7 @@ def test_block_objects_go_through_nixl_and_stats_say_so(moto_s3: Any, bucket: st
 
 
 def test_a_missed_read_is_a_clean_miss(moto_s3: Any, bucket: str, prefix: str) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", events=rec.bus)
     keys = chain(NS_A, 8)
     assert t.put(keys[::2], blocks_for(keys[::2], BN)).all()
@@ -206,7 +180,7 @@ def test_writer_and_reader_on_different_data_paths_share_the_bucket(
 def test_transient_fault_is_absorbed_by_retries(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=1.0 if fault == "stall" else 5)
     keys = chain(NS_A, 4)
     proxy.inject(fault, 2, method="PUT")
@@ -225,7 +199,7 @@ def test_transient_fault_is_absorbed_by_retries(
 def test_persistent_fault_gives_misses_and_dropped_puts(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=0.3, retries=1)
     stored, new = chain(NS_A, 3), chain(NS_A, 2, start=100)
     assert t.put(stored, blocks_for(stored, BN)).all()
@@ -312,7 +286,7 @@ DAMAGE: dict[str, Callable[[bytes], bytes]] = {
 
 
 def test_damaged_or_swapped_objects_are_detected_missed_and_removed(moto_s3: Any, bucket: str, prefix: str) -> None:
-    rec = Recorder()
+    rec = EventRecorder()
     c = moto_s3.client()
     t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", events=rec.bus)
     n_bad = len(DAMAGE) + 1  # every kind of damage, plus one object holding another key's block

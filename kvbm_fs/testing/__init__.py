@@ -51,6 +51,23 @@ def chain(ns: Namespace, n: int, start: int = 1) -> BlockKeys:
     return BlockKeys.chain(ns.id, np.arange(start, start + n, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
+def keyset(keys: BlockKeys) -> set[tuple[int, int]]:
+    """Keys as comparable ``(namespace, hash)`` pairs."""
+    return {(keys.ns, h) for h in keys.hashes.tolist()}
+
+
+class EventRecorder:
+    """Collects the events of a bus, for tests that assert what a tier reported."""
+
+    def __init__(self, bus: EventBus | None = None) -> None:
+        self.bus = bus if bus is not None else EventBus()
+        self.events: list[Any] = []
+        self.bus.subscribe(self.events.append)
+
+    def keys(self, kind: EventKind) -> set[tuple[int, int]]:
+        return {pair for e in self.events if e.kind is kind for pair in keyset(e.keys)}
+
+
 class TierTests:
     """Conformance tests every :class:`Tier` must pass unchanged."""
 
