@@ -469,17 +469,24 @@ class _Req:
     saves: int = 0
 
 
-class KvbmFsTrtllmScheduler(SchedulerBase):
-    """Scheduler side (rank 0): matches and verifies prompts' blocks, plans loads and saves."""
+class _Side:
+    """What both sides take from ``llm_args`` and the options; ``config`` is for subclasses to set."""
 
     config: ClassVar[Mapping[str, Any]] = {}
 
-    def __init__(self, llm_args: Any) -> None:
-        super().__init__(llm_args)
+    def _setup(self, llm_args: Any) -> None:
         self.options = connector_options(self.config)
         self.block_size = tokens_per_block(llm_args)
         self.rank, self.world = parallel_rank(llm_args)
         self.engine = _acquire(llm_args, self.options)
+
+
+class KvbmFsTrtllmScheduler(SchedulerBase, _Side):
+    """Scheduler side (rank 0): matches and verifies prompts' blocks, plans loads and saves."""
+
+    def __init__(self, llm_args: Any) -> None:
+        super().__init__(llm_args)
+        self._setup(llm_args)
         self.async_load = bool(self.options.get("async_load", False)) and self.world == 1
         if self.options.get("async_load") and self.world > 1:
             log.warning("kvbm_fs trtllm: async_load needs every rank's bytes staged; with TP>1 loads stay synchronous")
@@ -653,17 +660,12 @@ class _LoadJob:
             e.set()
 
 
-class KvbmFsTrtllmWorker(WorkerBase):
+class KvbmFsTrtllmWorker(WorkerBase, _Side):
     """Worker side (every rank): moves blocks between kvbm_fs and TensorRT-LLM's KV pool."""
-
-    config: ClassVar[Mapping[str, Any]] = {}
 
     def __init__(self, llm_args: Any) -> None:
         super().__init__(llm_args)
-        self.options = connector_options(self.config)
-        self.block_size = tokens_per_block(llm_args)
-        self.rank, self.world = parallel_rank(llm_args)
-        self.engine = _acquire(llm_args, self.options)
+        self._setup(llm_args)
         self.write_through = bool(self.options.get("write_through", False))
         self.async_save = bool(self.options.get("async_save", True))
         self.kv: torch.Tensor | None = None
