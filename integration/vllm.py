@@ -1039,8 +1039,9 @@ class KvbmFsConnector(KVConnectorBase_V1):
             ids = np.asarray([b for t in todo for b in t.block_ids], dtype=np.int64)
             assert self.store is not None
             present = np.zeros(len(keys), bool)
-            for tier in self.store.tiers:
-                present |= tier.contains(keys)
+            for tier in self.store.tiers:  # local tiers only: this runs inside the forward, and a remote
+                if tier.medium.value != "remote":  # HEAD round trip there would stall it (PUTs are idempotent)
+                    present |= tier.contains(keys)
             new = np.flatnonzero(~present)
             skipped += int(present.sum())
             plan.keys, plan.ids = keys[new], ids[new]
