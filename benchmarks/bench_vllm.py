@@ -17,7 +17,7 @@ What it measures
     * ``recompute``: the connector off; vLLM prefills every token;
     * ``sync_host`` / ``async_host``: the KvbmFsConnector with a host tier over a disk tier, the prime
       prompts served by the same engine, so the shared blocks load from the host tier; ``sync``:
-      ``async_load``/``async_save`` false (loads before the step's forward), ``async``: the default
+      ``async_load``/``async_save`` false (loads before the step's forward), ``async``: both true
       (the request waits off the step path while a background thread loads it);
     * ``sync_disk`` / ``async_disk``: a fresh engine on the disk tier the previous engine left behind
       (closing its store persisted the host tier there), so the shared blocks load from disk.

@@ -16,7 +16,8 @@ Load it with vLLM's own configuration::
 ``layout``           a KVLayout table the engine must match; a different engine layout is refused
 ``write_through``    also write every saved block to the persistent tiers at once (default false:
                      they reach disk when a daemon demotes them or when the store closes)
-``async_load``       load in the background while the engine keeps serving other requests (default true)
+``async_load``       load in the background while the engine keeps serving other requests: ``auto`` (the
+                     default: when a load reads a disk or remote tier), true (always) or false (never)
 ``async_save``       write saved blocks to the store in the background, overlapping the next step (default true)
 ``max_inflight_save_bytes``   staged bytes a step may leave in flight (default 256 MiB; the rest waits)
 
@@ -40,8 +41,9 @@ How it works:
 - Events: ``take_events`` turns the shipped events into vLLM ``BlockStored``/``BlockRemoved`` (named by
   the Dynamo hash, medium GPU/CPU/STORAGE, ownership ``kvbm_fs:<tier>``); stats go through
   ``get_kv_connector_stats`` (both sides) and per-tier hit sources through ``get_external_cache_hit_sources``.
-- Worker, loads: with ``async_load`` (the default) ``get_num_new_matched_tokens`` answers
-  ``load_kv_async=True``; vLLM parks the request (WAITING_FOR_REMOTE_KVS) and keeps serving others
+- Worker, loads: for an async load (by default, one that reads a disk or remote tier; a load from
+  memory takes a few ms, less than the extra engine steps an async load costs)
+  ``get_num_new_matched_tokens`` answers ``load_kv_async=True``; vLLM parks the request (WAITING_FOR_REMOTE_KVS) and keeps serving others
   while a background thread reads, verifies and scatters its blocks; ``get_finished`` reports it done,
   with any failed blocks in ``get_block_ids_with_load_errors`` in the same step, as vLLM requires.
   Without it (sync loads), loads are layer-wise: ``start_load_kv`` starts reading and verifying the
@@ -358,6 +360,7 @@ class Transfer:
     hashes: np.ndarray
     parents: np.ndarray
     block_ids: list[int]
+    background: bool = False  # an async load: the request waits off the step path, get_finished reports it
 
 
 @dataclass
@@ -365,7 +368,6 @@ class KvbmFsMetadata(KVConnectorMetadata):
     """Scheduler -> worker plan for one step. Plain data: it pickles across processes."""
 
     ns_ids: tuple[int, ...] = ()
-    async_loads: bool = False  # the loads may finish in a later step (reported by get_finished)
     loads: list[Transfer] = field(default_factory=list)
     saves: list[Transfer] = field(default_factory=list)
 
@@ -472,6 +474,7 @@ class _Req:
     load_start: int = 0
     load_cap: int | None = None  # leading blocks it may still load: capped at its first failed load
     load_ids: list[int] = field(default_factory=list)  # engine blocks of the last load
+    load_async: bool = False  # the planned load runs in the background (load_kv_async)
     by_tier: dict[str, int] = field(default_factory=dict)
 
 
@@ -485,7 +488,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self.loads_enabled = tc.kv_role in ("kv_both", "kv_consumer")
         self.saves_enabled = tc.kv_role in ("kv_both", "kv_producer")
         self.write_through = bool(self.extra.get("write_through", False))
-        self.async_load = _flag(self.extra, "async_load", True)
+        self.async_load = _auto_flag(self.extra, "async_load")
         self.async_save = _flag(self.extra, "async_save", True)
         self.max_inflight_save_bytes = _size(self.extra, "max_inflight_save_bytes", STAGE_BYTES)
         if self.loads_enabled and tc.kv_load_failure_policy != "recompute":
@@ -534,6 +537,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._shipping: list[ShippedEvent] = []
         self._chunk = max(1, STAGE_BYTES // self.layout.block_nbytes)  # blocks staged per copy
         self._load_pool: ThreadPoolExecutor | None = None  # one thread each: order kept, no contention
+        self._read_pool: ThreadPoolExecutor | None = None
         self._save_pool: ThreadPoolExecutor | None = None
         self._loading: dict[str, Future[list[int]]] = {}  # async loads in flight, by request
         self._saving: list[tuple[Future[None], int]] = []  # (put, staged bytes) in flight
@@ -680,7 +684,9 @@ class KvbmFsConnector(KVConnectorBase_V1):
         st.load = (start, n)
         for name in names[start:n]:
             st.by_tier[name] = st.by_tier.get(name, 0) + 1
-        return ext, self.async_load
+        slow = any(self._medium(name) in ("disk", "remote") for name in st.by_tier)
+        st.load_async = self.async_load is True or (self.async_load == "auto" and slow)
+        return ext, st.load_async
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
         from vllm.v1.metrics.cache_hit_source import CacheHitSource
@@ -714,11 +720,12 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._count(hit_tokens=num_external_tokens)
 
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmFsMetadata:
-        meta = KvbmFsMetadata(ns_ids=tuple(ns.id for ns in self.namespaces), async_loads=self.async_load)
+        meta = KvbmFsMetadata(ns_ids=tuple(ns.id for ns in self.namespaces))
         for p in self._reqs.values():
             if p.load is not None and p.load_ids:
                 a, b = p.load
-                meta.loads.append(Transfer(p.request.request_id, p.hashes[a:b], p.parents[a:b], list(p.load_ids)))
+                t = Transfer(p.request.request_id, p.hashes[a:b], p.parents[a:b], list(p.load_ids), p.load_async)
+                meta.loads.append(t)
                 p.load = None
         if not self.saves_enabled:
             return meta
@@ -894,18 +901,22 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._check_namespace(meta)
         if not meta.loads or not self._layers:
             return
-        if self._load_pool is None:
+        if self._load_pool is None:  # one thread each: a sync read never queues behind async loads
             self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-load")
-        if meta.async_loads:
-            for t in meta.loads:  # one job a request, so each request is reported as soon as its blocks are in
+            self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-read")
+        for t in meta.loads:  # one job a request, so each request is reported as soon as its blocks are in
+            if t.background:
                 self._loading[t.req_id] = self._load_pool.submit(self._load, [t])
+        now = [t for t in meta.loads if not t.background]
+        if not now:
             return
-        if sum(len(t.block_ids) for t in meta.loads) <= self._chunk:
+        if sum(len(t.block_ids) for t in now) <= self._chunk:
             # layer-wise: read and verify in the background while the forward starts; each layer's pages
             # go into the KV cache in wait_for_layer_load, just before that layer's attention needs them
-            self._layer_load = self._load_pool.submit(self._read_all, meta.loads)
+            assert self._read_pool is not None
+            self._layer_load = self._read_pool.submit(self._read_all, now)
             return
-        self._note_failed(meta, self._load(meta.loads))  # more than one staging buffer: all before the forward
+        self._note_failed(meta, self._load(now))  # more than one staging buffer: all before the forward
 
     def _note_failed(self, meta: KvbmFsMetadata, failed: list[int]) -> None:
         if failed:
@@ -1171,12 +1182,18 @@ class KvbmFsConnector(KVConnectorBase_V1):
         try:
             self.flush()
         finally:
-            for pool in (self._load_pool, self._save_pool):
+            for pool in (self._load_pool, self._read_pool, self._save_pool):
                 if pool is not None:
                     pool.shutdown(wait=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
         _release_store(self._store_key)
+
+
+def _auto_flag(extra: Mapping[str, Any], key: str) -> bool | str:
+    """``"auto"`` (the default) or a boolean."""
+    v = extra.get(key, "auto")
+    return "auto" if isinstance(v, str) and v.lower() == "auto" else _flag(extra, key, True)
 
 
 def _flag(extra: Mapping[str, Any], key: str, default: bool) -> bool:

@@ -337,6 +337,23 @@ def test_corrupt_blocks_on_disk_are_recomputed(
     print(f"\ncorrupt-disk run stats: scheduler {s}\n  worker {w}")
 
 
+def test_auto_loads_from_memory_inside_the_step(baseline: dict[str, Any], model: Path, tmp_path: Path) -> None:
+    """``async_load: auto`` (the default) loads from the host tier inside the step, layer-wise (a few ms,
+    less than the engine steps an async load costs); loads that read disk run in the background
+    (test_engine2_loads_shared_prefixes_from_disk counts them)."""
+    llm = new_engine(model, kv_config(tmp_path / "disk"))
+    try:
+        worker = connectors(llm)["WORKER"]
+        assert generate(llm, ENGINE1) == baseline["engine1"]  # stores into the host tier
+        assert llm.reset_prefix_cache()  # vLLM forgets; the blocks are only in kvbm_fs's host tier now
+        assert generate(llm, ENGINE2) == baseline["engine2"]
+        w = dict(worker.totals.reduce())
+    finally:
+        stop(llm)
+    assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
+    assert w["async_load_requests"] == 0 and w["layerwise_loaded_layers"] >= 2
+
+
 def test_chunked_prefill_saves_blocks_as_steps_complete_them(
     stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
