@@ -91,13 +91,13 @@ def test_empty_and_bad_inputs(client: Any) -> None:
 
 
 def test_refused_endpoint_fails_fast(bucket: str) -> None:
-    c = _client(f"http://127.0.0.1:{free_port()}", bucket, timeout=2.0)
+    c = _client(f"http://127.0.0.1:{free_port()}", bucket, timeout=10.0)
     t0 = time.monotonic()
     (perr,) = c.put([("k", b"data")])
     got = c.get([("k", 4)])
     there = c.exists(["k"])
     c.close()
-    assert time.monotonic() - t0 < 5
+    assert time.monotonic() - t0 < 8  # waiting out the timeouts would take 30 s: a refusal is answered at once
     assert isinstance(perr, OSError)
     assert isinstance(got[0], OSError) and not isinstance(got[0], FileNotFoundError)  # unknown, not missing
     assert there == [None]
@@ -116,7 +116,7 @@ def test_stalled_endpoint_never_hangs(moto_s3: Any, bucket: str) -> None:
         there = c.exists(["k"])
         c.close()
         elapsed = time.monotonic() - t0
-        assert elapsed < 4, elapsed
+        assert elapsed < 15, elapsed  # three 0.5 s timeouts, not the proxy's 20 s stall
         assert all(isinstance(g, TimeoutError) for g in got)
         assert isinstance(perr, TimeoutError)
         assert there == [None]

@@ -33,8 +33,14 @@ from kvbm_fs.tiers.remote import RemoteTier
 pytest.importorskip("s3fs")
 
 BN = NS_A.block_nbytes
-# Fast failure handling: a stalled request costs `timeout`; the breaker stays out of the way unless asked.
-FAST: dict[str, Any] = dict(timeout=0.5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
+# Fast failure handling; the breaker stays out of the way unless asked. The timeout is one no healthy
+# request on a loaded 2-core CI box comes near; tests that stall requests set short ones themselves.
+FAST: dict[str, Any] = dict(timeout=5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
+
+
+def fault_timeout(fault: str, stalled: float) -> float:
+    """A short timeout only where the fault is a stall (a stalled request costs it); FAST's otherwise."""
+    return stalled if fault == "stall" else float(FAST["timeout"])
 
 
 # ---- helpers and fixtures ------------------------------------------------------------------------
@@ -66,7 +72,7 @@ def test_transient_fault_is_absorbed_by_retries(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
     rec = EventRecorder()
-    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus)
+    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=fault_timeout(fault, 1.0))
     keys = chain(NS_A, 4)
     proxy.inject(fault, 2, method="PUT")
     assert t.put(keys, blocks_for(keys, BN)).all()
@@ -87,8 +93,8 @@ def test_persistent_fault_gives_misses_and_dropped_puts(
 ) -> None:
     rec = EventRecorder()
     # the breaker has its own test; here it must not open and turn the last reads into skips
-    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=0.3, retries=1,
-                breaker_threshold=1000)  # fmt: skip
+    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=fault_timeout(fault, 0.3),
+                retries=1, breaker_threshold=1000)  # fmt: skip
     stored, new = chain(NS_A, 3), chain(NS_A, 2, start=100)
     assert t.put(stored, blocks_for(stored, BN)).all()
 
@@ -118,7 +124,7 @@ def test_breaker_opens_stops_requests_probes_and_closes(
 ) -> None:
     cooldown = 0.5
     t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=0, breaker_threshold=3,
-                breaker_cooldown=cooldown)  # fmt: skip
+                breaker_cooldown=cooldown, timeout=fault_timeout(fault, 0.5))  # fmt: skip
     keys = chain(NS_A, 8)
     assert t.put(keys, blocks_for(keys, BN)).all()
 

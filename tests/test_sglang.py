@@ -691,7 +691,7 @@ def test_a_dead_remote_tier_gives_misses_and_serving_continues(
 
     proxy = FaultProxy(moto_s3.port)
     tier = {"url": f"s3://{bucket}/sglang", "storage_options": moto_s3.storage_options(proxy.endpoint),
-            "timeout": 0.3, "retries": 0, "backoff": 0.01, "breaker_threshold": 2, "breaker_cooldown": 60}  # fmt: skip
+            "timeout": 5, "retries": 0, "backoff": 0.01, "breaker_threshold": 2, "breaker_cooldown": 60}  # fmt: skip
     try:
         pool = MHAPool("page_first")
         fill(pool)
