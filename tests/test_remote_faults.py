@@ -19,12 +19,11 @@ from typing import Any
 
 import numpy as np
 import pytest
+from remote_helpers import BN, DAMAGE, FAST, object_name, untouched_misses
 
 from kvbm_fs import KVLayout, mount
-from kvbm_fs.codec import HEADER_SIZE
 from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError, UnknownSchemeError
 from kvbm_fs.events import EventBus, EventKind
-from kvbm_fs.keys import BlockKeys
 from kvbm_fs.testing import LAYOUT, NS_A, NS_B, EventRecorder, blocks_for, chain, keyset
 from kvbm_fs.testing.proxy import FAULTS, FaultProxy
 from kvbm_fs.testing.s3 import free_port
@@ -32,38 +31,17 @@ from kvbm_fs.tiers.remote import RemoteTier
 
 pytest.importorskip("s3fs")
 
-BN = NS_A.block_nbytes
-# Fast failure handling; the breaker stays out of the way unless asked. The timeout is one no healthy
-# request on a loaded 2-core CI box comes near; tests that stall requests set short ones themselves.
-FAST: dict[str, Any] = dict(timeout=5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
 
-
+# ---- helpers ---------------------------------------------------------------------------------------
 def fault_timeout(fault: str, stalled: float) -> float:
     """A short timeout only where the fault is a stall (a stalled request costs it); FAST's otherwise."""
     return stalled if fault == "stall" else float(FAST["timeout"])
 
 
-# ---- helpers and fixtures ------------------------------------------------------------------------
 def open_s3(moto_s3: Any, url: str, endpoint: str, events: EventBus | None = None, **kw: Any) -> RemoteTier:
     t = RemoteTier(url, BN, events=events, storage_options=moto_s3.storage_options(endpoint), **{**FAST, **kw})
     t.bind_namespace(NS_A)
     return t
-
-
-def object_name(root: str, keys: BlockKeys, i: int) -> str:
-    """Where the documented layout puts block ``i``: <root>/<ns:016x>/<hash>>56:02x>/<hash:016x>."""
-    h = int(keys.hashes[i])
-    return f"{root}/{keys.ns:016x}/{h >> 56:02x}/{h:016x}"
-
-
-def untouched_misses(t: RemoteTier, keys: BlockKeys) -> np.ndarray:
-    """get(); every row it did not find must still hold the 0xAB fill, every row found its own bytes."""
-    out = np.full((len(keys), BN), 0xAB, np.uint8)
-    found = t.get(keys, out)
-    want = blocks_for(keys, BN)
-    for i in range(len(keys)):
-        assert np.array_equal(out[i], want[i]) if found[i] else (out[i] == 0xAB).all(), f"row {i}"
-    return found
 
 
 # ---- transient and persistent faults ---------------------------------------------------------------
@@ -189,24 +167,6 @@ def test_endpoint_dying_after_open_gives_misses_through_the_store(moto_s3: Any, 
 
 
 # ---- corruption -----------------------------------------------------------------------------------
-def _flip(at: int) -> Callable[[bytes], bytes]:
-    def f(b: bytes) -> bytes:
-        ba = bytearray(b)
-        ba[at] ^= 0x10
-        return bytes(ba)
-
-    return f
-
-
-DAMAGE: dict[str, Callable[[bytes], bytes]] = {
-    "payload bit flip": _flip(HEADER_SIZE + BN // 3),
-    "header bit flip": _flip(40),
-    "payload truncated": lambda b: b[: HEADER_SIZE + BN // 2],
-    "header truncated": lambda b: b[:60],
-    "empty": lambda b: b"",
-}
-
-
 class S3Objects:
     def __init__(self, moto_s3: Any, bucket: str, prefix: str) -> None:
         self.c, self.bucket, self.root = moto_s3.client(), bucket, prefix

@@ -8,24 +8,20 @@ and refuse bad configuration at open time.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from remote_helpers import BN, DAMAGE, FAST, object_name, untouched_misses, write_config, writer_report
 
 from kvbm_fs import mount
 from kvbm_fs.codec import HEADER_SIZE
 from kvbm_fs.errors import ConfigError
 from kvbm_fs.events import EventBus, EventKind
-from kvbm_fs.keys import BlockKeys
 from kvbm_fs.testing import LAYOUT, NS_A, EventRecorder, TierTests, blocks_for, chain, keyset
 from kvbm_fs.testing.proxy import FAULTS, FaultProxy
 from kvbm_fs.tier import Tier
@@ -33,11 +29,6 @@ from kvbm_fs.tiers.remote import RemoteTier
 
 pytest.importorskip("s3fs")
 pytest.importorskip("nixl_cu12")
-
-REPO = Path(__file__).resolve().parents[1]
-BN = NS_A.block_nbytes
-# a timeout no healthy request on a loaded 2-core CI box comes near; fault tests set short ones themselves
-FAST: dict[str, Any] = dict(timeout=5, retries=2, backoff=0.01, breaker_threshold=1000, breaker_cooldown=0.5)
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -48,21 +39,6 @@ def open_nixl(
     t = RemoteTier(url, BN, events=events, storage_options=so, io="nixl", **{**FAST, **kw})
     t.bind_namespace(NS_A)
     return t
-
-
-def object_key(prefix: str, keys: BlockKeys, i: int) -> str:
-    h = int(keys.hashes[i])
-    return f"{prefix}/{keys.ns:016x}/{h >> 56:02x}/{h:016x}"
-
-
-def untouched_misses(t: RemoteTier, keys: BlockKeys) -> np.ndarray:
-    """get(); rows not found still hold the 0xAB fill, rows found hold exactly their block."""
-    out = np.full((len(keys), BN), 0xAB, np.uint8)
-    found = t.get(keys, out)
-    want = blocks_for(keys, BN)
-    for i in range(len(keys)):
-        assert np.array_equal(out[i], want[i]) if found[i] else (out[i] == 0xAB).all(), f"row {i}"
-    return found
 
 
 # ---- conformance -------------------------------------------------------------------------------------
@@ -101,7 +77,7 @@ def test_block_objects_go_through_nixl_and_stats_say_so(moto_s3: Any, bucket: st
     assert s["io"] == "nixl" and s["get_errors"] == s["put_errors"] == 0
     assert "io='nixl'" in repr(t)
     # the objects are ordinary S3 objects in the documented layout
-    body = moto_s3.client().get_object(Bucket=bucket, Key=object_key(prefix, keys, 2))["Body"].read()
+    body = moto_s3.client().get_object(Bucket=bucket, Key=object_name(prefix, keys, 2))["Body"].read()
     assert len(body) == HEADER_SIZE + BN and body[HEADER_SIZE:] == blocks_for(keys, BN)[2].tobytes()
     t.close()
 
@@ -119,35 +95,6 @@ def test_a_missed_read_is_a_clean_miss(moto_s3: Any, bucket: str, prefix: str) -
 
 
 # ---- sharing with io=s3fs, across processes ----------------------------------------------------------
-WRITER = """
-import json, sys
-import numpy as np
-from kvbm_fs import mount
-cfg, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-store = mount(config=cfg, env={})
-keys = store.keys(np.random.default_rng(seed).integers(0, 50_000, n * 16))
-data = np.random.default_rng(seed + 1).integers(0, 256, (n, store.default_namespace.block_nbytes), dtype=np.uint8)
-ok = store.put(keys, data)
-print(json.dumps({"stored": int(ok.sum()), "io": store.stats()["tiers"][0]["io"]}))
-store.close()
-"""
-
-
-def write_config(path: Path, tier: dict[str, Any]) -> Path:
-    """A TOML store config: model, layout and one tier table (nested tables for storage options)."""
-
-    def table(name: str, d: dict[str, Any]) -> list[str]:
-        out = [f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict))]
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out += table(f"{name}.{k}", v)
-        return out
-
-    lines = ["model = 'shared-model'", *table("layout", LAYOUT.to_dict()), "[[tiers]]", *table("tiers", tier)[1:]]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 @pytest.mark.parametrize("writer_io, reader_io", [("nixl", "s3fs"), ("s3fs", "nixl")])
 def test_writer_and_reader_on_different_data_paths_share_the_bucket(
     writer_io: str, reader_io: str, moto_s3: Any, bucket: str, tmp_path: Path
@@ -156,11 +103,8 @@ def test_writer_and_reader_on_different_data_paths_share_the_bucket(
     url = f"s3://{bucket}/shared-{uuid.uuid4().hex[:6]}"
     so = moto_s3.storage_options()
     cfg_w = write_config(tmp_path / "writer.toml", {"url": url, "io": writer_io, "storage_options": so})
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    a = subprocess.run([sys.executable, "-c", WRITER, str(cfg_w), str(n), str(seed)], cwd=REPO, env=env,
-                       capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert a.returncode == 0, a.stderr[-3000:]
-    assert json.loads(a.stdout.strip().splitlines()[-1]) == {"stored": n, "io": writer_io}
+    report = writer_report(cfg_w, n, seed)
+    assert report["stored"] == n and report["io"] == writer_io
 
     with mount({"url": f"{url}?io={reader_io}", "storage_options": so}, layout=LAYOUT, model="shared-model",
                env={}) as b:  # fmt: skip
@@ -267,24 +211,6 @@ def test_breaker_opens_stops_requests_probes_and_closes(
 
 
 # ---- corruption --------------------------------------------------------------------------------------
-def _flip(at: int) -> Callable[[bytes], bytes]:
-    def f(b: bytes) -> bytes:
-        ba = bytearray(b)
-        ba[at] ^= 0x10
-        return bytes(ba)
-
-    return f
-
-
-DAMAGE: dict[str, Callable[[bytes], bytes]] = {
-    "payload bit flip": _flip(HEADER_SIZE + BN // 3),
-    "header bit flip": _flip(40),
-    "payload truncated": lambda b: b[: HEADER_SIZE + BN // 2],
-    "header truncated": lambda b: b[:60],
-    "empty": lambda b: b"",
-}
-
-
 def test_damaged_or_swapped_objects_are_detected_missed_and_removed(moto_s3: Any, bucket: str, prefix: str) -> None:
     rec = EventRecorder()
     c = moto_s3.client()
@@ -292,7 +218,7 @@ def test_damaged_or_swapped_objects_are_detected_missed_and_removed(moto_s3: Any
     n_bad = len(DAMAGE) + 1  # every kind of damage, plus one object holding another key's block
     keys = chain(NS_A, n_bad + 1)
     assert t.put(keys, blocks_for(keys, BN)).all()
-    names = [object_key(prefix, keys, i) for i in range(len(keys))]
+    names = [object_name(prefix, keys, i) for i in range(len(keys))]
 
     def read(name: str) -> bytes:
         return bytes(c.get_object(Bucket=bucket, Key=name)["Body"].read())

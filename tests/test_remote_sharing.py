@@ -6,7 +6,6 @@ a writer killed in the middle of a put never leaves a partial object where reade
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -17,57 +16,18 @@ from typing import Any
 
 import numpy as np
 import pytest
+from remote_helpers import BN, REPO, run_python, write_config, writer_report
 
 from kvbm_fs import KVLayout, Namespace, mount
 from kvbm_fs.codec import HEADER_SIZE
 from kvbm_fs.events import EventBus, EventKind
-from kvbm_fs.testing import LAYOUT, NS_A, blocks_for, chain
+from kvbm_fs.testing import NS_A, blocks_for, chain
 from kvbm_fs.testing.proxy import FaultProxy
 from kvbm_fs.tiers.remote import RemoteTier
 
 pytest.importorskip("s3fs")
 
-REPO = Path(__file__).resolve().parents[1]
-BN = NS_A.block_nbytes
 N_SHARED = 12
-
-
-def run_python(code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """Run ``code`` in a fresh interpreter that imports kvbm_fs from this checkout."""
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
-
-
-def write_config(path: Path, tier: dict[str, Any]) -> Path:
-    """A TOML store config: model, layout and one tier table (nested tables for storage options)."""
-
-    def table(name: str, d: dict[str, Any]) -> list[str]:
-        out = [f"[{name}]", *(f"{k} = {json.dumps(v)}" for k, v in d.items() if not isinstance(v, dict))]
-        for k, v in d.items():
-            if isinstance(v, dict):
-                out += table(f"{name}.{k}", v)
-        return out
-
-    lines = ["model = 'shared-model'", *table("layout", LAYOUT.to_dict()), "[[tiers]]"]
-    lines += table("tiers", tier)[1:]
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-# Process A: mount the config, put N blocks derived from a seed, report the keys it computed.
-WRITER = """
-import json, sys
-import numpy as np
-from kvbm_fs import mount
-cfg, n, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-store = mount(config=cfg, env={})
-keys = store.keys(np.random.default_rng(seed).integers(0, 50_000, n * 16))
-data = np.random.default_rng(seed + 1).integers(0, 256, (n, store.default_namespace.block_nbytes), dtype=np.uint8)
-ok = store.put(keys, data)
-print(json.dumps({"stored": int(ok.sum()), "hashes": [int(h) for h in keys.hashes.tolist()]}))
-store.close()
-"""
 
 
 @pytest.mark.parametrize("backend", ["s3", "file"])
@@ -80,9 +40,7 @@ def test_process_b_matches_and_reads_what_process_a_put(
         tier = {"url": f"remote+file://{tmp_path}/shared"}
     cfg = write_config(tmp_path / "kvbm.toml", tier)
     seed = 7
-    a = run_python(WRITER, str(cfg), str(N_SHARED), str(seed))
-    assert a.returncode == 0, a.stderr[-3000:]
-    report = json.loads(a.stdout.strip().splitlines()[-1])
+    report = writer_report(cfg, N_SHARED, seed)
     assert report["stored"] == N_SHARED
 
     with mount(config=cfg, env={}) as b:  # process B: this one, its own mount of the same URL
