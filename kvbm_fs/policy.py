@@ -429,13 +429,11 @@ def _prefix_closed(mask: np.ndarray) -> np.ndarray:
     return np.logical_and.accumulate(mask) if mask.size else mask
 
 
-class TinyLFU:
-    """TinyLFU admission (Einziger et al.): admit a new block only if it has been accessed more
-    often, recently, than the block it would displace. Counts live in a count-min sketch as wide
-    as the tier (in blocks) and halve every ``sample`` x capacity accesses."""
+class _SketchAdmission:
+    """Access counts in a count-min sketch as wide as the tier (in blocks), halving every ``sample`` x
+    capacity accesses: what both frequency filters decide from."""
 
-    name = "tinylfu"
-    needs_victims = True
+    name = "sketch"
 
     def __init__(self, sample: float = 10) -> None:
         _check_positive(self.name, sample=sample)
@@ -448,6 +446,15 @@ class TinyLFU:
 
     def record(self, keys: BlockKeys) -> None:
         self.sketch.add(keys.ns, keys.hashes)
+
+
+class TinyLFU(_SketchAdmission):
+    """TinyLFU admission (Einziger et al.): admit a new block only if it has been accessed more
+    often, recently, than the block it would displace. Counts live in a count-min sketch as wide
+    as the tier (in blocks) and halve every ``sample`` x capacity accesses."""
+
+    name = "tinylfu"
+    needs_victims = True
 
     def admit(self, keys: BlockKeys, free: int, victims: list[BlockKeys]) -> np.ndarray:
         n = len(keys)
@@ -462,7 +469,7 @@ class TinyLFU:
         return _prefix_closed(ok)
 
 
-class CountN:
+class CountN(_SketchAdmission):
     """Dynamo KVBM's frequency filter: a block is admitted once it has been seen ``min_count`` times
     (this offer included) within a decaying window (counts halve every ``sample`` x capacity accesses)."""
 
@@ -470,21 +477,12 @@ class CountN:
     needs_victims = False
 
     def __init__(self, min_count: int = 2, sample: float = 10) -> None:
-        _check_positive(self.name, sample=sample)
+        super().__init__(sample)
         if isinstance(min_count, bool) or not isinstance(min_count, int) or not 1 <= min_count <= 255:
             raise ConfigError(
                 f"admission policy {self.name!r}: min_count must be an integer in [1, 255], got {min_count!r}"
             )
         self.min_count = min_count
-        self.sample = float(sample)
-        self.sketch = CountMinSketch(16, 16)
-
-    def bind(self, capacity_blocks: int) -> None:
-        cap = max(1, capacity_blocks)
-        self.sketch = CountMinSketch(cap, int(self.sample * cap))
-
-    def record(self, keys: BlockKeys) -> None:
-        self.sketch.add(keys.ns, keys.hashes)
 
     def admit(self, keys: BlockKeys, free: int, victims: list[BlockKeys]) -> np.ndarray:
         return _prefix_closed(self.sketch.estimate(keys.ns, keys.hashes) >= self.min_count)
