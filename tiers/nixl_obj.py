@@ -44,7 +44,6 @@ created NIXL's UCX backend can crash at interpreter exit.
 from __future__ import annotations
 
 import itertools
-import logging
 import os
 import threading
 import time
@@ -55,6 +54,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
+
+from .nixl_io import _quiet_nixl_logger
 
 BACKEND = "OBJ"
 _names = itertools.count()
@@ -343,16 +344,3 @@ def _bytes_view(buf: Any, writable: bool = False) -> np.ndarray:
     if writable and not a.flags.writeable:
         raise ValueError("read into a read-only buffer")
     return a.reshape(-1).view(np.uint8)
-
-
-class _quiet_nixl_logger:
-    """NIXL's Python logger prints INFO lines to stdout when an agent or backend is made."""
-
-    def __enter__(self) -> None:
-        self._log = logging.getLogger("nixl")
-        self._level = self._log.level
-        if not os.environ.get("NIXL_LOG_LEVEL"):
-            self._log.setLevel(logging.WARNING)
-
-    def __exit__(self, *exc: object) -> None:
-        self._log.setLevel(self._level)
