@@ -79,3 +79,13 @@ def proxy(moto_s3: Any) -> Iterator[Any]:
     p = FaultProxy(moto_s3.port, stall_seconds=5)
     yield p
     p.close()
+
+
+@pytest.fixture
+def watchdog() -> Iterator[None]:
+    """Abort with tracebacks instead of hanging forever on a lock a killed child process left behind."""
+    import faulthandler
+
+    faulthandler.dump_traceback_later(300, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()

@@ -7,12 +7,10 @@ no block whose bytes fail verification.
 
 from __future__ import annotations
 
-import faulthandler
 import random
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +62,6 @@ while True:
         probe = live[int(rng.integers(0, len(live)))]
         t.get(BlockKeys(ns, probe), np.empty((probe.size, nbytes), np.uint8))
 """
-
-
-@pytest.fixture
-def watchdog() -> Iterator[None]:
-    """Abort with tracebacks instead of hanging forever on a lock a killed child left behind."""
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 def open_tier(root: Path) -> DiskTier:

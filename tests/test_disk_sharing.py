@@ -5,11 +5,9 @@ Any miss is allowed (another process may have evicted the block); a wrong byte n
 
 from __future__ import annotations
 
-import faulthandler
 import json
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,13 +84,6 @@ st.update(t.stats())
 t.close()
 print(json.dumps(st), flush=True)
 """
-
-
-@pytest.fixture
-def watchdog() -> Iterator[None]:
-    faulthandler.dump_traceback_later(300, exit=True)
-    yield
-    faulthandler.cancel_dump_traceback_later()
 
 
 def open_tier(root: Path) -> DiskTier:
