@@ -944,12 +944,13 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._account_load(len(ids), st.failed, t0)
         return st
 
-    def _transfer_keys(self, transfers: list[Transfer]) -> tuple[BlockKeys, list[int]]:
+    def _transfer_keys(self, transfers: list[Transfer]) -> tuple[BlockKeys, np.ndarray]:
         hashes = np.concatenate([t.hashes for t in transfers])
         parents = np.concatenate([t.parents for t in transfers])
-        return BlockKeys(self.namespace.id, hashes, parents), [b for t in transfers for b in t.block_ids]
+        ids = np.concatenate([np.asarray(t.block_ids, np.int64) for t in transfers])
+        return BlockKeys(self.namespace.id, hashes, parents), ids
 
-    def _read(self, keys: BlockKeys, ids: list[int]) -> _Staged:
+    def _read(self, keys: BlockKeys, ids: np.ndarray) -> _Staged:
         """One staging buffer's worth: read and verify, keep only the blocks that verified."""
         assert self.store is not None
         stage = self._stage(len(ids))
@@ -959,10 +960,9 @@ class KvbmFsConnector(KVConnectorBase_V1):
             log.exception("kvbm_fs: load failed; vLLM recomputes the blocks")
             got = np.zeros(len(ids), bool)
         ok = np.flatnonzero(got)
-        failed = [ids[i] for i in np.flatnonzero(~got).tolist()]
         if ok.size != len(ids):
-            stage = stage[torch.as_tensor(ok, dtype=torch.long)]
-        return _Staged(stage, torch.as_tensor([ids[i] for i in ok.tolist()], dtype=torch.long), failed)
+            stage = stage[torch.from_numpy(ok)]
+        return _Staged(stage, torch.from_numpy(ids[ok]), ids[~got].tolist())
 
     def _scatter(self, st: _Staged, upto: int) -> None:
         """Put layers ``[st.scattered, upto)`` of the verified blocks into the engine's KV cache."""
