@@ -36,8 +36,9 @@ Why
     The remote tier is only worth having if a batch costs about one round trip, not 64, and the
     issue asks for >= 5x over the naive loop.  Unthrottled, moto measures itself (a few hundred
     MB/s for gets on this machine, less for puts, and a few ms of CPU per request), so the proxy
-    puts S3-like latency in front of it.  moto and the proxy run in a child process so that they
-    do not share the client's GIL.  The machine is small and shared: every case runs in the same
+    puts S3-like latency in front of it.  moto and the proxy each run in a child process of their
+    own, so that neither shares a GIL with the client or with the other (the proxy stands in for
+    the network, and a real network costs the server no CPU); ``proxy_cpu_s`` is reported apart.  The machine is small and shared: every case runs in the same
     rounds (order rotated), ratios are medians of per-round paired ratios, ``env.loadavg_1m``
     says how busy it was, and nothing here passes or fails.
 
@@ -83,16 +84,26 @@ TARGET = 5.0
 NIXL_THREADS = 32
 
 
-# ---- the server: moto and the fault proxy, in a child process ------------------------------
-def serve(latency: float) -> None:
-    """Child mode: start moto and the proxy, print their ports, answer ``requests`` lines, stop at EOF."""
+# ---- the server: moto and the fault proxy, each in a child process --------------------------
+def serve_moto() -> None:
+    """Child mode: start moto, print its port, stop at EOF."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    from kvbm_fs.testing.proxy import FaultProxy
     from kvbm_fs.testing.s3 import start_moto
 
     moto = start_moto()
-    proxy = FaultProxy(moto.port, latency=latency)
-    print(json.dumps({"moto": moto.port, "proxy": proxy.port}), flush=True)
+    print(json.dumps({"moto": moto.port}), flush=True)
+    for _ in sys.stdin:
+        pass
+    moto.stop()
+
+
+def serve_proxy(upstream: int, latency: float) -> None:
+    """Child mode: start the proxy in front of ``upstream``, print its port, answer ``reset`` and
+    ``counts`` lines, stop at EOF."""
+    from kvbm_fs.testing.proxy import FaultProxy
+
+    proxy = FaultProxy(upstream, latency=latency)
+    print(json.dumps({"proxy": proxy.port}), flush=True)
     for line in sys.stdin:
         cmd = line.strip()
         if cmd == "reset" and hasattr(proxy, "reset_counts"):
@@ -102,20 +113,26 @@ def serve(latency: float) -> None:
             print(json.dumps({"requests": proxy.requests, "methods": methods,
                               "max_in_flight": getattr(proxy, "max_in_flight", -1)}), flush=True)  # fmt: skip
     proxy.close()
-    moto.stop()
+
+
+def _child(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+    proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), *args],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert proc.stdout is not None
+    return proc, json.loads(proc.stdout.readline())
 
 
 class Server:
+    """moto and the proxy in two child processes: neither shares a GIL with the client, nor with
+    each other (the proxy stands in for the network, whose cost is not the server's)."""
+
     def __init__(self, latency: float) -> None:
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--serve", "--latency", str(latency)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        self.moto_proc, ports = _child("--serve-moto")
+        self.proc, pports = _child("--serve-proxy", str(ports["moto"]), "--latency", str(latency))
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin, self.proc.stdout
-        ports = json.loads(self._out.readline())
         self.moto = MotoS3(None, int(ports["moto"]))
-        self.proxy_endpoint = f"http://127.0.0.1:{ports['proxy']}"
+        self.proxy_endpoint = f"http://127.0.0.1:{pports['proxy']}"
 
     def counts(self, reset: bool = False) -> dict[str, Any]:
         """What the proxy has seen: requests, requests by HTTP method, most requests in flight at once
@@ -125,14 +142,20 @@ class Server:
         return dict(json.loads(self._out.readline()))
 
     def cpu_seconds(self) -> float:
+        """moto's CPU seconds so far."""
+        return _proc_cpu(self.moto_proc.pid)
+
+    def proxy_cpu_seconds(self) -> float:
         return _proc_cpu(self.proc.pid)
 
     def close(self) -> None:
-        try:
-            self._in.close()
-            self.proc.wait(10)
-        except Exception:
-            self.proc.kill()
+        for proc in (self.proc, self.moto_proc):
+            try:
+                assert proc.stdin is not None
+                proc.stdin.close()
+                proc.wait(10)
+            except Exception:
+                proc.kill()
 
 
 def _proc_cpu(pid: int) -> float:
@@ -155,6 +178,7 @@ class Case:
         self.times: list[float] = []
         self.cpu: list[float] = []
         self.server_cpu: list[float] = []
+        self.proxy_cpu: list[float] = []
         self.requests = -1
         self.methods: dict[str, int] = {}
         self.max_in_flight = -1
@@ -162,15 +186,16 @@ class Case:
     def run(self, server: Server, record: bool = True) -> None:
         if self.before:
             self.before()
-        s0, c0 = server.cpu_seconds(), time.process_time()
+        p0, s0, c0 = server.proxy_cpu_seconds(), server.cpu_seconds(), time.process_time()
         t0 = time.perf_counter()
         self.fn()
         dt = time.perf_counter() - t0
-        c1, s1 = time.process_time(), server.cpu_seconds()
+        c1, s1, p1 = time.process_time(), server.cpu_seconds(), server.proxy_cpu_seconds()
         if record:
             self.times.append(dt)
             self.cpu.append(c1 - c0)
             self.server_cpu.append(s1 - s0)
+            self.proxy_cpu.append(p1 - p0)
 
     def count(self, server: Server) -> None:
         """One untimed run that also counts the HTTP requests the proxy forwarded (and warms up)."""
@@ -183,6 +208,7 @@ class Case:
         c1 = server.counts()
         if self.once:
             self.times, self.cpu, self.server_cpu = [dt], [float("nan")], [float("nan")]
+            self.proxy_cpu = [float("nan")]
         self.requests = c1["requests"] - c0["requests"]
         self.methods = {m: k - c0["methods"].get(m, 0) for m, k in sorted(c1["methods"].items())}
         self.methods = {m: k for m, k in self.methods.items() if k}
@@ -226,6 +252,7 @@ def detail(cases: list[Case], nbytes: dict[str, int]) -> dict[str, Any]:
         if not c.once:
             d["client_cpu_s"] = round(statistics.median(c.cpu), 3)
             d["server_cpu_s"] = round(statistics.median(c.server_cpu), 3)
+            d["proxy_cpu_s"] = round(statistics.median(c.proxy_cpu), 3)
         else:
             d["timed_once"] = True
         d["requests"] = c.requests
@@ -628,10 +655,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--latency", type=float, default=LATENCY, help="seconds the proxy adds per request (default 0.02)")
     ap.add_argument("--no-nixl", action="store_true", help="skip the NIXL OBJ cases")
     add_output_args(ap, "small run for smoke tests (8 blocks, 1 round)")
-    ap.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--serve-proxy", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.serve:
-        serve(args.latency)
+    if args.serve_moto:
+        serve_moto()
+        return {}
+    if args.serve_proxy:
+        serve_proxy(args.serve_proxy, args.latency)
         return {}
     args.out = args.out or results_path(NAME, args.quick)
     q = args.quick

@@ -97,6 +97,10 @@ class NixlObjClient:
             "region": region,
             "use_virtual_addressing": "true" if virtual_addressing else "false",
             "num_threads": str(self.num_threads),
+            # The SDK's default ("supported") streams each PUT as aws-chunked with a trailing CRC,
+            # which costs the server a decode pass (moto: ~20% more CPU per 2 MiB PUT). Every
+            # block object carries its own checksum, verified on every read, so skip it.
+            "req_checksum": "required",
         }
         if endpoint:
             scheme = urlsplit(endpoint).scheme or "https"

@@ -738,7 +738,11 @@ def _open_fs(url: str, storage_options: dict[str, Any], max_concurrency: int = 3
         # botocore's defaults: a pool of 10 connections (requests past it would wait inside our timeout)
         # and its own retries (5 attempts, with backoff). One layer of retries, ours: `retries` bounds
         # them, `timeout` each try, and the breaker hears the final outcome.
+        # Over plain http botocore SHA-256-signs every PUT body (a CPU pass over each block); over
+        # https it already doesn't. Blocks carry their own checksum, verified on every read, and
+        # the request's CRC32 header still lets the server reject a damaged upload.
         opts["config_kwargs"] = {"max_pool_connections": max_concurrency, "retries": {"total_max_attempts": 1},
+                                 "s3": {"payload_signing_enabled": False},
                                  **opts.get("config_kwargs", {})}  # fmt: skip
     if proto in ("file", "local"):
         opts.setdefault("auto_mkdir", True)
