@@ -102,6 +102,17 @@ class _Skip(Exception):
 
 # A request the store answered: the object is absent, or present but not a valid block object.
 _ANSWERED = (FileNotFoundError, CorruptBlockError)
+
+
+def _stored_checksum_errors() -> tuple[type[BaseException], ...]:
+    try:
+        from botocore.exceptions import FlexibleChecksumError
+    except ImportError:  # no botocore: no S3, and nothing checks stored checksums
+        return ()
+    return (FlexibleChecksumError,)
+
+
+_STORED_CHECKSUM_ERRORS = _stored_checksum_errors()
 IO_PATHS = ("s3fs", "nixl", "auto")
 
 
@@ -187,8 +198,8 @@ class RemoteTier(Tier):
                     out = await asyncio.wait_for(fn(), self.timeout)
                 self.breaker.record(True)
                 return out
-            except (FileNotFoundError, PermissionError) as e:
-                self.breaker.record(isinstance(e, FileNotFoundError))  # the endpoint answered
+            except (FileNotFoundError, PermissionError, CorruptBlockError) as e:
+                self.breaker.record(not isinstance(e, PermissionError))  # the endpoint answered
                 raise
             except Exception as e:
                 if attempt == self.retries:
@@ -341,6 +352,14 @@ class RemoteTier(Tier):
                 f"cannot write to {self.url} ({type(e).__name__}); check the endpoint and credentials"
             ) from None
 
+    async def _read_object(self, path: str) -> Any:
+        """A stored object whose bytes fail the checksum S3 keeps for it (botocore checks it on GET)
+        is damaged for good: corrupt, so removed, not an error to retry."""
+        try:
+            return await self.fs._cat_file(path, **self._read_kw)
+        except _STORED_CHECKSUM_ERRORS:
+            raise CorruptBlockError("the stored object fails its S3 checksum") from None
+
     async def _write_object(self, path: str, data: bytes) -> None:
         """Readers see a whole object or none: object stores PUT atomically; files go through a rename."""
         if not self.atomic_rename:
@@ -383,7 +402,7 @@ class RemoteTier(Tier):
         if self._nixl is not None:
             res = self._nixl_read(paths)
         else:
-            res = self._run(self._gather([partial(self.fs._cat_file, p, **self._read_kw) for p in paths]))
+            res = self._run(self._gather([partial(self._read_object, p) for p in paths]))
         found = np.zeros(len(keys), bool)
         bad: list[tuple[int, str]] = []
         errors = 0

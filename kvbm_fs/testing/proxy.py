@@ -20,6 +20,9 @@ from collections import Counter, deque
 from .s3 import free_port
 
 FAULTS = ("reset", "stall", "503", "500")
+# Damage rather than failure: "flip" forwards the request with one body bit flipped (a bad NIC, a
+# broken middlebox), to show what catches an upload damaged in flight.
+DAMAGES = ("flip",)
 _CHUNK = 1 << 20
 _BODY_503 = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
 _BODY_500 = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>InternalError</Code><Message>We encountered an internal error.</Message></Error>'
@@ -35,7 +38,7 @@ class FaultProxy:
         self.methods: Counter[str] = Counter()  # requests by HTTP method (HEAD, GET, PUT, ...)
         self.in_flight = 0
         self.max_in_flight = 0  # most requests held at once (read, not yet answered)
-        self.injected: dict[str, int] = dict.fromkeys(FAULTS, 0)
+        self.injected: dict[str, int] = dict.fromkeys(FAULTS + DAMAGES, 0)
         self._plan: deque[tuple[str, str | None]] = deque()  # (fault, only for this HTTP method or any)
         self._always: str | None = None
         self._lock = threading.Lock()
@@ -71,8 +74,8 @@ class FaultProxy:
             self.methods.clear()
 
     def _check(self, fault: str) -> None:
-        if fault not in FAULTS:
-            raise ValueError(f"unknown fault {fault!r}; one of {FAULTS}")
+        if fault not in FAULTS + DAMAGES:
+            raise ValueError(f"unknown fault {fault!r}; one of {FAULTS + DAMAGES}")
 
     def _next_fault(self, head: bytes) -> str | None:
         """Count the request (held until :meth:`_done`) and pick its fault, if any."""
@@ -143,6 +146,10 @@ class FaultProxy:
         if fault in ("503", "500"):
             client.sendall(_error(int(fault)))
             return
+        if fault == "flip" and len(body):
+            damaged = bytearray(body)
+            damaged[len(damaged) // 2] ^= 0x01
+            body = memoryview(damaged)
         if self.latency:
             time.sleep(self.latency)
         self._forward(client, head, body)
