@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_disk.py", ["write_ratio", "read_ratio", "naive_write_ratio", "lookup_hit_p50_us_per_key"]),
         ("bench_remote.py", ["get_speedup", "put_speedup"]),
         ("bench_policies.py", ["default_ratio_5pct", "lru_ratio_5pct", "distinct_blocks"]),
+        ("bench_policy_refs.py", ["distinct_blocks", "references"]),
         ("bench_sglang.py", []),  # {"skipped"} here; .ci/run-sglang has SGLang
         ("bench_ttft.py", ["host_speedup", "disk_speedup"]),
         ("bench_vllm.py", []),  # {"skipped"} here; .venv-vllm (.ci/run-vllm) has vLLM
@@ -31,7 +32,10 @@ def test_benchmark_quick_run_prints_json(script: str, fields: list[str], tmp_pat
     args = [sys.executable, str(ROOT / "benchmarks" / script), "--quick"]
     if script != "gpu_check.py":
         args += ["--out", str(tmp_path / "out.json")]
-    if script == "bench_policies.py" and not (ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl").exists():
+    if (
+        script in ("bench_policies.py", "bench_policy_refs.py")
+        and not (ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl").exists()
+    ):
         args += ["--trace", str(_small_trace(tmp_path / "trace.jsonl"))]  # a checkout without ../shared
     proc = subprocess.run(args, capture_output=True, text=True, timeout=300, check=True)
     result = json.loads(proc.stdout)
