@@ -57,11 +57,13 @@ def test_transient_fault_is_absorbed_by_retries(
     proxy.inject(fault, 2, method="GET")
     assert untouched_misses(t, keys).all()
     proxy.inject(fault, 2, method="HEAD")
-    assert t.contains(keys).all()
+    held = t.contains(keys)
+    # a timed-out existence check is final (the scheduler waits on it): two misses, not two retries
+    assert held.sum() == (2 if fault == "stall" else 4)
     assert proxy.injected[fault] == 6, "every planned fault hit a request"
     assert not rec.keys(EventKind.LOAD_FAILED) and not rec.keys(EventKind.STORE_FAILED)
     s = t.stats()
-    assert s["get_errors"] == s["put_errors"] == s["head_errors"] == 0
+    assert s["get_errors"] == s["put_errors"] == 0 and s["head_errors"] == (2 if fault == "stall" else 0)
     assert s["breaker"] == "closed" and s["breaker_trips"] == 0, "absorbed faults must not trip the breaker"
 
 
@@ -94,6 +96,29 @@ def test_persistent_fault_gives_misses_and_dropped_puts(
     proxy.fail_always(None)  # the endpoint is back: what was stored is intact, what was dropped is absent
     assert untouched_misses(t, stored).all()
     assert not t.contains(new).any()
+
+
+def test_a_stalled_endpoint_costs_existence_checks_and_probes_one_try(
+    moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+) -> None:
+    """The scheduler waits on existence checks, and a caller on a probe: neither retries a stall."""
+    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=2, breaker_threshold=4,
+                breaker_cooldown=0.3, timeout=0.3)  # fmt: skip
+    keys = chain(NS_A, 4)
+    assert t.put(keys, blocks_for(keys, BN)).all()
+    proxy.fail_always("stall")
+    proxy.reset_counts()
+    assert not t.contains(keys).any()
+    assert proxy.methods["HEAD"] == 4, "one try per key, no retries of a timeout"
+    assert t.breaker.state == "open"
+
+    time.sleep(0.35)
+    proxy.reset_counts()
+    assert not untouched_misses(t, keys).any()
+    assert proxy.requests == 1, "the half-open probe is one request, not 1 + retries"
+    proxy.fail_always(None)
+    time.sleep(0.35)
+    assert untouched_misses(t, keys)[0] and t.breaker.state == "closed"
 
 
 @pytest.mark.parametrize("fault", ["503", "stall"])

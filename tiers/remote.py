@@ -183,16 +183,21 @@ class RemoteTier(Tier):
     def _run(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    async def _call(self, fn: Callable[[], Awaitable[T]]) -> T:
+    async def _call(self, fn: Callable[[], Awaitable[T]], retry_timeouts: bool = True) -> T:
         """One request: breaker, concurrency bound, timeout, retries with jittered backoff.
 
-        The breaker hears only final outcomes, so throttling that a retry absorbs never opens it."""
+        The breaker hears only final outcomes, so throttling that a retry absorbs never opens it.
+        A half-open probe gets one try: its caller should not wait (retries + 1) timeouts to learn
+        that the endpoint is still down.  With ``retry_timeouts`` off (existence checks, which the
+        engine's scheduler waits on) a timed-out try is final: a stalled endpoint then costs the
+        scheduler one timeout, not (retries + 1), while resets and 5xx are still retried."""
         if not self.breaker.allow():
             self.counters["skipped_open_breaker"] += 1
             raise _Skip
+        tries = self._tries()
         if self._sem is None:
             self._sem = asyncio.Semaphore(self.max_concurrency)
-        for attempt in range(self.retries + 1):
+        for attempt in range(tries):
             try:
                 async with self._sem:
                     out = await asyncio.wait_for(fn(), self.timeout)
@@ -202,7 +207,7 @@ class RemoteTier(Tier):
                 self.breaker.record(not isinstance(e, PermissionError))  # the endpoint answered
                 raise
             except Exception as e:
-                if attempt == self.retries:
+                if attempt == tries - 1 or (not retry_timeouts and isinstance(e, TimeoutError)):
                     self.breaker.record(False)
                     raise
                 self.counters["retries"] += 1
@@ -210,8 +215,14 @@ class RemoteTier(Tier):
                 await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
         raise AssertionError("unreachable")
 
-    async def _gather(self, fns: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
-        return await asyncio.gather(*(self._call(f) for f in fns), return_exceptions=True)
+    def _tries(self) -> int:
+        """Tries for a request the breaker just let out: one when it is the half-open probe."""
+        return 1 if self.breaker.opened_at is not None else self.retries + 1
+
+    async def _gather(
+        self, fns: list[Callable[[], Awaitable[T]]], retry_timeouts: bool = True
+    ) -> list[T | BaseException]:
+        return await asyncio.gather(*(self._call(f, retry_timeouts) for f in fns), return_exceptions=True)
 
     async def _gather_once(self, fns: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
         """One try each, bounded and timed out, outside the breaker (the caller reports to it)."""
@@ -256,7 +267,8 @@ class RemoteTier(Tier):
         therefore costs two round trips (GET, HEAD) where s3fs needs one."""
         res: list[Any] = [_Skip() for _ in paths]
         sent = todo = self._allowed(len(paths))
-        for attempt in range(self.retries + 1):
+        tries = self._tries()
+        for attempt in range(tries):
             got = self._nixl.get([(self._key(paths[i]), self.object_bytes) for i in todo], check_missing=False)
             for i, g in zip(todo, got):
                 res[i] = g
@@ -269,7 +281,7 @@ class RemoteTier(Tier):
                     elif not isinstance(h, BaseException) and _size(h) not in (None, self.object_bytes):
                         res[i] = CorruptBlockError(f"object has {_size(h)} bytes, a block object {self.object_bytes}")
             todo = [i for i in todo if isinstance(res[i], BaseException) and not isinstance(res[i], _ANSWERED)]
-            if not todo or attempt == self.retries:
+            if not todo or attempt == tries - 1:
                 break
             self.counters["retries"] += len(todo)
             self._run(self._backoff(attempt))
@@ -280,12 +292,13 @@ class RemoteTier(Tier):
         """Whole-object PUTs through NIXL OBJ (atomic, as with s3fs): per object None or the error."""
         res: list[BaseException | None] = [_Skip() for _ in objs]
         sent = todo = self._allowed(len(objs))
-        for attempt in range(self.retries + 1):
+        tries = self._tries()
+        for attempt in range(tries):
             errs = self._nixl.put([(self._key(objs[i][0]), objs[i][1]) for i in todo])
             for i, e in zip(todo, errs):
                 res[i] = e
             todo = [i for i in todo if res[i] is not None]
-            if not todo or attempt == self.retries:
+            if not todo or attempt == tries - 1:
                 break
             self.counters["retries"] += len(todo)
             self._run(self._backoff(attempt))
@@ -373,7 +386,7 @@ class RemoteTier(Tier):
     def contains(self, keys: BlockKeys) -> np.ndarray:
         """Concurrent HEADs (bounded), not one round trip after another; errors count as absent."""
         paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
-        res = self._run(self._gather([partial(self._head, p) for p in paths]))
+        res = self._run(self._gather([partial(self._head, p) for p in paths], retry_timeouts=False))
         self.counters["head_errors"] += sum(
             isinstance(r, Exception) and not isinstance(r, FileNotFoundError) for r in res
         )
