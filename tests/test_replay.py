@@ -22,6 +22,7 @@ from kvbm_fs.replay import (
     replay_one,
     trace_from_lists,
 )
+from kvbm_fs.testing.traces import SYNTHETIC
 
 
 def synthetic(n_req: int = 150, seed: int = 0) -> Trace:
@@ -251,3 +252,25 @@ def test_cli_replay_bad_arguments(
     p = write_jsonl(tmp_path / "trace.jsonl", [[1, 2], [1, 2]])
     assert main(["replay", str(p), *args]) == 2
     assert msg in capsys.readouterr().err
+
+
+# ---- synthetic traces: the default policy on workloads of known character ----------------------------
+@pytest.mark.parametrize("name", sorted(SYNTHETIC))
+def test_synthetic_traces_are_deterministic_prefix_chains(name: str) -> None:
+    a, b = SYNTHETIC[name](0.1), SYNTHETIC[name](0.1)
+    assert [r.tolist() for r in a.requests] == [r.tolist() for r in b.requests]
+    before: dict[int, tuple[int, ...]] = {}  # an id means one content at one place in one chain
+    for r in a.requests:
+        ids = r.tolist()
+        for i, h in enumerate(ids):
+            assert before.setdefault(h, tuple(ids[:i])) == tuple(ids[:i]), f"{name}: id {h} under two prefixes"
+    assert a.distinct < a.references, "something is reused"
+
+
+@pytest.mark.parametrize(("name", "factor"), [("scan_mix", 1.3), ("zipf_documents", 1.15), ("system_prompts", 1.1)])
+def test_default_policy_keeps_reused_blocks_that_lru_lets_one_offs_flush(name: str, factor: float) -> None:
+    """parc's reason to be the default: one-off blocks (scans, unique suffixes, unpopular documents)
+    pass through without displacing what is reused.  LRU lets them flush it."""
+    res = compare(SYNTHETIC[name](0.5), capacities=(0.05,), policies=("lru", "parc"))
+    hits = {p: r["hit_ratio"] for p, r in res["single_tier"][0]["policies"].items()}
+    assert hits["parc"] > factor * hits["lru"], hits
