@@ -121,6 +121,25 @@ def test_a_stalled_endpoint_costs_existence_checks_and_probes_one_try(
     assert untouched_misses(t, keys)[0] and t.breaker.state == "closed"
 
 
+def test_existence_checks_give_up_after_head_timeout_while_reads_keep_the_long_timeout(
+    moto_s3: Any, bucket: str, prefix: str
+) -> None:
+    """``head_timeout`` bounds what the scheduler waits on a stalled endpoint.  The proxy holds
+    each request 30 s and the tier's ``timeout`` is 20 s, so only ``head_timeout`` can end
+    ``contains`` while the proxy still holds its HEADs (beyond the test's own 5 s limit otherwise)."""
+    proxy = FaultProxy(moto_s3.port, stall_seconds=30)
+    try:
+        t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, timeout=20, head_timeout=0.3)
+        keys = chain(NS_A, 3)
+        assert t.put(keys, blocks_for(keys, BN)).all()
+        proxy.fail_always("stall")
+        assert not t.contains(keys).any()
+        assert proxy.in_flight == 3, "the HEADs are still stalled: the tier gave up on its own"
+        assert t.stats()["head_errors"] == 3
+    finally:
+        proxy.close()
+
+
 @pytest.mark.parametrize("fault", ["503", "stall"])
 def test_breaker_opens_stops_requests_probes_and_closes(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
@@ -349,6 +368,8 @@ def test_conflicting_or_foreign_namespace_manifest_is_refused(moto_s3: Any, buck
         ("backoff=1e", "backoff"),
         ("max_concurrency=0", "max_concurrency"),
         ("timeout=-1", "timeout"),
+        ("head_timeout=0", "head_timeout"),
+        ("head_timeout=later", "head_timeout"),
         ("breaker_cooldown=nan", "breaker_cooldown"),
         ("colour=red", "colour"),
     ],

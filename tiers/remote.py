@@ -133,6 +133,7 @@ class RemoteTier(Tier):
         storage_options: dict[str, Any] | None = None,
         max_concurrency: int = 32,
         timeout: float = 10.0,
+        head_timeout: float | None = None,
         retries: int = 3,
         backoff: float = 0.05,
         breaker_threshold: int = 5,
@@ -145,9 +146,11 @@ class RemoteTier(Tier):
         self.policy = make_policy(policy)
         self.spec = TierSpec.parse(url)
         self.url = self.spec.redacted()
-        _check_knobs(max_concurrency=max_concurrency, timeout=timeout, retries=retries, backoff=backoff,
-                     breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)  # fmt: skip
+        head_timeout = timeout if head_timeout is None else head_timeout
+        _check_knobs(max_concurrency=max_concurrency, timeout=timeout, head_timeout=head_timeout, retries=retries,
+                     backoff=backoff, breaker_threshold=breaker_threshold, breaker_cooldown=breaker_cooldown)  # fmt: skip
         self.max_concurrency, self.timeout, self.retries, self.backoff = max_concurrency, timeout, retries, backoff
+        self.head_timeout = float(head_timeout)  # existence checks: the scheduler waits on them
         self.breaker = CircuitBreaker(breaker_threshold, breaker_cooldown)
         self.capacity = UNBOUNDED if capacity is None else parse_size(capacity, "remote capacity")
         self.object_bytes = codec.HEADER_SIZE + self.block_nbytes
@@ -183,7 +186,9 @@ class RemoteTier(Tier):
     def _run(self, coro: Awaitable[T]) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()  # type: ignore[arg-type]
 
-    async def _call(self, fn: Callable[[], Awaitable[T]], retry_timeouts: bool = True) -> T:
+    async def _call(
+        self, fn: Callable[[], Awaitable[T]], retry_timeouts: bool = True, timeout: float | None = None
+    ) -> T:
         """One request: breaker, concurrency bound, timeout, retries with jittered backoff.
 
         The breaker hears only final outcomes, so throttling that a retry absorbs never opens it.
@@ -200,7 +205,7 @@ class RemoteTier(Tier):
         for attempt in range(tries):
             try:
                 async with self._sem:
-                    out = await asyncio.wait_for(fn(), self.timeout)
+                    out = await asyncio.wait_for(fn(), timeout or self.timeout)
                 self.breaker.record(True)
                 return out
             except (FileNotFoundError, PermissionError, CorruptBlockError) as e:
@@ -220,9 +225,9 @@ class RemoteTier(Tier):
         return 1 if self.breaker.opened_at is not None else self.retries + 1
 
     async def _gather(
-        self, fns: list[Callable[[], Awaitable[T]]], retry_timeouts: bool = True
+        self, fns: list[Callable[[], Awaitable[T]]], retry_timeouts: bool = True, timeout: float | None = None
     ) -> list[T | BaseException]:
-        return await asyncio.gather(*(self._call(f, retry_timeouts) for f in fns), return_exceptions=True)
+        return await asyncio.gather(*(self._call(f, retry_timeouts, timeout) for f in fns), return_exceptions=True)
 
     async def _gather_once(self, fns: list[Callable[[], Awaitable[T]]]) -> list[T | BaseException]:
         """One try each, bounded and timed out, outside the breaker (the caller reports to it)."""
@@ -386,7 +391,9 @@ class RemoteTier(Tier):
     def contains(self, keys: BlockKeys) -> np.ndarray:
         """Concurrent HEADs (bounded), not one round trip after another; errors count as absent."""
         paths = [self._path(keys.ns, h) for h in keys.hashes.tolist()]
-        res = self._run(self._gather([partial(self._head, p) for p in paths], retry_timeouts=False))
+        res = self._run(
+            self._gather([partial(self._head, p) for p in paths], retry_timeouts=False, timeout=self.head_timeout)
+        )
         self.counters["head_errors"] += sum(
             isinstance(r, Exception) and not isinstance(r, FileNotFoundError) for r in res
         )
@@ -636,8 +643,8 @@ def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
     for k in ("endpoint_url", "anon", "key", "secret", "token", "profile"):
         if k in opts:
             so[k] = opts.pop(k)
-    for k, conv in (("max_concurrency", int), ("timeout", float), ("retries", int), ("backoff", float),
-                    ("breaker_threshold", int), ("breaker_cooldown", float)):  # fmt: skip
+    for k, conv in (("max_concurrency", int), ("timeout", float), ("head_timeout", float), ("retries", int),
+                    ("backoff", float), ("breaker_threshold", int), ("breaker_cooldown", float)):  # fmt: skip
         if k in opts:
             try:
                 opts[k] = conv(opts[k])
@@ -728,8 +735,9 @@ def _check_knobs(**knobs: float) -> None:
 
     for k, v in knobs.items():
         least = 1 if k in ("max_concurrency", "breaker_threshold") else 0
-        if not math.isfinite(v) or v < least or (k == "timeout" and v <= 0):
-            want = "> 0" if k == "timeout" else f">= {least}"
+        timeout = k in ("timeout", "head_timeout")
+        if not math.isfinite(v) or v < least or (timeout and v <= 0):
+            want = "> 0" if timeout else f">= {least}"
             raise ConfigError(f"remote tier option {k}={v!r} is out of range (must be finite and {want})")
 
 
