@@ -27,7 +27,9 @@ How it works:
   LoRA name (brief section 2), inside a :class:`~kvbm_fs.Namespace` built from the model, the KV layout
   the engine allocated (layers, KV heads per rank, head dim, block size, dtype, attention backend) and
   the tensor/pipeline rank. Multimodal and prompt-embedding requests are refused loudly (never
-  matched, never saved): their blocks are not determined by token ids alone.
+  matched, never saved): their blocks are not determined by token ids alone. MLA models get an MLA
+  layout (one latent vector per token per layer) with TP = 1; on ``CPU_MLA``, which cannot prefill on
+  top of loaded KV, the connector stores but never loads.
 - Scheduler: ``get_num_new_matched_tokens`` matches the prompt's full blocks (never the block holding
   the prompt's last token: vLLM must compute at least one token) in every rank's namespace;
   ``build_connector_meta`` sends picklable plans: blocks to load, and blocks whose KV this step
@@ -134,6 +136,12 @@ EXTRA_KEYS = frozenset(
 # CPU_ATTN: [H, N, 2*D] read as [H, 2*N, D] by the kernel, i.e. per head all K rows, then all V rows.
 BACKEND_ORDER = {"CPU_ATTN": "LHKTD"}
 DEFAULT_ORDER = "LHTKD"  # [H, N, (K|V)*D]; unknown backends are told apart by name in the namespace anyway
+MLA_ORDER = "LTD"  # an MLA layer's block: [tokens, latent dim]
+# Backends that cannot compute a prefill on top of context they did not compute themselves. vLLM's CPU
+# platform turns prefix caching and chunked prefill off for MLA without AMX (platforms/cpu.py); loaded
+# latent KV there gave outputs that drift from a full prefill (logprobs 3e-4 off at once, a different
+# token by the fourth), so a load would serve wrong results.
+NO_CONTEXT_BACKENDS = frozenset({"CPU_MLA"})
 
 STAGE_BYTES = 256 << 20  # host staging buffer per load/save batch
 IDLE_WAIT_S = 0.02  # how long an idle step's get_finished waits for an async load to complete
@@ -193,13 +201,12 @@ def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backe
             f"kvbm_fs: the engine has {len(groups)} KV cache groups (a hybrid model); this connector supports one"
         )
     spec = groups[0].kv_cache_spec
-    if not isinstance(spec, FullAttentionSpec) or isinstance(spec, MLAAttentionSpec):
-        raise ConfigError(
-            f"kvbm_fs: KV cache spec {type(spec).__name__} is not supported (full attention, non-MLA only)"
-        )
+    if not isinstance(spec, FullAttentionSpec):
+        raise ConfigError(f"kvbm_fs: KV cache spec {type(spec).__name__} is not supported (full attention only)")
+    mla = isinstance(spec, MLAAttentionSpec)  # one latent vector per token (kv_lora_rank + rope dims), no K/V split
     if getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
         raise ConfigError("kvbm_fs: sliding-window / chunked attention KV is not supported")
-    if spec.head_size_v not in (None, spec.head_size):
+    if not mla and spec.head_size_v not in (None, spec.head_size):
         raise ConfigError(f"kvbm_fs: K head size {spec.head_size} != V head size {spec.head_size_v} is not supported")
     if int(getattr(spec, "kv_quant_mode", 0) or 0):
         raise ConfigError(f"kvbm_fs: quantized KV ({spec.kv_quant_mode}) is not supported")
@@ -209,11 +216,12 @@ def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backe
         raise ConfigError(f"kvbm_fs: KV cache dtype {spec.dtype} (cache_dtype={cache_dtype!r}) is not supported")
     return KVLayout(
         num_layers=len(groups[0].layer_names),
-        num_kv_heads=int(spec.num_kv_heads),
+        num_kv_heads=1 if mla else int(spec.num_kv_heads),
         head_dim=int(spec.head_size),
         block_size=int(spec.block_size),
         dtype=dtype,
-        order=BACKEND_ORDER.get(backend, DEFAULT_ORDER),
+        order=MLA_ORDER if mla else BACKEND_ORDER.get(backend, DEFAULT_ORDER),
+        mla=mla,
     )
 
 
@@ -252,6 +260,10 @@ def namespaces(
     model = str(extra.get("model") or vllm_config.model_config.model)
     tenant = str(cfg.tenant or "")
     world = parallel_world(vllm_config)
+    if layout.mla and int(vllm_config.parallel_config.tensor_parallel_size) > 1:
+        # every TP rank holds the same latent KV: keying it per TP rank would store it TP times, and one
+        # writer per block needs the per-process (host) tiers of the other ranks filled some other way
+        raise ConfigError("kvbm_fs: MLA models with tensor parallelism > 1 are not supported yet (TP=1, any PP)")
     return tuple(Namespace(f"{model}@vllm/{backend}", layout, r, world, tenant) for r in range(world))
 
 
@@ -500,6 +512,13 @@ class KvbmFsConnector(KVConnectorBase_V1):
         group = kv_cache_config.kv_cache_groups[0] if kv_cache_config.kv_cache_groups else None
         self.layer_names: list[str] = list(group.layer_names) if group is not None else []
         self.backend = attention_backend(vllm_config, self.layer_names)
+        if self.loads_enabled and self.backend in NO_CONTEXT_BACKENDS:
+            log.warning(
+                "kvbm_fs: the %s attention backend cannot prefill on top of loaded KV (vLLM turns prefix caching"
+                " off for it); this engine stores its blocks but never loads any",
+                self.backend,
+            )
+            self.loads_enabled = False
         self.namespaces = namespaces(vllm_config, kv_cache_config, self.extra, self.backend)
         self.layout = self.namespaces[0].layout
         self.block_size = self.layout.block_size
