@@ -138,9 +138,10 @@ BACKEND_ORDER = {"CPU_ATTN": "LHKTD"}
 DEFAULT_ORDER = "LHTKD"  # [H, N, (K|V)*D]; unknown backends are told apart by name in the namespace anyway
 MLA_ORDER = "LTD"  # an MLA layer's block: [tokens, latent dim]
 # Backends that cannot compute a prefill on top of context they did not compute themselves. vLLM's CPU
-# platform turns prefix caching and chunked prefill off for MLA without AMX (platforms/cpu.py); loaded
-# latent KV there gave outputs that drift from a full prefill (logprobs 3e-4 off at once, a different
-# token by the fourth), so a load would serve wrong results.
+# platform turns prefix caching and chunked prefill off for MLA without AMX (platforms/cpu.py): a prefill
+# on cached context drifts from a full one there (logprobs 3e-4 off at once, a different token by the
+# fourth), for vLLM's own cache hits and for loaded blocks alike (bit-identical to each other), so a
+# load would serve results a full prefill would not give.
 NO_CONTEXT_BACKENDS = frozenset({"CPU_MLA"})
 
 STAGE_BYTES = 256 << 20  # host staging buffer per load/save batch

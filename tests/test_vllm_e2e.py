@@ -768,3 +768,49 @@ def test_mla_with_tensor_parallelism_is_refused_clearly() -> None:
     assert (ns0.rank, ns1.rank, ns0.world_size) == (0, 1, 2) and ns0.id != ns1.id  # PP stages hold other layers
     with pytest.raises(ConfigError, match="MLA models with tensor parallelism > 1"):
         kvc.namespaces(config(2), kcc, {"tiers": ["host://?capacity=1MiB"]}, "FLASHMLA")
+
+
+def test_mla_loads_are_bit_exact_with_vllms_own_prefix_cache(
+    mla_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Why CPU_MLA never loads, and proof that the MLA load path itself is exact: with vLLM's own prefix
+    cache forced back on, a prompt served from vLLM's cache and the same prompt served from blocks
+    kvbm_fs loaded give identical tokens and logprobs, and both differ from a full prefill the same
+    way.  The drift is vLLM's CPU MLA prefill on cached context, not the loaded KV."""
+    import vllm.platforms.cpu as cpu_platform
+
+    original = cpu_platform.CpuPlatform.check_and_update_config.__func__
+
+    def keep_prefix_caching(cls: Any, vllm_config: Any) -> None:
+        original(cls, vllm_config)
+        vllm_config.cache_config.enable_prefix_caching = True
+
+    monkeypatch.setattr(cpu_platform.CpuPlatform, "check_and_update_config", classmethod(keep_prefix_caching))
+    monkeypatch.setattr(kvc, "NO_CONTEXT_BACKENDS", frozenset())
+    params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)
+
+    def serve(llm: LLM) -> tuple[list[int], list[float]]:
+        out = llm.generate(prompts([(A, None)]), params, use_tqdm=False)[0].outputs[0]
+        assert out.logprobs is not None
+        return list(out.token_ids), [next(iter(lp.values())).logprob for lp in out.logprobs]
+
+    llm = new_engine(mla_model, block_size=MLA_BLOCK)
+    try:
+        full, from_vllm_cache = serve(llm), serve(llm)  # the second hits vLLM's own cache
+    finally:
+        stop(llm)
+    root = tmp_path / "disk"
+    got = []
+    for _ in range(2):  # store, then a fresh engine that loads A's blocks from disk
+        llm = new_engine(mla_model, kv_config(root), block_size=MLA_BLOCK)
+        try:
+            got.append(serve(llm))
+            conns = connectors(llm)
+            conns["WORKER"].flush()
+            loaded = conns["WORKER"].totals.reduce()["loaded_blocks"]
+        finally:
+            stop(llm)
+    assert loaded == (len(A) - 1) // MLA_BLOCK
+    assert got[0] == full, "storing does not change the outputs"
+    assert got[1] == from_vllm_cache, "loaded latent KV behaves exactly like vLLM's own cached KV"
+    assert from_vllm_cache != full, "on this backend a prefill on cached context drifts (why loads are off)"
