@@ -270,7 +270,10 @@ class PARC(PrefixLRU):
     * resident blocks are in ``T1`` (seen once since they entered) or ``T2`` (seen again);
       a hit moves a block to ``T2``.  Each list is in LRU order.
     * keys evicted recently are remembered, without data, in ghost lists ``B1`` (evicted
-      from ``T1``) and ``B2`` (from ``T2``), together at most as many as the tier has slots.
+      from ``T1``) and ``B2`` (from ``T2``), together at most ``ghost`` times as many as the
+      tier has slots (default 2; ARC's is 1).  KV reuse distances run past the capacity: with
+      one cache's worth of history a chat session's next turn often came back after its keys
+      were forgotten, and parc trailed LRU on multi-turn chat (``bench_policies.json``).
     * a target size ``p`` for ``T1`` tunes itself: a block that comes back while in ``B1``
       means recency was short-changed (``p`` grows); one that comes back from ``B2`` means
       frequency was (``p`` shrinks).  Either way it re-enters in ``T2``.
@@ -280,7 +283,7 @@ class PARC(PrefixLRU):
     Why it fits a KV cache: one-off prompts (a scan of new documents) pass through ``T1``
     without displacing the reused working set in ``T2``, while a workload of short-lived
     conversations shifts the space to recency on its own; no constant depends on the
-    workload (the ghost length and the adaptation step are ARC's, relative to capacity).
+    workload (the ghost length and the adaptation step are relative to capacity).
     The whole-prefix rule keeps what remains cached matchable, because a hit is a prefix.
 
     ``rank`` (disk and remote tiers, which only know last access and hit count) is the last
@@ -293,11 +296,14 @@ class PARC(PrefixLRU):
     name = "parc"
     uses_parents = True
 
-    def __init__(self, boost_s: float = 0.0) -> None:
+    def __init__(self, boost_s: float = 0.0, ghost: float = 2.0) -> None:
         super().__init__()
         if not (isinstance(boost_s, (int, float)) and 0 <= boost_s < 1e9):
             raise ConfigError(f"policy 'parc': boost_s must be a number of seconds >= 0, got {boost_s!r}")
+        if not (isinstance(ghost, (int, float)) and 0 < ghost <= 64):
+            raise ConfigError(f"policy 'parc': ghost must be a multiple of the capacity in (0, 64], got {ghost!r}")
         self.boost_us = int(boost_s * 1e6)
+        self.ghost = float(ghost)
         self.pool: SlotPool | None = None
         self.in_t2 = np.zeros(0, bool)
         self.p = 0.0
@@ -344,7 +350,7 @@ class PARC(PrefixLRU):
     def on_remove(self, slots: np.ndarray) -> None:
         for k, t2 in zip(self._keys(slots), self.in_t2[slots].tolist()):
             (self.b2 if t2 else self.b1)[k] = None
-        while len(self.b1) + len(self.b2) > self.c:  # ghosts cover one cache's worth of keys
+        while len(self.b1) + len(self.b2) > self.ghost * self.c:  # ghosts cover `ghost` caches' worth of keys
             (self.b1 if len(self.b1) >= len(self.b2) else self.b2).popitem(last=False)
         self.in_t2[slots] = False
         super().on_remove(slots)

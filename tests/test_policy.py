@@ -146,7 +146,24 @@ def test_parc_ghost_hit_enters_t2_and_moves_the_split() -> None:
     store(pool, chain(1))  # back from B1: recency deserved more room
     assert pol.p > 0 and (NS, 1) not in pol.b1
     assert bool(pol.in_t2[int(pool.lookup(BlockKeys(NS, [1]))[0])])
-    assert len(pol.b1) + len(pol.b2) <= pool.num_slots
+    assert len(pol.b1) + len(pol.b2) <= 2 * pool.num_slots
+
+
+@pytest.mark.parametrize("ghost", [1, 2, 3])
+def test_parc_remembers_ghost_times_its_capacity_of_evicted_keys(ghost: int) -> None:
+    pol = make_policy(f"parc:ghost={ghost}")
+    assert isinstance(pol, PARC)
+    pool = pool_with(pol, 4)
+    for i in range(40):  # one-off blocks: every one is evicted into B1 in turn
+        store(pool, chain(1000 + i))
+    assert len(pol.b1) + len(pol.b2) == ghost * 4
+    assert list(pol.b1)[-1] == (NS, 1000 + 40 - 4 - 1), "the most recently evicted key is kept"
+
+
+@pytest.mark.parametrize("bad", ["0", "-1", "65", "'x'"])
+def test_parc_refuses_a_bad_ghost_size(bad: str) -> None:
+    with pytest.raises(ConfigError, match="ghost"):
+        make_policy(f"parc:ghost={bad}")
 
 
 def test_parc_rank_prefers_blocks_that_were_hit() -> None:
