@@ -19,7 +19,7 @@ What it measures
 Why
     The issue's target for the default policy is >= 0.8 of Belady at both capacities, and it
     asks for a policy that wins on other traces too.  Our default (``parc``, ARC with whole-prefix
-    eviction) reaches 0.42 / 0.53 (``bench_policies.json``).  This shows where the best-known
+    eviction) reaches 0.42 / 0.55 (``bench_policies.json``).  This shows where the best-known
     general policies land on the same stream: if none comes near 0.8, the gap is a property of
     the trace (most reuse happens at distances far beyond the capacity) rather than of one
     policy.  Hit ratios are deterministic; nothing is timed and nothing passes or fails.
