@@ -137,15 +137,20 @@ def stop(llm: LLM) -> None:
     gc.collect()
 
 
+def random_model(d: Path, arch: str, config: dict[str, Any]) -> Path:
+    """A transformers ``<arch>ForCausalLM`` with seeded random weights, saved to ``d`` (no download)."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = getattr(transformers, f"{arch}Config")(**config)
+    getattr(transformers, f"{arch}ForCausalLM")(cfg).float().save_pretrained(d, safe_serialization=True)
+    return d
+
+
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny-llama")
-    torch.manual_seed(0)
-    LlamaForCausalLM(LlamaConfig(**TINY_LLAMA)).float().save_pretrained(d, safe_serialization=True)
-    return d
+    return random_model(tmp_path_factory.mktemp("tiny-llama"), "Llama", TINY_LLAMA)
 
 
 @pytest.fixture(scope="module")
@@ -692,13 +697,7 @@ MLA_BLOCK = 16
 
 @pytest.fixture(scope="module")
 def mla_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from transformers import DeepseekV2Config, DeepseekV2ForCausalLM
-
-    d = tmp_path_factory.mktemp("tiny-deepseek")
-    torch.manual_seed(0)
-    DeepseekV2ForCausalLM(DeepseekV2Config(**TINY_DEEPSEEK)).float().save_pretrained(d, safe_serialization=True)
-    return d
+    return random_model(tmp_path_factory.mktemp("tiny-deepseek"), "DeepseekV2", TINY_DEEPSEEK)
 
 
 def test_mla_engine_stores_latent_kv_and_cpu_mla_never_loads_it(mla_model: Path, tmp_path: Path) -> None:
