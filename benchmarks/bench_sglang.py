@@ -100,7 +100,10 @@ from _common import (
     skip,
 )
 
+from kvbm_fs.testing.sglang import storage_config
+
 NAME = "bench_sglang"
+MODEL_NAME = "meta-llama/Llama-3.2-1B"  # the namespace's model name (no download: random pages)
 BATCH = 128  # SGLang's STORAGE_BATCH_SIZE
 MODEL: dict[str, Any] = {
     "name": "Llama-3.2-1B-like (one rank, TP 1)",
@@ -171,24 +174,6 @@ def use_sglang_page_methods() -> str:
     return f"sglang {path.relative_to(path.parents[3])}" if len(funcs) == len(PAGE_METHODS) else "partial"
 
 
-def storage_config(extra: dict[str, Any]) -> Any:
-    from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
-
-    return HiCacheStorageConfig(
-        tp_rank=0,
-        tp_size=1,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=False,
-        enable_storage_metrics=False,
-        is_page_first_layout=True,
-        model_name="meta-llama/Llama-3.2-1B",
-        extra_config=extra,
-    )
-
-
 def extra_info() -> Any:
     """What the controller passes with every storage call (a prompt with nothing before it)."""
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
@@ -224,7 +209,7 @@ class FileSide:
         from sglang.srt.mem_cache.hicache_storage import HiCacheFile
 
         self.root, self.pool = root, pool
-        self.b = HiCacheFile(storage_config({}), file_path=root)
+        self.b = HiCacheFile(storage_config({}, model_name=MODEL_NAME), file_path=root)
 
     def set(self, keys: list[str], host_indices: Any) -> bool:
         ps = self.pool.page_size
@@ -262,7 +247,7 @@ class KvbmSide:
 
         self.root, self.pool = root, pool
         extra = {"interface_v1": 1, "tiers": [f"file://{root}?capacity={capacity}{opts}"]}
-        self.b = KvbmFsHiCacheStorage(storage_config(extra), {})
+        self.b = KvbmFsHiCacheStorage(storage_config(extra, model_name=MODEL_NAME), {})
         self.b.register_mem_pool_host(pool)
 
     def set(self, keys: list[str], host_indices: Any) -> bool:

@@ -31,6 +31,7 @@ import torch
 from kvbm_fs import ConfigError, IllegalTransitionError, LayoutMismatchError
 from kvbm_fs.events import EventKind
 from kvbm_fs.integration.sglang import KvbmFsHiCacheStorage, host_pages
+from kvbm_fs.testing.sglang import storage_config
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
 
 REQUIRE_SGLANG = bool(os.environ.get("KVBM_FS_REQUIRE_SGLANG"))
@@ -194,32 +195,6 @@ def page_keys(n: int, seed: str = "doc") -> list[str]:
 
 
 # ---- storage config ------------------------------------------------------------------------------------
-
-
-def storage_config(extra: dict[str, Any] | None = None, **kw: Any) -> Any:
-    """SGLang's ``HiCacheStorageConfig`` where it is installed, else a stand-in with its fields."""
-    fields = dict(
-        tp_rank=0,
-        tp_size=1,
-        pp_rank=0,
-        pp_size=1,
-        attn_cp_rank=0,
-        attn_cp_size=1,
-        is_mla_model=False,
-        enable_storage_metrics=False,
-        is_page_first_layout=True,
-        model_name="org/model-a",
-        extra_config=extra,
-    )
-    fields.update(kw)
-    if SGLANG:
-        from sglang.srt.mem_cache.hicache_storage import HiCacheStorageConfig
-
-        return HiCacheStorageConfig(**fields)
-    mla, tp_rank = fields["is_mla_model"], fields["tp_rank"]
-    return SimpleNamespace(
-        dcp_size=1, dcp_rank=0, should_split_heads=False, is_storage_writer=not mla or tp_rank == 0, **fields
-    )
 
 
 def extra(tmp: Path, host: bool = True, **kw: Any) -> dict[str, Any]:

@@ -271,9 +271,8 @@ class RemoteTier(Tier):
         block is corrupt (an empty object cannot even be range-read), anything else is retried.  A miss
         therefore costs two round trips (GET, HEAD) where s3fs needs one."""
         res: list[Any] = [_Skip() for _ in paths]
-        sent = todo = self._allowed(len(paths))
-        tries = self._tries()
-        for attempt in range(tries):
+
+        def attempt(todo: list[int]) -> list[int]:
             got = self._nixl.get([(self._key(paths[i]), self.object_bytes) for i in todo], check_missing=False)
             for i, g in zip(todo, got):
                 res[i] = g
@@ -285,30 +284,36 @@ class RemoteTier(Tier):
                         res[i] = FileNotFoundError(paths[i])
                     elif not isinstance(h, BaseException) and _size(h) not in (None, self.object_bytes):
                         res[i] = CorruptBlockError(f"object has {_size(h)} bytes, a block object {self.object_bytes}")
-            todo = [i for i in todo if isinstance(res[i], BaseException) and not isinstance(res[i], _ANSWERED)]
-            if not todo or attempt == tries - 1:
-                break
-            self.counters["retries"] += len(todo)
-            self._run(self._backoff(attempt))
-        self._settle(sent, res)
+            return [i for i in todo if isinstance(res[i], BaseException) and not isinstance(res[i], _ANSWERED)]
+
+        self._rounds(res, attempt)
         return res
 
     def _nixl_write(self, objs: list[tuple[str, bytes]]) -> list[BaseException | None]:
         """Whole-object PUTs through NIXL OBJ (atomic, as with s3fs): per object None or the error."""
         res: list[BaseException | None] = [_Skip() for _ in objs]
-        sent = todo = self._allowed(len(objs))
-        tries = self._tries()
-        for attempt in range(tries):
+
+        def attempt(todo: list[int]) -> list[int]:
             errs = self._nixl.put([(self._key(objs[i][0]), objs[i][1]) for i in todo])
             for i, e in zip(todo, errs):
                 res[i] = e
-            todo = [i for i in todo if res[i] is not None]
-            if not todo or attempt == tries - 1:
+            return [i for i in todo if res[i] is not None]
+
+        self._rounds(res, attempt)
+        return res
+
+    def _rounds(self, res: list[Any], attempt: Callable[[list[int]], list[int]]) -> None:
+        """Run ``attempt`` on the requests the breaker lets out, then again on those it returns
+        (still failing), with backoff, up to the tries allowed; the breaker hears each final outcome."""
+        sent = todo = self._allowed(len(res))
+        tries = self._tries()
+        for n in range(tries):
+            todo = attempt(todo)
+            if not todo or n == tries - 1:
                 break
             self.counters["retries"] += len(todo)
-            self._run(self._backoff(attempt))
+            self._run(self._backoff(n))
         self._settle(sent, res)
-        return res
 
     def _key(self, path: str) -> str:
         return path[len(self._bucket) + 1 :]
