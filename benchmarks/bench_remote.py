@@ -640,9 +640,11 @@ def _sync_result(fs: Any, coro: Any) -> Any:
 
 def _nixl_available() -> tuple[bool, str]:
     try:
-        from nixl_cu12._api import nixl_agent  # noqa: F401
+        from kvbm_fs.nixl_api import api
+
+        api()
     except Exception as e:
-        return False, f"nixl_cu12 not importable ({type(e).__name__})"
+        return False, f"NIXL not importable ({type(e).__name__})"
     return True, ""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,13 +89,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--slab-gib", type=float, default=8.0)
+    p.add_argument("--out", type=Path, default=None)
     a = p.parse_args()
     if not torch.cuda.is_available():
         skip("no CUDA device")
         return
     result = run(2 * MiB, 64, 3 if a.quick else 10, 1.0 if a.quick else a.slab_gib)
     result["device"] = torch.cuda.get_device_name()
-    emit(result, results_path("gpu_check", False))
+    emit(result, a.out or results_path("gpu_check", a.quick))
 
 
 if __name__ == "__main__":

@@ -23,11 +23,18 @@ FORMAT_VERSION = 1
 HEADER_SIZE = 128
 # magic, version, header size, flags, ns, seq hash, parent hash, tokens, reserved, payload len,
 # payload xxh3-128 (lo, hi); at 72 the header's own xxh3-64 over bytes [0, 72) ++ [80, 128) (all of the
-# header but the checksum itself); bytes [80, 128) are reserved and must be zero.
+# header but the checksum itself).  With flag FLAG_DSUM, bytes [80, 96) hold the payload's dsum128
+# (lo, hi; kvbm_fs.dsum), a second checksum a GPU can verify; every other byte of [80, 128) is
+# reserved and must be zero.
 _HEAD = struct.Struct("<8sHHIQQQIIQQQ")
 _HEAD_CRC = struct.Struct("<Q")
+_M64 = (1 << 64) - 1
 _CRC_AT = _HEAD.size  # 72
 assert _CRC_AT == 72 and _CRC_AT + 8 <= HEADER_SIZE
+FLAG_DSUM = 0x1
+KNOWN_FLAGS = FLAG_DSUM
+_DSUM = struct.Struct("<QQ")
+_DSUM_AT = _CRC_AT + 8  # 80
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +45,7 @@ class BlockHeader:
     num_tokens: int
     payload_len: int
     checksum: int  # xxh3-128 of the payload
+    dsum: int | None = None  # dsum128 of the payload, if the writer recorded it (FLAG_DSUM)
 
     @property
     def key(self) -> BlockKey:
@@ -58,15 +66,16 @@ def _as_buffer(payload: Any) -> Any:
     return payload
 
 
-def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any) -> bytes:
-    """The 128-byte header for ``payload`` (one hashing pass; the payload is not copied)."""
+def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any, dsum: int | None = None) -> bytes:
+    """The 128-byte header for ``payload`` (one hashing pass; the payload is not copied).  ``dsum``
+    is the payload's dsum128 when the writer has it (computed on the GPU the block came from)."""
     buf = _as_buffer(payload)
     c = xxhash.xxh3_128_intdigest(buf)
     head = _HEAD.pack(
         MAGIC,
         FORMAT_VERSION,
         HEADER_SIZE,
-        0,
+        0 if dsum is None else FLAG_DSUM,
         key.ns,
         key.seq_hash,
         parent_hash,
@@ -76,7 +85,9 @@ def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any
         c & 0xFFFFFFFFFFFFFFFF,
         c >> 64,
     )
-    tail = bytes(HEADER_SIZE - _CRC_AT - 8)
+    tail = bytes(HEADER_SIZE - _DSUM_AT)
+    if dsum is not None:
+        tail = _DSUM.pack(dsum & _M64, dsum >> 64) + tail[_DSUM.size :]
     return head + _HEAD_CRC.pack(_header_crc(head, tail)) + tail
 
 
@@ -103,11 +114,16 @@ def decode_header(data: Any) -> BlockHeader:
     (crc,) = _HEAD_CRC.unpack_from(mv, _CRC_AT)
     if crc != _header_crc(mv[:_CRC_AT], mv[_CRC_AT + 8 : HEADER_SIZE]):
         raise CorruptBlockError("header checksum mismatch")
-    if flags or res0 or any(mv[_CRC_AT + 8 : HEADER_SIZE]):
+    reserved = _DSUM_AT + (_DSUM.size if flags & FLAG_DSUM else 0)
+    if flags & ~KNOWN_FLAGS or res0 or any(mv[reserved:HEADER_SIZE]):
         raise FormatVersionError(
             f"header uses flags {flags:#x} or reserved bytes that format {FORMAT_VERSION} does not define"
         )
-    return BlockHeader(ns, seq, parent, ntok, plen, clo | (chi << 64))
+    dsum = None
+    if flags & FLAG_DSUM:
+        lo, hi = _DSUM.unpack_from(mv, _DSUM_AT)
+        dsum = lo | hi << 64
+    return BlockHeader(ns, seq, parent, ntok, plen, clo | (chi << 64), dsum)
 
 
 def verify(

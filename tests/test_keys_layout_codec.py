@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import xxhash
 
-from kvbm_fs import codec, hashing
+from kvbm_fs import codec, dsum, hashing
 from kvbm_fs.errors import (
     ConfigError,
     CorruptBlockError,
@@ -558,13 +558,30 @@ def test_every_header_bit_flip_is_rejected() -> None:
                 codec.verify(bad, KEY)
 
 
-@pytest.mark.parametrize(("offset", "fmt", "value"), [(12, "<I", 1), (44, "<I", 1), (80, "<B", 1), (127, "<B", 0x80)])
+@pytest.mark.parametrize(
+    ("offset", "fmt", "value"), [(12, "<I", 2), (12, "<I", 1 << 31), (44, "<I", 1), (80, "<B", 1), (127, "<B", 0x80)]
+)
 def test_unknown_flags_or_reserved_bytes_refused(offset: int, fmt: str, value: int) -> None:
     blob = _block()
     struct.pack_into(fmt, blob, offset, value)
     with pytest.raises(CorruptBlockError, match="header checksum"):
         codec.verify(blob, KEY)
     with pytest.raises(FormatVersionError):  # a well-sealed header from a writer that uses them
+        codec.verify(_reseal(blob), KEY)
+
+
+def test_a_header_may_carry_the_payloads_dsum128_beside_its_xxh3() -> None:
+    """Flag 1 (FLAG_DSUM) puts the payload's dsum128 in bytes 80..96; the rest stays reserved."""
+    d = dsum.of(PAYLOAD)
+    blob = bytearray(codec.encode_header(KEY, 7, 16, PAYLOAD, dsum=d) + PAYLOAD)
+    h = codec.decode_header(blob)
+    assert h.dsum == d and h.checksum == codec.payload_checksum(PAYLOAD)
+    assert struct.unpack_from("<I", blob, 12)[0] == codec.FLAG_DSUM
+    assert struct.unpack_from("<QQ", blob, 80) == (d & (2**64 - 1), d >> 64)
+    assert bytes(codec.verify(blob, KEY)) == PAYLOAD
+    assert codec.decode_header(codec.encode_header(KEY, 7, 16, PAYLOAD)).dsum is None
+    struct.pack_into("<B", blob, 96, 1)  # past the dsum: still reserved
+    with pytest.raises(FormatVersionError):
         codec.verify(_reseal(blob), KEY)
 
 

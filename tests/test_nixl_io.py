@@ -1,4 +1,4 @@
-"""NixlPosixIO: the disk tier's byte mover through NIXL's POSIX backend (skipped without nixl_cu12)."""
+"""NixlPosixIO: the disk tier's byte mover through NIXL's POSIX backend (skipped without NIXL)."""
 
 from __future__ import annotations
 
@@ -14,14 +14,13 @@ from typing import Any
 import numpy as np
 import pytest
 
-pytest.importorskip("nixl_cu12")
-
 from kvbm_fs.events import EventBus
-from kvbm_fs.testing import TierTests
+from kvbm_fs.testing import TierTests, require_nixl
 from kvbm_fs.tier import Tier
 from kvbm_fs.tiers.disk import DiskTier
 from kvbm_fs.tiers.diskio import ALIGN, IoOp, aligned_buffer, probe_direct_io
 
+require_nixl()
 try:
     from kvbm_fs.tiers.nixl_io import NixlPosixIO
 

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 import pytest
 
+from kvbm_fs.testing import require_nixl
 from kvbm_fs.testing.s3 import ACCESS_KEY, REGION, SECRET_KEY, free_port
 
 
 def _client(endpoint: str, bucket: str, **kw: Any) -> Any:
-    pytest.importorskip("nixl_cu12")
+    require_nixl()
     from kvbm_fs.tiers.nixl_obj import NixlObjClient
 
     try:

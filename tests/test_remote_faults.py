@@ -24,7 +24,7 @@ from remote_helpers import BN, DAMAGE, FAST, object_name, untouched_misses
 from kvbm_fs import KVLayout, mount
 from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError, UnknownSchemeError
 from kvbm_fs.events import EventBus, EventKind
-from kvbm_fs.testing import LAYOUT, NS_A, NS_B, EventRecorder, blocks_for, chain, keyset
+from kvbm_fs.testing import LAYOUT, NS_A, NS_B, EventRecorder, blocks_for, chain, keyset, require_nixl
 from kvbm_fs.testing.proxy import FAULTS, FaultProxy
 from kvbm_fs.testing.s3 import free_port
 from kvbm_fs.tiers.remote import RemoteTier
@@ -282,7 +282,7 @@ def test_an_upload_damaged_in_flight_is_never_served(
     header that s3fs still sends, so here a body damaged on the way is stored.  The block's own
     checksum catches it at the first read: a miss, the object removed, its neighbours intact."""
     if io == "nixl":
-        pytest.importorskip("nixl_cu12")
+        require_nixl()
     rec = EventRecorder()
     t = RemoteTier(f"s3://{bucket}/{prefix}", BN, events=rec.bus, io=io,
                    storage_options=moto_s3.storage_options(proxy.endpoint), **{**FAST, "retries": 0})  # fmt: skip
@@ -451,7 +451,7 @@ def test_secrets_never_appear_in_errors_stats_repr_or_logs(
 ) -> None:
     """Through s3fs, and with block objects through NIXL OBJ (io=nixl: its native logs on stderr too)."""
     if io == "nixl":
-        pytest.importorskip("nixl_cu12")
+        require_nixl()
     caplog.set_level(logging.DEBUG)
     import boto3
 

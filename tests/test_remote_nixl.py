@@ -22,13 +22,13 @@ from kvbm_fs import mount
 from kvbm_fs.codec import HEADER_SIZE
 from kvbm_fs.errors import ConfigError
 from kvbm_fs.events import EventBus, EventKind
-from kvbm_fs.testing import LAYOUT, NS_A, EventRecorder, TierTests, blocks_for, chain, keyset
+from kvbm_fs.testing import LAYOUT, NS_A, EventRecorder, TierTests, blocks_for, chain, keyset, require_nixl
 from kvbm_fs.testing.proxy import FAULTS, FaultProxy
 from kvbm_fs.tier import Tier
 from kvbm_fs.tiers.remote import RemoteTier
 
 pytest.importorskip("s3fs")
-pytest.importorskip("nixl_cu12")
+require_nixl()
 
 
 # ---- helpers ---------------------------------------------------------------------------------------
@@ -279,7 +279,8 @@ def test_bad_io_is_a_config_error_at_open(tier: dict[str, Any], named: str) -> N
 
 
 def test_nixl_not_installed_is_a_config_error(moto_s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setitem(sys.modules, "nixl_cu12", None)  # import fails as if not installed
+    for pkg in ("nixl_cu12", "nixl_cu13"):
+        monkeypatch.setitem(sys.modules, pkg, None)  # import fails as if not installed
     with pytest.raises(ConfigError, match="NIXL is not installed"):
         RemoteTier(f"s3://{bucket}/x", BN, storage_options=moto_s3.storage_options(), io="nixl", **FAST)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from kvbm_fs.events import EventBus
 from kvbm_fs.testing import TierTests
@@ -28,6 +29,25 @@ class TestGpuTierOnCpu(TierTests):
 
     def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
         return GpuTier(capacity_blocks * block_nbytes, block_nbytes, device="cpu", events=events)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs in the GPU check)")
+class TestGpuTierOnCuda(TierTests):
+    """The G1 pool in GPU memory: copies on the tier's own stream, registration after the copy event."""
+
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
+        return GpuTier(capacity_blocks * block_nbytes, block_nbytes, device="cuda", events=events)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (runs in the GPU check)")
+class TestPinnedHostTier(TierTests):
+    """G2 with its slab registered with CUDA (cudaHostRegister), as it runs beside a GPU."""
+
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
+        stride = -(-block_nbytes // 4096) * 4096
+        t = HostTier(capacity_blocks * stride, block_nbytes, events=events, pin=True)
+        assert t.slab.pinned
+        return t
 
 
 class TestDiskTier(TierTests):

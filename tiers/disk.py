@@ -45,6 +45,7 @@ from ..policy import EvictionPolicy, make_policy
 from ..rows import is_torch
 from ..tier import Admission, Medium, Tier
 from ..units import parse_size
+from .disk_device import DevicePath
 from .disk_index import KEY as KEY_STRUCT
 from .disk_index import OWNER as OWNER_STRUCT
 from .disk_index import DiskIndex, Record, owner_alive
@@ -78,6 +79,7 @@ class DiskTier(Tier):
         direct: bool | None = None,
         io: str = "auto",
         segment_bytes: int | str = SEGMENT_TARGET,
+        gds: str = "auto",
     ) -> None:
         self.name = name
         self.root = os.path.abspath(os.fspath(path))
@@ -106,6 +108,7 @@ class DiskTier(Tier):
         self._orphans: list[int] = []  # slots still pending after a commit that the index refused
         self._closed = False
         self.counters = dict(load_failures=0, corrupt_removed=0, write_failures=0, evictions=0)
+        self.device = DevicePath(self, gds)
 
     # ---- directory and geometry ----------------------------------------------------------
     def _open_dir(self, want_slots: int, segment_bytes: int) -> None:
@@ -259,7 +262,8 @@ class DiskTier(Tier):
                 todo = self.admission.trim(self, keys, todo, self.num_slots - len(self))
             if todo.size == 0:
                 return present
-            stored = self._write_blocks(keys, rows, todo)
+            dsums = self.device.sums(data, todo) if self.device.applies(data) else None
+            stored = self._write_blocks(keys, rows, todo, dsums)
         finally:
             self._unpin_slots(held)
         out = present.copy()
@@ -276,14 +280,16 @@ class DiskTier(Tier):
             self._pin_slots(slots)
         return recs, slots
 
-    def _write_blocks(self, keys: BlockKeys, rows: np.ndarray, todo: np.ndarray) -> np.ndarray:
+    def _write_blocks(
+        self, keys: BlockKeys, rows: np.ndarray, todo: np.ndarray, dsums: list[int] | None = None
+    ) -> np.ndarray:
         slots = self._reserve(todo.size)
         n = len(slots)
         ok = np.zeros(todo.size, bool)
         if n == 0:
             return ok
         idx = todo[:n]  # chain order: the prefix gets the slots
-        results, csums = self._write_slots(keys, rows, idx, slots)
+        results, csums = self._write_slots(keys, rows, idx, slots, dsums)
         now = _now_us()
         entries = [
             (int(keys.hashes[i]), s, int(keys.parents[i]),
@@ -330,7 +336,7 @@ class DiskTier(Tier):
         return slots
 
     def _write_slots(
-        self, keys: BlockKeys, rows: np.ndarray, idx: np.ndarray, slots: list[int]
+        self, keys: BlockKeys, rows: np.ndarray, idx: np.ndarray, slots: list[int], dsums: list[int] | None = None
     ) -> tuple[list[bool], list[int]]:
         hdr = np.frombuffer(aligned_buffer(len(slots) * HEADER_PAGE), np.uint8).reshape(len(slots), HEADER_PAGE)
         csums: list[int] = []
@@ -338,7 +344,7 @@ class DiskTier(Tier):
         tokens = self.block_size or 0
         for j, (i, s) in enumerate(zip(idx.tolist(), slots)):
             payload = rows[i]
-            head = codec.encode_header(keys[i], int(keys.parents[i]), tokens, payload)
+            head = codec.encode_header(keys[i], int(keys.parents[i]), tokens, payload, dsums[j] if dsums else None)
             hdr[j, : codec.HEADER_SIZE] = np.frombuffer(head, np.uint8)
             csums.append(codec.decode_header(head).checksum)
             ops.append(self._op(s, hdr[j], payload, create=True))
@@ -370,25 +376,34 @@ class DiskTier(Tier):
         try:
             if idx.size == 0:
                 return found
-            dst, copy_back = _dest_rows(out, len(keys))
-            good = self._read_slots(keys, [recs[i] for i in idx.tolist()], idx, dst)  # type: ignore[misc]
-            if copy_back is not None:
-                copy_back(idx[good])
+            hits: list[Record] = [recs[i] for i in idx.tolist()]  # type: ignore[misc]
+            if self.device.applies(out):
+                good = self.device.read(keys, hits, idx, out)
+            else:
+                dst, copy_back = _dest_rows(out, len(keys))
+                good = self._read_slots(keys, hits, idx, dst)
+                if copy_back is not None:
+                    copy_back(idx[good])
         finally:
             self._unpin_slots(slots)
         found[idx[~good]] = False
         self._record_access([s for s, g in zip(slots, good.tolist()) if g])
         return found
 
-    def _read_slots(self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    def _read_slots(
+        self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, dst: np.ndarray, dense: bool = False
+    ) -> np.ndarray:
+        """Read and verify ``recs`` (for ``keys[idx]``) into ``dst[idx]``, or into ``dst[:len(recs)]``
+        if ``dense``; returns which verified."""
         hdr = np.frombuffer(aligned_buffer(len(recs) * HEADER_PAGE), np.uint8).reshape(len(recs), HEADER_PAGE)
-        ops = [self._op(r.slot, hdr[j], dst[i]) for j, (r, i) in enumerate(zip(recs, idx.tolist()))]
+        row = list(range(len(recs))) if dense else idx.tolist()
+        ops = [self._op(r.slot, hdr[j], dst[row[j]]) for j, r in enumerate(recs)]
         results = iter(self.io.read([op for op in ops if op is not None]))
         good = np.zeros(len(recs), bool)
         bad: list[tuple[int, int, str]] = []
         for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
             n = next(results) if op is not None else -errno.ENOENT
-            why = self._verify(keys[i], r, hdr[j], dst[i], n, op)
+            why = self._verify(keys[i], r, hdr[j], dst[row[j]], n, op)
             if why is None:
                 good[j] = True
             else:
@@ -584,7 +599,7 @@ class DiskTier(Tier):
     def stats(self) -> dict[str, Any]:
         s = super().stats()
         s.update(path=self.root, data_path=self.io.name, direct_io=self.direct, durable=self.durable, policy=self.policy.name,
-                 slot_bytes=self.slot_bytes, slots=self.num_slots, **self.counters)  # fmt: skip
+                 slot_bytes=self.slot_bytes, slots=self.num_slots, **self.counters, **self.device.stats())  # fmt: skip
         return s
 
     # ---- access statistics -------------------------------------------------------------
@@ -634,6 +649,7 @@ class DiskTier(Tier):
                     os.close(fd)
         self._fds.clear()
         self.io.close()
+        self.device.close()
         self.index.close()
 
     def _live(self) -> None:
@@ -692,8 +708,9 @@ def _dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:
     def back(rows: np.ndarray) -> None:
         import torch
 
-        for i in rows.tolist():
-            out[i].copy_(torch.from_numpy(stage[i]))
+        if rows.size:
+            at = torch.as_tensor(rows, device=out.device)
+            out[at] = torch.from_numpy(stage[rows]).to(out.device)
 
     return stage, back
 

@@ -164,7 +164,10 @@ def probe_gds(timeout: float = 5.0) -> tuple[bool, str]:
             if not torch.cuda.is_available():
                 result.append((False, "no CUDA device"))
                 return
-            from nixl_cu12._api import nixl_agent, nixl_agent_config
+            from ..nixl_api import api
+
+            nixl = api()
+            nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config
 
             agent = nixl_agent(f"kvbm-gds-probe-{os.getpid()}", nixl_agent_config(backends=[]))
             last = ""

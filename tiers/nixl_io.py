@@ -71,8 +71,13 @@ class NixlPosixIO:
         timeout_s: float = 10.0,
         min_rate: float = 50e6,
         fallback_threads: int | None = None,
+        backend: str = BACKEND,
+        mem: str = "DRAM",
     ) -> None:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
+        from ..nixl_api import api
+
+        nixl = api()
+        nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config
 
         self.min_ops = max(1, int(min_ops))
         self.max_descs = max(1, int(max_descs))  # per transfer; the backend's queue holds 65536 by default
@@ -89,16 +94,17 @@ class NixlPosixIO:
         with _quiet_nixl_logger():
             conf = nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=[])
             agent = nixl_agent(self._agent_name, conf)
-            if BACKEND not in agent.get_plugin_list():
-                raise RuntimeError("NIXL has no POSIX plugin")
-            agent.create_backend(BACKEND, params)
+            if backend not in agent.get_plugin_list():
+                raise RuntimeError(f"NIXL has no {backend} plugin")
+            agent.create_backend(backend, params)
         self._agent = agent
-        self._backends = [BACKEND]
+        self._backends = [backend]
+        self._mem = mem
         self._lock = threading.Lock()  # the agent is created without internal locking
         self._files: dict[int, tuple[int, int, Any]] = {}  # fd -> (st_dev, st_ino, FILE registration)
         self._posix = PosixIO(fallback_threads)
         self._broken: str | None = None  # set when a transfer could not be cancelled: NIXL is off
-        self._stuck: list[tuple[Any, Any, list[memoryview]]] = []  # (xfer handle, registration, buffers)
+        self._stuck: list[tuple[Any, Any, Any]] = []  # (xfer handle, registration, buffers)
         self._closed = False
         self.counters = dict(
             transfers=0, nixl_ops=0, posix_ops=0, past_eof_ops=0, failed_transfers=0, timeouts=0,
@@ -189,7 +195,6 @@ class NixlPosixIO:
         cancelled fills ``results`` with ``-ETIMEDOUT`` / ``-EIO``, returns True and turns NIXL off."""
         if self._broken:
             return False
-        agent = self._agent
         bufs: list[memoryview] = []
         local: list[tuple[int, int]] = []
         remote: list[tuple[int, int, int]] = []
@@ -204,26 +209,55 @@ class NixlPosixIO:
                     remote.append((off, b.nbytes, op.fd))
                     off += b.nbytes
             nbytes += off - op.offset
+        state = self._run(kind, local, [ops[i].fd for i in todo], remote, files, nbytes, bufs)
+        if state == "RETRY":
+            return False
+        if state != "DONE":  # stuck in flight: the kernel may yet touch these buffers and files
+            for i in todo:
+                results[i] = -errno.ETIMEDOUT if state == "PROC" else -errno.EIO
+            return True
+        for i in todo:
+            results[i] = ops[i].nbytes
+        self.counters["nixl_ops"] += len(todo)
+        return True
+
+    def _run(
+        self,
+        kind: str,
+        local: list[tuple[int, int]],
+        fds: list[int],
+        remote: list[tuple[int, int, int]],
+        files: dict[int, tuple[int, int, int, bool] | int],
+        nbytes: int,
+        keep: Any,
+        device: int = 0,
+    ) -> str:
+        """One NIXL transfer between ``local`` (address, length) regions of this engine's memory
+        type and ``remote`` (offset, length, fd) file ranges, called with the lock held.  "DONE";
+        "RETRY" if nothing is in flight and the caller should redo the work another way; or the
+        state ("PROC" timed out, "ERR" failed) of a transfer that could not be cancelled, after
+        which NIXL is off and ``keep`` (the buffers) stays referenced for good."""
+        agent = self._agent
         t0 = time.perf_counter()
         try:
-            for fd in {ops[i].fd for i in todo}:
+            for fd in set(fds):
                 st = files[fd]
                 assert not isinstance(st, int)
                 self._register_file(fd, st[0], st[1])
-            mem = agent.register_memory(_merge(local), "DRAM", backends=self._backends)
+            mem = agent.register_memory(_merge(local, device), self._mem, backends=self._backends)
         except Exception:
             self.counters["failed_transfers"] += 1
-            return False
+            return "RETRY"
         t1 = time.perf_counter()
         self.counters["register_seconds"] += t1 - t0
         handle = None
         state = "ERR"
         try:
-            lo = np.array([(a, ln, 0) for a, ln in local], np.uint64)
+            lo = np.array([(a, ln, device) for a, ln in local], np.uint64)
             ro = np.array(remote, np.uint64)
             handle = agent.initialize_xfer(
                 kind,
-                agent.get_xfer_descs(lo, "DRAM"),
+                agent.get_xfer_descs(lo, self._mem),
                 agent.get_xfer_descs(ro, "FILE"),
                 self._agent_name,
                 backends=self._backends,
@@ -241,21 +275,16 @@ class NixlPosixIO:
             try:
                 handle.release()  # cancels the transfer if it is still running and the backend can
             except Exception:
-                if state != "DONE":  # still in flight: the kernel may yet touch these buffers and files
+                if state != "DONE":
                     what = "timed out" if state == "PROC" else "failed"
                     self._broken = f"a NIXL transfer {what} and could not be cancelled; using preadv/pwritev"
-                    self._stuck.append((handle, mem, bufs))  # keep the registration and buffers alive
-                    for i in todo:
-                        results[i] = -errno.ETIMEDOUT if state == "PROC" else -errno.EIO
-                    return True
+                    self._stuck.append((handle, mem, keep))  # keep the registration and buffers alive
+                    return state
         self._deregister(mem)
         if state != "DONE":
-            return False  # nothing in flight: redo the batch with preadv/pwritev
-        for i in todo:
-            results[i] = ops[i].nbytes
+            return "RETRY"
         self.counters["transfers"] += 1
-        self.counters["nixl_ops"] += len(todo)
-        return True
+        return "DONE"
 
     def _wait(self, handle: Any, state: str, deadline: float) -> str:
         """Poll until DONE or ERR; returns "PROC" if the deadline passed first."""
@@ -340,14 +369,14 @@ def _chunks(todo: list[int], ops: Sequence[IoOp], max_descs: int) -> list[list[i
     return out
 
 
-def _merge(regions: list[tuple[int, int]]) -> np.ndarray:
-    """Registration descriptors (address, length, 0) covering ``regions``, adjacent ones merged."""
+def _merge(regions: list[tuple[int, int]], device: int = 0) -> np.ndarray:
+    """Registration descriptors (address, length, device) covering ``regions``, adjacent ones merged."""
     out: list[list[int]] = []
     for a, ln in sorted(regions):
         if out and a <= out[-1][0] + out[-1][1]:
             out[-1][1] = max(out[-1][1], a + ln - out[-1][0])
         else:
-            out.append([a, ln, 0])
+            out.append([a, ln, device])
     return np.array(out, np.uint64)
 
 

@@ -128,7 +128,10 @@ class NixlObjClient:
                              queries=0, query_timeouts=0)  # fmt: skip
 
     def _make_agent(self, params: dict[str, str]) -> Any:
-        from nixl_cu12._api import nixl_agent, nixl_agent_config
+        from ..nixl_api import api
+
+        nixl = api()
+        nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config
 
         name = f"kvbm-obj-{os.getpid()}-{next(_names)}"
         with _quiet_nixl_logger():

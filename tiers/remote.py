@@ -680,8 +680,9 @@ def _nixl_client(fs: Any, bucket: str, shown: str, num_threads: int, timeout: fl
     (storage options, environment, profile), so that both data paths reach the same store as the same
     user.  Credentials are taken once, here: refreshable ones (SSO, assumed roles) are not refreshed."""
     try:
-        import nixl_cu12  # noqa: F401
+        from ..nixl_api import api
 
+        api()
         from .nixl_obj import NixlObjClient
     except ImportError:
         raise ConfigError(f"io=nixl for {shown}: NIXL is not installed (pip install nixl-cu12)") from None

@@ -33,6 +33,14 @@ NS_A = Namespace("conformance-model", LAYOUT, tenant="a")
 NS_B = Namespace("conformance-model", LAYOUT, tenant="b")
 
 
+def require_nixl() -> None:
+    """Skip the calling test (or module) unless a NIXL wheel (nixl-cu12 or nixl-cu13) imports."""
+    from ..nixl_api import available
+
+    if not available():
+        pytest.skip("NIXL is not installed", allow_module_level=True)
+
+
 def block_bytes(ns: int, h: int, nbytes: int) -> np.ndarray:
     """Content-addressed test data: the bytes of a block are a function of its key."""
     return np.random.default_rng([ns & 0xFFFFFFFF, ns >> 32, h & 0xFFFFFFFF, h >> 32]).integers(

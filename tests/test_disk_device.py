@@ -1,0 +1,236 @@
+"""The disk tier's device path (GDS loads verified by dsum128) and dsum128 itself.
+
+Without a GPU, ``gds=posix`` sends CPU tensors down the same code through NIXL's POSIX backend:
+header pages on the host, payloads in one NIXL transfer straight into the caller's rows,
+verification with dsum128 where the rows are.  The CUDA variants run where a GPU is present
+(benchmarks/gpu_check.py runs them on the device machine); here they skip.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from kvbm_fs import codec, dsum
+from kvbm_fs.errors import ConfigError
+from kvbm_fs.events import EventKind
+from kvbm_fs.keys import BlockKeys
+from kvbm_fs.testing import EventRecorder, require_nixl
+from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
+
+BN = 64 * 1024
+CUDA = torch.cuda.is_available()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason="needs a CUDA device"))]
+
+
+def _mode(device: str) -> str:
+    return "posix" if device == "cpu" else "on"
+
+
+def _rows(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, BN), dtype=np.uint8)
+
+
+def _keys(n: int, ns: int = 5) -> BlockKeys:
+    return BlockKeys.chain(ns, np.arange(1, n + 1, dtype=np.uint64))
+
+
+def _tier(path: Path, device: str, **kw: Any) -> DiskTier:
+    require_nixl()
+    t = DiskTier(path, BN, capacity=64 * (BN + 2 * HEADER_PAGE), gds=_mode(device), **kw)
+    if t.device.engine is None:
+        t.close()
+        pytest.skip(f"no NIXL device engine here: {t.device.state}")
+    return t
+
+
+def _slot_payload_offset(t: DiskTier, key_hash: int, ns: int = 5) -> tuple[str, int]:
+    rec = t.index.records(ns, np.array([key_hash], np.uint64))[0]
+    assert rec is not None
+    seg, off = t._locate(rec.slot)
+    return t._segment_path(seg), off
+
+
+# ---- dsum128 ------------------------------------------------------------------------------
+@pytest.mark.parametrize("nbytes", [4, 12, 4096, 1 << 21])
+def test_dsum_rows_on_torch_equals_the_numpy_definition(nbytes: int) -> None:
+    data = np.random.default_rng(nbytes).integers(0, 256, (3, nbytes), dtype=np.uint8)
+    assert dsum.to_ints(dsum.rows(torch.from_numpy(data))) == [dsum.of(r) for r in data]
+
+
+def test_dsum_catches_flips_moves_and_stale_pages() -> None:
+    data = _rows(1)[0]
+    base = dsum.of(data)
+    rng = np.random.default_rng(1)
+    for pos in rng.integers(0, BN, 64).tolist():
+        for bit in (0, 7):
+            bad = data.copy()
+            bad[pos] ^= 1 << bit
+            assert dsum.of(bad) != base
+    swapped = data.copy()
+    swapped[:4096], swapped[4096:8192] = data[4096:8192], data[:4096]  # two pages written to each other's place
+    assert dsum.of(swapped) != base
+    stale = data.copy()
+    stale[8192:12288] = _rows(1, seed=9)[0][:4096]  # a torn write: one page of the slot's old occupant
+    assert dsum.of(stale) != base
+
+
+def test_dsum_refuses_rows_it_is_not_defined_for() -> None:
+    assert not dsum.eligible(6) and not dsum.eligible(0) and dsum.eligible(8)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        dsum.rows(torch.zeros((2, 6), dtype=torch.uint8))
+
+
+# ---- the device path ----------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_puts_record_dsum_and_loads_verify_it_on_the_device(tmp_path: Path, device: str) -> None:
+    t = _tier(tmp_path, device)
+    data = torch.from_numpy(_rows(8)).to(device)
+    keys = _keys(8)
+    assert t.put(keys, data).all()
+    out = torch.zeros_like(data)
+    assert t.get(keys, out).all()
+    assert torch.equal(out, data)
+    s = t.stats()
+    assert s["dsum_stores"] == 8 and s["device_loads"] == 8 and s["device_host_loads"] == 0
+    assert s["gds_engine"]["nixl_ops"] == 8 and s["gds"] in ("POSIX", "GDS_MT", "GDS")
+    path, off = _slot_payload_offset(t, int(keys.hashes[0]))
+    with open(path, "rb") as f:
+        f.seek(off)
+        h = codec.decode_header(f.read(codec.HEADER_SIZE))
+    assert h.dsum == dsum.of(_rows(8)[0]) and h.checksum == codec.payload_checksum(_rows(8)[0])
+    t.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_blocks_stored_from_host_memory_load_into_tensors_through_the_host(tmp_path: Path, device: str) -> None:
+    t = _tier(tmp_path, device)
+    keys = _keys(6)
+    assert t.put(keys, _rows(6)).all()  # numpy rows: xxh3 only
+    out = torch.zeros((6, BN), dtype=torch.uint8, device=device)
+    assert t.get(keys, out).all()
+    assert np.array_equal(out.cpu().numpy(), _rows(6))
+    s = t.stats()
+    assert s["device_host_loads"] == 6 and s["device_loads"] == 0
+    t.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_flipped_payload_bit_is_a_miss_reported_and_removed(tmp_path: Path, device: str) -> None:
+    rec = EventRecorder()
+    t = _tier(tmp_path, device, events=rec.bus)
+    keys = _keys(4)
+    data = torch.from_numpy(_rows(4)).to(device)
+    assert t.put(keys, data).all()
+    path, off = _slot_payload_offset(t, int(keys.hashes[2]))
+    with open(path, "r+b") as f:
+        f.seek(off + HEADER_PAGE + 1234)
+        b = f.read(1)
+        f.seek(off + HEADER_PAGE + 1234)
+        f.write(bytes([b[0] ^ 0x10]))
+    out = torch.zeros_like(data)
+    assert t.get(keys, out).tolist() == [True, True, False, True]
+    assert torch.equal(out[[0, 1, 3]], data[[0, 1, 3]])
+    assert t.stats()["dsum_failures"] == 1
+    assert t.contains(keys).tolist() == [True, True, False, True]
+    assert (5, int(keys.hashes[2])) in rec.keys(EventKind.LOAD_FAILED)
+    t.close()
+
+
+def test_a_foreign_header_is_caught_before_any_payload_moves(tmp_path: Path) -> None:
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(2)
+    assert t.put(keys, torch.from_numpy(_rows(2))).all()
+    p0, o0 = _slot_payload_offset(t, int(keys.hashes[0]))
+    p1, o1 = _slot_payload_offset(t, int(keys.hashes[1]))
+    with open(p0, "r+b") as f, open(p1, "rb") as g:
+        g.seek(o1)
+        f.seek(o0)
+        f.write(g.read(HEADER_PAGE))  # block 0's slot now claims to hold block 1
+    out = torch.zeros((2, BN), dtype=torch.uint8)
+    assert t.get(keys, out).tolist() == [False, True]
+    assert t.stats()["gds_engine"]["nixl_ops"] == 1  # only the good block's payload was read
+    t.close()
+
+
+def test_a_device_transfer_that_fails_is_redone_through_the_host(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(4)
+    data = torch.from_numpy(_rows(4))
+    assert t.put(keys, data).all()
+    engine = t.device.engine
+    assert engine is not None
+    monkeypatch.setattr(engine._agent, "initialize_xfer", _refuse)
+    out = torch.zeros_like(data)
+    assert t.get(keys, out).all() and torch.equal(out, data)
+    s = t.stats()
+    assert s["device_retries"] == 1 and s["device_host_loads"] == 4 and s["gds_engine"]["failed_transfers"] == 1
+    t.close()
+
+
+def _refuse(*a: Any, **k: Any) -> Any:
+    raise RuntimeError("NIXL_ERR_BACKEND (injected)")
+
+
+def test_a_reopened_tier_loads_device_written_blocks_on_any_path(tmp_path: Path) -> None:
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(5)
+    data = _rows(5)
+    assert t.put(keys, torch.from_numpy(data)).all()
+    t.close()
+    host = DiskTier(tmp_path, BN, capacity=64 * (BN + 2 * HEADER_PAGE), gds="off")
+    out = np.zeros_like(data)
+    assert host.get(keys, out).all() and np.array_equal(out, data)  # xxh3 on the host path
+    assert host.check(deep=True)["bad"] == 0
+    host.close()
+
+
+def test_gds_modes_are_validated(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown gds mode"):
+        DiskTier(tmp_path / "a", BN, capacity="4MiB", gds="maybe")
+    if not CUDA:
+        with pytest.raises(ConfigError, match="gds=on"):
+            DiskTier(tmp_path / "b", BN, capacity="4MiB", gds="on")
+
+
+def test_the_default_mode_without_cuda_reports_the_host_path(tmp_path: Path) -> None:
+    t = DiskTier(tmp_path, BN, capacity="4MiB")
+    s = t.stats()
+    assert s["gds_mode"] == "auto"
+    if not CUDA:
+        assert s["gds"] == "not probed" and "gds_engine" not in s
+        keys = _keys(2)
+        assert t.put(keys, torch.from_numpy(_rows(2))).all()  # CPU tensors: the plain host path
+        assert t.stats()["dsum_stores"] == 0
+    t.close()
+
+
+def test_odd_sized_blocks_keep_to_the_host_path(tmp_path: Path) -> None:
+    require_nixl()
+    bn = 4098
+    t = DiskTier(tmp_path, bn, capacity="4MiB", gds="posix")
+    keys = _keys(3)
+    data = torch.from_numpy(np.random.default_rng(3).integers(0, 256, (3, bn), dtype=np.uint8))
+    assert t.put(keys, data).all()
+    out = torch.zeros_like(data)
+    assert t.get(keys, out).all() and torch.equal(out, data)
+    assert t.stats()["dsum_stores"] == 0 and t.stats()["device_loads"] == 0
+    t.close()
+
+
+def test_gds_option_travels_through_the_url(tmp_path: Path) -> None:
+    from kvbm_fs import KVLayout, mount
+
+    require_nixl()
+    layout = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16, dtype="float16")
+    store = mount(f"file://{tmp_path}?capacity=4MiB&gds=posix", layout=layout, env={})
+    assert store.tiers[0].stats()["gds_mode"] == "posix"
+    store.close()
+    assert os.path.exists(tmp_path / "kvbm_fs.json")

@@ -1,0 +1,190 @@
+"""The disk tier's path for blocks that live in device (GPU) memory.
+
+Loads: header pages are read on the host and checked there (magic, key echo, length, the
+index's checksum); payloads of blocks whose header carries a dsum128 go file -> GPU in one
+GDS transfer, straight into the caller's rows, and are verified on the GPU before they count.
+Blocks written without a dsum128 (from host memory) take the host path: read, xxh3, copy up.
+
+Stores: a block written from a GPU tensor gets its dsum128 computed on the GPU and recorded in
+its header beside the xxh3-128.  The payload itself still goes through the host: the xxh3 that
+CPU readers (G2 promotion, ``check``, other processes) verify needs a host copy anyway, and
+with O_DIRECT the host path is the same DMA.  See docs/architecture.md 1.6.
+
+``gds`` modes: ``auto`` (GDS_MT/GDS when a CUDA device and cuFile work, else the host path),
+``on`` (the same, but a tier that cannot use it is a ConfigError), ``off``, and ``posix``:
+CPU tensors take this path through NIXL's POSIX backend, so CI runs the same code without a GPU.
+"""
+
+from __future__ import annotations
+
+import errno
+import sys
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .. import codec, dsum
+from ..errors import ConfigError, CorruptBlockError
+from ..keys import BlockKeys
+from ..rows import aligned_rows, is_torch
+from .diskio import ALIGN, IoOp, aligned_buffer
+from .gds import NixlDeviceIO, open_device_io
+
+if TYPE_CHECKING:
+    from .disk import DiskTier
+    from .disk_index import Record
+
+MODES = ("auto", "on", "off", "posix")
+
+
+class DevicePath:
+    def __init__(self, tier: DiskTier, mode: str) -> None:
+        if mode not in MODES:
+            raise ConfigError(f"unknown gds mode {mode!r}; use {', '.join(MODES)}")
+        self.tier = tier
+        self.mode = mode
+        self.engine: NixlDeviceIO | None = None
+        self.state = "off" if mode == "off" else "not probed"
+        self.counters = dict(device_loads=0, device_host_loads=0, device_retries=0, dsum_failures=0, dsum_stores=0)
+        if mode == "posix" or mode == "on" or (mode == "auto" and _cuda_ready()):
+            self._open()
+
+    def _open(self) -> None:
+        device = "cpu" if self.mode == "posix" else "cuda"
+        self.engine, self.state = open_device_io(device)
+        if self.engine is None and self.mode == "on":
+            raise ConfigError(f"disk tier {self.tier.root}: gds=on but GDS is unavailable ({self.state})")
+
+    def applies(self, t: Any) -> bool:
+        """Does a put from / get into ``t`` take this path?"""
+        if self.mode == "off" or not is_torch(t) or not dsum.eligible(self.tier.block_nbytes):
+            return False
+        if (t.device.type == "cpu") != (self.mode == "posix"):
+            return False
+        if self.state == "not probed":
+            self._open()
+        return t.is_contiguous()
+
+    # ---- stores ----------------------------------------------------------------------------
+    def sums(self, data: Any, idx: np.ndarray) -> list[int]:
+        """dsum128 of ``data[idx]``, computed where the rows are."""
+        import torch
+
+        rows = data[torch.as_tensor(idx, device=data.device)]
+        self.counters["dsum_stores"] += len(idx)
+        return dsum.to_ints(dsum.rows(rows))
+
+    # ---- loads -----------------------------------------------------------------------------
+    def read(self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any) -> np.ndarray:
+        t = self.tier
+        n = len(recs)
+        hdr = np.frombuffer(aligned_buffer(n * ALIGN), np.uint8).reshape(n, ALIGN)
+        ops = [self._header_op(r.slot, hdr[j]) for j, r in enumerate(recs)]
+        got = iter(t.io.read([op for op in ops if op is not None]))
+        good = np.zeros(n, bool)
+        bad: list[tuple[int, int, str]] = []
+        direct: list[tuple[int, int]] = []  # (j, dsum)
+        host: list[int] = []
+        for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
+            got_n = next(got) if op is not None else -errno.ENOENT
+            why, h = self._check_header(keys, i, r, hdr[j], got_n, op)
+            if why is not None:
+                bad.append((int(keys.hashes[i]), r.slot, why))
+            elif h is not None and h.dsum is not None:
+                direct.append((j, h.dsum))
+            else:
+                host.append(j)
+        host += self._load_direct(keys, recs, idx, out, direct, good, bad)
+        if host:
+            self._load_host(keys, [recs[j] for j in host], idx[host], out, good, np.array(host))
+        if bad:
+            t._drop_bad(keys.ns, bad)
+        return good
+
+    def _header_op(self, slot: int, page: np.ndarray) -> IoOp | None:
+        seg, off = self.tier._locate(slot)
+        try:
+            dfd, bfd = self.tier._fd(seg)
+        except OSError:
+            return None
+        return IoOp(dfd if dfd >= 0 else bfd, off, [memoryview(page.data)])
+
+    def _check_header(
+        self, keys: BlockKeys, i: int, rec: Record, page: np.ndarray, n: int, op: IoOp | None
+    ) -> tuple[str | None, codec.BlockHeader | None]:
+        if op is None or n < 0:
+            return f"read failed ({errno.errorcode.get(-n, n)})", None
+        if n < op.nbytes:
+            return f"short read ({n} of {op.nbytes} bytes: segment truncated?)", None
+        try:
+            h = codec.decode_header(page[: codec.HEADER_SIZE])
+            codec.check_header(h, keys[i], self.tier.block_nbytes, self.tier.block_size)
+            if h.checksum != rec.checksum:
+                raise CorruptBlockError("header checksum differs from the index")
+        except CorruptBlockError as e:
+            return str(e), None
+        return None, h
+
+    def _load_direct(
+        self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any,
+        direct: list[tuple[int, int]], good: np.ndarray, bad: list[tuple[int, int, str]],
+    ) -> list[int]:  # fmt: skip
+        """GDS-read the payloads of ``direct`` into their rows and verify them on the device.
+        Returns the ones to redo through the host path."""
+        import torch
+
+        if not direct or self.engine is None:
+            return [j for j, _ in direct]
+        t = self.tier
+        fds, offs = [], []
+        for j, _ in direct:
+            seg, off = t._locate(recs[j].slot)
+            dfd, bfd = t._fd(seg)
+            fds.append(dfd if dfd >= 0 and out.device.type == "cuda" else bfd)
+            offs.append(off + ALIGN)  # the payload follows the slot's header page
+        rows = [int(idx[j]) for j, _ in direct]
+        state = self.engine.move("READ", out, rows, fds, offs)
+        if state == "retry":
+            self.counters["device_retries"] += 1
+            return [j for j, _ in direct]
+        if state == "failed":
+            bad.extend((int(keys.hashes[idx[j]]), recs[j].slot, "device read failed") for j, _ in direct)
+            return []
+        sums = dsum.to_ints(dsum.rows(out[torch.as_tensor(rows, device=out.device)]))
+        for (j, want), have in zip(direct, sums):
+            if have == want:
+                good[j] = True
+            else:
+                self.counters["dsum_failures"] += 1
+                bad.append((int(keys.hashes[idx[j]]), recs[j].slot, "payload dsum128 mismatch"))
+        self.counters["device_loads"] += int(good.sum())
+        return []
+
+    def _load_host(
+        self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any, good: np.ndarray, where: np.ndarray
+    ) -> None:
+        import torch
+
+        stage = aligned_rows(len(recs), self.tier.block_nbytes)
+        ok = self.tier._read_slots(keys, recs, idx, stage, dense=True)
+        if ok.any():
+            rows = torch.as_tensor(idx[ok], device=out.device)
+            out[rows] = torch.from_numpy(stage[ok]).to(out.device)
+        good[where[ok]] = True
+        self.counters["device_host_loads"] += int(ok.sum())
+
+    def stats(self) -> dict[str, Any]:
+        s: dict[str, Any] = dict(gds=self.state, gds_mode=self.mode, **self.counters)
+        if self.engine is not None:
+            s["gds_engine"] = self.engine.stats()
+        return s
+
+    def close(self) -> None:
+        if self.engine is not None:
+            self.engine.close()
+
+
+def _cuda_ready() -> bool:
+    """CUDA is usable and torch is already imported (a host-only user never pays for importing it)."""
+    torch = sys.modules.get("torch")
+    return bool(torch is not None and torch.cuda.is_available())
