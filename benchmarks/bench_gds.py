@@ -30,7 +30,6 @@ from bench_disk import Case, dd, dd_read_args
 from kvbm_fs import dsum
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-from kvbm_fs.tiers.diskio import ALIGN
 
 NAME = "bench_gds"
 MiB = 1 << 20
@@ -43,12 +42,12 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def run(root: str, block: int, n: int, rounds: int, device: str = "cuda") -> dict[str, Any]:
+def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: str = "auto") -> dict[str, Any]:
     import torch
 
     caches = Caches()
     cap = 2 * n * (block + 2 * HEADER_PAGE)
-    gds = DiskTier(os.path.join(root, "gds"), block, capacity=cap, gds="auto" if device == "cuda" else "posix")
+    gds = DiskTier(os.path.join(root, "gds"), block, capacity=cap, gds=mode if device == "cuda" else "posix")
     host = DiskTier(os.path.join(root, "host"), block, capacity=cap, gds="off")
     src = torch.randint(0, 256, (n, block), dtype=torch.uint8, device=device)
     out = torch.empty_like(src)
@@ -59,14 +58,11 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda") -> dic
     res: dict[str, Any] = {"gds": gds.device.state, "direct_io": gds.direct, "mount": _common.mount_of(root)}
     if engine is None:
         return res | {"skipped": f"no GDS engine: {gds.device.state}"}
-    fds, offs = [], []
-    for i in range(n):
-        rec = gds.index.records(3, keys.hashes[i : i + 1])[0]
-        assert rec is not None
-        seg, off = gds._locate(rec.slot)
-        dfd, bfd = gds._fd(seg)
-        fds.append(dfd if dfd >= 0 and device == "cuda" else bfd)
-        offs.append(off + ALIGN)
+    assert gds.get(keys, out).all() and torch.equal(out, src)  # settles which descriptors cuFile takes
+    if gds.stats()["device_loads"] == 0:
+        return res | {"skipped": "the GDS engine opened but moved nothing", "tier_stats": gds.stats()}
+    recs = gds.index.records(3, keys.hashes)
+    fds, offs = gds.device._places([r.slot for r in recs if r is not None], gds.device.direct_fds and device == "cuda")
     dd_file = os.path.join(root, "dd.bin")
     with open(dd_file, "wb") as f:
         f.write(os.urandom(n * block))
@@ -153,6 +149,7 @@ def main() -> None:
     _common.add_scratch_arg(ap)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--device", default="cuda", help="cpu: a dry run of the same code through NIXL POSIX")
+    ap.add_argument("--gds", default="auto", help="the tier's gds mode on CUDA (auto, GDS_MT, GDS)")
     a = ap.parse_args()
     try:
         import torch
@@ -167,7 +164,7 @@ def main() -> None:
         skip(f"needs torch and NIXL: {e}")
         return
     with scratch_dir(scratch_parent(a.dir), "gds-") as root:
-        res = run(str(root), 2 * MiB, 4 if a.quick else 64, 2 if a.quick else a.rounds, a.device)
+        res = run(str(root), 2 * MiB, 4 if a.quick else 64, 2 if a.quick else a.rounds, a.device, a.gds)
     res["device"] = torch.cuda.get_device_name() if a.device == "cuda" else "cpu (dry run through NIXL POSIX)"
     res["env"] = _common.env(torch=torch.__version__, cuda=torch.version.cuda)
     res["load_average"] = _common.load_average()

@@ -23,38 +23,46 @@ SP=$(python3 -c "import site; print(site.getsitepackages()[0])")
 LIBS=$(find "$SP/nvidia" /usr/local/cuda*/lib* \( -name 'libcufile.so.0' -o -name 'libcudart.so.13' \) 2>/dev/null | xargs -r -n1 dirname | sort -u | tr '\n' ':')
 export LD_LIBRARY_PATH="${LIBS}${LD_LIBRARY_PATH:-}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
-# cuFile: compat mode on (POSIX under cuFile where nvidia-fs is absent), logs to $OUT
-cat > /tmp/cufile.json <<'EOF'
-{"logging": {"dir": "/tmp", "level": "ERROR"},
- "properties": {"allow_compat_mode": true, "max_direct_io_size_kb": 16384, "max_device_cache_size_kb": 131072},
- "execution": {"max_io_threads": 8, "parallel_io": true}}
-EOF
-export CUFILE_ENV_PATH_JSON=/tmp/cufile.json CUFILE_LOGFILE_PATH=$OUT/cufile.log
-export PYTHONUNBUFFERED=1
+# cuFile configurations to try: compat mode allowed (the default), and forced
+printf '%s\n' '{"logging": {"dir": "/tmp", "level": "ERROR"}, "properties": {"allow_compat_mode": true}}' > /tmp/cufile-compat.json
+printf '%s\n' '{"logging": {"dir": "/tmp", "level": "ERROR"}, "properties": {"allow_compat_mode": true, "force_compat_mode": true}}' > /tmp/cufile-force.json
+export CUFILE_LOGFILE_PATH=$OUT/cufile.log PYTHONUNBUFFERED=1
+mkdir -p benchmarks/.scratch
 
 step probe
-timeout 60 python3 - <<'EOF'
-import torch
-from kvbm_fs.tiers.diskio import probe_gds, probe_direct_io
-from kvbm_fs.tiers.gds import open_device_io
-print("probe_gds:", probe_gds(20))
-print("O_DIRECT here:", probe_direct_io("."))
-for b in ("GDS_MT", "GDS"):
-    eng, why = open_device_io("cuda", b, 30)
-    print(b, "->", why)
-    if eng is not None:
-        eng.close()
-EOF
+timeout 60 python3 -c 'from kvbm_fs.tiers.diskio import probe_gds, probe_direct_io; print("probe_gds:", probe_gds(20), "O_DIRECT:", probe_direct_io("."))'
+
+# which (cuFile config, filesystem, backend) combinations move bytes into the GPU?
+matrix() {
+  for cfg in compat force; do for dir in "$PWD/benchmarks/.scratch" /dev/shm; do for b in GDS_MT GDS; do
+    CUFILE_ENV_PATH_JSON=/tmp/cufile-$cfg.json timeout 60 python3 benchmarks/gds_try.py $cfg $dir $b 2>/dev/null | grep '^RESULT' \
+      || echo "RESULT $cfg $dir $b {\"ok\": false, \"error\": \"crashed or timed out\"}"
+  done; done; done
+}
+step matrix
+matrix | tee /tmp/matrix.txt
+if ! grep -q '"loads": [1-9]' /tmp/matrix.txt; then
+  step "nothing moved: give cuFile the udev facts this VM lacks (ID_FS_USAGE), then retry"
+  mkdir -p /run/udev/data
+  for b in /sys/block/*; do printf 'E:ID_FS_USAGE=filesystem\nE:ID_FS_TYPE=ext4\n' > "/run/udev/data/b$(cat $b/dev)"; done
+  ls /run/udev/data | tr '\n' ' '; echo
+  matrix | tee /tmp/matrix.txt
+fi
+best=$(grep '"loads": [1-9]' /tmp/matrix.txt | head -1)
+echo "chosen: ${best:-none}"
+if [ -n "$best" ]; then
+  set -- $best
+  export CUFILE_ENV_PATH_JSON=/tmp/cufile-$2.json KVBM_FS_GDS_MODE=$4 BENCH_DIR=$3
+else
+  export CUFILE_ENV_PATH_JSON=/tmp/cufile-compat.json KVBM_FS_GDS_MODE=on BENCH_DIR=$PWD/benchmarks/.scratch
+fi
+tail -5 "$OUT/cufile.log" 2>/dev/null
 
 step tests on the GPU
-timeout 300 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit.xml" \
-  tests/test_disk_device.py tests/test_tier_conformance.py tests/test_keys_layout_codec.py \
-  tests/test_store.py tests/test_nixl_io.py -k "not Remote" 2>&1 | tail -40
-
-step gpu_check
-timeout 240 python3 benchmarks/gpu_check.py --out "$OUT/gpu_check.json" | tail -40
+timeout 240 python3 -m pytest -q -p no:cacheprovider --junitxml="$OUT/junit.xml" tests/test_disk_device.py \
+  tests/test_tier_conformance.py tests/test_store.py tests/test_nixl_io.py -k "not Remote" 2>&1 | tail -25
 
 step bench_gds
-timeout 300 python3 benchmarks/bench_gds.py --dir "$PWD/benchmarks/.scratch" --out "$OUT/bench_gds.json" | tail -60
+timeout 300 python3 benchmarks/bench_gds.py --gds "$KVBM_FS_GDS_MODE" --dir "$BENCH_DIR" --out "$OUT/bench_gds.json" | tail -70
 
 step done

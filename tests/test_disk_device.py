@@ -29,7 +29,8 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not CUDA, reason
 
 
 def _mode(device: str) -> str:
-    return "posix" if device == "cpu" else "on"
+    """``KVBM_FS_GDS_MODE`` picks the NIXL backend (GDS_MT, GDS) in a GPU run; "on" lets the tier choose."""
+    return "posix" if device == "cpu" else os.environ.get("KVBM_FS_GDS_MODE", "on")
 
 
 def _rows(n: int, seed: int = 0) -> np.ndarray:

@@ -11,8 +11,10 @@ CPU readers (G2 promotion, ``check``, other processes) verify needs a host copy 
 with O_DIRECT the host path is the same DMA.  See docs/architecture.md 1.6.
 
 ``gds`` modes: ``auto`` (GDS_MT/GDS when a CUDA device and cuFile work, else the host path),
-``on`` (the same, but a tier that cannot use it is a ConfigError), ``off``, and ``posix``:
-CPU tensors take this path through NIXL's POSIX backend, so CI runs the same code without a GPU.
+``on`` (the same, but a tier that cannot use it is a ConfigError), ``GDS_MT`` / ``GDS`` (``on``
+with that backend), ``off``, and ``posix``: CPU tensors take this path through NIXL's POSIX
+backend, so CI runs the same code without a GPU.  Segment files are handed to cuFile through their
+O_DIRECT descriptor; if cuFile refuses it, through the buffered one (``gds_fd`` in the stats).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from .disk import DiskTier
     from .disk_index import Record
 
-MODES = ("auto", "on", "off", "posix")
+MODES = ("auto", "on", "off", "posix", "GDS_MT", "GDS")  # the last two: "on" with that NIXL backend
 
 
 class DevicePath:
@@ -45,15 +47,16 @@ class DevicePath:
         self.mode = mode
         self.engine: NixlDeviceIO | None = None
         self.state = "off" if mode == "off" else "not probed"
+        self.direct_fds = True  # hand cuFile the O_DIRECT descriptors until it refuses them
         self.counters = dict(device_loads=0, device_host_loads=0, device_retries=0, dsum_failures=0, dsum_stores=0)
-        if mode == "posix" or mode == "on" or (mode == "auto" and _cuda_ready()):
+        if mode not in ("auto", "off") or _cuda_ready():
             self._open()
 
     def _open(self) -> None:
         device = "cpu" if self.mode == "posix" else "cuda"
-        self.engine, self.state = open_device_io(device)
-        if self.engine is None and self.mode == "on":
-            raise ConfigError(f"disk tier {self.tier.root}: gds=on but GDS is unavailable ({self.state})")
+        self.engine, self.state = open_device_io(device, self.mode if self.mode in ("GDS_MT", "GDS") else "auto")
+        if self.engine is None and self.mode not in ("auto", "posix"):
+            raise ConfigError(f"disk tier {self.tier.root}: gds={self.mode} but GDS is unavailable ({self.state})")
 
     def applies(self, t: Any) -> bool:
         """Does a put from / get into ``t`` take this path?"""
@@ -135,15 +138,8 @@ class DevicePath:
 
         if not direct or self.engine is None:
             return [j for j, _ in direct]
-        t = self.tier
-        fds, offs = [], []
-        for j, _ in direct:
-            seg, off = t._locate(recs[j].slot)
-            dfd, bfd = t._fd(seg)
-            fds.append(dfd if dfd >= 0 and out.device.type == "cuda" else bfd)
-            offs.append(off + ALIGN)  # the payload follows the slot's header page
         rows = [int(idx[j]) for j, _ in direct]
-        state = self.engine.move("READ", out, rows, fds, offs)
+        state = self._move(out, rows, [recs[j].slot for j, _ in direct])
         if state == "retry":
             self.counters["device_retries"] += 1
             return [j for j, _ in direct]
@@ -160,6 +156,27 @@ class DevicePath:
         self.counters["device_loads"] += int(good.sum())
         return []
 
+    def _move(self, out: Any, rows: list[int], slots: list[int]) -> str:
+        """One device read of ``slots``' payloads into ``out[rows]``.  If cuFile refuses the O_DIRECT
+        descriptors (some filesystems), once more with the buffered ones, kept from then on if that works."""
+        assert self.engine is not None
+        direct = self.direct_fds and out.device.type == "cuda"
+        state = self.engine.move("READ", out, rows, *self._places(slots, direct))
+        if state == "retry" and direct:
+            state = self.engine.move("READ", out, rows, *self._places(slots, False))
+            self.direct_fds = state != "done"
+        return state
+
+    def _places(self, slots: list[int], direct: bool) -> tuple[list[int], list[int]]:
+        """(fd, file offset) of each slot's payload, which follows the slot's header page."""
+        fds, offs = [], []
+        for s in slots:
+            seg, off = self.tier._locate(s)
+            dfd, bfd = self.tier._fd(seg)
+            fds.append(dfd if direct and dfd >= 0 else bfd)
+            offs.append(off + ALIGN)
+        return fds, offs
+
     def _load_host(
         self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any, good: np.ndarray, where: np.ndarray
     ) -> None:
@@ -174,7 +191,8 @@ class DevicePath:
         self.counters["device_host_loads"] += int(ok.sum())
 
     def stats(self) -> dict[str, Any]:
-        s: dict[str, Any] = dict(gds=self.state, gds_mode=self.mode, **self.counters)
+        s: dict[str, Any] = dict(gds=self.state, gds_mode=self.mode, gds_fd="direct" if self.direct_fds else "buffered")
+        s.update(self.counters)
         if self.engine is not None:
             s["gds_engine"] = self.engine.stats()
         return s
