@@ -51,6 +51,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
     host = DiskTier(os.path.join(root, "host"), block, capacity=cap, gds="off")
     src = torch.randint(0, 256, (n, block), dtype=torch.uint8, device=device)
     out = torch.empty_like(src)
+    out_once = torch.empty_like(src)  # loaded into with the registration cache off: cuFile registration per call
     keys = BlockKeys.chain(3, np.arange(1, n + 1, dtype=np.uint64))
     put_keys = BlockKeys.chain(4, np.arange(1, n + 1, dtype=np.uint64))
     assert gds.put(keys, src).all() and host.put(keys, src).all()
@@ -76,12 +77,26 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
 
         return after
 
-    def get(t: DiskTier) -> Any:
+    def get(t: DiskTier, dst: Any = None) -> Any:
         def fn() -> None:
-            assert t.get(keys, out).all()
+            assert t.get(keys, out if dst is None else dst).all()
             _sync()
 
         return fn
+
+    def cache(on: bool, then: Any = None) -> Any:
+        def fn() -> None:
+            if then is not None:
+                then()
+            engine.cache_bytes = (8 << 30) if on else 0
+
+        return fn
+
+    def check_once() -> None:
+        cache(True)()
+        if not torch.equal(out_once, src):
+            bad.append("get_gds_percall")
+        out_once.zero_()
 
     def raw(kind: str) -> Any:
         def fn() -> None:
@@ -103,6 +118,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
     cases = [
         Case("get_gds", get(gds), before=caches.drop, after=check("get_gds")),
         Case("get_host", get(host), before=caches.drop, after=check("get_host")),
+        Case("get_gds_percall", get(gds, out_once), before=cache(False, caches.drop), after=check_once),
         Case("raw_gds_read", raw("READ"), before=caches.drop, after=check("raw_gds_read")),
         Case("dd_read", lambda: dd(dd_read_args(dd_file, True)), before=caches.drop),
         Case("put_dsum", put(gds), after=unput(gds)),
@@ -117,6 +133,8 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
     res |= {f"{k}_gbps": gbps(nbytes, v) for k, v in t.items()}
     res |= {
         "get_gds_vs_get_host": round(paired_ratio(t["get_gds"], t["get_host"]), 3),
+        "get_gds_vs_get_gds_percall": round(paired_ratio(t["get_gds"], t["get_gds_percall"]), 3),
+        "get_gds_percall_vs_get_host": round(paired_ratio(t["get_gds_percall"], t["get_host"]), 3),
         "get_gds_vs_raw_gds_read": round(paired_ratio(t["get_gds"], t["raw_gds_read"]), 3),
         "get_gds_vs_dd_read": round(paired_ratio(t["get_gds"], t["dd_read"]), 3),
         "put_dsum_vs_put_plain": round(paired_ratio(t["put_dsum"], t["put_plain"]), 3),

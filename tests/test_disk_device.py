@@ -235,3 +235,53 @@ def test_gds_option_travels_through_the_url(tmp_path: Path) -> None:
     assert store.tiers[0].stats()["gds_mode"] == "posix"
     store.close()
     assert os.path.exists(tmp_path / "kvbm_fs.json")
+
+
+def test_a_buffer_loaded_into_again_is_registered_once_and_held(tmp_path: Path) -> None:
+    """Registering GPU memory with cuFile is slow, so a storage used a second time stays registered
+    (and referenced, so it cannot be freed under the registration); one used once is not held."""
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(4)
+    data = torch.from_numpy(_rows(4))
+    assert t.put(keys, data).all()
+    out = torch.zeros_like(data)
+    for _ in range(3):
+        assert t.get(keys, out).all() and torch.equal(out, data)
+    eng = t.stats()["gds_engine"]
+    assert eng["region_registrations"] == 1 and eng["cached_regions"] == 1
+    fresh = [torch.zeros((5, BN), dtype=torch.uint8) for _ in range(3)]  # alive together: distinct storages
+    for f in fresh:
+        assert t.get(keys, f).all() and torch.equal(f[:4], data)
+    assert t.stats()["gds_engine"]["cached_regions"] == 1
+    t.close()
+
+
+def test_the_registration_cache_is_bounded(tmp_path: Path) -> None:
+    t = _tier(tmp_path, "cpu")
+    engine = t.device.engine
+    assert engine is not None
+    engine.cache_bytes = 3 * BN * 4
+    keys = _keys(4)
+    assert t.put(keys, torch.from_numpy(_rows(4))).all()
+    outs = [torch.zeros((4, BN), dtype=torch.uint8) for _ in range(5)]
+    for out in outs * 2:
+        assert t.get(keys, out).all()
+    assert t.stats()["gds_engine"]["cached_regions"] == 3
+    t.close()
+
+
+def test_an_engine_registers_its_kv_cache_for_good(tmp_path: Path) -> None:
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(4)
+    data = torch.from_numpy(_rows(4))
+    assert t.put(keys, data).all()
+    kv = torch.zeros((16, BN), dtype=torch.uint8)
+    assert t.register_device_memory(kv)
+    assert t.get(keys, kv[4:8]).all() and torch.equal(kv[4:8], data)  # a view into the registered storage
+    eng = t.stats()["gds_engine"]
+    assert eng["region_registrations"] == 1 and eng["cached_regions"] == 0
+    t.unregister_device_memory(kv)
+    off = DiskTier(tmp_path / "off", BN, capacity="4MiB", gds="off")
+    assert not off.register_device_memory(kv)
+    off.close()
+    t.close()

@@ -366,6 +366,14 @@ class DiskTier(Tier):
         fd = dfd if dfd >= 0 and is_aligned(p) else bfd
         return IoOp(fd, off, [h, p])
 
+    def register_device_memory(self, tensor: Any) -> bool:
+        """Register a long-lived GPU tensor (an engine's KV cache) for GDS loads into it, until
+        :meth:`unregister_device_memory` or close.  False where GDS is not in use."""
+        return self.device.register(tensor)
+
+    def unregister_device_memory(self, tensor: Any) -> None:
+        self.device.unregister(tensor)
+
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._live()
         self._check_rows(keys, out, "get")

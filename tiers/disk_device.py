@@ -68,6 +68,13 @@ class DevicePath:
             self._open()
         return t.is_contiguous()
 
+    def register(self, tensor: Any) -> bool:
+        return self.applies(tensor) and self.engine is not None and self.engine.register(tensor)
+
+    def unregister(self, tensor: Any) -> None:
+        if self.engine is not None:
+            self.engine.unregister(tensor)
+
     # ---- stores ----------------------------------------------------------------------------
     def sums(self, data: Any, idx: np.ndarray) -> list[int]:
         """dsum128 of ``data[idx]``, computed where the rows are."""

@@ -231,12 +231,14 @@ class NixlPosixIO:
         nbytes: int,
         keep: Any,
         device: int = 0,
+        registered: bool = False,
     ) -> str:
         """One NIXL transfer between ``local`` (address, length) regions of this engine's memory
         type and ``remote`` (offset, length, fd) file ranges, called with the lock held.  "DONE";
         "RETRY" if nothing is in flight and the caller should redo the work another way; or the
         state ("PROC" timed out, "ERR" failed) of a transfer that could not be cancelled, after
-        which NIXL is off and ``keep`` (the buffers) stays referenced for good."""
+        which NIXL is off and ``keep`` (the buffers) stays referenced for good.  ``registered``: the
+        local memory is already registered (and stays so), so this call neither registers nor frees it."""
         agent = self._agent
         t0 = time.perf_counter()
         try:
@@ -244,7 +246,9 @@ class NixlPosixIO:
                 st = files[fd]
                 assert not isinstance(st, int)
                 self._register_file(fd, st[0], st[1])
-            mem = agent.register_memory(_merge(local, device), self._mem, backends=self._backends)
+            mem = (
+                None if registered else agent.register_memory(_merge(local, device), self._mem, backends=self._backends)
+            )
         except Exception:
             self.counters["failed_transfers"] += 1
             return "RETRY"
@@ -280,7 +284,8 @@ class NixlPosixIO:
                     self._broken = f"a NIXL transfer {what} and could not be cancelled; using preadv/pwritev"
                     self._stuck.append((handle, mem, keep))  # keep the registration and buffers alive
                     return state
-        self._deregister(mem)
+        if mem is not None:
+            self._deregister(mem)
         if state != "DONE":
             return "RETRY"
         self.counters["transfers"] += 1
