@@ -9,7 +9,8 @@ read), 64 blocks of 2 MiB on the same filesystem, source and destination a CUDA 
 - ``raw_gds_read``: the same 64 payload reads through the device engine with no verification
   (the ceiling the tier's GDS get can reach); ``dd_read``: ``dd iflag=direct`` of as many bytes.
 - ``put_dsum`` / ``put_plain``: ``DiskTier.put`` from the tensor with and without the dsum128
-  (what recording it costs a store); ``raw_gds_write``: payload writes straight from the GPU.
+  (what recording it costs a store); ``raw_gds_write``: payload writes straight from the GPU, beside
+  ``raw_host_write``, the same writes with ``pwritev`` from pinned host rows (is a GDS put worth it?).
 - ``dsum_gpu`` against ``xxh3_cpu``: checksum throughput over the same 128 MiB.
 
 Every get is checked against the source bytes.  Without CUDA or NIXL it prints ``{"skipped": ...}``.
@@ -30,6 +31,7 @@ from bench_disk import Case, dd, dd_read_args
 from kvbm_fs import dsum
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
+from kvbm_fs.tiers.diskio import IoOp, PosixIO, is_aligned
 
 NAME = "bench_gds"
 MiB = 1 << 20
@@ -114,7 +116,14 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
     def unput(t: DiskTier) -> Any:
         return lambda: t.delete(put_keys)
 
-    host_rows = src.cpu().numpy()
+    host_rows = (src.cpu().pin_memory() if device == "cuda" else src).numpy()
+    posix = PosixIO()
+    host_ops = [IoOp(fd if is_aligned(memoryview(r)) else gds._fd(gds._locate(rec.slot)[0])[1], off, [memoryview(r)])
+                for fd, off, r, rec in zip(fds, offs, host_rows, recs) if rec is not None]  # fmt: skip
+
+    def raw_host_write() -> None:
+        assert all(k == block for k in posix.write(host_ops))
+
     cases = [
         Case("get_gds", get(gds), before=caches.drop, after=check("get_gds")),
         Case("get_host", get(host), before=caches.drop, after=check("get_host")),
@@ -124,6 +133,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
         Case("put_dsum", put(gds), after=unput(gds)),
         Case("put_plain", put(host), after=unput(host)),
         Case("raw_gds_write", raw("WRITE"), after=os.sync),
+        Case("raw_host_write", raw_host_write, after=os.sync),
         Case("dsum_gpu", lambda: _dsum(src)),
         Case("xxh3_cpu", lambda: _xxh3(host_rows)),
     ]
@@ -139,6 +149,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
         "get_gds_vs_dd_read": round(paired_ratio(t["get_gds"], t["dd_read"]), 3),
         "put_dsum_vs_put_plain": round(paired_ratio(t["put_dsum"], t["put_plain"]), 3),
         "raw_gds_write_vs_put_plain": round(paired_ratio(t["raw_gds_write"], t["put_plain"]), 3),
+        "raw_gds_write_vs_raw_host_write": round(paired_ratio(t["raw_gds_write"], t["raw_host_write"]), 3),
         "dsum_gpu_vs_xxh3_cpu": round(paired_ratio(t["dsum_gpu"], t["xxh3_cpu"]), 3),
         "mismatches": bad,
         "cache_drops_worked": caches.all_worked,
@@ -146,6 +157,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
     }
     gds.close()
     host.close()
+    posix.close()
     return res
 
 

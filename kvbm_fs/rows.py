@@ -16,6 +16,13 @@ def is_torch(x: Any) -> bool:
     return type(x).__module__.startswith("torch")
 
 
+def host_rows(data: Any, n: int) -> np.ndarray:
+    """The first ``n`` rows of ``data`` (numpy, or a torch tensor on any device) as contiguous host rows."""
+    if is_torch(data):
+        return np.ascontiguousarray(data[:n].detach().cpu().numpy())
+    return np.ascontiguousarray(data[:n])
+
+
 def aligned_rows(n: int, nbytes: int) -> np.ndarray:
     """Page-aligned uint8 rows (anonymous mmap): lets disk tiers use O_DIRECT and NIXL register them."""
     import mmap

@@ -250,7 +250,6 @@ class DiskTier(Tier):
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._live()
         self._check_rows(keys, data, "put")
-        rows = _host_rows(data, len(keys))
         self.admission.seen(keys)
         recs, held = self._records_pinned(keys)  # making room must not evict what this put counts as stored
         present = np.array([r is not None for r in recs], bool)
@@ -263,7 +262,8 @@ class DiskTier(Tier):
             if todo.size == 0:
                 return present
             dsums = self.device.sums(data, todo) if self.device.applies(data) else None
-            stored = self._write_blocks(keys, rows, todo, dsums)
+            with self.device.staged(data, len(keys)) as rows:
+                stored = self._write_blocks(keys, rows, todo, dsums)
         finally:
             self._unpin_slots(held)
         out = present.copy()
@@ -697,12 +697,6 @@ def _make_io(kind: str) -> BlockIO:
     if kind in ("auto", "posix"):
         return PosixIO()
     raise ConfigError(f"unknown disk io engine {kind!r}; use auto, nixl or posix")
-
-
-def _host_rows(data: Any, n: int) -> np.ndarray:
-    if is_torch(data):
-        data = data.detach().cpu().numpy() if data.device.type != "cpu" else data.detach().numpy()
-    return np.ascontiguousarray(data[:n])
 
 
 def _dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:

