@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from kvbm_fs.testing import require_nixl
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,12 +28,11 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_ttft.py", ["host_speedup", "disk_speedup"]),
         ("bench_vllm.py", []),  # {"skipped"} here; .venv-vllm (.ci/run-vllm) has vLLM
         ("gpu_check.py", []),
+        ("bench_gds.py", []),  # {"skipped"} without CUDA; test below runs its CPU dry run
     ],
 )
 def test_benchmark_quick_run_prints_json(script: str, fields: list[str], tmp_path: Path) -> None:
-    args = [sys.executable, str(ROOT / "benchmarks" / script), "--quick"]
-    if script != "gpu_check.py":
-        args += ["--out", str(tmp_path / "out.json")]
+    args = [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--out", str(tmp_path / "out.json")]
     if (
         script in ("bench_policies.py", "bench_policy_refs.py")
         and not (ROOT.parent / "shared" / "traces" / "synthetic_trace.jsonl").exists()
@@ -41,6 +42,17 @@ def test_benchmark_quick_run_prints_json(script: str, fields: list[str], tmp_pat
     result = json.loads(proc.stdout)
     for f in fields:
         assert isinstance(result[f], (int, float)) and result[f] > 0, f
+
+
+def test_bench_gds_dry_run_on_cpu_reads_back_every_byte(tmp_path: Path) -> None:
+    """bench_gds's CPU dry run: the same cases through NIXL POSIX; every get matched its source."""
+    require_nixl()
+    args = [sys.executable, str(ROOT / "benchmarks" / "bench_gds.py"), "--quick", "--device", "cpu",
+            "--dir", str(tmp_path), "--out", str(tmp_path / "out.json")]  # fmt: skip
+    result = json.loads(subprocess.run(args, capture_output=True, text=True, timeout=300, check=True).stdout)
+    assert result["mismatches"] == [] and result["tier_stats"]["device_loads"] > 0
+    for f in ("get_gds_vs_get_host", "put_dsum_vs_put_plain", "raw_gds_write_vs_raw_host_write"):
+        assert result[f] > 0, f
 
 
 def _small_trace(path: Path) -> Path:
