@@ -193,6 +193,34 @@ def test_a_reopened_tier_loads_device_written_blocks_on_any_path(tmp_path: Path)
     host.close()
 
 
+def test_a_deep_check_holds_the_dsum128_to_the_payload(tmp_path: Path) -> None:
+    """A header whose dsum128 disagrees with a payload that still matches its xxh3 (a writer bug)
+    would fail every GPU load: the deep check reports it."""
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(3)
+    assert t.put(keys, torch.from_numpy(_rows(3))).all()
+    path, off = _slot_payload_offset(t, int(keys.hashes[1]))
+    t.close()
+    with open(path, "r+b") as f:
+        f.seek(off)
+        head = bytearray(f.read(codec.HEADER_SIZE))
+        head[80] ^= 1
+        f.seek(off)
+        f.write(_reseal(bytes(head)))
+    host = DiskTier(tmp_path, BN, capacity=64 * (BN + 2 * HEADER_PAGE), gds="off")
+    assert host.check()["bad"] == 0  # the header itself is well formed
+    report = host.check(deep=True)
+    assert report["bad"] == 1 and "dsum128" in report["bad_keys"][0][1]
+    host.close()
+
+
+def _reseal(head: bytes) -> bytes:
+    import xxhash
+
+    crc = xxhash.xxh3_64(head[:72] + head[80:128]).intdigest()
+    return head[:72] + crc.to_bytes(8, "little") + head[80:]
+
+
 def test_gds_modes_are_validated(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="unknown gds mode"):
         DiskTier(tmp_path / "a", BN, capacity="4MiB", gds="maybe")

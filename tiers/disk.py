@@ -30,7 +30,7 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from .. import codec
+from .. import codec, dsum
 from ..errors import (
     ConfigError,
     CorruptBlockError,
@@ -574,7 +574,7 @@ class DiskTier(Tier):
         for j, ((ns, h, r), op) in enumerate(zip(items, ops)):
             n = next(results) if op is not None else -errno.ENOENT
             if body is not None:
-                why = self._verify(BlockKey(ns, h), r, hdr[j], body[j], n, op)
+                why = self._verify(BlockKey(ns, h), r, hdr[j], body[j], n, op) or _check_dsum(hdr[j], body[j])
             else:
                 why = self._verify_header(BlockKey(ns, h), r, hdr[j], n, op)
             if why is not None:
@@ -672,6 +672,12 @@ class DiskTier(Tier):
             if flag in options:
                 options[flag] = _bool(options[flag])
         return cls(location, capacity=options.pop("capacity", "10GiB"), **common, **options)
+
+
+def _check_dsum(hdr: np.ndarray, payload: np.ndarray) -> str | None:
+    """A deep check also holds a block's dsum128 (what GPU loads verify) to its payload."""
+    want = codec.decode_header(hdr[: codec.HEADER_SIZE]).dsum
+    return None if want is None or dsum.of(payload) == want else "payload dsum128 mismatch"
 
 
 def _keys_of(batch: list[tuple[int, int, int]]) -> BlockKeys:
