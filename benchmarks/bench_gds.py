@@ -8,6 +8,7 @@ read), 64 blocks of 2 MiB on the same filesystem, source and destination a CUDA 
   host staging, xxh3 on the CPU, one copy to the GPU).
 - ``raw_gds_read``: the same 64 payload reads through the device engine with no verification
   (the ceiling the tier's GDS get can reach); ``dd_read``: ``dd iflag=direct`` of as many bytes.
+- ``put_gds_write``: the same put with ``gds_write=true`` (payloads by GDS from the tensor).
 - ``put_dsum`` / ``put_plain``: ``DiskTier.put`` from the tensor with and without the dsum128
   (what recording it costs a store); ``raw_gds_write``: payload writes straight from the GPU, beside
   ``raw_host_write``, the same writes with ``pwritev`` from pinned host rows (is a GDS put worth it?).
@@ -51,6 +52,9 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
     cap = 2 * n * (block + 2 * HEADER_PAGE)
     gds = DiskTier(os.path.join(root, "gds"), block, capacity=cap, gds=mode if device == "cuda" else "posix")
     host = DiskTier(os.path.join(root, "host"), block, capacity=cap, gds="off")
+    gdsw = DiskTier(
+        os.path.join(root, "gdsw"), block, capacity=cap, gds=mode if device == "cuda" else "posix", gds_write=True
+    )
     src = torch.randint(0, 256, (n, block), dtype=torch.uint8, device=device)
     out = torch.empty_like(src)
     out_once = torch.empty_like(src)  # loaded into with the registration cache off: cuFile registration per call
@@ -132,6 +136,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
         Case("dd_read", lambda: dd(dd_read_args(dd_file, True)), before=caches.drop),
         Case("put_dsum", put(gds), after=unput(gds)),
         Case("put_plain", put(host), after=unput(host)),
+        Case("put_gds_write", put(gdsw), after=unput(gdsw)),
         Case("raw_gds_write", raw("WRITE"), after=os.sync),
         Case("raw_host_write", raw_host_write, after=os.sync),
         Case("dsum_gpu", lambda: _dsum(src)),
@@ -148,6 +153,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
         "get_gds_vs_raw_gds_read": round(paired_ratio(t["get_gds"], t["raw_gds_read"]), 3),
         "get_gds_vs_dd_read": round(paired_ratio(t["get_gds"], t["dd_read"]), 3),
         "put_dsum_vs_put_plain": round(paired_ratio(t["put_dsum"], t["put_plain"]), 3),
+        "put_gds_write_vs_put_dsum": round(paired_ratio(t["put_gds_write"], t["put_dsum"]), 3),
         "raw_gds_write_vs_put_plain": round(paired_ratio(t["raw_gds_write"], t["put_plain"]), 3),
         "raw_gds_write_vs_raw_host_write": round(paired_ratio(t["raw_gds_write"], t["raw_host_write"]), 3),
         "dsum_gpu_vs_xxh3_cpu": round(paired_ratio(t["dsum_gpu"], t["xxh3_cpu"]), 3),
@@ -155,8 +161,10 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
         "cache_drops_worked": caches.all_worked,
         "tier_stats": {k: v for k, v in gds.stats().items() if k.startswith(("gds", "device", "dsum"))},
     }
+    res["gds_write_stores"] = gdsw.stats()["device_stores"]
     gds.close()
     host.close()
+    gdsw.close()
     posix.close()
     return res
 

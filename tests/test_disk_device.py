@@ -313,3 +313,33 @@ def test_an_engine_registers_its_kv_cache_for_good(tmp_path: Path) -> None:
     assert not off.register_device_memory(kv)
     off.close()
     t.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gds_write_sends_payloads_from_the_tensor_and_every_path_reads_them(tmp_path: Path, device: str) -> None:
+    t = _tier(tmp_path, device, gds_write=True)
+    keys = _keys(6)
+    data = torch.from_numpy(_rows(6)).to(device)
+    assert t.put(keys, data).all()
+    assert t.stats()["device_stores"] == 6
+    out = torch.zeros_like(data)
+    assert t.get(keys, out).all() and torch.equal(out, data)  # device path: dsum128
+    host = np.zeros((6, BN), np.uint8)
+    assert t.get(keys, host).all() and np.array_equal(host, _rows(6))  # host path: xxh3-128
+    assert t.check(deep=True)["bad"] == 0
+    t.close()
+
+
+def test_a_refused_gds_write_is_redone_from_the_staged_host_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    t = _tier(tmp_path, "cpu", gds_write=True)
+    engine = t.device.engine
+    assert engine is not None
+    monkeypatch.setattr(engine._agent, "initialize_xfer", _refuse)
+    keys = _keys(4)
+    assert t.put(keys, torch.from_numpy(_rows(4))).all()
+    s = t.stats()
+    assert s["device_stores"] == 0 and s["device_retries"] == 1
+    monkeypatch.undo()
+    host = np.zeros((4, BN), np.uint8)
+    assert t.get(keys, host).all() and np.array_equal(host, _rows(4))
+    t.close()

@@ -279,7 +279,7 @@ def test_bad_io_is_a_config_error_at_open(tier: dict[str, Any], named: str) -> N
 
 
 def test_nixl_not_installed_is_a_config_error(moto_s3: Any, bucket: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    for pkg in ("nixl_cu12", "nixl_cu13"):
+    for pkg in ("nixl_cu12", "nixl_cu13", "nixl_cu12._api", "nixl_cu13._api"):
         monkeypatch.setitem(sys.modules, pkg, None)  # import fails as if not installed
     with pytest.raises(ConfigError, match="NIXL is not installed"):
         RemoteTier(f"s3://{bucket}/x", BN, storage_options=moto_s3.storage_options(), io="nixl", **FAST)

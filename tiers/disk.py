@@ -80,6 +80,7 @@ class DiskTier(Tier):
         io: str = "auto",
         segment_bytes: int | str = SEGMENT_TARGET,
         gds: str = "auto",
+        gds_write: bool = False,
     ) -> None:
         self.name = name
         self.root = os.path.abspath(os.fspath(path))
@@ -108,7 +109,7 @@ class DiskTier(Tier):
         self._orphans: list[int] = []  # slots still pending after a commit that the index refused
         self._closed = False
         self.counters = dict(load_failures=0, corrupt_removed=0, write_failures=0, evictions=0)
-        self.device = DevicePath(self, gds)
+        self.device = DevicePath(self, gds, gds_write)
 
     # ---- directory and geometry ----------------------------------------------------------
     def _open_dir(self, want_slots: int, segment_bytes: int) -> None:
@@ -263,7 +264,8 @@ class DiskTier(Tier):
                 return present
             dsums = self.device.sums(data, todo) if self.device.applies(data) else None
             with self.device.staged(data, len(keys)) as rows:
-                stored = self._write_blocks(keys, rows, todo, dsums)
+                src = data if dsums is not None and self.device.gds_write else None
+                stored = self._write_blocks(keys, rows, todo, dsums, src)
         finally:
             self._unpin_slots(held)
         out = present.copy()
@@ -281,7 +283,12 @@ class DiskTier(Tier):
         return recs, slots
 
     def _write_blocks(
-        self, keys: BlockKeys, rows: np.ndarray, todo: np.ndarray, dsums: list[int] | None = None
+        self,
+        keys: BlockKeys,
+        rows: np.ndarray,
+        todo: np.ndarray,
+        dsums: list[int] | None = None,
+        device_src: Any = None,
     ) -> np.ndarray:
         slots = self._reserve(todo.size)
         n = len(slots)
@@ -289,7 +296,7 @@ class DiskTier(Tier):
         if n == 0:
             return ok
         idx = todo[:n]  # chain order: the prefix gets the slots
-        results, csums = self._write_slots(keys, rows, idx, slots, dsums)
+        results, csums = self._write_slots(keys, rows, idx, slots, dsums, device_src)
         now = _now_us()
         entries = [
             (int(keys.hashes[i]), s, int(keys.parents[i]),
@@ -336,8 +343,16 @@ class DiskTier(Tier):
         return slots
 
     def _write_slots(
-        self, keys: BlockKeys, rows: np.ndarray, idx: np.ndarray, slots: list[int], dsums: list[int] | None = None
+        self,
+        keys: BlockKeys,
+        rows: np.ndarray,
+        idx: np.ndarray,
+        slots: list[int],
+        dsums: list[int] | None = None,
+        device_src: Any = None,
     ) -> tuple[list[bool], list[int]]:
+        """Write headers and payloads of ``keys[idx]`` into ``slots``.  With ``device_src`` (a GPU
+        tensor, ``gds_write``) the payloads go from it by GDS and only the headers from ``rows``."""
         hdr = np.frombuffer(aligned_buffer(len(slots) * HEADER_PAGE), np.uint8).reshape(len(slots), HEADER_PAGE)
         csums: list[int] = []
         ops: list[IoOp | None] = []
@@ -347,10 +362,13 @@ class DiskTier(Tier):
             head = codec.encode_header(keys[i], int(keys.parents[i]), tokens, payload, dsums[j] if dsums else None)
             hdr[j, : codec.HEADER_SIZE] = np.frombuffer(head, np.uint8)
             csums.append(codec.decode_header(head).checksum)
-            ops.append(self._op(s, hdr[j], payload, create=True))
+            ops.append(self._op(s, hdr[j], payload if device_src is None else payload[:0], create=True))
         results = self.io.write([op for op in ops if op is not None])
         it = iter(results)
         ok = [op is not None and next(it) == op.nbytes for op in ops]
+        if device_src is not None:
+            moved = self.device.write_payloads(device_src, idx, slots, rows)
+            ok = [a and b for a, b in zip(ok, moved)]
         if self.durable:
             for seg in {self._locate(s)[0] for s, good in zip(slots, ok) if good}:
                 os.fdatasync(self._fd(seg)[1])
@@ -668,7 +686,7 @@ class DiskTier(Tier):
     def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> DiskTier:
         if not location:
             raise ConfigError("a disk tier URL needs a path: file:///var/cache/kvbm?capacity=100GiB")
-        for flag in ("durable", "direct"):
+        for flag in ("durable", "direct", "gds_write"):
             if flag in options:
                 options[flag] = _bool(options[flag])
         return cls(location, capacity=options.pop("capacity", "10GiB"), **common, **options)

@@ -32,7 +32,7 @@ from .. import codec, dsum
 from ..errors import ConfigError, CorruptBlockError
 from ..keys import BlockKeys
 from ..rows import aligned_rows, host_rows, is_torch
-from .diskio import ALIGN, IoOp, aligned_buffer
+from .diskio import ALIGN, IoOp, aligned_buffer, is_aligned
 from .gds import NixlDeviceIO, open_device_io
 
 if TYPE_CHECKING:
@@ -43,17 +43,19 @@ MODES = ("auto", "on", "off", "posix", "GDS_MT", "GDS")  # the last two: "on" wi
 
 
 class DevicePath:
-    def __init__(self, tier: DiskTier, mode: str) -> None:
+    def __init__(self, tier: DiskTier, mode: str, gds_write: bool = False) -> None:
         if mode not in MODES:
             raise ConfigError(f"unknown gds mode {mode!r}; use {', '.join(MODES)}")
         self.tier = tier
         self.mode = mode
+        self.gds_write = bool(gds_write)
         self.engine: NixlDeviceIO | None = None
         self.state = "off" if mode == "off" else "not probed"
         self.direct_fds = True  # hand cuFile the O_DIRECT descriptors until it refuses them
         self._stage: Any = None  # pinned host rows for puts from GPU tensors (see staged)
         self._stage_lock = threading.Lock()
-        self.counters = dict(device_loads=0, device_host_loads=0, device_retries=0, dsum_failures=0, dsum_stores=0)
+        self.counters = dict(device_loads=0, device_host_loads=0, device_retries=0, dsum_failures=0, dsum_stores=0,
+                             device_stores=0)  # fmt: skip
         if mode not in ("auto", "off") or _cuda_ready():
             self._open()
 
@@ -106,6 +108,28 @@ class DevicePath:
         rows = data[torch.as_tensor(idx, device=data.device)]
         self.counters["dsum_stores"] += len(idx)
         return dsum.to_ints(dsum.rows(rows))
+
+    def write_payloads(self, data: Any, idx: np.ndarray, slots: list[int], rows: np.ndarray) -> list[bool]:
+        """Payloads ``data[idx[k]]`` into ``slots[k]`` in one GDS transfer (``gds_write``); a refused
+        transfer is redone from the host ``rows`` already staged for the checksum."""
+        n = len(slots)
+        state = "retry"
+        if self.engine is not None:
+            direct = self.direct_fds and data.device.type == "cuda"
+            state = self.engine.move("WRITE", data, [int(i) for i in idx[:n]], *self._places(slots, direct))
+        if state == "done":
+            self.counters["device_stores"] += n
+            return [True] * n
+        if state == "failed":
+            return [False] * n
+        self.counters["device_retries"] += 1
+        ops = []
+        for s, i in zip(slots, idx[:n].tolist()):
+            seg, off = self.tier._locate(s)
+            dfd, bfd = self.tier._fd(seg)
+            p = memoryview(rows[i].data)
+            ops.append(IoOp(dfd if dfd >= 0 and is_aligned(p) and off % ALIGN == 0 else bfd, off + ALIGN, [p]))
+        return [k == op.nbytes for k, op in zip(self.tier.io.write(ops), ops)]
 
     # ---- loads -----------------------------------------------------------------------------
     def read(self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any) -> np.ndarray:
@@ -221,7 +245,8 @@ class DevicePath:
         self.counters["device_host_loads"] += int(ok.sum())
 
     def stats(self) -> dict[str, Any]:
-        s: dict[str, Any] = dict(gds=self.state, gds_mode=self.mode, gds_fd="direct" if self.direct_fds else "buffered")
+        s: dict[str, Any] = dict(gds=self.state, gds_mode=self.mode, gds_write=self.gds_write,
+                                 gds_fd="direct" if self.direct_fds else "buffered")  # fmt: skip
         s.update(self.counters)
         if self.engine is not None:
             s["gds_engine"] = self.engine.stats()
