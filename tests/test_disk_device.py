@@ -330,7 +330,9 @@ def test_gds_write_sends_payloads_from_the_tensor_and_every_path_reads_them(tmp_
     t.close()
 
 
-def test_a_refused_gds_write_is_redone_from_the_staged_host_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_refused_gds_write_is_redone_from_the_staged_host_rows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     t = _tier(tmp_path, "cpu", gds_write=True)
     engine = t.device.engine
     assert engine is not None
