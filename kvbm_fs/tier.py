@@ -119,6 +119,11 @@ class Tier(abc.ABC):
             "used_bytes": self.used_bytes,
         }
 
+    def moves_device_rows(self, rows: Any) -> bool:
+        """Does this tier move ``rows`` (a tensor on some device) to and from its medium directly,
+        so that a transfer between it and a GPU tier should stage on the GPU rather than the host?"""
+        return False
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources; later calls raise TierClosedError."""
 

@@ -75,12 +75,14 @@ for _a, _b in (
 
 
 def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64) -> np.ndarray:
-    """Generic path: read a batch into host staging rows (verified by ``src.get``), then ``dst.put``."""
+    """Generic path: read a batch into staging rows (verified by ``src.get``), then ``dst.put``.
+    The rows are on the GPU when one side is a GPU tier and the other moves GPU rows itself (the
+    disk tier through GDS), so G3 <-> G1 never bounces through host memory twice."""
     have = dst.contains(keys)
     todo = np.flatnonzero(~have)
     if todo.size == 0:
         return have
-    stage: Any = aligned_rows(min(batch, todo.size), src.block_nbytes)
+    stage = _stage(min(batch, todo.size), src, dst)
     for i in range(0, todo.size, batch):
         idx = todo[i : i + batch]
         sub = keys[idx]
@@ -88,6 +90,23 @@ def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64) -> np.ndarray
         got = src.get(sub, rows)
         ok = np.flatnonzero(got)
         if ok.size:
-            stored = dst.put(sub[ok], rows[ok] if ok.size < idx.size else rows)
+            stored = dst.put(sub[ok], rows if ok.size == idx.size else rows[_index(rows, ok)])
             have[idx[ok[stored]]] = True
     return have
+
+
+def _stage(n: int, src: Tier, dst: Tier) -> Any:
+    for gpu, other in ((src, dst), (dst, src)):
+        if gpu.medium is Medium.GPU and isinstance(gpu, SlotTier):
+            rows = gpu.buf.new_empty((n, gpu.block_nbytes)) if hasattr(gpu.buf, "new_empty") else None
+            if rows is not None and other.moves_device_rows(rows):
+                return rows
+    return aligned_rows(n, src.block_nbytes)
+
+
+def _index(rows: Any, ok: np.ndarray) -> Any:
+    if isinstance(rows, np.ndarray):
+        return ok
+    import torch
+
+    return torch.as_tensor(ok, device=rows.device)

@@ -345,3 +345,42 @@ def test_a_refused_gds_write_is_redone_from_the_staged_host_rows(
     host = np.zeros((4, BN), np.uint8)
     assert t.get(keys, host).all() and np.array_equal(host, _rows(4))
     t.close()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_moves_between_gpu_and_disk_tiers_stage_on_the_gpu(tmp_path: Path, device: str) -> None:
+    """G1 -> G3 demotion records dsum128 from GPU rows; G3 -> G1 promotion loads through the device
+    path into GPU staging rows, never a host bounce."""
+    from kvbm_fs.tiers.gpu import GpuTier
+    from kvbm_fs.transfer import transfer
+
+    disk = _tier(tmp_path, device)
+    gpu = GpuTier(16 * BN, BN, device=device)
+    keys = _keys(6)
+    data = torch.from_numpy(_rows(6)).to(device)
+    assert gpu.put(keys, data).all()
+    assert transfer(keys, gpu, disk).all()
+    assert disk.stats()["dsum_stores"] == 6
+    gpu.delete(keys)
+    assert transfer(keys, disk, gpu).all()
+    s = disk.stats()
+    assert s["device_loads"] == 6 and s["device_host_loads"] == 0
+    out = torch.zeros_like(data)
+    assert gpu.get(keys, out).all() and torch.equal(out, data)
+    disk.close()
+
+
+def test_a_disk_tier_without_the_device_path_still_stages_on_the_host(tmp_path: Path) -> None:
+    from kvbm_fs.tiers.gpu import GpuTier
+    from kvbm_fs.transfer import transfer
+
+    disk = DiskTier(tmp_path, BN, capacity="4MiB", gds="off")
+    gpu = GpuTier(16 * BN, BN, device="cpu")
+    keys = _keys(3)
+    assert gpu.put(keys, torch.from_numpy(_rows(3))).all()
+    assert not disk.moves_device_rows(gpu.buf)
+    assert transfer(keys, gpu, disk).all()
+    gpu.delete(keys)
+    assert transfer(keys, disk, gpu).all()
+    assert disk.stats()["dsum_stores"] == 0
+    disk.close()

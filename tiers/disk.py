@@ -384,6 +384,9 @@ class DiskTier(Tier):
         fd = dfd if dfd >= 0 and is_aligned(p) else bfd
         return IoOp(fd, off, [h, p])
 
+    def moves_device_rows(self, rows: Any) -> bool:
+        return self.device.applies(rows)
+
     def register_device_memory(self, tensor: Any) -> bool:
         """Register a long-lived GPU tensor (an engine's KV cache) for GDS loads into it, until
         :meth:`unregister_device_memory` or close.  False where GDS is not in use."""
