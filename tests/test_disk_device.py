@@ -241,6 +241,24 @@ def test_the_default_mode_without_cuda_reports_the_host_path(tmp_path: Path) -> 
     t.close()
 
 
+def test_without_an_engine_tensor_loads_take_the_plain_path(tmp_path: Path) -> None:
+    """No engine (NIXL missing, or cuFile refused): a get into a tensor reads once on the host
+    path, and puts still record dsum128 for a later reader that has GDS."""
+    require_nixl()
+    t = DiskTier(tmp_path, BN, capacity="4MiB", gds="posix")
+    assert t.device.engine is not None
+    t.device.engine.close()
+    t.device.engine = None
+    keys = _keys(3)
+    data = torch.from_numpy(_rows(3))
+    assert t.put(keys, data).all() and t.stats()["dsum_stores"] == 3
+    out = torch.zeros_like(data)
+    assert not t.device.loads(out)
+    assert t.get(keys, out).all() and torch.equal(out, data)
+    assert t.stats()["device_host_loads"] == 0  # not routed through the device path at all
+    t.close()
+
+
 def test_odd_sized_blocks_keep_to_the_host_path(tmp_path: Path) -> None:
     require_nixl()
     bn = 4098

@@ -406,7 +406,7 @@ class DiskTier(Tier):
             if idx.size == 0:
                 return found
             hits: list[Record] = [recs[i] for i in idx.tolist()]  # type: ignore[misc]
-            if self.device.applies(out):
+            if self.device.loads(out):
                 good = self.device.read(keys, hits, idx, out)
             else:
                 dst, copy_back = _dest_rows(out, len(keys))

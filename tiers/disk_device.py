@@ -75,8 +75,15 @@ class DevicePath:
             self._open()
         return t.is_contiguous()
 
+    def loads(self, t: Any) -> bool:
+        """Does a get into ``t`` go through the device engine?  Only with an engine on ``t``'s device;
+        otherwise the tier's plain path (one read, one batched copy up) is cheaper."""
+        if not self.applies(t) or self.engine is None:
+            return False
+        return t.device.type == "cpu" or (t.device.index or 0) == self.engine.device_id
+
     def register(self, tensor: Any) -> bool:
-        return self.applies(tensor) and self.engine is not None and self.engine.register(tensor)
+        return self.loads(tensor) and self.engine is not None and self.engine.register(tensor)
 
     def unregister(self, tensor: Any) -> None:
         if self.engine is not None:
