@@ -1,7 +1,11 @@
 #!/usr/bin/env bash
 # The GPU check, run on a lent CUDA machine through the workplace's device tool:
 #   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"])      ("... gpu_run.sh quick": skip the search)
-# .whl holds cp312 wheels the machine lacks (lmdb; nixl-cu13 minus its unused nixl_ep part).
+# .whl holds cp312 wheels the machine lacks (lmdb; nixl-cu13 minus its unused nixl_ep part, to fit
+# the 64 MiB the tool carries), made here with
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_28_x86_64 \
+#     -d .whl lmdb==3.0.0 nixl-cu13==1.5.1
+# and nixl_ep_cu13/, headers and scripts dropped from the nixl wheel (and from its RECORD).
 # Everything it prints and measures lands in $OUT (log, JSON results, junit XML).
 set -u
 OUT=${OUT:-/tmp/gpu-out}
