@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from kvbm_fs.keys import BlockKeys
-from kvbm_fs.testing import NS_A, blocks_for
+from kvbm_fs.testing import NS_A, blocks_for, require_nixl
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
 from kvbm_fs.tiers.disk_index import DiskIndex
 
@@ -26,6 +26,7 @@ BN = NS_A.block_nbytes
 SLOT = HEADER_PAGE + BN
 SLOTS, SEG = 128, 16  # room for everything alive at once, so nothing acknowledged is ever evicted
 KILLS = 60
+KILLS_DEVICE = 20  # the device-path writer starts torch and NIXL: slower to start, fewer kills
 KEEP = 32  # acknowledged blocks carried over to the next run; the rest are deleted between runs
 
 # Cheap to start: numpy and the disk tier only (no torch, no pytest). Block bytes are derived from
@@ -35,14 +36,19 @@ import sys
 import numpy as np
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.disk import DiskTier
-path, ns, base, slots, seg, nbytes, seed = sys.argv[1], *map(int, sys.argv[2:])
+path, ns, base, slots, seg, nbytes, seed = sys.argv[1], *map(int, sys.argv[2:8])
+device = sys.argv[8] == "device"  # tensors through the device path (NIXL POSIX, dsum128, gds_write)
+if device:
+    import torch
 slot = 4096 + nbytes
 M = 0xFFFFFFFF
 def content(h):
     return np.random.default_rng([ns & M, ns >> 32, h & M, h >> 32]).integers(0, 256, nbytes, dtype=np.uint8)
 def say(tag, hs):
     print(tag, *(format(h, "x") for h in hs), flush=True)  # one short line: one atomic pipe write
-t = DiskTier(path, nbytes, slots * slot, segment_bytes=seg * slot)
+opts = dict(gds="posix", gds_write=True) if device else {}
+t = DiskTier(path, nbytes, slots * slot, segment_bytes=seg * slot, **opts)
+rows = torch.from_numpy if device else (lambda a: a)
 print("R", flush=True)
 rng = np.random.default_rng(seed)
 live, n = [], base
@@ -51,7 +57,7 @@ while True:
     hs = np.arange(n, n + k, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     n += k
     keys = BlockKeys.chain(ns, hs)
-    ok = t.put(keys, np.stack([content(h) for h in hs.tolist()]))
+    ok = t.put(keys, rows(np.stack([content(h) for h in hs.tolist()])))
     say("A", hs[ok].tolist())
     live.append(hs[ok])
     if len(live) > 8:  # keep the live set bounded: announce a delete before starting it
@@ -60,7 +66,7 @@ while True:
         t.delete(BlockKeys(ns, old))
     if rng.random() < 0.5:  # reads update access statistics, written with the next put
         probe = live[int(rng.integers(0, len(live)))]
-        t.get(BlockKeys(ns, probe), np.empty((probe.size, nbytes), np.uint8))
+        t.get(BlockKeys(ns, probe), rows(np.empty((probe.size, nbytes), np.uint8)))
 """
 
 
@@ -68,12 +74,12 @@ def open_tier(root: Path) -> DiskTier:
     return DiskTier(root, BN, SLOTS * SLOT, segment_bytes=SEG * SLOT)
 
 
-def run_and_kill(root: Path, base: int, rng: random.Random, log: Path) -> list[str]:
+def run_and_kill(root: Path, base: int, rng: random.Random, log: Path, mode: str = "host") -> list[str]:
     """Start a writer, SIGKILL it at a random moment, and return the complete lines it printed."""
     with log.open("w") as err:
         p = subprocess.Popen(
             [sys.executable, "-c", CHILD, str(root), str(NS_A.id), str(base), str(SLOTS), str(SEG), str(BN),
-             str(rng.randrange(1 << 30))],
+             str(rng.randrange(1 << 30)), mode],
             cwd=REPO, stdout=subprocess.PIPE, stderr=err, text=True,
         )  # fmt: skip
         assert p.stdout is not None
@@ -129,12 +135,25 @@ def verify(root: Path, expected: dict[int, None], run: int) -> None:
 
 @pytest.mark.slow
 def test_sigkill_at_random_moments_loses_no_acknowledged_block(tmp_path: Path, watchdog: None) -> None:
+    crash_loop(tmp_path, KILLS, "host")
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_device_path_writer_loses_no_acknowledged_block(tmp_path: Path, watchdog: None) -> None:
+    """The same with tensors through the device path: header page from the host, payload by one
+    NIXL transfer (gds_write), dsum128 in the header; the parent reads back on the host path and
+    the deep check holds both checksums to every payload."""
+    require_nixl()
+    crash_loop(tmp_path, KILLS_DEVICE, "device")
+
+
+def crash_loop(tmp_path: Path, kills: int, mode: str) -> None:
     root = tmp_path / "tier"
     rng = random.Random(0xC0FFEE)
     expected: dict[int, None] = {}  # acknowledged and not announced as deleted, oldest first
     acked = runs_with_writes = killed_mid_put = 0
-    for run in range(KILLS):
-        lines = run_and_kill(root, 1 + run * 1_000_000, rng, tmp_path / "child.err")
+    for run in range(kills):
+        lines = run_and_kill(root, 1 + run * 1_000_000, rng, tmp_path / "child.err", mode)
         wrote = False
         for line in lines:
             tag, *hs = line.split()
@@ -148,7 +167,7 @@ def test_sigkill_at_random_moments_loses_no_acknowledged_block(tmp_path: Path, w
         runs_with_writes += wrote
         killed_mid_put += (root / "index").exists() and pending_slots(root) > 0
         verify(root, expected, run)
-    print(f"{KILLS} kills: {runs_with_writes} after writing, {killed_mid_put} mid-put; {acked} blocks acknowledged")
-    assert runs_with_writes >= KILLS // 2, "the writer was mostly killed before it wrote anything"
+    print(f"{kills} kills: {runs_with_writes} after writing, {killed_mid_put} mid-put; {acked} blocks acknowledged")
+    assert runs_with_writes >= kills // 2, "the writer was mostly killed before it wrote anything"
     assert killed_mid_put >= 3, "too few kills landed between reserving slots and committing them"
-    assert acked > 2 * KILLS
+    assert acked > 2 * kills
