@@ -433,3 +433,26 @@ def test_device_loads_and_stores_from_many_threads_stay_exact(tmp_path: Path) ->
     s = t.stats()
     assert s["dsum_failures"] == 0 and s["device_loads"] == 4 * 15 * 4 and s["device_stores"] == 4 * 15 * 4
     t.close()
+
+
+def test_after_a_transfer_that_could_not_be_cancelled_close_keeps_registrations(tmp_path: Path) -> None:
+    """A stuck transfer may still touch registered memory: closing must not deregister (or free)
+    it, and the engine stops using NIXL; loads go on through the host path."""
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(2)
+    data = torch.from_numpy(_rows(2))
+    assert t.put(keys, data).all()
+    out = torch.zeros_like(data)
+    for _ in range(2):
+        assert t.get(keys, out).all()  # the second use keeps out's registration
+    engine = t.device.engine
+    assert engine is not None and engine.stats()["cached_regions"] == 1
+    engine._stuck.append((object(), None, []))  # as _run leaves a transfer it could not cancel
+    engine._broken = "a NIXL transfer timed out and could not be cancelled"
+    calls: list[Any] = []
+    engine._deregister = calls.append  # type: ignore[method-assign,assignment]
+    out.zero_()
+    assert t.get(keys, out).all() and torch.equal(out, data)
+    assert t.stats()["device_retries"] == 1
+    t.close()
+    assert calls == []  # the cached registration was kept, not released under the stuck transfer

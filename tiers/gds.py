@@ -140,11 +140,16 @@ class NixlDeviceIO(NixlPosixIO):
         return reg
 
     def close(self) -> None:
+        """Release the kept registrations, unless a transfer could not be cancelled: it may still
+        use them, and leaking a registration (and the memory it holds) beats a device fault."""
         with self._lock:
             regions = [*self._regions.values(), *self._pinned.values()]
             self._regions, self._pinned = OrderedDict(), {}
-            for _, reg in regions:
-                self._deregister(reg)
+            if self._stuck:
+                self._leaked = regions  # referenced for the life of this object
+            else:
+                for _, reg in regions:
+                    self._deregister(reg)
         super().close()
 
     def stats(self) -> dict[str, Any]:

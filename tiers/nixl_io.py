@@ -123,15 +123,21 @@ class NixlPosixIO:
             if self._closed:
                 return
             self._closed = True
-            for _, _, reg in self._files.values():
-                self._deregister(reg)
-            self._files.clear()
-            for handle, reg, _ in self._stuck:
+            still = []
+            for entry in self._stuck:
+                handle, reg, _ = entry
                 try:
                     handle.release()
-                    self._deregister(reg)
                 except Exception:
-                    pass  # still in flight: leave it to the agent (never freed memory is better than a crash)
+                    still.append(entry)  # still in flight: leave it to the agent (a leak beats a crash)
+                    continue
+                if reg is not None:
+                    self._deregister(reg)
+            self._stuck = still
+            if not still:  # a transfer still in flight may use the files' registrations too
+                for _, _, reg in self._files.values():
+                    self._deregister(reg)
+                self._files.clear()
         self._posix.close()
 
     # ---- one batch -----------------------------------------------------------------------
