@@ -1,4 +1,4 @@
-"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``replay``, ``daemon``,
+"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``gds``, ``replay``, ``daemon``,
 ``hf-prepopulate`` (offline warm-cache prepopulation with a local transformers model)."""
 
 from __future__ import annotations
@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--limit", type=int, help="replay only the first N requests")
     r.add_argument("--jobs", type=int, default=1, help="replays to run in parallel processes (default 1)")
     r.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    g = sub.add_parser("gds", help="say whether a disk tier in DIR would load into GPU memory by GDS, and why")
+    g.add_argument("dir", nargs="?", default=".", help="folder a disk tier would live in (default: .)")
+    g.add_argument("--no-trial", action="store_true", help="skip the put/get of GPU blocks through a scratch tier")
     dm = sub.add_parser(
         "daemon", help="run the placement daemon over the tiers of a config (e.g. shared disk + remote)"
     )
@@ -118,6 +121,11 @@ def main(argv: list[str] | None = None) -> int:
             report = check(args.url, fix=args.fix, deep=args.deep)
             print(json.dumps(report, indent=2, default=str))
             return 0 if report["bad"] == 0 or args.fix else 1
+        if args.cmd == "gds":
+            from .tiers.gds import diagnose
+
+            print(json.dumps(diagnose(args.dir, trial=not args.no_trial), indent=2))
+            return 0
         if args.cmd == "info":
             from .mount import mount
 

@@ -8,6 +8,7 @@ verification with dsum128 where the rows are.  The CUDA variants run where a GPU
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -456,3 +457,33 @@ def test_after_a_transfer_that_could_not_be_cancelled_close_keeps_registrations(
     assert t.stats()["device_retries"] == 1
     t.close()
     assert calls == []  # the cached registration was kept, not released under the stuck transfer
+
+
+def test_kvbm_fs_gds_says_which_path_a_tier_here_would_take(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from kvbm_fs.cli import main
+
+    assert main(["gds", str(tmp_path)]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["directory"] == str(tmp_path) and isinstance(report["o_direct"], bool)
+    if not CUDA:
+        assert report["cuda"] is False and report["verdict"] == "host path: no CUDA device"
+    assert os.listdir(tmp_path) == []  # the trial's scratch tier is gone
+
+
+@pytest.mark.parametrize(
+    ("facts", "verdict"),
+    [
+        (dict(nixl=None), "NIXL is not installed"),
+        (dict(gds_backend="GDS_MT: NIXL_ERR_NOT_FOUND"), "no usable GDS backend"),
+        (dict(trial=dict(device_loads=0), udev_id_fs_usage=False), "udev has no ID_FS_USAGE"),
+        (dict(trial=dict(device_loads=0), udev_id_fs_usage=None), "not on a block device"),
+        (dict(), "GDS loads through GDS_MT, cuFile compat mode"),
+        (dict(nvidia_fs=True), "GDS loads through GDS_MT, true GPUDirect"),
+    ],
+)
+def test_the_gds_verdict_names_what_stands_in_the_way(facts: dict[str, Any], verdict: str) -> None:
+    from kvbm_fs.tiers.gds import _verdict
+
+    base = dict(cuda=True, nixl="nixl_cu13", gds_backend="GDS_MT", nvidia_fs=False, udev_id_fs_usage=True,
+                trial=dict(device_loads=4))  # fmt: skip
+    assert verdict in _verdict({**base, **facts})
