@@ -176,7 +176,7 @@ def test_persistent_fault_gives_misses_and_dropped_puts(
 def test_breaker_opens_stops_requests_probes_and_closes(
     fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
 ) -> None:
-    cooldown = 0.5
+    cooldown = 1.0  # the "open" checks below must finish well inside it, also on a loaded machine
     timeout = 0.5 if fault == "stall" else 5  # a stall must time out; otherwise no timeout should fire
     t = open_nixl(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=0, breaker_threshold=3,
                   breaker_cooldown=cooldown, timeout=timeout)  # fmt: skip
