@@ -34,7 +34,7 @@ export CUFILE_LOGFILE_PATH=$OUT/cufile.log PYTHONUNBUFFERED=1
 mkdir -p benchmarks/.scratch
 
 step probe
-timeout 60 python3 -c 'from kvbm_fs.tiers.diskio import probe_gds, probe_direct_io; print("probe_gds:", probe_gds(20), "O_DIRECT:", probe_direct_io("."))'
+timeout 60 python3 -m kvbm_fs.cli gds . --no-trial
 
 # which (cuFile config, filesystem, backend) combinations move bytes into the GPU?
 matrix() {

@@ -442,21 +442,38 @@ class DiskTier(Tier):
         return good
 
     def _verify(
-        self, key: BlockKey, rec: Record, hdr: np.ndarray, payload: np.ndarray, n: int, op: IoOp | None
-    ) -> str | None:
-        if op is None or n < 0:
-            return f"read failed ({errno.errorcode.get(-n, n)})"
-        if n < op.nbytes:
-            return f"short read ({n} of {op.nbytes} bytes: segment truncated?)"
+        self, key: BlockKey, rec: Record, hdr: np.ndarray, payload: np.ndarray, n: int, op: IoOp | None,
+        deep: bool = False,
+    ) -> str | None:  # fmt: skip
+        """Why a slot read of ``key`` is not that block, or None.  ``deep`` (the offline check) also
+        holds the header's dsum128, what GPU loads verify, to the payload."""
+        why, h = self._check_header(key, rec, hdr, n, op)
+        if h is None:
+            return why
         try:
-            h = codec.decode_header(hdr[: codec.HEADER_SIZE])
-            codec.check_header(h, key, self.block_nbytes, self.block_size)
-            if h.checksum != rec.checksum:
-                raise CorruptBlockError("header checksum differs from the index")
             codec.verify_payload(h, payload)
         except CorruptBlockError as e:
             return str(e)
+        if deep and h.dsum is not None and dsum.of(payload) != h.dsum:
+            return "payload dsum128 mismatch"
         return None
+
+    def _check_header(
+        self, key: BlockKey, rec: Record, hdr: np.ndarray, n: int, op: IoOp | None
+    ) -> tuple[str | None, codec.BlockHeader | None]:
+        """The header half of a slot read's verification: (why not, None) or (None, the header)."""
+        if op is None or n < 0:
+            return f"read failed ({errno.errorcode.get(-n, n)})", None
+        if n < op.nbytes:
+            return f"short read ({n} of {op.nbytes} bytes: segment truncated?)", None
+        try:
+            h = codec.decode_header(hdr[: codec.HEADER_SIZE])
+            codec.check_header(h, key, self.block_nbytes, self.block_size)
+        except CorruptBlockError as e:
+            return str(e), None
+        if h.checksum != rec.checksum:
+            return "header checksum differs from the index", None
+        return None, h
 
     def _drop_bad(self, ns: int, bad: list[tuple[int, int, str]]) -> None:
         """A block that fails verification is reported and removed. One whose entry no longer lives in
@@ -595,22 +612,12 @@ class DiskTier(Tier):
         for j, ((ns, h, r), op) in enumerate(zip(items, ops)):
             n = next(results) if op is not None else -errno.ENOENT
             if body is not None:
-                why = self._verify(BlockKey(ns, h), r, hdr[j], body[j], n, op) or _check_dsum(hdr[j], body[j])
+                why = self._verify(BlockKey(ns, h), r, hdr[j], body[j], n, op, deep=True)
             else:
-                why = self._verify_header(BlockKey(ns, h), r, hdr[j], n, op)
+                why = self._check_header(BlockKey(ns, h), r, hdr[j], n, op)[0]
             if why is not None:
                 bad.append((ns, h, r.slot, why))
         return bad
-
-    def _verify_header(self, key: BlockKey, rec: Record, hdr: np.ndarray, n: int, op: IoOp | None) -> str | None:
-        if op is None or n < op.nbytes:
-            return "segment missing or truncated"
-        try:
-            h = codec.decode_header(hdr[: codec.HEADER_SIZE])
-            codec.check_header(h, key, self.block_nbytes, self.block_size)
-        except CorruptBlockError as e:
-            return str(e)
-        return None if h.checksum == rec.checksum else "header checksum differs from the index"
 
     # ---- accounting ----------------------------------------------------------------------
     @property
@@ -693,12 +700,6 @@ class DiskTier(Tier):
             if flag in options:
                 options[flag] = _bool(options[flag])
         return cls(location, capacity=options.pop("capacity", "10GiB"), **common, **options)
-
-
-def _check_dsum(hdr: np.ndarray, payload: np.ndarray) -> str | None:
-    """A deep check also holds a block's dsum128 (what GPU loads verify) to its payload."""
-    want = codec.decode_header(hdr[: codec.HEADER_SIZE]).dsum
-    return None if want is None or dsum.of(payload) == want else "payload dsum128 mismatch"
 
 
 def _keys_of(batch: list[tuple[int, int, int]]) -> BlockKeys:

@@ -28,8 +28,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import codec, dsum
-from ..errors import ConfigError, CorruptBlockError
+from .. import dsum
+from ..errors import ConfigError
 from ..keys import BlockKeys
 from ..rows import aligned_rows, host_rows, is_torch
 from .diskio import ALIGN, IoOp, aligned_buffer, is_aligned
@@ -144,7 +144,7 @@ class DevicePath:
         t = self.tier
         n = len(recs)
         hdr = np.frombuffer(aligned_buffer(n * ALIGN), np.uint8).reshape(n, ALIGN)
-        ops = [self._header_op(r.slot, hdr[j]) for j, r in enumerate(recs)]
+        ops = [t._op(r.slot, hdr[j], hdr[j][:0]) for j, r in enumerate(recs)]  # header pages only
         got = iter(t.io.read([op for op in ops if op is not None]))
         good = np.zeros(n, bool)
         bad: list[tuple[int, int, str]] = []
@@ -152,7 +152,7 @@ class DevicePath:
         host: list[int] = []
         for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
             got_n = next(got) if op is not None else -errno.ENOENT
-            why, h = self._check_header(keys, i, r, hdr[j], got_n, op)
+            why, h = t._check_header(keys[i], r, hdr[j], got_n, op)
             if why is not None:
                 bad.append((int(keys.hashes[i]), r.slot, why))
             elif h is not None and h.dsum is not None:
@@ -165,30 +165,6 @@ class DevicePath:
         if bad:
             t._drop_bad(keys.ns, bad)
         return good
-
-    def _header_op(self, slot: int, page: np.ndarray) -> IoOp | None:
-        seg, off = self.tier._locate(slot)
-        try:
-            dfd, bfd = self.tier._fd(seg)
-        except OSError:
-            return None
-        return IoOp(dfd if dfd >= 0 else bfd, off, [memoryview(page.data)])
-
-    def _check_header(
-        self, keys: BlockKeys, i: int, rec: Record, page: np.ndarray, n: int, op: IoOp | None
-    ) -> tuple[str | None, codec.BlockHeader | None]:
-        if op is None or n < 0:
-            return f"read failed ({errno.errorcode.get(-n, n)})", None
-        if n < op.nbytes:
-            return f"short read ({n} of {op.nbytes} bytes: segment truncated?)", None
-        try:
-            h = codec.decode_header(page[: codec.HEADER_SIZE])
-            codec.check_header(h, keys[i], self.tier.block_nbytes, self.tier.block_size)
-            if h.checksum != rec.checksum:
-                raise CorruptBlockError("header checksum differs from the index")
-        except CorruptBlockError as e:
-            return str(e), None
-        return None, h
 
     def _load_direct(
         self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any,

@@ -183,7 +183,7 @@ def diagnose(directory: str, trial: bool = True) -> dict[str, Any]:
     through a scratch tier there.  ``kvbm-fs gds DIR`` prints it."""
     import os
 
-    from .diskio import probe_direct_io, probe_gds
+    from .diskio import probe_direct_io
 
     out: dict[str, Any] = {"directory": os.path.abspath(directory)}
     try:
@@ -196,9 +196,13 @@ def diagnose(directory: str, trial: bool = True) -> dict[str, Any]:
     out["o_direct"] = probe_direct_io(directory)
     out["nvidia_fs"] = os.path.exists("/proc/driver/nvidia-fs")
     out["udev_id_fs_usage"] = _udev_fs_usage(directory)
-    out["gds_backend"] = probe_gds(20)[1] if out["cuda"] and out["nixl"] else None
-    if trial and out["cuda"] and out["nixl"]:
-        out["trial"] = _trial(directory)
+    out["gds_backend"] = None
+    if out["cuda"] and out["nixl"]:
+        engine, out["gds_backend"] = open_device_io("cuda", timeout=20)
+        if engine is not None:
+            engine.close()
+        if trial:
+            out["trial"] = try_tier(directory)
     out["verdict"] = _verdict(out)
     return out
 
@@ -229,7 +233,9 @@ def _udev_fs_usage(directory: str) -> bool | None:
         return False
 
 
-def _trial(directory: str) -> dict[str, Any]:
+def try_tier(directory: str, gds: str = "auto", blocks: int = 4, block_bytes: int = 1 << 20) -> dict[str, Any]:
+    """One put and get of random GPU blocks through a scratch disk tier in ``directory``: did they
+    come back whole, and how many loads went through the device engine?"""
     import shutil
     import tempfile
 
@@ -241,14 +247,15 @@ def _trial(directory: str) -> dict[str, Any]:
 
     root = tempfile.mkdtemp(prefix="kvbm-gds-", dir=directory)
     try:
-        t = DiskTier(root, 1 << 20, capacity="32MiB", gds="auto")
-        keys = BlockKeys.chain(1, np.arange(1, 5, dtype=np.uint64))
-        src = torch.randint(0, 256, (4, 1 << 20), dtype=torch.uint8, device="cuda")
+        t = DiskTier(root, block_bytes, capacity=2 * blocks * (block_bytes + (8 << 10)), gds=gds)
+        keys = BlockKeys.chain(1, np.arange(1, blocks + 1, dtype=np.uint64))
+        src = torch.randint(0, 256, (blocks, block_bytes), dtype=torch.uint8, device="cuda")
         out = torch.zeros_like(src)
         ok = bool(t.put(keys, src).all() and t.get(keys, out).all() and torch.equal(out, src))
         s = t.stats()
         t.close()
-        return dict(correct=ok, device_loads=s["device_loads"], host_loads=s["device_host_loads"], engine=s["gds"])
+        return dict(correct=ok, device_loads=s["device_loads"], host_loads=s["device_host_loads"], engine=s["gds"],
+                    fd=s["gds_fd"], direct_io=s["direct_io"])  # fmt: skip
     except Exception as e:
         return dict(error=f"{type(e).__name__}: {e}")
     finally:
