@@ -97,10 +97,8 @@ def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64) -> np.ndarray
 
 def _stage(n: int, src: Tier, dst: Tier) -> Any:
     for gpu, other in ((src, dst), (dst, src)):
-        if gpu.medium is Medium.GPU and isinstance(gpu, SlotTier):
-            rows = gpu.buf.new_empty((n, gpu.block_nbytes)) if hasattr(gpu.buf, "new_empty") else None
-            if rows is not None and other.moves_device_rows(rows):
-                return rows
+        if gpu.medium is Medium.GPU and isinstance(gpu, SlotTier) and other.moves_device_rows(gpu.buf):
+            return gpu.buf.new_empty((n, gpu.block_nbytes))  # same device and dtype as the pool
     return aligned_rows(n, src.block_nbytes)
 
 
