@@ -487,3 +487,33 @@ def test_the_gds_verdict_names_what_stands_in_the_way(facts: dict[str, Any], ver
     base = dict(cuda=True, nixl="nixl_cu13", gds_backend="GDS_MT", nvidia_fs=False, udev_id_fs_usage=True,
                 trial=dict(device_loads=4))  # fmt: skip
     assert verdict in _verdict({**base, **facts})
+
+
+def test_host_written_blocks_loaded_into_tensors_read_each_header_once_and_verify_xxh3(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocks without a dsum128 take the host path, reusing the header pages already read: one
+    header page and one payload per block, and a damaged payload is a miss, reported and removed."""
+    t = _tier(tmp_path, "cpu")
+    keys = _keys(3)
+    assert t.put(keys, _rows(3)).all()  # numpy rows: no dsum128
+    path, off = _slot_payload_offset(t, int(keys.hashes[1]))
+    with open(path, "r+b") as f:
+        f.seek(off + HEADER_PAGE + 7)
+        b = f.read(1)
+        f.seek(off + HEADER_PAGE + 7)
+        f.write(bytes([b[0] ^ 0x40]))
+    moved: list[int] = []
+    read = t.io.read
+
+    def counting(ops: Any) -> Any:
+        moved.extend(op.nbytes for op in ops)
+        return read(ops)
+
+    monkeypatch.setattr(t.io, "read", counting)
+    out = torch.zeros((3, BN), dtype=torch.uint8)
+    assert t.get(keys, out).tolist() == [True, False, True]
+    assert torch.equal(out[[0, 2]], torch.from_numpy(_rows(3)[[0, 2]]))
+    assert sorted(moved) == [HEADER_PAGE] * 3 + [BN] * 3
+    assert t.contains(keys).tolist() == [True, False, True]
+    t.close()

@@ -374,15 +374,18 @@ class DiskTier(Tier):
                 os.fdatasync(self._fd(seg)[1])
         return ok, csums
 
-    def _op(self, slot: int, hdr: np.ndarray, payload: np.ndarray, create: bool = False) -> IoOp | None:
+    def _op(self, slot: int, hdr: np.ndarray | None, payload: np.ndarray, create: bool = False) -> IoOp | None:
+        """The I/O for a slot: header page then payload, or the payload alone (``hdr`` None)."""
         seg, off = self._locate(slot)
         try:
             dfd, bfd = self._fd(seg, create=create)
         except OSError:
             return None
-        h, p = memoryview(hdr.data), memoryview(payload.data)
+        p = memoryview(payload.data)
         fd = dfd if dfd >= 0 and is_aligned(p) else bfd
-        return IoOp(fd, off, [h, p])
+        if hdr is None:
+            return IoOp(fd, off + HEADER_PAGE, [p])
+        return IoOp(fd, off, [memoryview(hdr.data), p])
 
     def moves_device_rows(self, rows: Any) -> bool:
         return self.device.applies(rows)

@@ -28,11 +28,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import dsum
-from ..errors import ConfigError
+from .. import codec, dsum
+from ..errors import ConfigError, CorruptBlockError
 from ..keys import BlockKeys
 from ..rows import aligned_rows, host_rows, is_torch
-from .diskio import ALIGN, IoOp, aligned_buffer, is_aligned
+from .diskio import ALIGN, aligned_buffer
 from .gds import NixlDeviceIO, open_device_io
 
 if TYPE_CHECKING:
@@ -131,13 +131,9 @@ class DevicePath:
         if state == "failed":
             return [False] * n
         self.counters["device_retries"] += 1
-        ops = []
-        for s, i in zip(slots, idx[:n].tolist()):
-            seg, off = self.tier._locate(s)
-            dfd, bfd = self.tier._fd(seg)
-            p = memoryview(rows[i].data)
-            ops.append(IoOp(dfd if dfd >= 0 and is_aligned(p) and off % ALIGN == 0 else bfd, off + ALIGN, [p]))
-        return [k == op.nbytes for k, op in zip(self.tier.io.write(ops), ops)]
+        ops = [self.tier._op(s, None, rows[i]) for s, i in zip(slots, idx[:n].tolist())]
+        moved = iter(self.tier.io.write([op for op in ops if op is not None]))
+        return [op is not None and next(moved) == op.nbytes for op in ops]
 
     # ---- loads -----------------------------------------------------------------------------
     def read(self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any) -> np.ndarray:
@@ -148,45 +144,43 @@ class DevicePath:
         got = iter(t.io.read([op for op in ops if op is not None]))
         good = np.zeros(n, bool)
         bad: list[tuple[int, int, str]] = []
-        direct: list[tuple[int, int]] = []  # (j, dsum)
-        host: list[int] = []
+        direct: list[tuple[int, codec.BlockHeader]] = []  # headers verified, payload checkable on the device
+        host: list[tuple[int, codec.BlockHeader]] = []
         for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
             got_n = next(got) if op is not None else -errno.ENOENT
             why, h = t._check_header(keys[i], r, hdr[j], got_n, op)
-            if why is not None:
-                bad.append((int(keys.hashes[i]), r.slot, why))
-            elif h is not None and h.dsum is not None:
-                direct.append((j, h.dsum))
+            if h is None:
+                bad.append((int(keys.hashes[i]), r.slot, why or "bad header"))
             else:
-                host.append(j)
+                (direct if h.dsum is not None else host).append((j, h))
         host += self._load_direct(keys, recs, idx, out, direct, good, bad)
         if host:
-            self._load_host(keys, [recs[j] for j in host], idx[host], out, good, np.array(host))
+            self._load_host(keys, recs, idx, out, host, good, bad)
         if bad:
             t._drop_bad(keys.ns, bad)
         return good
 
     def _load_direct(
         self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any,
-        direct: list[tuple[int, int]], good: np.ndarray, bad: list[tuple[int, int, str]],
-    ) -> list[int]:  # fmt: skip
+        direct: list[tuple[int, codec.BlockHeader]], good: np.ndarray, bad: list[tuple[int, int, str]],
+    ) -> list[tuple[int, codec.BlockHeader]]:  # fmt: skip
         """GDS-read the payloads of ``direct`` into their rows and verify them on the device.
         Returns the ones to redo through the host path."""
         import torch
 
         if not direct or self.engine is None:
-            return [j for j, _ in direct]
+            return direct
         rows = [int(idx[j]) for j, _ in direct]
         state = self._move(out, rows, [recs[j].slot for j, _ in direct])
         if state == "retry":
             self.counters["device_retries"] += 1
-            return [j for j, _ in direct]
+            return direct
         if state == "failed":
             bad.extend((int(keys.hashes[idx[j]]), recs[j].slot, "device read failed") for j, _ in direct)
             return []
         sums = dsum.to_ints(dsum.rows(out[torch.as_tensor(rows, device=out.device)]))
-        for (j, want), have in zip(direct, sums):
-            if have == want:
+        for (j, h), have in zip(direct, sums):
+            if have == h.dsum:
                 good[j] = True
             else:
                 self.counters["dsum_failures"] += 1
@@ -216,16 +210,31 @@ class DevicePath:
         return fds, offs
 
     def _load_host(
-        self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any, good: np.ndarray, where: np.ndarray
-    ) -> None:
+        self, keys: BlockKeys, recs: list[Record], idx: np.ndarray, out: Any,
+        todo: list[tuple[int, codec.BlockHeader]], good: np.ndarray, bad: list[tuple[int, int, str]],
+    ) -> None:  # fmt: skip
+        """Payloads of blocks whose headers were read and checked already: read into host rows,
+        checked against the header's xxh3-128, and copied up in one batch."""
         import torch
 
-        stage = aligned_rows(len(recs), self.tier.block_nbytes)
-        ok = self.tier._read_slots(keys, recs, idx, stage, dense=True)
+        t = self.tier
+        stage = aligned_rows(len(todo), t.block_nbytes)
+        ops = [t._op(recs[j].slot, None, stage[k]) for k, (j, _) in enumerate(todo)]
+        got = iter(t.io.read([op for op in ops if op is not None]))
+        ok = np.zeros(len(todo), bool)
+        for k, ((j, h), op) in enumerate(zip(todo, ops)):
+            n = next(got) if op is not None else -errno.ENOENT
+            try:
+                if op is None or n != op.nbytes:
+                    raise CorruptBlockError(f"payload read failed or short ({n} bytes)")
+                codec.verify_payload(h, stage[k])
+                ok[k] = True
+            except CorruptBlockError as e:
+                bad.append((int(keys.hashes[idx[j]]), recs[j].slot, str(e)))
         if ok.any():
-            rows = torch.as_tensor(idx[ok], device=out.device)
-            out[rows] = torch.from_numpy(stage[ok]).to(out.device)
-        good[where[ok]] = True
+            rows = idx[[j for (j, _), o in zip(todo, ok) if o]]
+            out[torch.as_tensor(rows, device=out.device)] = torch.from_numpy(stage[ok]).to(out.device)
+            good[[j for (j, _), o in zip(todo, ok) if o]] = True
         self.counters["device_host_loads"] += int(ok.sum())
 
     def stats(self) -> dict[str, Any]:
