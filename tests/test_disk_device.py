@@ -58,6 +58,15 @@ def _slot_payload_offset(t: DiskTier, key_hash: int, ns: int = 5) -> tuple[str, 
     return t._segment_path(seg), off
 
 
+def _flip(path: str, pos: int, mask: int) -> None:
+    """Flip bits of one stored byte behind the tier's back."""
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        b = f.read(1)
+        f.seek(pos)
+        f.write(bytes([b[0] ^ mask]))
+
+
 # ---- dsum128 ------------------------------------------------------------------------------
 @pytest.mark.parametrize("nbytes", [4, 12, 4096, 1 << 21])
 def test_dsum_rows_on_torch_equals_the_numpy_definition(nbytes: int) -> None:
@@ -130,11 +139,7 @@ def test_a_flipped_payload_bit_is_a_miss_reported_and_removed(tmp_path: Path, de
     data = torch.from_numpy(_rows(4)).to(device)
     assert t.put(keys, data).all()
     path, off = _slot_payload_offset(t, int(keys.hashes[2]))
-    with open(path, "r+b") as f:
-        f.seek(off + HEADER_PAGE + 1234)
-        b = f.read(1)
-        f.seek(off + HEADER_PAGE + 1234)
-        f.write(bytes([b[0] ^ 0x10]))
+    _flip(path, off + HEADER_PAGE + 1234, 0x10)
     out = torch.zeros_like(data)
     assert t.get(keys, out).tolist() == [True, True, False, True]
     assert torch.equal(out[[0, 1, 3]], data[[0, 1, 3]])
@@ -498,11 +503,7 @@ def test_host_written_blocks_loaded_into_tensors_read_each_header_once_and_verif
     keys = _keys(3)
     assert t.put(keys, _rows(3)).all()  # numpy rows: no dsum128
     path, off = _slot_payload_offset(t, int(keys.hashes[1]))
-    with open(path, "r+b") as f:
-        f.seek(off + HEADER_PAGE + 7)
-        b = f.read(1)
-        f.seek(off + HEADER_PAGE + 7)
-        f.write(bytes([b[0] ^ 0x40]))
+    _flip(path, off + HEADER_PAGE + 7, 0x40)
     moved: list[int] = []
     read = t.io.read
 
