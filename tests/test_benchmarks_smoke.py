@@ -69,3 +69,22 @@ def _small_trace(path: Path) -> Path:
         lines.append(json.dumps({"timestamp": i, "input_length": 512 * len(ids), "output_length": 4, "hash_ids": ids}))
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def test_policy_refs_every_simulated_policy_and_oracle_hint_stays_under_belady(tmp_path: Path) -> None:
+    """Belady's MIN bounds every demand policy, the oracle-hinted ones included; a perfect
+    one-hit-wonder filter in front of LRU never does worse than LRU itself (LRU's stack property)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import bench_policy_refs as refs
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from kvbm_fs.replay import load_trace
+
+    out = refs.run(load_trace(_small_trace(tmp_path / "trace.jsonl")))
+    for frac, opt in out["belady"].items():
+        for name, by_cap in out["hit_ratio"].items():
+            assert by_cap[frac] <= opt + 1e-9, (name, frac)
+        for name, by_cap in out["oracle_hints"].items():
+            assert 0 < by_cap[frac]["hit_ratio"] <= opt + 1e-9, (name, frac)
+        assert out["oracle_hints"]["lru_oracle_bypass"][frac]["hit_ratio"] >= out["hit_ratio"]["lru"][frac]
