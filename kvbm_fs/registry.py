@@ -20,6 +20,7 @@ _REGISTRY: dict[str, str] = {
     "gpu": "kvbm_fs.tiers.gpu:GpuTier",
     "disk": "kvbm_fs.tiers.disk:DiskTier",
     "file": "kvbm_fs.tiers.disk:DiskTier",
+    "peer": "kvbm_fs.tiers.peer:PeerTier",
 }
 # Any other scheme fsspec knows (s3, gs, az, memory, ...) is a G4 remote tier, and so is
 # "remote+<scheme>://" (e.g. remote+file:///mnt/nfs/kv for a shared filesystem).

@@ -1,0 +1,253 @@
+"""Peer tier: another process's host tier over NIXL UCX (real agents, real UCX transfers on loopback).
+
+The conformance suite runs unchanged against a PeerTier whose peer is a HostTier served in this
+process (two NIXL agents, UCX between them); the cross-process tests put the peer in a child
+process, as a deployment would.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from kvbm_fs.errors import ConfigError, IllegalTransitionError, LayoutMismatchError
+from kvbm_fs.events import EventBus, EventKind
+from kvbm_fs.testing import NS_A, EventRecorder, TierTests, blocks_for, chain, require_nixl
+from kvbm_fs.tier import Tier
+
+require_nixl()
+
+from kvbm_fs.tiers.host import HostTier  # noqa: E402
+from kvbm_fs.tiers.peer import PeerServer, PeerTier, PeerUnavailableError  # noqa: E402
+
+BN = NS_A.block_nbytes
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class _ServedPeerTier(PeerTier):
+    """A PeerTier that owns the in-process peer it talks to (closed together)."""
+
+    server: PeerServer
+
+    def close(self) -> None:
+        super().close()
+        self.server.close()
+        self.server.tier.close()
+
+
+def served(capacity_blocks: int = 16, events: EventBus | None = None, **kw: Any) -> _ServedPeerTier:
+    server = PeerServer(HostTier(capacity_blocks * BN, BN, name="exported"))
+    try:
+        t = _ServedPeerTier(server.url, BN, events=events, **kw)
+    except BaseException:
+        server.close()
+        raise
+    t.server = server
+    return t
+
+
+class TestPeerTier(TierTests):
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
+        assert block_nbytes == BN
+        return served(capacity_blocks, events)
+
+
+@pytest.fixture
+def peer() -> Any:
+    t = served(32, breaker_cooldown=0.2, timeout=2.0)
+    t.bind_namespace(NS_A)
+    yield t
+    t.close()
+
+
+def test_blocks_put_by_a_peer_are_matchable_and_readable_on_the_serving_side(peer: _ServedPeerTier) -> None:
+    keys = chain(NS_A, 6)
+    assert peer.put(keys, blocks_for(keys, BN)).all()
+    local = peer.server.tier
+    assert local.prefix_len(keys) == 6
+    out = np.zeros((6, BN), np.uint8)
+    assert local.get(keys, out).all() and np.array_equal(out, blocks_for(keys, BN))
+
+
+def test_blocks_stored_by_the_serving_process_are_read_by_peers_and_verified(peer: _ServedPeerTier) -> None:
+    keys = chain(NS_A, 5, start=100)
+    peer.server.tier.put(keys, blocks_for(keys, BN))
+    out = np.zeros((5, BN), np.uint8)
+    assert peer.get(keys, out).all() and np.array_equal(out, blocks_for(keys, BN))
+    assert peer.server.counters["headers_made"] == 5  # made at first lookup...
+    peer.get(keys, out)
+    assert peer.server.counters["headers_made"] == 5  # ...and kept for the next
+    assert peer.stats()["bytes_read"] > 5 * BN
+
+
+def test_a_block_damaged_in_the_peers_memory_is_a_miss_and_rows_stay_untouched(peer: _ServedPeerTier) -> None:
+    rec = EventRecorder(peer.events)
+    keys = chain(NS_A, 4, start=200)
+    assert peer.put(keys, blocks_for(keys, BN)).all()
+    slot = int(peer.server.tier.pool.lookup(keys[2:3])[0])
+    peer.server.tier.buf[slot, 77] ^= 0x10  # a bit flips in the peer's DRAM after the commit
+    out = np.full((4, BN), 0xAB, np.uint8)
+    found = peer.get(keys, out)
+    assert found.tolist() == [True, True, False, True]
+    assert (out[2] == 0xAB).all() and np.array_equal(out[[0, 1, 3]], blocks_for(keys, BN)[[0, 1, 3]])
+    assert peer.stats()["load_failures"] == 1 and rec.keys(EventKind.LOAD_FAILED) == {(NS_A.id, int(keys.hashes[2]))}
+
+
+def test_a_header_made_for_another_key_is_not_served_for_this_one(peer: _ServedPeerTier) -> None:
+    """Key echo: a slot whose header row names another block fails the check, however its payload looks."""
+    keys = chain(NS_A, 2, start=300)
+    assert peer.put(keys, blocks_for(keys, BN)).all()
+    s0, s1 = (int(s) for s in peer.server.tier.pool.lookup(keys))
+    srv = peer.server
+    srv.hdr[s1] = srv.hdr[s0]  # row 1's header now echoes block 0 (and its checksum)
+    srv.tier.buf[s1] = srv.tier.buf[s0]  # and the payload matches that checksum
+    out = np.zeros((2, BN), np.uint8)
+    assert peer.get(keys, out).tolist() == [True, False]
+
+
+def test_a_torn_write_is_never_registered(peer: _ServedPeerTier, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvbm_fs.tiers.peer as mod
+
+    rec = EventRecorder(peer.events)
+    keys = chain(NS_A, 3, start=400)
+    real = mod._xxh128
+    monkeypatch.setattr(mod, "_xxh128", lambda row: (real(row)[0] ^ 1, real(row)[1]))  # what arrived != what was sent
+    assert not peer.put(keys, blocks_for(keys, BN)).any()
+    assert not peer.server.tier.contains(keys).any() and peer.server.counters["commit_rejected"] == 3
+    assert peer.server.tier.pool.num_free == peer.server.tier.pool.num_slots  # reservations went back
+    assert rec.keys(EventKind.STORE_FAILED) == {(NS_A.id, int(h)) for h in keys.hashes.tolist()}
+
+
+def test_leases_of_a_client_that_goes_away_are_dropped(peer: _ServedPeerTier) -> None:
+    keys = chain(NS_A, 3, start=500)
+    assert peer.put(keys, blocks_for(keys, BN)).all()
+    assert peer.pin(keys).all() and peer.server.tier.pinned(keys).all()
+    peer._disconnect()  # the client process dies with its pins
+    deadline = time.monotonic() + 5
+    while peer.server.tier.pinned(keys).any() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert not peer.server.tier.pinned(keys).any()
+
+
+def test_unpin_of_what_this_client_did_not_pin_is_misuse_even_if_another_did(peer: _ServedPeerTier) -> None:
+    keys = chain(NS_A, 2, start=600)
+    assert peer.put(keys, blocks_for(keys, BN)).all()
+    peer.server.tier.pin(keys)  # pinned by the serving process, not by this client
+    with pytest.raises(IllegalTransitionError):
+        peer.unpin(keys)
+    assert peer.server.tier.pinned(keys).all()
+
+
+def test_a_dead_peer_is_misses_and_dropped_puts_then_the_breaker_probes_a_restarted_one() -> None:
+    t = served(16, breaker_threshold=2, breaker_cooldown=0.2, timeout=2.0)
+    t.bind_namespace(NS_A)
+    rec = EventRecorder(t.events)
+    keys = chain(NS_A, 4, start=700)
+    try:
+        assert t.put(keys, blocks_for(keys, BN)).all()
+        port, tier = t.server.port, t.server.tier
+        t.server.close()  # the peer process dies
+        out = np.full((4, BN), 0xAB, np.uint8)
+        for _ in range(3):
+            assert not t.get(keys, out).any() and not t.put(keys, blocks_for(keys, BN)).any()
+            assert not t.contains(keys).any() and t.prefix_len(keys) == 0
+        assert (out == 0xAB).all() and t.breaker.state == "open" and t.stats()["skipped_open_breaker"] > 0
+        assert rec.keys(EventKind.STORE_FAILED)
+        t.server = PeerServer(tier, port=port)  # it comes back on the same port, with new NIXL metadata
+        time.sleep(0.25)
+        assert t.get(keys, out).all() and np.array_equal(out, blocks_for(keys, BN))
+        assert t.stats()["reconnects"] >= 1 and t.breaker.state == "closed"
+    finally:
+        t.close()
+
+
+def test_bad_addresses_and_layouts_are_refused_clearly() -> None:
+    for bad in ("peer://nohost", "peer://h:0", "peer://h:99999", "peer://:80", "h:x"):
+        with pytest.raises(ConfigError, match="HOST:PORT"):
+            PeerTier(bad, BN)
+    from kvbm_fs.testing.s3 import free_port
+
+    with pytest.raises(PeerUnavailableError, match="cannot reach"):
+        PeerTier(f"peer://127.0.0.1:{free_port()}", BN, timeout=1.0)
+    with PeerServer(HostTier(4 * BN, BN)) as srv, pytest.raises(LayoutMismatchError, match=f"{BN}-byte"):
+        PeerTier(srv.url, BN * 2)
+    srv.tier.close()
+    with pytest.raises(ConfigError, match="host-memory"):
+        PeerServer(__import__("kvbm_fs.tiers.gpu", fromlist=["GpuTier"]).GpuTier(4 * BN, BN, device="cpu"))
+
+
+def test_peer_url_opens_through_the_registry() -> None:
+    from kvbm_fs.registry import open_tier
+
+    with PeerServer(HostTier(4 * BN, BN)) as srv:
+        t = open_tier(srv.url + "?timeout=3&name=p1", block_nbytes=BN)
+        try:
+            assert isinstance(t, PeerTier) and t.name == "p1" and t.timeout == 3.0
+            assert t.capacity_bytes == 4 * BN
+        finally:
+            t.close()
+        srv.tier.close()
+    with pytest.raises(ConfigError, match="timeout"):
+        open_tier("peer://127.0.0.1:1?timeout=soon", block_nbytes=BN)
+
+
+PEER_PROCESS = textwrap.dedent(
+    """
+    import os, sys
+    from kvbm_fs.tiers.peer import serve_host_memory
+    srv = serve_host_memory(int(sys.argv[1]), int(sys.argv[2]))
+    print("URL", srv.url, flush=True)
+    sys.stdin.read()  # until the test closes our stdin
+    srv.close()
+    srv.tier.close()
+    os._exit(0)  # a process that made a UCX backend can crash in exit handlers (brief.md 6)
+    """
+)
+
+
+def test_two_processes_share_blocks_through_a_peer_process(tmp_path: Path) -> None:
+    """A memory-only peer process; this process puts, a second client process reads and verifies."""
+    proc = subprocess.Popen([sys.executable, "-c", PEER_PROCESS, str(64 * BN), str(BN)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = _read_url(proc)
+        keys = chain(NS_A, 8, start=900)
+        with PeerTier(url, BN) as t:
+            t.bind_namespace(NS_A)
+            assert t.put(keys, blocks_for(keys, BN)).all()
+        reader = textwrap.dedent(
+            f"""
+            import os, numpy as np
+            from kvbm_fs.testing import NS_A, blocks_for, chain
+            from kvbm_fs.tiers.peer import PeerTier
+            keys = chain(NS_A, 8, start=900)
+            t = PeerTier({url!r}, {BN})
+            t.bind_namespace(NS_A)
+            out = np.zeros((9, {BN}), np.uint8)
+            found = t.get(chain(NS_A, 9, start=900), out)
+            ok = found[:8].all() and not found[8] and np.array_equal(out[:8], blocks_for(keys, {BN}))
+            print("OK" if ok else "BAD", t.prefix_len(keys), flush=True)
+            t.close()
+            os._exit(0)
+            """
+        )
+        res = subprocess.run([sys.executable, "-c", reader], capture_output=True, text=True, timeout=120)
+        assert "OK 8" in res.stdout, res.stdout + res.stderr
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(30)
+
+
+def _read_url(proc: subprocess.Popen[str]) -> str:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        if line.startswith("URL "):
+            return line.split()[1]
+    raise AssertionError("peer process did not start")
