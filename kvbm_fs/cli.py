@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .errors import KvbmError
+from .errors import ConfigError, KvbmError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,6 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     dm.add_argument("--config", required=True, help="TOML/YAML/JSON config with tiers, layout and a [daemon] table")
     dm.add_argument("--once", action="store_true", help="run one round, print stats and exit")
+    ps = sub.add_parser(
+        "peer-serve", help="lend this machine's DRAM to peers: serve a host tier at peer://HOST:PORT until stopped"
+    )
+    ps.add_argument("--capacity", default="1GiB", help="host memory to serve (default 1GiB)")
+    ps.add_argument("--block-bytes", type=int, help="bytes per block (or take it from --config's layout)")
+    ps.add_argument("--config", help="TOML/YAML/JSON config whose layout gives the block size")
+    ps.add_argument("--host", default="127.0.0.1", help="address the control port listens on (default 127.0.0.1)")
+    ps.add_argument("--port", type=int, default=0, help="control port (default: any free one, printed)")
+    ps.add_argument("--policy", help="eviction policy of the served tier (default: the store default)")
     args = p.parse_args(argv)
     try:
         if args.cmd == "demo":
@@ -115,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.cmd == "daemon":
             return _daemon(args.config, args.once)
+        if args.cmd == "peer-serve":
+            return _peer_serve(args)
         if args.cmd == "check":
             from .maintenance import check
 
@@ -136,6 +147,32 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvbm-fs: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _peer_serve(args: argparse.Namespace) -> int:
+    """A memory-only peer: one host tier, served until SIGINT/SIGTERM; prints its URL as JSON."""
+    import signal
+    import threading
+
+    from .tiers.peer import serve_host_memory
+
+    block = args.block_bytes
+    if block is None:
+        if not args.config:
+            raise ConfigError("peer-serve needs --block-bytes or a --config with a layout")
+        from .config import resolve
+
+        block = resolve(config=args.config).namespace().block_nbytes
+    srv = serve_host_memory(args.capacity, block, args.host, args.port, args.policy)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    print(json.dumps({"url": srv.url, "block_bytes": block, "slots": srv.slots}), flush=True)
+    done.wait()
+    srv.close()
+    srv.tier.close()
+    sys.stdout.flush()
+    os._exit(0)  # a process that made a UCX backend can crash in exit handlers (brief.md 6)
 
 
 def _daemon(config: str, once: bool) -> int:

@@ -21,7 +21,7 @@ from .cost import CostModel
 from .errors import ConfigError, LayoutMismatchError, PinnedError, TierClosedError
 from .events import EventBus, EventKind
 from .keys import BlockKeys, Namespace
-from .tier import Tier
+from .tier import Medium, SlotTier, Tier
 from .transfer import transfer
 
 if TYPE_CHECKING:
@@ -84,6 +84,7 @@ class Store:
         self.cost = cost or CostModel()
         self.daemon: PlacementDaemon | None = None
         self._fg = 0  # foreground operations in flight (the daemon yields to them)
+        self.exported: list[Any] = []  # PeerServers serving this store's tiers to peers
         self.counters = {"put_blocks": 0, "match_calls": 0, "matched_blocks": 0, "get_blocks": 0, "get_misses": 0}
         if namespace is not None:
             self.add_namespace(namespace)
@@ -298,10 +299,25 @@ class Store:
                         written += int(transfer(sub[np.flatnonzero(new)], t, target).sum())
         return written
 
+    def export_peer(self, tier: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Any:
+        """Serve a host tier (``tier``, or the first host tier) to other processes, which mount it as
+        the ``peer://HOST:PORT`` in the returned server's ``url``.  Closed with the store."""
+        from .tiers.peer import PeerServer
+
+        self._live()
+        t = self.tier(tier) if tier else next((x for x in self.tiers if x.medium is Medium.HOST), None)
+        if not isinstance(t, SlotTier) or t.medium is not Medium.HOST:
+            raise ConfigError(f"export_peer: {tier or 'this store'!r} has no host tier to serve")
+        server = PeerServer(t, host, port)
+        self.exported.append(server)
+        return server
+
     def close(self, persist: bool = True) -> None:
         """Close every tier; with ``persist`` (default), first save volatile blocks to the persistent tier."""
         if self._closed:
             return
+        for server in self.exported:
+            server.close()
         self.stop_daemon()
         if persist:
             self.persist()

@@ -251,3 +251,45 @@ def _read_url(proc: subprocess.Popen[str]) -> str:
         if line.startswith("URL "):
             return line.split()[1]
     raise AssertionError("peer process did not start")
+
+
+def test_a_store_exports_its_host_tier_and_another_store_mounts_it_as_a_peer() -> None:
+    from kvbm_fs.mount import mount
+
+    layout = NS_A.layout
+    with mount("host://?capacity=1MiB", layout=layout, model=NS_A.model, tenant=NS_A.tenant) as s1:
+        keys = chain(NS_A, 6, start=1000)
+        assert s1.put(keys, blocks_for(keys, BN)).all()
+        srv = s1.export_peer()
+        with mount("host://?capacity=64KiB", srv.url, layout=layout, model=NS_A.model, tenant=NS_A.tenant) as s2:
+            m = s2.match(keys)
+            assert m.by_tier() == {"peer": 6}
+            out = np.zeros((6, BN), np.uint8)
+            assert s2.get(keys, out, m).all() and np.array_equal(out, blocks_for(keys, BN))
+            more = chain(NS_A, 3, start=2000)
+            assert s2.put(more, blocks_for(more, BN), tier="peer").all()
+        assert s1.match(more).by_tier() == {"host": 3}  # what the peer wrote is matchable at home
+    assert srv._stop.is_set()  # closed with its store
+    with mount("gpu://cpu?capacity=64KiB", layout=layout, model=NS_A.model) as s3, pytest.raises(ConfigError):
+        s3.export_peer()
+
+
+def test_peer_serve_command_lends_dram_until_stopped() -> None:
+    import json
+    import signal
+
+    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", "1MiB", "--block-bytes", str(BN)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        info = next(json.loads(line) for line in proc.stdout if line.startswith("{"))
+        assert info["block_bytes"] == BN and info["slots"] == (1 << 20) // BN
+        with PeerTier(info["url"], BN) as t:
+            t.bind_namespace(NS_A)
+            keys = chain(NS_A, 4, start=3000)
+            assert t.put(keys, blocks_for(keys, BN)).all() and t.prefix_len(keys) == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    res = subprocess.run([sys.executable, "-m", "kvbm_fs", "peer-serve"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 2 and "--block-bytes" in res.stderr
