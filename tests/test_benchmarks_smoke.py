@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_disk_io.py", ["write_gbps_posix", "read_gbps_posix", "write_gbps_seq", "read_gbps_seq"]),
         ("bench_disk.py", ["write_ratio", "read_ratio", "naive_write_ratio", "lookup_hit_p50_us_per_key"]),
         ("bench_remote.py", ["get_speedup", "put_speedup"]),
+        ("bench_peer.py", ["get_vs_tcp_batch", "get_fraction_of_raw_ucx", "put_fraction_of_raw_ucx"]),
         ("bench_policies.py", ["default_ratio_5pct", "lru_ratio_5pct", "distinct_blocks"]),
         ("bench_policy_refs.py", ["distinct_blocks", "references"]),
         ("bench_sglang.py", []),  # {"skipped"} here; .ci/run-sglang has SGLang

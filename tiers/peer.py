@@ -46,6 +46,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NoReturn
 
 import numpy as np
@@ -62,7 +63,7 @@ from ..errors import (
 from ..events import EventBus, EventKind
 from ..keys import BlockKeys, Namespace
 from ..policy import EvictionPolicy
-from ..rows import copy_rows
+from ..rows import copy_rows, is_torch
 from ..tier import Medium, SlotTier, Tier
 from ..units import parse_size
 from .remote import CircuitBreaker
@@ -459,6 +460,7 @@ class PeerTier(Tier):
         self._remote: str | None = None
         self._info: dict[str, Any] = {}
         self._closed = False
+        self._stuck: list[Any] | None = None  # what a transfer that could not be cancelled may still touch
         self.agent = _nixl_agent("kvbm-peer")
         self._stage = np.zeros((self.rows, HDR + self.block_nbytes), np.uint8)
         self._stage_reg = self.agent.register_memory(
@@ -583,7 +585,9 @@ class PeerTier(Tier):
         """A failed or stalled transfer: the staging buffer may still be written, so take a new one."""
         try:
             self.agent.release_xfer_handle(handle)
-        except Exception:  # can't cancel: leave buffer and registration to it
+        except Exception:  # can't cancel: leave buffers and registrations to it
+            self._stuck = [] if self._stuck is None else self._stuck
+            self._stuck.append((handle, self._stage, self._stage_reg))
             self._stage = np.zeros_like(self._stage)
             self._stage_reg = self.agent.register_memory(
                 [(int(self._stage.ctypes.data), self._stage.nbytes, 0, "")], "DRAM"
@@ -596,7 +600,11 @@ class PeerTier(Tier):
         self._disconnect()  # the peer may have restarted: reconnect (and re-learn its memory) next time
         raise _Down(why)
 
-    def _rows_at(self, slots: np.ndarray, with_header: bool) -> tuple[list[tuple[int, int, int]], ...]:
+    def _rows_at(
+        self, slots: np.ndarray, with_header: bool, rows: np.ndarray | None = None, at: np.ndarray | None = None
+    ) -> tuple[list[tuple[int, int, int]], ...]:
+        """Descriptors for ``slots``: headers to/from staging rows, payloads to/from staging rows or,
+        given host ``rows``, straight to/from ``rows[at]`` (no staging copy)."""
         base, stride, hdr, bn = (
             int(self._info["base"]),
             int(self._info["stride"]),
@@ -604,15 +612,34 @@ class PeerTier(Tier):
             self.block_nbytes,
         )
         me, width = int(self._stage.ctypes.data), self._stage.shape[1]
+        if rows is not None and at is not None:
+            payload = (int(rows.ctypes.data) + at.astype(np.int64) * rows.strides[0]).tolist()
+        else:
+            payload = [me + i * width + HDR for i in range(slots.size)]
         local, remote = [], []
         for i, s in enumerate(slots.tolist()):
-            row = me + i * width
             if with_header:
-                local.append((row, HDR, 0))
+                local.append((me + i * width, HDR, 0))
                 remote.append((hdr + s * HDR, HDR, 0))
-            local.append((row + HDR, bn, 0))
+            local.append((payload[i], bn, 0))
             remote.append((base + s * stride, bn, 0))
         return local, remote
+
+    @contextmanager
+    def _registered(self, rows: np.ndarray | None) -> Iterator[None]:
+        """The caller's rows registered with NIXL for one transfer (UCX caches it: ~µs after the first)."""
+        if rows is None or len(rows) == 0:
+            yield
+            return
+        span = rows.strides[0] * (rows.shape[0] - 1) + rows.shape[1]
+        reg = self.agent.register_memory([(int(rows.ctypes.data), span, 0, "")], "DRAM")
+        try:
+            yield
+        finally:
+            if self._stuck is None:
+                self.agent.deregister_memory(reg)
+            else:  # a transfer that could not be cancelled may still touch these rows
+                self._stuck.append(reg)
 
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
@@ -630,14 +657,19 @@ class PeerTier(Tier):
         reply, blob = self._keys_rpc("lookup", keys)
         slots = np.frombuffer(blob, np.int64)
         idx = np.flatnonzero(slots >= 0)
+        direct = _host_rows(out)  # payloads land in the caller's rows; a row that fails its check is
+        at = row0 + idx  # a miss with unspecified content (the Tier contract), as on disk tiers
         try:
             if idx.size:
-                self._transfer("READ", *self._rows_at(slots[idx], True))
+                with self._registered(direct):
+                    self._transfer("READ", *self._rows_at(slots[idx], True, direct, at))
                 self.counters["bytes_read"] += int(idx.size) * (self.block_nbytes + HDR)
         finally:
             self._release([int(reply["lease"])])
-        ok = self._verified(keys[idx], idx.size)
-        copy_rows(out, row0 + idx[ok], self._stage[:, HDR:], np.flatnonzero(ok))
+        payloads = [direct[r] for r in at.tolist()] if direct is not None else list(self._stage[: idx.size, HDR:])
+        ok = self._verified(keys[idx], payloads)
+        if direct is None:
+            copy_rows(out, at[ok], self._stage[:, HDR:], np.flatnonzero(ok))
         found = np.zeros(len(keys), bool)
         found[idx[ok]] = True
         return found
@@ -650,14 +682,14 @@ class PeerTier(Tier):
         except _Down:
             pass  # the peer drops a dead connection's leases itself
 
-    def _verified(self, keys: BlockKeys, n: int) -> np.ndarray:
-        ok = np.zeros(n, bool)
+    def _verified(self, keys: BlockKeys, payloads: list[np.ndarray]) -> np.ndarray:
+        ok = np.zeros(len(payloads), bool)
         bad: list[str] = []
-        for i in range(n):
+        for i, payload in enumerate(payloads):
             try:
                 hdr = codec.decode_header(self._stage[i, :HDR])
                 codec.check_header(hdr, keys[i], self.block_nbytes)
-                codec.verify_payload(hdr, self._stage[i, HDR:])
+                codec.verify_payload(hdr, payload)
                 ok[i] = True
             except codec.CorruptBlockError as e:
                 bad.append(str(e))
@@ -687,10 +719,14 @@ class PeerTier(Tier):
         if w.size == 0:
             return done
         lease = int(reply["lease"])
+        direct, at = _host_rows(data), row0 + w
         try:
-            copy_rows(self._stage[:, HDR:], np.arange(w.size), data, row0 + w)
-            sums = np.array([_xxh128(self._stage[i, HDR:]) for i in range(w.size)], np.uint64).reshape(-1, 2)
-            self._transfer("WRITE", *self._rows_at(code[w], False))
+            if direct is None:
+                copy_rows(self._stage[:, HDR:], np.arange(w.size), data, at)
+            rows = [direct[r] for r in at.tolist()] if direct is not None else list(self._stage[: w.size, HDR:])
+            sums = np.array([_xxh128(r) for r in rows], np.uint64).reshape(-1, 2)
+            with self._registered(direct):
+                self._transfer("WRITE", *self._rows_at(code[w], False, direct, at))
             self.counters["bytes_written"] += int(w.size) * self.block_nbytes
         except BaseException:
             self._release([lease])
@@ -801,6 +837,17 @@ class PeerTier(Tier):
     def _live(self) -> None:
         if self._closed:
             raise TierClosedError(f"tier {self.name!r} is closed")
+
+
+def _host_rows(x: Any) -> np.ndarray | None:
+    """``x`` as numpy rows NIXL can address directly (host memory, contiguous within each row), or None."""
+    if is_torch(x):
+        if x.device.type != "cpu":
+            return None
+        x = x.detach().numpy()
+    if isinstance(x, np.ndarray) and x.ndim == 2 and x.strides[1] == 1 and x.strides[0] >= x.shape[1]:
+        return x
+    return None
 
 
 def _xxh128(row: np.ndarray) -> tuple[int, int]:
