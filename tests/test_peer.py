@@ -306,3 +306,54 @@ def test_peer_serve_command_lends_dram_until_stopped() -> None:
         assert proc.wait(30) == 0
     res = subprocess.run([sys.executable, "-m", "kvbm_fs", "peer-serve"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--block-bytes" in res.stderr
+
+
+CHURN_CLIENT = textwrap.dedent(
+    """
+    import os, sys, numpy as np
+    from kvbm_fs.testing import NS_A, blocks_for, chain
+    from kvbm_fs.tiers.peer import PeerTier
+    url, seed, bn = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    rng = np.random.default_rng(seed)
+    t = PeerTier(url, bn)
+    t.bind_namespace(NS_A)
+    served = wrong = 0
+    for _ in range(150):
+        start = int(rng.integers(0, 40)) * 8
+        keys = chain(NS_A, 8, start=start)
+        if rng.random() < 0.5:
+            t.put(keys, blocks_for(keys, bn))
+        else:
+            out = np.zeros((8, bn), np.uint8)
+            found = t.get(keys, out)
+            want = blocks_for(keys, bn)
+            served += int(found.sum())
+            wrong += sum(not np.array_equal(out[i], want[i]) for i in np.flatnonzero(found))
+    print("RESULT", served, wrong, flush=True)
+    t.close()
+    os._exit(0)
+    """
+)
+
+
+def test_three_processes_churning_a_small_peer_never_serve_wrong_bytes() -> None:
+    """Two client processes put and get overlapping chains through a peer 8x too small for them,
+    so slots are evicted and reused all the time; every block they are served is exact."""
+    proc = subprocess.Popen([sys.executable, "-c", PEER_PROCESS, str(40 * BN), str(BN)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        url = _read_url(proc)
+        clients = [
+            subprocess.Popen(
+                [sys.executable, "-c", CHURN_CLIENT, url, str(seed), str(BN)], stdout=subprocess.PIPE, text=True
+            )
+            for seed in (1, 2)
+        ]
+        results = [c.communicate(timeout=180)[0] for c in clients]
+        for out in results:
+            line = next(x for x in out.splitlines() if x.startswith("RESULT"))
+            served, wrong = (int(v) for v in line.split()[1:])
+            assert served > 0 and wrong == 0, out
+    finally:
+        proc.stdin.close()  # type: ignore[union-attr]
+        proc.wait(30)
