@@ -80,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--config", required=True, help="TOML/YAML/JSON config with tiers, layout and a [daemon] table")
     dm.add_argument("--once", action="store_true", help="run one round, print stats and exit")
     ps = sub.add_parser(
-        "peer-serve", help="lend this machine's DRAM to peers: serve a host tier at peer://HOST:PORT until stopped"
+        "peer-serve",
+        help="lend this machine's DRAM to peers: serve a host tier at peer://HOST:PORT until stopped "
+        "(clients must present KVBM_FS_PEER_TOKEN if it is set)",
     )
     ps.add_argument("--capacity", default="1GiB", help="host memory to serve (default 1GiB)")
     ps.add_argument("--block-bytes", type=int, help="bytes per block (or take it from --config's layout)")

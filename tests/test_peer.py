@@ -357,3 +357,42 @@ def test_three_processes_churning_a_small_peer_never_serve_wrong_bytes() -> None
     finally:
         proc.stdin.close()  # type: ignore[union-attr]
         proc.wait(30)
+
+
+def test_a_token_guards_everything_and_never_shows() -> None:
+    import socket
+
+    from kvbm_fs.registry import open_tier
+    from kvbm_fs.tiers.peer import PeerAuthError, _recv, _send
+
+    with PeerServer(HostTier(4 * BN, BN), token="s3cret-T0k3n") as srv:
+        for token in (None, "wrong"):
+            with pytest.raises(PeerAuthError, match="refused") as err:
+                PeerTier(srv.url, BN, token=token)
+            assert "s3cret" not in str(err.value)
+        with socket.create_connection((srv.host, srv.port)) as sock:  # skipping hello gets nothing
+            _send(sock, {"op": "stats"})
+            assert _recv(sock)[0]["error"] == "PeerAuthError"
+            _send(sock, {"op": "hello", "protocol": 1})
+            reply, md = _recv(sock)
+            assert reply["error"] == "PeerAuthError" and not md
+        t = open_tier(srv.url + "?token=s3cret-T0k3n", block_nbytes=BN)
+        try:
+            t.bind_namespace(NS_A)
+            keys = chain(NS_A, 2)
+            assert t.put(keys, blocks_for(keys, BN)).all()
+            assert "s3cret" not in repr(t) + str(t.stats())
+        finally:
+            t.close()
+        srv.tier.close()
+
+
+def test_the_token_comes_from_the_environment_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvbm_fs.tiers.peer import TOKEN_ENV, PeerAuthError
+
+    monkeypatch.setenv(TOKEN_ENV, "from-env")
+    with PeerServer(HostTier(4 * BN, BN)) as srv:
+        PeerTier(srv.url, BN).close()
+        with pytest.raises(PeerAuthError):
+            PeerTier(srv.url, BN, token="other")
+        srv.tier.close()

@@ -32,10 +32,15 @@ reads and dropped blocks for puts, counted, published as events, and behind a ci
 probes the peer again after ``breaker_cooldown`` seconds (and reconnects, so a restarted peer is
 picked up).  Misuse (wrong layout, unpin without pin, delete of a pinned block) raises on the
 client exactly as it would on the peer's own tier.
+
+Access: with a token (``token=``, or ``KVBM_FS_PEER_TOKEN`` on both sides) a client must present it
+in its first message before anything else is answered, the NIXL metadata included (without which
+UCX can't address the slab).  The token never appears in a URL's repr, stats or errors.
 """
 
 from __future__ import annotations
 
+import hmac
 import itertools
 import json
 import logging
@@ -71,19 +76,28 @@ from .remote import CircuitBreaker
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
+TOKEN_ENV = "KVBM_FS_PEER_TOKEN"  # shared secret both sides read when no token is passed
 HDR = codec.HEADER_SIZE
 _FRAME = struct.Struct("!II")
 _MAX_JSON = 1 << 20
 _MAX_BLOB = 1 << 30
 _PRESENT, _REFUSED = -2, -1  # reserve's answer per key, beside a slot number to write
-_ERRORS: dict[str, type[Exception]] = {
-    c.__name__: c for c in (ConfigError, IllegalTransitionError, PinnedError, LayoutMismatchError, TierClosedError)
-}
 _names = itertools.count()
 
 
 class PeerUnavailableError(KvbmError, ConnectionError):
     """The peer could not be reached when the tier was opened."""
+
+
+class PeerAuthError(KvbmError, PermissionError):
+    """The peer refused this client's token (or the client spoke before saying hello)."""
+
+
+# errors a peer answers with that are the caller's doing: raised on the client as on the peer
+_ERRORS: dict[str, type[Exception]] = {
+    c.__name__: c
+    for c in (ConfigError, IllegalTransitionError, PinnedError, LayoutMismatchError, TierClosedError, PeerAuthError)
+}
 
 
 class _Down(Exception):
@@ -156,6 +170,7 @@ class _Session:
         self.writes: dict[int, tuple[BlockKeys, np.ndarray]] = {}  # lease id -> (keys, reserved slots)
         self.pins: Counter[int] = Counter()  # slot -> pins taken through Tier.pin
         self.next = 0
+        self.authed = False
 
 
 class PeerServer:
@@ -165,11 +180,19 @@ class PeerServer:
     is matchable here too.  ``host`` is where the control port listens (``0.0.0.0`` to serve other
     machines: UCX then picks a network transport for the data)."""
 
-    def __init__(self, tier: SlotTier, host: str = "127.0.0.1", port: int = 0, progress_s: float = 0.001) -> None:
+    def __init__(
+        self,
+        tier: SlotTier,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        progress_s: float = 0.001,
+        token: str | None = None,
+    ) -> None:
         buf = tier.buf
         if not isinstance(buf, np.ndarray) or buf.dtype != np.uint8 or buf.ndim != 2:
             raise ConfigError(f"tier {tier.name!r}: only host-memory tiers (numpy slabs) can be served to peers")
         self.tier = tier
+        self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.slots, self.block_nbytes = int(buf.shape[0]), int(buf.shape[1])
         self.stride = int(buf.strides[0])
         self.base = int(buf.ctypes.data)
@@ -249,6 +272,8 @@ class PeerServer:
         fn = getattr(self, f"_op_{op}", None) if isinstance(op, str) else None
         if fn is None:
             raise ValueError(f"unknown peer operation {op!r}")
+        if op != "hello" and not s.authed:
+            raise PeerAuthError("say hello (with the token) first")
         result: tuple[dict[str, Any], bytes] = fn(doc, blob, s)
         return result
 
@@ -256,6 +281,9 @@ class PeerServer:
     def _op_hello(self, doc: dict[str, Any], blob: bytearray, s: _Session) -> tuple[dict[str, Any], bytes]:
         if doc.get("protocol") != PROTOCOL:
             raise ConfigError(f"peer speaks protocol {PROTOCOL}, client {doc.get('protocol')!r}")
+        if self._token is not None and not hmac.compare_digest(str(doc.get("token") or ""), self._token):
+            raise PeerAuthError("the peer refused this client's token (KVBM_FS_PEER_TOKEN / ?token=)")
+        s.authed = True
         info = dict(protocol=PROTOCOL, name=self.tier.name, slots=self.slots, block_nbytes=self.block_nbytes,
                     stride=self.stride, base=self.base, hdr=int(self.hdr.ctypes.data))  # fmt: skip
         return info, self.metadata
@@ -442,8 +470,10 @@ class PeerTier(Tier):
         staging: int | str = "256MiB",
         breaker_threshold: int = 3,
         breaker_cooldown: float = 5.0,
+        token: str | None = None,
     ) -> None:
         self.name, self.block_nbytes, self.block_size = name, int(block_nbytes), block_size
+        self._token = token if token is not None else os.environ.get(TOKEN_ENV) or None
         self.events = events or EventBus()
         self.addr = _parse_address(address)
         if not (0 < timeout < 3600):
@@ -468,6 +498,9 @@ class PeerTier(Tier):
         )
         try:
             self._connect()
+        except KvbmError:  # refused token, wrong layout (PeerAuthError is an OSError too)
+            self.close()
+            raise
         except (_Down, OSError) as e:
             self.close()
             raise PeerUnavailableError(f"peer tier {name!r}: cannot reach peer {self.url}: {e}") from None
@@ -502,7 +535,7 @@ class PeerTier(Tier):
             raise _Down(str(e)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        info, md = self._call({"op": "hello", "protocol": PROTOCOL})
+        info, md = self._call({"op": "hello", "protocol": PROTOCOL, "token": self._token})
         if int(info["block_nbytes"]) != self.block_nbytes:
             self._disconnect()
             raise LayoutMismatchError(
@@ -550,7 +583,10 @@ class PeerTier(Tier):
         try:
             if self._sock is None:
                 self.counters["reconnects"] += 1
-                self._connect()
+                try:
+                    self._connect()
+                except KvbmError as e:  # e.g. a restarted peer with another token: a miss, not a raise
+                    raise _Down(str(e)) from None
             out = self._call(doc, blob)
         except _Down:
             self.counters["rpc_errors"] += 1
@@ -864,12 +900,17 @@ def _parse_address(address: str) -> tuple[str, int]:
 
 
 def serve_host_memory(
-    capacity: int | str, block_nbytes: int, host: str = "127.0.0.1", port: int = 0, policy: str | None = None
+    capacity: int | str,
+    block_nbytes: int,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    policy: str | None = None,
+    token: str | None = None,
 ) -> PeerServer:
     """A host tier of ``capacity`` served to peers: a process that only lends its DRAM."""
     from .host import HostTier
 
-    return PeerServer(HostTier(capacity, block_nbytes, name="peer-pool", policy=policy), host, port)
+    return PeerServer(HostTier(capacity, block_nbytes, name="peer-pool", policy=policy), host, port, token=token)
 
 
-__all__ = ["PeerServer", "PeerTier", "PeerUnavailableError", "serve_host_memory"]
+__all__ = ["PeerAuthError", "PeerServer", "PeerTier", "PeerUnavailableError", "serve_host_memory"]
