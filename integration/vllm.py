@@ -146,7 +146,7 @@ NO_CONTEXT_BACKENDS = frozenset({"CPU_MLA"})
 
 STAGE_BYTES = 256 << 20  # host staging buffer per load/save batch
 IDLE_WAIT_S = 0.02  # how long an idle step's get_finished waits for an async load to complete
-MEDIUM_RANK = {"gpu": 0, "host": 1, "disk": 2, "remote": 3}
+MEDIUM_RANK = {"gpu": 0, "host": 1, "peer": 2, "disk": 3, "remote": 4}
 FP8_CACHE = {"fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
 
 
@@ -704,7 +704,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         st.load = (start, n)
         for name in names[start:n]:
             st.by_tier[name] = st.by_tier.get(name, 0) + 1
-        slow = any(self._medium(name) in ("disk", "remote") for name in st.by_tier)
+        slow = any(self._medium(name) in ("peer", "disk", "remote") for name in st.by_tier)
         st.load_async = self.async_load is True or (self.async_load == "auto" and slow)
         return ext, st.load_async
 
@@ -717,7 +717,14 @@ class KvbmFsConnector(KVConnectorBase_V1):
         out: dict[Any, int] = {}
         if st is not None and st.by_tier:
             for name, blocks in st.by_tier.items():
-                src = CacheHitSource.HOST if self._medium(name) in ("gpu", "host") else CacheHitSource.DISK
+                medium = self._medium(name)
+                src = (
+                    CacheHitSource.HOST
+                    if medium in ("gpu", "host")
+                    else CacheHitSource.P2P
+                    if medium == "peer"
+                    else CacheHitSource.DISK
+                )
                 out[src] = out.get(src, 0) + blocks * self.block_size
         if sum(out.values()) != num_external_tokens:
             return {CacheHitSource.EXTERNAL_UNSPECIFIED: num_external_tokens}

@@ -289,6 +289,52 @@ def test_engine2_loads_shared_prefixes_from_disk(
     print(f"\nengine 2 connector stats: scheduler {s}\n  worker {w}")
 
 
+def test_two_engines_share_prefixes_through_a_peer_process(
+    stored: dict[str, Any], baseline: dict[str, Any], model: Path
+) -> None:
+    """Reuse across instances without a disk: engine 1 stores into another process's DRAM (a
+    ``kvbm-fs peer-serve`` process, over NIXL UCX), then a fresh engine 2 loads from it and its greedy
+    outputs equal the connector-off run's."""
+    import signal
+    import subprocess
+
+    from kvbm_fs.testing import require_nixl
+
+    require_nixl()
+    bn = stored["namespace"].block_nbytes
+    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(64 * bn), "--block-bytes", str(bn)]
+    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout is not None
+        url = next(json.loads(line) for line in peer.stdout if line.startswith("{"))["url"]
+        kv = kv_config(Path("unused"))
+        kv["kv_connector_extra_config"] = {"tiers": [url]}
+        llm = new_engine(model, kv)
+        try:
+            assert generate(llm, ENGINE1) == baseline["engine1"]
+            connectors(llm)["WORKER"].flush()
+        finally:
+            stop(llm)
+        llm = new_engine(model, kv, stats=True)
+        try:
+            outs = generate(llm, ENGINE2)
+            w = dict(connectors(llm)["WORKER"].totals.reduce())
+            by_source = {
+                m.labels["source"]: m.value
+                for m in llm.get_metrics()
+                if m.name == "vllm:prompt_tokens_cached_by_source" and m.value
+            }
+        finally:
+            stop(llm)
+    finally:
+        peer.send_signal(signal.SIGTERM)
+        peer.wait(30)
+    assert outs == baseline["engine2"], "engine 2 (loading from the peer) differs from the connector-off run"
+    assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
+    assert by_source == {"p2p": ENGINE2_HIT_BLOCKS * BLOCK}, by_source  # vLLM's label for a peer's memory
+    assert w["async_load_requests"] == 3  # peer loads, like disk ones, run off the step path
+
+
 @pytest.mark.parametrize("async_load", [True, False], ids=["async-load", "sync-layerwise-load"])
 def test_corrupt_blocks_on_disk_are_recomputed(
     stored: dict[str, Any], baseline: dict[str, Any], model: Path, tmp_path: Path, async_load: bool
