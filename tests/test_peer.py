@@ -396,3 +396,67 @@ def test_the_token_comes_from_the_environment_on_both_sides(monkeypatch: pytest.
         with pytest.raises(PeerAuthError):
             PeerTier(srv.url, BN, token="other")
         srv.tier.close()
+
+
+def test_the_daemon_demotes_cold_host_blocks_into_a_peer_and_promotes_them_back() -> None:
+    """A far-memory setup: a small local host tier over a peer's bigger one; watermarks hold and
+    nothing is lost, and a block served from the peer comes back up."""
+    from kvbm_fs.mount import mount
+
+    with PeerServer(HostTier(64 * BN, BN, name="pool")) as srv:
+        store = mount(f"host://?capacity={8 * BN}", srv.url, layout=NS_A.layout, model=NS_A.model,
+                      tenant=NS_A.tenant, env={}, daemon={"high": 0.75, "low": 0.5, "batch": 4})  # fmt: skip
+        try:
+            batches = []
+            for r in range(6):
+                keys = chain(NS_A, 4, start=5000 + 100 * r)
+                assert store.put(keys, blocks_for(keys, BN)).all()
+                batches.append(keys)
+            assert store.daemon is not None
+            store.stop_daemon()
+            store.daemon.run_once()
+            host = store.tier("host")
+            assert host.used_bytes <= 0.75 * host.capacity_bytes
+            assert store.daemon.stats()["demoted_blocks"] > 0 and len(srv.tier) > 0
+            for keys in batches:
+                m = store.match(keys)
+                out = np.zeros((4, BN), np.uint8)
+                assert m.length == 4 and store.get(keys, out, m).all() and np.array_equal(out, blocks_for(keys, BN))
+            store.daemon.run_once()  # serve the queued promotions and prefetches
+            st = store.daemon.stats()
+            assert st["promoted_blocks"] + st["prefetched_blocks"] > 0
+            assert "host" in store.match(batches[0]).by_tier()  # the oldest chain came back up
+        finally:
+            store.close(persist=False)
+        srv.tier.close()
+
+
+def test_garbage_on_the_control_port_is_refused_and_the_peer_keeps_serving(peer: _ServedPeerTier) -> None:
+    import socket
+    import struct
+
+    srv = peer.server
+    frames = [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not our protocol
+        struct.pack("!II", 1 << 30, 0),  # a frame too large
+        struct.pack("!II", 5, 0) + b"nope!",  # not JSON
+        struct.pack("!II", 2, 0) + b"[]",  # JSON, not an object
+    ]
+    for junk in frames:
+        with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
+            try:
+                sock.sendall(junk)
+                sock.shutdown(socket.SHUT_WR)
+                assert sock.recv(1 << 16) == b""  # the peer hung up on it, answering nothing...
+            except OSError:
+                pass  # ...or already reset the connection, with our bytes unread
+    from kvbm_fs.tiers.peer import _recv, _send
+
+    with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
+        _send(sock, {"op": "hello", "protocol": 1})
+        _recv(sock)
+        for bad in ({"op": "nope"}, {"op": "lookup", "ns": 1, "n": 5}, {"op": "commit", "lease": 99}):
+            _send(sock, bad)
+            assert "error" in _recv(sock)[0]
+    keys = chain(NS_A, 3, start=7000)
+    assert peer.put(keys, blocks_for(keys, BN)).all() and peer.prefix_len(keys) == 3
