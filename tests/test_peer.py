@@ -460,3 +460,89 @@ def test_garbage_on_the_control_port_is_refused_and_the_peer_keeps_serving(peer:
             assert "error" in _recv(sock)[0]
     keys = chain(NS_A, 3, start=7000)
     assert peer.put(keys, blocks_for(keys, BN)).all() and peer.prefix_len(keys) == 3
+
+
+class _ServedPool:
+    """Build a PeerPool over ``n`` in-process peers that it owns (closed together)."""
+
+    @staticmethod
+    def make(n: int, capacity_blocks: int, events: EventBus | None = None, **kw: Any) -> Any:
+        from kvbm_fs.tiers.peer import PeerPool
+
+        servers = [PeerServer(HostTier(max(1, capacity_blocks // n) * BN, BN, name=f"m{i}")) for i in range(n)]
+        pool = PeerPool([s.url for s in servers], BN, events=events, **kw)
+        real_close = pool.close
+
+        def close() -> None:
+            real_close()
+            for s in servers:
+                s.close()
+                s.tier.close()
+
+        pool.close = close  # type: ignore[method-assign]
+        pool.servers = servers  # type: ignore[attr-defined]
+        return pool
+
+
+class TestPeerPool(TierTests):
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> Tier:
+        tier: Tier = _ServedPool.make(2, capacity_blocks, events)
+        return tier
+
+
+def test_a_pool_spreads_a_chain_over_its_peers_and_serves_on_when_one_dies() -> None:
+    from kvbm_fs.registry import open_tier
+
+    pool = _ServedPool.make(3, 96, breaker_threshold=1, breaker_cooldown=30.0, timeout=2.0)
+    try:
+        pool.bind_namespace(NS_A)
+        keys = chain(NS_A, 60, start=8000)
+        assert pool.put(keys, blocks_for(keys, BN)).all()
+        share = [len(s.tier) for s in pool.servers]
+        assert sum(share) == 60 and min(share) >= 5, share  # rendezvous hashing spreads the chain
+        owner = pool.shard(keys)
+        assert all(pool.servers[o].tier.contains(keys[i : i + 1])[0] for i, o in enumerate(owner.tolist()))
+        pool.servers[1].close()  # one machine goes away
+        out = np.zeros((60, BN), np.uint8)
+        found = pool.get(keys, out)
+        assert found.tolist() == (owner != 1).tolist()
+        assert np.array_equal(out[found], blocks_for(keys, BN)[found])
+        assert pool.prefix_len(keys) == int(np.argmax(owner == 1))
+    finally:
+        pool.close()
+    urls = ",".join(f"127.0.0.1:{p}" for p in (1, 1))
+    with pytest.raises(ConfigError, match="distinct"):
+        open_tier(f"peer://{urls}", block_nbytes=BN)
+
+
+def test_a_pool_opens_with_some_peers_down_but_not_with_all() -> None:
+    from kvbm_fs.registry import open_tier
+    from kvbm_fs.testing.s3 import free_port
+
+    dead = f"127.0.0.1:{free_port()}"
+    with PeerServer(HostTier(8 * BN, BN)) as srv:
+        pool = open_tier(f"peer://{srv.host}:{srv.port},{dead}?timeout=1", block_nbytes=BN)
+        try:
+            pool.bind_namespace(NS_A)
+            keys = chain(NS_A, 8, start=9000)
+            done = pool.put(keys, blocks_for(keys, BN))
+            assert done.any() and not done.all()  # the dead member's share is dropped, not raised
+            assert pool.capacity_bytes == 8 * BN
+        finally:
+            pool.close()
+        srv.tier.close()
+    with pytest.raises(PeerUnavailableError, match="none of 2"):
+        open_tier(f"peer://{dead},127.0.0.1:{free_port()}?timeout=1", block_nbytes=BN)
+
+
+def test_rendezvous_hashing_balances_and_moves_only_a_removed_members_keys() -> None:
+    from kvbm_fs.tiers.peer import rendezvous
+
+    seeds = np.array([11, 22, 33, 44], np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    hashes = chain(NS_A, 8000).hashes
+    owner = rendezvous(hashes, seeds)
+    counts = np.bincount(owner, minlength=4)
+    assert counts.min() > 0.9 * 2000 and counts.max() < 1.1 * 2000, counts
+    kept = np.array([0, 1, 3])  # member 2 leaves
+    again = kept[rendezvous(hashes, seeds[kept])]
+    assert (again[owner != 2] == owner[owner != 2]).all()  # nobody else's keys move
