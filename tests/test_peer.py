@@ -546,3 +546,40 @@ def test_rendezvous_hashing_balances_and_moves_only_a_removed_members_keys() -> 
     kept = np.array([0, 1, 3])  # member 2 leaves
     again = kept[rendezvous(hashes, seeds[kept])]
     assert (again[owner != 2] == owner[owner != 2]).all()  # nobody else's keys move
+
+
+@pytest.mark.parametrize("op", ["get", "put"])
+def test_a_peer_killed_mid_operation_is_a_miss_not_a_hang(monkeypatch: pytest.MonkeyPatch, op: str) -> None:
+    """The peer process dies after the control round trip, before the UCX transfer (NIXL raises
+    nixlRemoteDisconnectError there): a miss or a dropped put, within the tier's timeout."""
+    import os
+    import signal
+
+    proc = subprocess.Popen([sys.executable, "-c", PEER_PROCESS, str(16 * BN), str(BN)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)  # fmt: skip
+    t = PeerTier(_read_url(proc), BN, timeout=3.0)
+    try:
+        t.bind_namespace(NS_A)
+        keys = chain(NS_A, 4, start=9500)
+        assert t.put(keys, blocks_for(keys, BN)).all()
+        real = t._transfer
+
+        def kill_first(op: str, local: Any, remote: Any) -> None:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+            real(op, local, remote)
+
+        monkeypatch.setattr(t, "_transfer", kill_first)
+        out = np.full((4, BN), 0xAB, np.uint8)
+        t0 = time.monotonic()
+        if op == "get":
+            assert not t.get(keys, out).any()
+        else:
+            more = chain(NS_A, 4, start=9600)
+            assert not t.put(more, blocks_for(more, BN)).any() and t.stats()["dropped_puts"] == 4
+        assert time.monotonic() - t0 < 3.0 + 2.0  # bounded by the tier's timeout
+        assert t.stats()["transfer_errors"] == 1
+    finally:
+        t.close()
+        if proc.poll() is None:
+            proc.kill()

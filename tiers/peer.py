@@ -78,6 +78,7 @@ from .remote import CircuitBreaker
 log = logging.getLogger(__name__)
 
 PROTOCOL = 1
+SPIN_S = 0.05  # a transfer polled without pause for this long (64 x 2 MiB takes ~8 ms on loopback)
 TOKEN_ENV = "KVBM_FS_PEER_TOKEN"  # shared secret both sides read when no token is passed
 HDR = codec.HEADER_SIZE
 _FRAME = struct.Struct("!II")
@@ -628,10 +629,16 @@ class PeerTier(Tier):
             h = a.initialize_xfer(op, a.get_xfer_descs(local, "DRAM"), a.get_xfer_descs(remote, "DRAM"), self._remote)
         except Exception as e:  # NIXL raises its own types
             self._transfer_failed(f"{op} refused: {e}")
-        state = a.transfer(h)
-        deadline = time.monotonic() + self.timeout
-        while state not in ("DONE", "ERR") and time.monotonic() < deadline:
-            state = a.check_xfer_state(h)
+        try:
+            state = a.transfer(h)
+            t0 = time.monotonic()
+            deadline = t0 + self.timeout
+            while state not in ("DONE", "ERR") and (now := time.monotonic()) < deadline:
+                if now - t0 > SPIN_S:  # past a normal batch's time: poll gently, don't burn a core
+                    time.sleep(1e-4)
+                state = a.check_xfer_state(h)
+        except Exception:  # NIXL raises for some failures (a peer that died: nixlRemoteDisconnectError)
+            state = "ERR"
         if state != "DONE":
             self._abandon(h, state)
         a.release_xfer_handle(h)
