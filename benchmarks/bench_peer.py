@@ -15,11 +15,13 @@ What it measures
       reply per block (what a simple RPC cache client does), unverified, received into the caller's
       rows with ``recv_into``;
     - ``tcp_batch``: a good TCP client: one request for all 64, the replies streamed back;
+      ``tcp_batch_put``: the same for writes (one request, 64 rows streamed, one acknowledgement);
     - ``memcpy``: ``np.copyto`` of the same 128 MiB inside this process, the ceiling of any byte move.
 
     Ratios are medians of per-round paired ratios: ``get_vs_tcp_per_block`` and ``get_vs_tcp_batch``
-    (how many times faster the peer tier is than each TCP client), ``get_fraction_of_raw_ucx`` (what the
-    control round trips and verification cost), ``get_fraction_of_memcpy``, and the same for puts.
+    (how many times faster the peer tier is than each TCP client), ``put_vs_tcp_batch``,
+    ``get_fraction_of_raw_ucx`` (what the control round trips and verification cost),
+    ``get_fraction_of_memcpy``, and the same for puts.  The TCP cases neither hash nor verify.
 
 Why
     Reading a peer's memory only pays if it is much faster than recomputing, which means running near
@@ -55,7 +57,7 @@ from kvbm_fs.layout import KVLayout  # noqa: E402
 
 NAME = "bench_peer"
 MiB = 1 << 20
-_REQ = struct.Struct("!qq")  # (first slot, count) for the TCP block server
+_REQ = struct.Struct("!qqq")  # (0 get / 1 put, first slot, count) for the TCP block server
 
 
 def serve(capacity: int, block: int) -> None:
@@ -76,9 +78,14 @@ def serve(capacity: int, block: int) -> None:
                     return
                 if len(req) < _REQ.size:
                     return
-                first, n = _REQ.unpack(req)
+                op, first, n = _REQ.unpack(req)
                 for s in range(first, first + n):
-                    conn.sendall(memoryview(buf[s]))
+                    if op == 0:
+                        conn.sendall(memoryview(buf[s]))
+                    else:
+                        _recv_row(conn, buf[s])
+                if op == 1:
+                    conn.sendall(b"k")
 
     def accept() -> None:
         while True:
@@ -91,20 +98,29 @@ def serve(capacity: int, block: int) -> None:
     os._exit(0)  # a process that made a UCX backend can crash in exit handlers (brief.md 6)
 
 
-def _tcp_get(sock: socket.socket, out: np.ndarray, slots: np.ndarray, batched: bool) -> None:
-    def recv_row(i: int) -> None:
-        view, got = memoryview(out[i]), 0
-        while got < out.shape[1]:
-            got += sock.recv_into(view[got:])
+def _recv_row(sock: socket.socket, row: np.ndarray) -> None:
+    view, got = row.data.cast("B"), 0
+    while got < row.nbytes:
+        got += sock.recv_into(view[got:])
 
+
+def _tcp_get(sock: socket.socket, out: np.ndarray, slots: np.ndarray, batched: bool) -> None:
     if batched:
-        sock.sendall(_REQ.pack(int(slots[0]), len(slots)))  # slots of a fresh tier are consecutive
+        sock.sendall(_REQ.pack(0, int(slots[0]), len(slots)))  # slots of a fresh tier are consecutive
         for i in range(len(slots)):
-            recv_row(i)
+            _recv_row(sock, out[i])
         return
     for i, s in enumerate(slots.tolist()):
-        sock.sendall(_REQ.pack(s, 1))
-        recv_row(i)
+        sock.sendall(_REQ.pack(0, s, 1))
+        _recv_row(sock, out[i])
+
+
+def _tcp_put(sock: socket.socket, data: np.ndarray, slots: np.ndarray) -> None:
+    """A good TCP writer: one request, the rows streamed, one acknowledgement (no hashing)."""
+    sock.sendall(_REQ.pack(1, int(slots[0]), len(slots)))
+    for i in range(len(slots)):
+        sock.sendall(memoryview(data[i]))
+    assert sock.recv(1) == b"k"
 
 
 def run(blocks: int, block_mib: float, rounds: int) -> dict[str, Any]:
@@ -139,6 +155,7 @@ def run(blocks: int, block_mib: float, rounds: int) -> dict[str, Any]:
             Case("raw_ucx_write", lambda: t._transfer("WRITE", *raw_write)),
             Case("tcp_per_block", lambda: _tcp_get(sock, out, slots, False)),
             Case("tcp_batch", lambda: _tcp_get(sock, out, slots, True)),
+            Case("tcp_batch_put", lambda: _tcp_put(sock, data, slots)),
             Case("memcpy", lambda: np.copyto(out, data)),
         ]
         interleave(cases, rounds)
@@ -161,7 +178,7 @@ def run(blocks: int, block_mib: float, rounds: int) -> dict[str, Any]:
         res[f"{op}_fraction_of_memcpy"] = round(paired_ratio(c[f"peer_{op}"].times, c["memcpy"].times), 3)
     res["get_vs_tcp_per_block"] = round(paired_ratio(c["peer_get"].times, c["tcp_per_block"].times), 2)
     res["get_vs_tcp_batch"] = round(paired_ratio(c["peer_get"].times, c["tcp_batch"].times), 2)
-    res["put_vs_tcp_batch_get"] = round(paired_ratio(c["peer_put"].times, c["tcp_batch"].times), 2)
+    res["put_vs_tcp_batch"] = round(paired_ratio(c["peer_put"].times, c["tcp_batch_put"].times), 2)
     res["tier_stats"] = {k: stats[k] for k in ("bytes_read", "bytes_written", "load_failures", "transfer_errors")}
     return res
 
