@@ -69,6 +69,7 @@ from ..errors import (
 )
 from ..events import EventBus, EventKind
 from ..keys import BlockKeys, Namespace
+from ..net import Listener
 from ..policy import EvictionPolicy
 from ..rows import copy_rows, is_torch
 from ..tier import Medium, SlotTier, Tier
@@ -209,14 +210,12 @@ class PeerServer:
         )
         self.metadata = bytes(self.agent.get_agent_metadata())  # fixed from here on; the agent is the pump's
         self.progress_s = float(progress_s)
-        self._sock = socket.create_server((host, port), backlog=64)
-        self.host, self.port = host, int(self._sock.getsockname()[1])
         self._stop = threading.Event()
         self._conns: set[socket.socket] = set()
         self._lock = threading.Lock()
         self.counters = dict(connections=0, lookups=0, reads_leased=0, commits=0, commit_rejected=0, headers_made=0)
-        self._thread = threading.Thread(target=self._accept, daemon=True, name=f"kvbm-peer-{self.port}")
-        self._thread.start()
+        self._listener = Listener(host, port, self._serve, name="kvbm-peer", nodelay=True)
+        self.host, self.port = host, self._listener.port
         self._pumper = threading.Thread(target=self._pump, daemon=True, name=f"kvbm-peer-ucx-{self.port}")
         self._pumper.start()
 
@@ -231,20 +230,11 @@ class PeerServer:
     def url(self) -> str:
         return f"peer://{self.host}:{self.port}"
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._conns.add(conn)
-                self.counters["connections"] += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
     def _serve(self, conn: socket.socket) -> None:
         s = _Session()
+        with self._lock:
+            self._conns.add(conn)
+            self.counters["connections"] += 1
         try:
             while True:
                 doc, blob = _recv(conn)
@@ -427,11 +417,7 @@ class PeerServer:
     def close(self) -> None:
         """Stop serving: refuse new connections, cut the open ones (their leases are dropped)."""
         self._stop.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
+        self._listener.close()
         with self._lock:
             conns = list(self._conns)
         for c in conns:
@@ -439,7 +425,6 @@ class PeerServer:
                 c.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        self._thread.join(5)
         self._pumper.join(5)
         try:
             self.agent.deregister_memory(self._reg)
@@ -709,15 +694,26 @@ class PeerTier(Tier):
 
     def get_rows(self, keys: BlockKeys, out: Any, rows: np.ndarray) -> np.ndarray:
         """get, with key ``i`` landing in ``out[rows[i]]`` (a pool hands each peer its share of rows)."""
-        found = np.zeros(len(keys), bool)
+        return self._chunked(keys, rows, lambda k, r: self._get_chunk(k, out, r), None)
+
+    def _chunked(
+        self,
+        keys: BlockKeys,
+        rows: np.ndarray,
+        fn: Callable[[BlockKeys, np.ndarray], np.ndarray],
+        on_down: Callable[[BlockKeys, _Down], None] | None,
+    ) -> np.ndarray:
+        """``fn`` over staging-sized chunks under the lock; a chunk the peer fails is all False."""
+        done = np.zeros(len(keys), bool)
         with self._lock:
             for lo in range(0, len(keys), self.rows):
                 part = keys[lo : lo + self.rows]
                 try:
-                    found[lo : lo + len(part)] = self._get_chunk(part, out, rows[lo : lo + len(part)])
-                except _Down:
-                    pass  # a miss; counted where it happened
-        return found
+                    done[lo : lo + len(part)] = fn(part, rows[lo : lo + len(part)])
+                except _Down as e:
+                    if on_down is not None:
+                        on_down(part, e)
+        return done
 
     def _get_chunk(self, keys: BlockKeys, out: Any, rows: np.ndarray) -> np.ndarray:
         reply, blob = self._keys_rpc("lookup", keys)
@@ -770,16 +766,12 @@ class PeerTier(Tier):
 
     def put_rows(self, keys: BlockKeys, data: Any, rows: np.ndarray) -> np.ndarray:
         """put, with key ``i``'s bytes taken from ``data[rows[i]]``."""
-        done = np.zeros(len(keys), bool)
-        with self._lock:
-            for lo in range(0, len(keys), self.rows):
-                part = keys[lo : lo + self.rows]
-                try:
-                    done[lo : lo + len(part)] = self._put_chunk(part, data, rows[lo : lo + len(part)])
-                except _Down as e:
-                    self.counters["dropped_puts"] += len(part)
-                    self.events.publish(EventKind.STORE_FAILED, self.name, part, f"peer write dropped: {e}")
-        return done
+
+        def dropped(part: BlockKeys, e: _Down) -> None:
+            self.counters["dropped_puts"] += len(part)
+            self.events.publish(EventKind.STORE_FAILED, self.name, part, f"peer write dropped: {e}")
+
+        return self._chunked(keys, rows, lambda k, r: self._put_chunk(k, data, r), dropped)
 
     def _put_chunk(self, keys: BlockKeys, data: Any, rows_of: np.ndarray) -> np.ndarray:
         reply, blob = self._keys_rpc("reserve", keys)

@@ -17,7 +17,7 @@ import threading
 import time
 from collections import Counter, deque
 
-from .s3 import free_port
+from ..net import Listener
 
 FAULTS = ("reset", "stall", "503", "500")
 # Damage rather than failure: "flip" forwards the request with one body bit flipped (a bad NIC, a
@@ -33,7 +33,6 @@ class FaultProxy:
         self.upstream = ("127.0.0.1", upstream_port)
         self.latency = latency
         self.stall_seconds = stall_seconds
-        self.port = free_port()
         self.requests = 0
         self.methods: Counter[str] = Counter()  # requests by HTTP method (HEAD, GET, PUT, ...)
         self.in_flight = 0
@@ -42,10 +41,9 @@ class FaultProxy:
         self._plan: deque[tuple[str, str | None]] = deque()  # (fault, only for this HTTP method or any)
         self._always: str | None = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._sock = socket.create_server(("127.0.0.1", self.port), backlog=256)
-        self._thread = threading.Thread(target=self._serve, daemon=True, name="fault-proxy")
-        self._thread.start()
+        self._listener = Listener("127.0.0.1", 0, self._handle, name="fault-proxy", backlog=256)
+        self._stop = self._listener.stopped  # stalls end when the proxy closes
+        self.port = self._listener.port
 
     @property
     def endpoint(self) -> str:
@@ -100,26 +98,10 @@ class FaultProxy:
             self.in_flight -= 1
 
     def close(self) -> None:
-        """Stop listening: from now on the port refuses connections (a dead endpoint).
-
-        shutdown() wakes the accept() in the serving thread; close() alone leaves it blocked
-        there, still accepting one more connection."""
-        self._stop.set()
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._sock.close()
-        self._thread.join(5)
+        """Stop listening: from now on the port refuses connections (a dead endpoint)."""
+        self._listener.close()
 
     # ---- data path -------------------------------------------------------------------------
-    def _serve(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
 
     def _handle(self, client: socket.socket) -> None:
         try:
