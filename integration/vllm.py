@@ -293,12 +293,13 @@ _stores_lock = threading.Lock()
 
 
 def shareable(tier: Any) -> bool:
-    """Whether a tier (URL or table) can be opened by several processes at once: the persistent ones."""
+    """Whether a tier (URL or table) can be opened by several processes at once: the persistent ones,
+    and peers (another process's memory, ``shareable`` by design)."""
     from kvbm_fs.registry import TierSpec, tier_class
 
     url = tier if isinstance(tier, str) else tier.get("url")
     cls = tier_class(TierSpec.parse(str(url)).scheme)
-    return bool(getattr(cls, "persistent", True))  # remote tiers come from a factory: shared by nature
+    return bool(getattr(cls, "shareable", getattr(cls, "persistent", True)))  # remote: a factory, shared
 
 
 def _acquire_store(
@@ -385,7 +386,8 @@ class KvbmFsMetadata(KVConnectorMetadata):
     saves: list[Transfer] = field(default_factory=list)
 
 
-# block events a worker ships to the scheduler: (kind, tier, medium, persistent, namespace id, hashes)
+# block events a worker ships to the scheduler: (kind, tier, medium, shareable, namespace id, hashes);
+# the scheduler mirrors only tiers that are not shareable (it opens the shareable ones itself)
 ShippedEvent = tuple[str, str, str, bool, int, np.ndarray]
 SHIPPED_KINDS = frozenset(
     {EventKind.STORED, EventKind.REMOVED, EventKind.EVICTED, EventKind.PROMOTED, EventKind.DEMOTED}
@@ -798,8 +800,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
                         break
 
     def _apply_worker_events(self, events: list[ShippedEvent]) -> None:
-        for kind, tier, medium, persistent, ns_id, hashes in events:
-            if not self.shared and not persistent:
+        for kind, tier, medium, shareable_tier, ns_id, hashes in events:
+            if not self.shared and not shareable_tier:
                 _, per_ns = self._mirror.setdefault(tier, (medium, {}))
                 have = per_ns.setdefault(ns_id, set())
                 if kind in (EventKind.REMOVED.value, EventKind.EVICTED.value):
@@ -1172,7 +1174,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
         if ev.kind not in SHIPPED_KINDS or self.store is None:
             return
         tier = self.store.tier(ev.tier)
-        item = (ev.kind.value, ev.tier, tier.medium.value, tier.persistent, ev.keys.ns, ev.keys.hashes.copy())
+        opened_by_all = bool(getattr(tier, "shareable", tier.persistent))  # the scheduler opens it: no mirror
+        item = (ev.kind.value, ev.tier, tier.medium.value, opened_by_all, ev.keys.ns, ev.keys.hashes.copy())
         with self._lock:
             self._shipping.append(item)
 

@@ -289,6 +289,12 @@ def test_engine2_loads_shared_prefixes_from_disk(
     print(f"\nengine 2 connector stats: scheduler {s}\n  worker {w}")
 
 
+def test_schedulers_in_their_own_process_open_peers_and_persistent_tiers_and_mirror_the_rest() -> None:
+    assert kvc.shareable("peer://127.0.0.1:7000") and kvc.shareable("peer://h1:7000,h2:7000")
+    assert kvc.shareable("file:///tmp/kv") and kvc.shareable({"url": "s3://bucket/kv"})
+    assert not kvc.shareable("host://") and not kvc.shareable("gpu://cpu")
+
+
 def test_two_engines_share_prefixes_through_a_peer_process(
     stored: dict[str, Any], baseline: dict[str, Any], model: Path
 ) -> None:

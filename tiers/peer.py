@@ -444,6 +444,7 @@ class PeerTier(Tier):
 
     medium = Medium.PEER
     persistent = False
+    shareable = True  # any number of processes may open it at once (vLLM's scheduler does, beside its workers)
 
     def __init__(
         self,
@@ -912,6 +913,7 @@ class PeerPool(Tier):
 
     medium = Medium.PEER
     persistent = False
+    shareable = True
 
     def __init__(self, addresses: list[str], block_nbytes: int, *, name: str = "peer", **opts: Any) -> None:
         addrs = [_parse_address(a) for a in addresses]
