@@ -583,3 +583,12 @@ def test_a_peer_killed_mid_operation_is_a_miss_not_a_hang(monkeypatch: pytest.Mo
         t.close()
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_peer_whose_tier_was_closed_under_it_is_a_miss_for_its_clients(peer: _ServedPeerTier) -> None:
+    keys = chain(NS_A, 2, start=9900)
+    assert peer.put(keys, blocks_for(keys, BN)).all()
+    peer.server.tier.close()  # the serving process shuts its tier before its server
+    out = np.zeros((2, BN), np.uint8)
+    assert not peer.get(keys, out).any() and not peer.put(keys, blocks_for(keys, BN)).any()
+    assert not peer.contains(keys).any()
