@@ -592,3 +592,21 @@ def test_a_peer_whose_tier_was_closed_under_it_is_a_miss_for_its_clients(peer: _
     out = np.zeros((2, BN), np.uint8)
     assert not peer.get(keys, out).any() and not peer.put(keys, blocks_for(keys, BN)).any()
     assert not peer.contains(keys).any()
+
+
+def test_a_peer_restarted_with_another_token_is_a_miss_not_an_exception() -> None:
+    t = served(8, breaker_threshold=1, breaker_cooldown=0.1, timeout=2.0)
+    t.bind_namespace(NS_A)
+    keys = chain(NS_A, 2, start=9950)
+    try:
+        assert t.put(keys, blocks_for(keys, BN)).all()
+        port, tier = t.server.port, t.server.tier
+        t.server.close()
+        t.server = PeerServer(tier, port=port, token="rotated")
+        out = np.zeros((2, BN), np.uint8)
+        for _ in range(3):
+            time.sleep(0.15)
+            assert not t.get(keys, out).any() and not t.contains(keys).any()
+        assert t._sock is None  # no half-open connection is kept after a refused handshake
+    finally:
+        t.close()

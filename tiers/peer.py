@@ -532,16 +532,22 @@ class PeerTier(Tier):
             raise _Down(str(e)) from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._sock = sock
-        info, md = self._call({"op": "hello", "protocol": PROTOCOL, "token": self._token})
-        if int(info["block_nbytes"]) != self.block_nbytes:
+        try:  # a connection is kept only once the whole handshake succeeded
+            info, md = self._call({"op": "hello", "protocol": PROTOCOL, "token": self._token})
+            if int(info["block_nbytes"]) != self.block_nbytes:
+                raise LayoutMismatchError(
+                    f"peer {self.url} holds {info['block_nbytes']}-byte blocks; tier {self.name!r} needs {self.block_nbytes}"
+                )
+            try:
+                self._remote = self.agent.add_remote_agent(bytes(md))
+            except Exception as e:  # NIXL could not load the peer's metadata
+                raise _Down(f"NIXL refused the peer's metadata: {e}") from None
+            self._info = info
+            for doc in self._namespaces.values():
+                self._call({"op": "bind", "namespace": doc})
+        except BaseException:
             self._disconnect()
-            raise LayoutMismatchError(
-                f"peer {self.url} holds {info['block_nbytes']}-byte blocks; tier {self.name!r} needs {self.block_nbytes}"
-            )
-        self._remote = self.agent.add_remote_agent(bytes(md))
-        self._info = info
-        for doc in self._namespaces.values():
-            self._call({"op": "bind", "namespace": doc})
+            raise
 
     def _disconnect(self) -> None:
         self._owed = 0
