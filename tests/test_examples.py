@@ -28,3 +28,10 @@ def test_gpu_disk_example_restarts_and_loads_through_the_device_path(tmp_path: P
     assert "matched 64 of 64 blocks" in out and "loaded == stored: True" in out
     stats = json.loads(out.strip().splitlines()[-1])
     assert stats["device_loads"] == 64 and stats["device_host_loads"] == 0
+
+
+def test_peer_example_shares_a_prefix_between_two_processes_through_a_third() -> None:
+    require_nixl()
+    out = _run("examples/peer_share.py")
+    assert "A stored 18 blocks in the peer" in out
+    assert "B matched 16 of 20 blocks, by tier {'peer': 16}" in out and "B loaded A's KV: True" in out
