@@ -12,7 +12,9 @@ What it measures
       continued from the restored ``DynamicCache`` (it computes only the last, partial block: the block
       holding the prompt's last token is never loaded);
     * ``disk``: the same from a store whose only tier is a disk tier (``file://``, O_DIRECT where the
-      filesystem allows it, so reads come from the device, not the page cache), opened once.
+      filesystem allows it, so reads come from the device, not the page cache), opened once;
+    * ``peer`` (when NIXL is installed): the same from a store whose only tier is another process's
+      DRAM (``kvbm-fs peer-serve``, over NIXL UCX on loopback), every block verified on arrival.
 
     TTFT is the wall time of one such call, load and cache rebuild included; cases run interleaved
     in rounds (order rotated), and ``*_speedup`` is the median of per-round ``full / case`` ratios.
@@ -103,16 +105,21 @@ def one_model(name: str, tokens: int, rounds: int, root: str) -> dict[str, Any]:
     cache = getattr(kv, "cache", None) or kv.past_key_values
     urls = {"host": "host://?capacity=2GiB", "disk": f"file://{root}/{name}?capacity=4GiB"}
     stores = {k: mount_model(model, u, name=f"bench-{name}") for k, u in urls.items()}
+    peer = None
     try:
+        peer = _peer_for(stores["host"], tokens)
+        if peer is not None:
+            stores["peer"] = mount_model(model, peer[1], name=f"bench-{name}")
         for st in stores.values():
             save_prefill(st, ids, cache)
         want, _ = first_token(model, ids)  # warm-up (and the reference token)
-        times: dict[str, list[float]] = {"full": [], "host": [], "disk": []}
+        times: dict[str, list[float]] = {"full": [], **{k: [] for k in stores}}
         loaded: dict[str, int] = {}
         match = True
         cases = list(times)
         for r in range(rounds):
-            for case in cases[r % 3 :] + cases[: r % 3]:
+            k = r % len(cases)
+            for case in cases[k:] + cases[:k]:
                 if case == "full":
                     tok, dt = first_token(model, ids)
                 else:
@@ -123,14 +130,35 @@ def one_model(name: str, tokens: int, rounds: int, root: str) -> dict[str, Any]:
     finally:
         for st in stores.values():
             st.close()
+        if peer is not None:
+            peer[0].send_signal(__import__("signal").SIGTERM)
+            peer[0].wait(30)
     out: dict[str, Any] = {"layers": MODELS[name]["num_hidden_layers"], "hidden": MODELS[name]["hidden_size"]}
     out.update({f"{k}_ttft_ms": round(statistics.median(v) * 1000, 2) for k, v in times.items()})
-    for case in ("host", "disk"):
+    for case in [c for c in times if c != "full"]:
         out[f"{case}_speedup"] = round(paired_ratio(times[case], times["full"]), 2)
         out[f"{case}_loaded_tokens"] = loaded.get(case, 0)
     out["kv_bytes_loaded"] = loaded.get("host", 0) // 16 * nbytes
     out["first_token_match"] = bool(match)
     return out
+
+
+def _peer_for(store: Any, tokens: int) -> tuple[Any, str] | None:
+    """A ``kvbm-fs peer-serve`` process sized for the prompt's blocks, and its URL (None without NIXL)."""
+    import json
+    import subprocess
+
+    from kvbm_fs.nixl_api import available
+
+    if not available():
+        return None
+    ns = store.default_namespace
+    capacity = (tokens // ns.layout.block_size + 4) * ns.block_nbytes
+    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(capacity), "--block-bytes",
+           str(ns.block_nbytes)]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None
+    return proc, next(json.loads(line) for line in proc.stdout if line.startswith("{"))["url"]
 
 
 def main() -> int:
@@ -159,6 +187,8 @@ def main() -> int:
             res[name] = one_model(name, tokens, rounds, str(root))
     first = res[models[0]]
     res["host_speedup"], res["disk_speedup"] = first["host_speedup"], first["disk_speedup"]
+    if "peer_speedup" in first:
+        res["peer_speedup"] = first["peer_speedup"]
     res["target_host_speedup"] = 10.0
     res["load_average"] = load_average()
     emit(res, a.out or results_path("bench_ttft", a.quick), indent=1)
