@@ -155,3 +155,47 @@ def check_header(
 def verify_payload(hdr: BlockHeader, payload: Any) -> None:
     if payload_checksum(payload) != hdr.checksum:
         raise CorruptBlockError(f"payload checksum mismatch for {hdr.key}")
+
+
+# The header as a numpy record, for checking a batch of headers without a Python object per block.
+HEADER_DTYPE = np.dtype(
+    [("magic", "S8"), ("version", "<u2"), ("header_size", "<u2"), ("flags", "<u4"), ("ns", "<u8"),
+     ("seq_hash", "<u8"), ("parent_hash", "<u8"), ("num_tokens", "<u4"), ("reserved0", "<u4"),
+     ("payload_len", "<u8"), ("checksum_lo", "<u8"), ("checksum_hi", "<u8"), ("header_crc", "<u8"),
+     ("dsum_lo", "<u8"), ("dsum_hi", "<u8"), ("reserved", "V32")]
+)  # fmt: skip
+assert HEADER_DTYPE.itemsize == HEADER_SIZE
+
+
+def verify_batch(
+    headers: np.ndarray, ns: int, hashes: np.ndarray, payloads: list[Any], expected_len: int
+) -> tuple[np.ndarray, str | None]:
+    """Check ``n`` headers (uint8 rows ``[n, 128]``) and their payloads at once: what :func:`verify`
+    checks per block, with the field checks vectorised; the two hashes stay one C call each.
+    Returns the mask of good blocks and, if any failed, why the first one did."""
+    rows = np.ascontiguousarray(headers, dtype=np.uint8).reshape(-1, HEADER_SIZE)
+    h = rows.view(HEADER_DTYPE).reshape(-1)
+    has_dsum = (h["flags"] & FLAG_DSUM) != 0
+    ok = (h["magic"] == MAGIC) & (h["version"] == FORMAT_VERSION) & (h["header_size"] == HEADER_SIZE)
+    ok &= ((h["flags"] & ~np.uint32(KNOWN_FLAGS)) == 0) & (h["reserved0"] == 0) & ~rows[:, 96:].any(axis=1)
+    ok &= has_dsum | ((h["dsum_lo"] == 0) & (h["dsum_hi"] == 0))
+    ok &= (h["ns"] == np.uint64(ns)) & (h["seq_hash"] == hashes) & (h["payload_len"] == expected_len)
+    for i in np.flatnonzero(ok).tolist():
+        mv = rows[i].data
+        crc = xxhash.xxh3_64(mv[:_CRC_AT])
+        crc.update(mv[_CRC_AT + 8 :])
+        c = payload_checksum(payloads[i])
+        ok[i] = (
+            crc.intdigest() == int(h["header_crc"][i])
+            and c == int(h["checksum_lo"][i]) | int(h["checksum_hi"][i]) << 64
+        )
+    if ok.all():
+        return ok, None
+    i = int(np.flatnonzero(~ok)[0])
+    try:  # the per-block path, for a precise reason
+        hdr = decode_header(rows[i])
+        check_header(hdr, BlockKey(ns, int(hashes[i])), expected_len)
+        verify_payload(hdr, payloads[i])
+    except CorruptBlockError as e:
+        return ok, str(e)
+    return ok, "block failed verification"

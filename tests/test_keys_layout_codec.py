@@ -813,3 +813,50 @@ def test_dtype_names_round_trip_through_torch() -> None:
     for name in DTYPES:
         assert dtype_name(torch_dtype(name)) == name
     assert dtype_name(torch.float64) is None and dtype_name(torch.complex64) is None
+
+
+def _blocks(n: int, nbytes: int = 4096) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``n`` encoded blocks as (headers [n,128], payloads [n,nbytes], hashes); block 1 carries a dsum128."""
+    rng = np.random.default_rng(7)
+    payloads = rng.integers(0, 256, (n, nbytes), np.uint8)
+    hashes = rng.integers(1, 2**63, n, dtype=np.uint64)
+    headers = np.stack([
+        np.frombuffer(codec.encode_header(BlockKey(5, int(h)), 0, 16, p, dsum.of(p) if i == 1 else None), np.uint8)
+        for i, (h, p) in enumerate(zip(hashes.tolist(), payloads))
+    ])  # fmt: skip
+    return headers, payloads, hashes
+
+
+DAMAGE = {
+    "magic": lambda h, p: h.__setitem__((0, 0), h[0, 0] ^ 1),
+    "version": lambda h, p: h.__setitem__((0, 8), 9),
+    "flags": lambda h, p: h.__setitem__((0, 12), 0x80),
+    "key echo": lambda h, p: h.__setitem__((0, 24), h[0, 24] ^ 1),
+    "namespace": lambda h, p: h.__setitem__((0, 16), h[0, 16] ^ 1),
+    "length": lambda h, p: h.__setitem__((0, 48), h[0, 48] ^ 1),
+    "header checksum": lambda h, p: h.__setitem__((0, 72), h[0, 72] ^ 1),
+    "tokens (covered by the header checksum)": lambda h, p: h.__setitem__((0, 40), h[0, 40] ^ 1),
+    "reserved": lambda h, p: h.__setitem__((0, 120), 1),
+    "dsum area without the flag": lambda h, p: h.__setitem__((0, 85), 1),
+    "payload": lambda h, p: p.__setitem__((0, 100), p[0, 100] ^ 1),
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGE))
+def test_verify_batch_agrees_with_per_block_verify(damage: str) -> None:
+    headers, payloads, hashes = _blocks(4)
+    ok, why = codec.verify_batch(headers, 5, hashes, list(payloads), 4096)
+    assert ok.all() and why is None
+    DAMAGE[damage](headers, payloads)
+    ok, why = codec.verify_batch(headers, 5, hashes, list(payloads), 4096)
+    assert ok.tolist() == [False, True, True, True] and why
+    with pytest.raises(CorruptBlockError) as err:  # the per-block path refuses block 0 too, for the same reason
+        codec.verify(headers[0].tobytes() + payloads[0].tobytes(), BlockKey(5, int(hashes[0])), 4096)
+    assert str(err.value) == why
+
+
+def test_verify_batch_refuses_blocks_of_another_namespace_or_length() -> None:
+    headers, payloads, hashes = _blocks(3)
+    assert not codec.verify_batch(headers, 6, hashes, list(payloads), 4096)[0].any()
+    assert not codec.verify_batch(headers, 5, hashes, list(payloads), 4095)[0].any()
+    assert codec.verify_batch(headers, 5, hashes[::-1].copy(), list(payloads), 4096)[0].tolist() == [False, True, False]

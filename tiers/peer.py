@@ -752,19 +752,11 @@ class PeerTier(Tier):
             pass  # the peer drops a dead connection's leases itself
 
     def _verified(self, keys: BlockKeys, payloads: list[np.ndarray]) -> np.ndarray:
-        ok = np.zeros(len(payloads), bool)
-        bad: list[str] = []
-        for i, payload in enumerate(payloads):
-            try:
-                hdr = codec.decode_header(self._stage[i, :HDR])
-                codec.check_header(hdr, keys[i], self.block_nbytes)
-                codec.verify_payload(hdr, payload)
-                ok[i] = True
-            except codec.CorruptBlockError as e:
-                bad.append(str(e))
-        if bad:
-            self.counters["load_failures"] += len(bad)
-            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[np.flatnonzero(~ok)], bad[0])
+        n = len(payloads)
+        ok, why = codec.verify_batch(self._stage[:n, :HDR], keys.ns, keys.hashes, payloads, self.block_nbytes)
+        if why is not None:
+            self.counters["load_failures"] += int((~ok).sum())
+            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[np.flatnonzero(~ok)], why)
         return ok
 
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
