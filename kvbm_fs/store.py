@@ -279,15 +279,17 @@ class Store:
         }
 
     def persist(self) -> int:
-        """Copy every block held only in volatile tiers into the first persistent tier, hottest tiers
-        first, so a restart finds the working set. Returns the number of blocks written."""
+        """Copy every block held only in this process's volatile tiers into the first persistent tier,
+        hottest tiers first, so a restart finds the working set (a peer's blocks are not this
+        process's: they outlive it, and other instances' blocks must not be copied here). Returns the
+        number of blocks written."""
         self._live()
         target = next((t for t in self.tiers if t.persistent), None)
         if target is None:
             return 0
         written = 0
         for t in self.tiers:
-            if t.persistent:
+            if t.persistent or t.medium is Medium.PEER:  # a peer's blocks live on in its own process
                 continue
             for batch in t.iter_keys():
                 if batch.ns not in self.namespaces:

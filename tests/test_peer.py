@@ -610,3 +610,22 @@ def test_a_peer_restarted_with_another_token_is_a_miss_not_an_exception() -> Non
         assert t._sock is None  # no half-open connection is kept after a refused handshake
     finally:
         t.close()
+
+
+def test_closing_a_store_persists_its_own_blocks_but_not_a_shared_peers(tmp_path: Path) -> None:
+    from kvbm_fs.mount import mount
+
+    with PeerServer(HostTier(32 * BN, BN)) as srv:
+        theirs = chain(NS_A, 5, start=11000)  # another instance's blocks, in the shared peer
+        other = PeerTier(srv.url, BN)
+        other.bind_namespace(NS_A)
+        assert other.put(theirs, blocks_for(theirs, BN)).all()
+        other.close()
+        urls = ("host://?capacity=1MiB", srv.url, f"file://{tmp_path}/disk?capacity=4MiB")
+        mine = chain(NS_A, 3, start=12000)
+        with mount(*urls, layout=NS_A.layout, model=NS_A.model, tenant=NS_A.tenant, env={}) as store:
+            assert store.put(mine, blocks_for(mine, BN)).all()
+        with mount(urls[2], layout=NS_A.layout, model=NS_A.model, tenant=NS_A.tenant, env={}) as disk:
+            assert disk.match(mine).length == 3 and disk.match(theirs).length == 0
+        assert srv.tier.contains(theirs).all()
+        srv.tier.close()
