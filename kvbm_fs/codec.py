@@ -66,11 +66,14 @@ def _as_buffer(payload: Any) -> Any:
     return payload
 
 
-def encode_header(key: BlockKey, parent_hash: int, num_tokens: int, payload: Any, dsum: int | None = None) -> bytes:
+def encode_header(
+    key: BlockKey, parent_hash: int, num_tokens: int, payload: Any, dsum: int | None = None, checksum: int | None = None
+) -> bytes:
     """The 128-byte header for ``payload`` (one hashing pass; the payload is not copied).  ``dsum``
-    is the payload's dsum128 when the writer has it (computed on the GPU the block came from)."""
+    is the payload's dsum128 when the writer has it (computed on the GPU the block came from);
+    ``checksum`` its xxh3-128 when the caller has just computed it from these bytes (no second pass)."""
     buf = _as_buffer(payload)
-    c = xxhash.xxh3_128_intdigest(buf)
+    c = xxhash.xxh3_128_intdigest(buf) if checksum is None else checksum
     head = _HEAD.pack(
         MAGIC,
         FORMAT_VERSION,

@@ -58,7 +58,7 @@ TINY_BLOCK_BYTES = 1024
 KV_BYTES_PER_TOKEN = 131_072  # Llama-3-8B, fp16: 32 layers x 8 KV heads x 128 dims x (K, V) x 2 bytes
 PREFILL_TPS = 10_000.0
 DEFAULT_CAPACITIES = (0.02, 0.05, 0.1, 0.2)
-TIER_KINDS = ("gpu", "host", "disk", "remote")
+TIER_KINDS = ("gpu", "host", "peer", "disk", "remote")
 
 
 # ---- trace ------------------------------------------------------------------------------------
@@ -232,7 +232,7 @@ def _layout(block_bytes: int) -> KVLayout:
 def _slot_bytes(kind: str, nb: int) -> int:
     """Bytes of capacity one block takes in a tier of this kind (so capacities are exact in blocks)."""
     page = 4096
-    if kind == "host":
+    if kind in ("host", "peer"):  # a peer serves a host tier
         return -(-nb // page) * page
     if kind == "disk":
         from .tiers.diskio import ALIGN
@@ -241,7 +241,11 @@ def _slot_bytes(kind: str, nb: int) -> int:
     return nb  # gpu rows are unpadded; remote objects are unbounded here
 
 
-def _tier_urls(cfg: ReplayConfig, distinct: int, nb: int, tmp: str) -> tuple[list[str], list[int | None]]:
+def _tier_urls(
+    cfg: ReplayConfig, distinct: int, nb: int, tmp: str, servers: list[Any]
+) -> tuple[list[str], list[int | None]]:
+    """Tier URLs for ``cfg``; a ``peer`` tier is a host tier served in this process (its server is
+    appended to ``servers``), read and written through NIXL UCX like another process's."""
     urls, caps = [], []
     for i, t in enumerate(cfg.tiers):
         blocks = None if t.fraction is None else max(1, round(t.fraction * distinct))
@@ -253,6 +257,13 @@ def _tier_urls(cfg: ReplayConfig, distinct: int, nb: int, tmp: str) -> tuple[lis
             url = f"gpu://cpu?capacity={size}&name={name}"
         elif t.kind == "disk":
             url = f"file://{tmp}/{name}?capacity={size}&name={name}"
+        elif t.kind == "peer":
+            from .tiers.host import HostTier
+            from .tiers.peer import PeerServer
+
+            pol = cfg.policy.partition("+")[0]  # the served tier evicts by the replayed policy
+            servers.append(PeerServer(HostTier(size or 0, nb, name=name, policy=pol)))
+            url = f"{servers[-1].url}?name={name}"
         else:  # a shared-filesystem remote tier (fsspec's memory:// answers a missing key in O(all keys))
             url = f"remote+file://{tmp}/{name}?name={name}" + (f"&capacity={size}" if size else "")
         # the eviction policy runs in every tier; an admission filter guards the first one only
@@ -276,14 +287,18 @@ def replay_one(trace: Trace, cfg: ReplayConfig) -> dict[str, Any]:
     real_nb = cfg.kv_bytes_per_token * BLOCK_TOKENS
     tmp = tempfile.mkdtemp(prefix="kvbm-replay-", dir=cfg.workdir)
     t0 = time.perf_counter()
+    servers: list[Any] = []
     try:
-        urls, caps = _tier_urls(cfg, distinct, nb, tmp)
+        urls, caps = _tier_urls(cfg, distinct, nb, tmp, servers)
         store = mount(*urls, layout=layout, model=f"replay-{trace.name}", policy=cfg.policy, env={})
         try:
             out = _run(store, trace, cfg, nb, real_nb)
         finally:
             store.close(persist=False)
     finally:
+        for srv in servers:
+            srv.close()
+            srv.tier.close()
         shutil.rmtree(tmp, ignore_errors=True)
     out.update(
         policy=cfg.policy,

@@ -274,3 +274,17 @@ def test_default_policy_keeps_reused_blocks_that_lru_lets_one_offs_flush(name: s
     res = compare(SYNTHETIC[name](0.5), capacities=(0.05,), policies=("lru", "parc"))
     hits = {p: r["hit_ratio"] for p, r in res["single_tier"][0]["policies"].items()}
     assert hits["parc"] > factor * hits["lru"], hits
+
+
+def test_a_peer_tier_replays_like_the_host_tier_it_serves() -> None:
+    """``peer:F`` is a host tier of that size served in-process and reached over NIXL UCX: same
+    policy, same hits, bytes moved by the peer protocol."""
+    from kvbm_fs.testing import require_nixl
+
+    require_nixl()
+    t = synthetic(150, seed=3)
+    for policy in ("lru", "parc"):
+        host = replay_one(t, ReplayConfig(policy=policy, tiers=[TierSpec.parse("host:0.2")]))
+        peer = replay_one(t, ReplayConfig(policy=policy, tiers=[TierSpec.parse("peer:0.2")]))
+        assert peer["hit_ratio"] == pytest.approx(host["hit_ratio"]) and peer["hit_ratio"] > 0
+        assert peer["tier_hit_ratio"] == {"peer": pytest.approx(host["tier_hit_ratio"]["host"])}

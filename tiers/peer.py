@@ -306,8 +306,9 @@ class PeerServer:
             slot = int(slots[i])
             self._write_header(slot, keys[i], int(keys.parents[i]))
 
-    def _write_header(self, slot: int, key: Any, parent: int) -> None:
-        self.hdr[slot] = np.frombuffer(codec.encode_header(key, parent, 0, self.tier.buf[slot]), np.uint8)
+    def _write_header(self, slot: int, key: Any, parent: int, checksum: int | None = None) -> None:
+        head = codec.encode_header(key, parent, 0, self.tier.buf[slot], checksum=checksum)
+        self.hdr[slot] = np.frombuffer(head, np.uint8)
         self.hdr_key[slot] = (key.ns, key.seq_hash)
         self.hdr_ok[slot] = True
         self.counters["headers_made"] += 1
@@ -357,26 +358,21 @@ class PeerServer:
             self.tier.release(slots)
             raise ValueError("commit: one checksum per reserved slot")
         ok = np.zeros(slots.size, bool)
+        sums = []
         for i, slot in enumerate(slots.tolist()):
             c = codec.payload_checksum(self.tier.buf[slot])
+            sums.append(c)
             ok[i] = (c & 0xFFFFFFFFFFFFFFFF) == int(want[i, 0]) and (c >> 64) == int(want[i, 1])
         self.counters["commits"] += int(ok.sum())
         self.counters["commit_rejected"] += int((~ok).sum())
         if (~ok).any():
             self.tier.release(slots[~ok])
+        for i in np.flatnonzero(ok).tolist():  # headers first, while the slots are still this writer's:
+            key = keys[i]  # made from the checksum just verified, and without touching the policy
+            self._write_header(int(slots[i]), key, int(keys.parents[i]), sums[i])
         if ok.any():
-            self.hdr_ok[slots[ok]] = False  # a reused slot: its old header row must not be served
-            final = self.tier.publish(slots[ok], keys[ok])
-            self._headers_after_commit(keys[ok], final)
+            self.tier.publish(slots[ok], keys[ok])
         return {}, ok.tobytes()
-
-    def _headers_after_commit(self, keys: BlockKeys, slots: np.ndarray) -> None:
-        held = self.tier.acquire(keys)  # registered now; pin while hashing so the rows can't change
-        try:
-            hit = np.flatnonzero(held >= 0)
-            self._headers(keys[hit], held[hit])
-        finally:
-            self.tier.release(held)
 
     def _op_contains(self, doc: dict[str, Any], blob: bytearray, s: _Session) -> tuple[dict[str, Any], bytes]:
         return {}, self.tier.contains(_keys(doc, blob)).tobytes()
