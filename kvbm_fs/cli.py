@@ -48,7 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--policies", nargs="+", help="policy specs EVICTION[+ADMISSION] (default: every shipped one)")
     r.add_argument(
-        "--tiers", nargs="+", help="multi-tier replay too: KIND[:FRACTION] ... with KIND in gpu, host, disk, remote"
+        "--tiers",
+        nargs="+",
+        help="multi-tier replay too: KIND[:FRACTION] ... with KIND in gpu, host, peer, disk, remote (peer: a host tier served over NIXL UCX)",
     )
     r.add_argument(
         "--placement",
