@@ -439,6 +439,7 @@ def test_garbage_on_the_control_port_is_refused_and_the_peer_keeps_serving(peer:
     frames = [
         b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not our protocol
         struct.pack("!II", 1 << 30, 0),  # a frame too large
+        struct.pack("!II", 2, 1 << 20) + b"{}",  # a big blob before hello: refused unread
         struct.pack("!II", 5, 0) + b"nope!",  # not JSON
         struct.pack("!II", 2, 0) + b"[]",  # JSON, not an object
     ]
@@ -629,3 +630,14 @@ def test_closing_a_store_persists_its_own_blocks_but_not_a_shared_peers(tmp_path
             assert disk.match(mine).length == 3 and disk.match(theirs).length == 0
         assert srv.tier.contains(theirs).all()
         srv.tier.close()
+
+
+def test_the_peer_watches_its_clients_connections_with_tcp_keepalive(peer: _ServedPeerTier) -> None:
+    import socket
+
+    conns = list(peer.server._conns)
+    assert conns
+    for c in conns:
+        assert c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30

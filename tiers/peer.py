@@ -127,9 +127,11 @@ def _recv_exact(sock: socket.socket, n: int) -> bytearray:
     return buf
 
 
-def _recv(sock: socket.socket) -> tuple[dict[str, Any], bytearray]:
+def _recv(
+    sock: socket.socket, max_json: int = _MAX_JSON, max_blob: int = _MAX_BLOB
+) -> tuple[dict[str, Any], bytearray]:
     jn, bn = _FRAME.unpack(_recv_exact(sock, _FRAME.size))
-    if jn > _MAX_JSON or bn > _MAX_BLOB:
+    if jn > max_json or bn > max_blob:
         raise ConnectionError(f"peer frame too large ({jn} + {bn} bytes)")
     doc = json.loads(_recv_exact(sock, jn))
     if not isinstance(doc, dict):
@@ -231,13 +233,15 @@ class PeerServer:
         return f"peer://{self.host}:{self.port}"
 
     def _serve(self, conn: socket.socket) -> None:
+        _keepalive(conn)
         s = _Session()
         with self._lock:
             self._conns.add(conn)
             self.counters["connections"] += 1
         try:
             while True:
-                doc, blob = _recv(conn)
+                # before hello, a stranger gets no large buffers out of us
+                doc, blob = _recv(conn) if s.authed else _recv(conn, 4096, 0)
                 try:
                     reply, out = self._op(doc, blob, s)
                 except Exception as e:  # misuse, a malformed request, or a bug here: the client decides
@@ -1023,6 +1027,15 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
     x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
     return x ^ (x >> np.uint64(31))
+
+
+def _keepalive(conn: socket.socket, idle_s: int = 30, interval_s: int = 5, probes: int = 3) -> None:
+    """TCP keepalive on a client's connection: a client whose machine died (no FIN) is found within
+    about ``idle_s + interval_s * probes`` seconds, and its leases and pins are dropped with it."""
+    conn.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for opt, v in (("TCP_KEEPIDLE", idle_s), ("TCP_KEEPINTVL", interval_s), ("TCP_KEEPCNT", probes)):
+        if hasattr(socket, opt):  # Linux; other systems keep their defaults
+            conn.setsockopt(socket.IPPROTO_TCP, getattr(socket, opt), v)
 
 
 def _host_rows(x: Any) -> np.ndarray | None:
