@@ -478,14 +478,15 @@ if __name__ == "__main__":
 """
 
 
-def run_child(tmp_path: Path, model: Path, root: Path, phase: int) -> dict[str, Any]:
+def run_child(tmp_path: Path, model: Path, root: Path, phase: int, kv: dict[str, Any] | None = None) -> dict[str, Any]:
     import subprocess
     import sys
 
     script, args, out = tmp_path / "child.py", tmp_path / f"args{phase}.json", tmp_path / f"out{phase}.json"
     script.write_text(CHILD)
     spec = {"engine1": ENGINE1, "engine2": ENGINE2, "max_tokens": SAMPLING.max_tokens, "block": BLOCK}
-    args.write_text(json.dumps({**spec, "model": str(model), "kv": kv_config(root), "phase": phase, "out": str(out)}))
+    kv = kv or kv_config(root)
+    args.write_text(json.dumps({**spec, "model": str(model), "kv": kv, "phase": phase, "out": str(out)}))
     env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
     proc = subprocess.run(
         [sys.executable, str(script), str(args)], env=env, capture_output=True, text=True, timeout=600
@@ -508,6 +509,36 @@ def test_multiprocess_engine_scheduler_mirrors_the_workers_host_tier(
     two = run_child(tmp_path, model, root, phase=2)  # a new engine process: only the disk remembers
     assert two["engine2"] == baseline["engine2"]
     assert two["cached"] == {"disk": ENGINE2_ALL_BLOCKS * BLOCK}, two["cached"]
+
+
+def test_multiprocess_engines_share_through_a_peer_the_scheduler_opens_itself(
+    baseline: dict[str, Any], model: Path, tmp_path: Path, stored: dict[str, Any]
+) -> None:
+    """vLLM's default mode again, with a peer process as the only tier: the second engine process's
+    scheduler (in the engine core, apart from its worker) opens the peer itself, so it matches what
+    the first engine process stored there."""
+    import signal
+    import subprocess
+
+    from kvbm_fs.testing import require_nixl
+
+    require_nixl()
+    bn = stored["namespace"].block_nbytes
+    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(96 * bn), "--block-bytes", str(bn)]
+    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout is not None
+        url = next(json.loads(line) for line in peer.stdout if line.startswith("{"))["url"]
+        kv = kv_config(tmp_path)
+        kv["kv_connector_extra_config"] = {"tiers": [url]}
+        one = run_child(tmp_path, model, tmp_path, phase=1, kv=kv)
+        assert one["engine1"] == baseline["engine1"] and one["engine2"] == baseline["engine2"]
+        two = run_child(tmp_path, model, tmp_path, phase=2, kv=kv)  # a new engine process
+    finally:
+        peer.send_signal(signal.SIGTERM)
+        peer.wait(30)
+    assert two["engine2"] == baseline["engine2"]
+    assert two["cached"] == {"p2p": ENGINE2_ALL_BLOCKS * BLOCK}, two["cached"]
 
 
 def _empty_host(llm: LLM, store: Any) -> None:
