@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -199,6 +200,30 @@ def stored(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, A
     return result
 
 
+@contextmanager
+def peer_process(block_nbytes: int, blocks: int) -> Iterator[dict[str, Any]]:
+    """A ``kvbm-fs peer-serve`` process lending ``blocks`` blocks of DRAM, and a kv-transfer config
+    whose only tier is that peer (skips without NIXL)."""
+    import signal
+    import subprocess
+
+    from kvbm_fs.testing import require_nixl
+
+    require_nixl()
+    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(blocks * block_nbytes),
+           "--block-bytes", str(block_nbytes)]  # fmt: skip
+    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+    try:
+        assert peer.stdout is not None
+        url = next(json.loads(line) for line in peer.stdout if line.startswith("{"))["url"]
+        kv = kv_config(Path("unused"))
+        kv["kv_connector_extra_config"] = {"tiers": [url]}
+        yield kv
+    finally:
+        peer.send_signal(signal.SIGTERM)
+        peer.wait(30)
+
+
 def copy_store(stored: dict[str, Any], tmp_path: Path) -> Path:
     dst = tmp_path / "disk"
     shutil.copytree(stored["root"], dst)
@@ -301,20 +326,7 @@ def test_two_engines_share_prefixes_through_a_peer_process(
     """Reuse across instances without a disk: engine 1 stores into another process's DRAM (a
     ``kvbm-fs peer-serve`` process, over NIXL UCX), then a fresh engine 2 loads from it and its greedy
     outputs equal the connector-off run's."""
-    import signal
-    import subprocess
-
-    from kvbm_fs.testing import require_nixl
-
-    require_nixl()
-    bn = stored["namespace"].block_nbytes
-    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(64 * bn), "--block-bytes", str(bn)]
-    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert peer.stdout is not None
-        url = next(json.loads(line) for line in peer.stdout if line.startswith("{"))["url"]
-        kv = kv_config(Path("unused"))
-        kv["kv_connector_extra_config"] = {"tiers": [url]}
+    with peer_process(stored["namespace"].block_nbytes, 64) as kv:
         llm = new_engine(model, kv)
         try:
             assert generate(llm, ENGINE1) == baseline["engine1"]
@@ -332,9 +344,6 @@ def test_two_engines_share_prefixes_through_a_peer_process(
             }
         finally:
             stop(llm)
-    finally:
-        peer.send_signal(signal.SIGTERM)
-        peer.wait(30)
     assert outs == baseline["engine2"], "engine 2 (loading from the peer) differs from the connector-off run"
     assert w["loaded_blocks"] == ENGINE2_HIT_BLOCKS and w["load_failed_blocks"] == 0
     assert by_source == {"p2p": ENGINE2_HIT_BLOCKS * BLOCK}, by_source  # vLLM's label for a peer's memory
@@ -517,26 +526,10 @@ def test_multiprocess_engines_share_through_a_peer_the_scheduler_opens_itself(
     """vLLM's default mode again, with a peer process as the only tier: the second engine process's
     scheduler (in the engine core, apart from its worker) opens the peer itself, so it matches what
     the first engine process stored there."""
-    import signal
-    import subprocess
-
-    from kvbm_fs.testing import require_nixl
-
-    require_nixl()
-    bn = stored["namespace"].block_nbytes
-    cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(96 * bn), "--block-bytes", str(bn)]
-    peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
-    try:
-        assert peer.stdout is not None
-        url = next(json.loads(line) for line in peer.stdout if line.startswith("{"))["url"]
-        kv = kv_config(tmp_path)
-        kv["kv_connector_extra_config"] = {"tiers": [url]}
+    with peer_process(stored["namespace"].block_nbytes, 96) as kv:
         one = run_child(tmp_path, model, tmp_path, phase=1, kv=kv)
         assert one["engine1"] == baseline["engine1"] and one["engine2"] == baseline["engine2"]
         two = run_child(tmp_path, model, tmp_path, phase=2, kv=kv)  # a new engine process
-    finally:
-        peer.send_signal(signal.SIGTERM)
-        peer.wait(30)
     assert two["engine2"] == baseline["engine2"]
     assert two["cached"] == {"p2p": ENGINE2_ALL_BLOCKS * BLOCK}, two["cached"]
 
