@@ -687,3 +687,35 @@ def test_a_dead_remote_tier_gives_misses_and_serving_continues(
         assert b.stats()["miss_pages"] >= 4
     finally:
         proxy.close()
+
+
+def test_two_sglang_instances_share_pages_through_a_peer(closing: Any) -> None:
+    """Two HiCache backends (two serving instances) whose only L3 tier is one peer's DRAM: pages one
+    writes, the other finds with ``batch_exists`` and loads bit-exact."""
+    from kvbm_fs.testing import require_nixl
+
+    require_nixl()
+    from kvbm_fs.tiers.host import HostTier
+    from kvbm_fs.tiers.peer import PeerServer
+
+    pools = [MHAPool(), MHAPool()]
+    fill(pools[0], seed=1)
+    fill(pools[1], seed=2)
+    nbytes = host_pages(pools[0]).layout.block_nbytes
+    with PeerServer(HostTier(16 * -(-nbytes // 4096) * 4096, nbytes, name="pool")) as srv:  # page-padded slots
+        backends = []
+        for pool in pools:
+            cfg = {**extra(Path("unused")), "tiers": [srv.url]}
+            b = KvbmFsHiCacheStorage(storage_config(cfg), {})
+            b.register_mem_pool_host(pool)
+            closing.append(b)
+            backends.append(b)
+        keys = page_keys(4, seed="shared")
+        assert backends[0].batch_set_v1(keys, indices(pools[0], [0, 1, 2, 3])) == [True] * 4
+        assert backends[1].batch_exists(keys) == 4
+        assert backends[1].batch_get_v1(keys, indices(pools[1], [4, 5, 6, 7])) == [True] * 4
+        assert [page_bytes(pools[1], p) for p in (4, 5, 6, 7)] == [page_bytes(pools[0], p) for p in range(4)]
+        for b in backends:
+            b.close()
+        closing.clear()
+        srv.tier.close()
