@@ -641,3 +641,13 @@ def test_the_peer_watches_its_clients_connections_with_tcp_keepalive(peer: _Serv
         assert c.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
         if hasattr(socket, "TCP_KEEPIDLE"):
             assert c.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 30
+
+
+def test_a_server_listening_on_every_interface_advertises_this_hosts_name() -> None:
+    import socket
+
+    with PeerServer(HostTier(4 * BN, BN), host="0.0.0.0") as srv:
+        assert srv.url == f"peer://{socket.gethostname()}:{srv.port}"
+        t = PeerTier(f"peer://127.0.0.1:{srv.port}", BN)  # and it is reachable on loopback too
+        t.close()
+        srv.tier.close()

@@ -230,7 +230,9 @@ class PeerServer:
 
     @property
     def url(self) -> str:
-        return f"peer://{self.host}:{self.port}"
+        """Where clients reach this server: a wildcard listen address is advertised as this host's name."""
+        host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
+        return f"peer://{host}:{self.port}"
 
     def _serve(self, conn: socket.socket) -> None:
         _keepalive(conn)
