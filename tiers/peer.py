@@ -616,7 +616,7 @@ class PeerTier(Tier):
         return self._rpc({"op": op, "ns": keys.ns, "n": len(keys), **extra}, _key_blob(keys, op == "reserve"))
 
     # ---- data path ------------------------------------------------------------------------
-    def _transfer(self, op: str, local: list[tuple[int, int, int]], remote: list[tuple[int, int, int]]) -> None:
+    def _transfer(self, op: str, local: np.ndarray, remote: np.ndarray) -> None:
         """One NIXL transfer, polled to a deadline; _Down if it fails or stalls."""
         a = self.agent
         try:
@@ -658,27 +658,26 @@ class PeerTier(Tier):
 
     def _rows_at(
         self, slots: np.ndarray, with_header: bool, rows: np.ndarray | None = None, at: np.ndarray | None = None
-    ) -> tuple[list[tuple[int, int, int]], ...]:
-        """Descriptors for ``slots``: headers to/from staging rows, payloads to/from staging rows or,
-        given host ``rows``, straight to/from ``rows[at]`` (no staging copy)."""
-        base, stride, hdr, bn = (
-            int(self._info["base"]),
-            int(self._info["stride"]),
-            int(self._info["hdr"]),
-            self.block_nbytes,
-        )
-        me, width = int(self._stage.ctypes.data), self._stage.shape[1]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Descriptor arrays ``[k, 3]`` (address, length, device) for ``slots``: headers to/from
+        staging rows, payloads to/from staging rows or, given host ``rows``, straight to/from
+        ``rows[at]`` (no staging copy); with headers, each block's header comes before its payload."""
+        s = slots.astype(np.uint64)
+        n = s.size
+        me, width = np.uint64(self._stage.ctypes.data), np.uint64(self._stage.shape[1])
+        stage_rows = me + np.arange(n, dtype=np.uint64) * width
         if rows is not None and at is not None:
-            payload = (int(rows.ctypes.data) + at.astype(np.int64) * rows.strides[0]).tolist()
+            payload = np.uint64(rows.ctypes.data) + at.astype(np.uint64) * np.uint64(rows.strides[0])
         else:
-            payload = [me + i * width + HDR for i in range(slots.size)]
-        local, remote = [], []
-        for i, s in enumerate(slots.tolist()):
-            if with_header:
-                local.append((me + i * width, HDR, 0))
-                remote.append((hdr + s * HDR, HDR, 0))
-            local.append((payload[i], bn, 0))
-            remote.append((base + s * stride, bn, 0))
+            payload = stage_rows + np.uint64(HDR)
+        remote_payload = np.uint64(self._info["base"]) + s * np.uint64(self._info["stride"])
+        k = 2 if with_header else 1
+        local, remote = np.zeros((n * k, 3), np.uint64), np.zeros((n * k, 3), np.uint64)
+        local[k - 1 :: k, 0], local[k - 1 :: k, 1] = payload, self.block_nbytes
+        remote[k - 1 :: k, 0], remote[k - 1 :: k, 1] = remote_payload, self.block_nbytes
+        if with_header:
+            local[0::2, 0], local[0::2, 1] = stage_rows, HDR
+            remote[0::2, 0], remote[0::2, 1] = np.uint64(self._info["hdr"]) + s * np.uint64(HDR), HDR
         return local, remote
 
     @contextmanager
