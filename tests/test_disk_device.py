@@ -51,6 +51,13 @@ def _tier(path: Path, device: str, **kw: Any) -> DiskTier:
     return t
 
 
+def _stored(t: DiskTier, n: int) -> tuple[BlockKeys, torch.Tensor]:
+    """``n`` blocks of test rows, put into ``t`` (every one must be stored)."""
+    keys, data = _keys(n), torch.from_numpy(_rows(n))
+    assert t.put(keys, data).all()
+    return keys, data
+
+
 def _slot_payload_offset(t: DiskTier, key_hash: int, ns: int = 5) -> tuple[str, int]:
     rec = t.index.records(ns, np.array([key_hash], np.uint64))[0]
     assert rec is not None
@@ -169,9 +176,7 @@ def test_a_device_transfer_that_fails_is_redone_through_the_host(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     t = _tier(tmp_path, "cpu")
-    keys = _keys(4)
-    data = torch.from_numpy(_rows(4))
-    assert t.put(keys, data).all()
+    keys, data = _stored(t, 4)
     engine = t.device.engine
     assert engine is not None
     monkeypatch.setattr(engine._agent, "initialize_xfer", _refuse)
@@ -293,9 +298,7 @@ def test_a_buffer_loaded_into_again_is_registered_once_and_held(tmp_path: Path) 
     """Registering GPU memory with cuFile is slow, so a storage used a second time stays registered
     (and referenced, so it cannot be freed under the registration); one used once is not held."""
     t = _tier(tmp_path, "cpu")
-    keys = _keys(4)
-    data = torch.from_numpy(_rows(4))
-    assert t.put(keys, data).all()
+    keys, data = _stored(t, 4)
     out = torch.zeros_like(data)
     for _ in range(3):
         assert t.get(keys, out).all() and torch.equal(out, data)
@@ -324,9 +327,7 @@ def test_the_registration_cache_is_bounded(tmp_path: Path) -> None:
 
 def test_an_engine_registers_its_kv_cache_for_good(tmp_path: Path) -> None:
     t = _tier(tmp_path, "cpu")
-    keys = _keys(4)
-    data = torch.from_numpy(_rows(4))
-    assert t.put(keys, data).all()
+    keys, data = _stored(t, 4)
     kv = torch.zeros((16, BN), dtype=torch.uint8)
     assert t.register_device_memory(kv)
     assert t.get(keys, kv[4:8]).all() and torch.equal(kv[4:8], data)  # a view into the registered storage
@@ -445,9 +446,7 @@ def test_after_a_transfer_that_could_not_be_cancelled_close_keeps_registrations(
     """A stuck transfer may still touch registered memory: closing must not deregister (or free)
     it, and the engine stops using NIXL; loads go on through the host path."""
     t = _tier(tmp_path, "cpu")
-    keys = _keys(2)
-    data = torch.from_numpy(_rows(2))
-    assert t.put(keys, data).all()
+    keys, data = _stored(t, 2)
     out = torch.zeros_like(data)
     for _ in range(2):
         assert t.get(keys, out).all()  # the second use keeps out's registration
