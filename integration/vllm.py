@@ -293,13 +293,12 @@ _stores_lock = threading.Lock()
 
 
 def shareable(tier: Any) -> bool:
-    """Whether a tier (URL or table) can be opened by several processes at once: the persistent ones,
-    and peers (another process's memory, ``shareable`` by design)."""
+    """Whether a tier (URL or table) can be opened by several processes at once (``Tier.shareable``)."""
     from kvbm_fs.registry import TierSpec, tier_class
 
     url = tier if isinstance(tier, str) else tier.get("url")
     cls = tier_class(TierSpec.parse(str(url)).scheme)
-    return bool(getattr(cls, "shareable", getattr(cls, "persistent", True)))  # remote: a factory, shared
+    return bool(getattr(cls, "shareable", True))  # remote tiers come from a factory: shared by nature
 
 
 def _acquire_store(
@@ -1174,8 +1173,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         if ev.kind not in SHIPPED_KINDS or self.store is None:
             return
         tier = self.store.tier(ev.tier)
-        opened_by_all = bool(getattr(tier, "shareable", tier.persistent))  # the scheduler opens it: no mirror
-        item = (ev.kind.value, ev.tier, tier.medium.value, opened_by_all, ev.keys.ns, ev.keys.hashes.copy())
+        item = (ev.kind.value, ev.tier, tier.medium.value, tier.shareable, ev.keys.ns, ev.keys.hashes.copy())
         with self._lock:
             self._shipping.append(item)
 

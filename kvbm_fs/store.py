@@ -289,7 +289,7 @@ class Store:
             return 0
         written = 0
         for t in self.tiers:
-            if t.persistent or t.medium is Medium.PEER:  # a peer's blocks live on in its own process
+            if t.shareable:  # persistent, or a peer's: the blocks live on without this process
                 continue
             for batch in t.iter_keys():
                 if batch.ns not in self.namespaces:

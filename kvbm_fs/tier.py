@@ -38,6 +38,10 @@ class Tier(abc.ABC):
     name: str
     medium: Medium
     persistent: bool = False
+    # Other processes can open this tier at once and see the same blocks (persistent tiers, and
+    # peers, whose blocks live in another process): a store neither persists it at close nor does a
+    # vLLM scheduler mirror it from its worker's events.
+    shareable: bool = False
     block_nbytes: int
     events: EventBus
     # A full tier evicts by its policy to take a put. The placement daemon turns this off for every

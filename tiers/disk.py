@@ -64,6 +64,7 @@ def round_up(n: int, to: int) -> int:
 class DiskTier(Tier):
     medium = Medium.DISK
     persistent = True
+    shareable = True
 
     def __init__(
         self,

@@ -119,6 +119,7 @@ IO_PATHS = ("s3fs", "nixl", "auto")
 class RemoteTier(Tier):
     medium = Medium.REMOTE
     persistent = True
+    shareable = True
 
     def __init__(
         self,
