@@ -9,7 +9,9 @@ It runs as a background thread inside a store (``Store.start_daemon``) or standa
    So a block leaves the store only through the bottom tier's own eviction, which
    picks the least valuable block there, the coldest in the store.
 2. Promotion and prefetch: blocks a ``get`` served from a slow tier, and the rest of a
-   matched chain that lives in slow tiers, are copied up to the promotion target.
+   matched chain that lives in slow tiers, are copied up to the promotion target.  The daemon
+   learns of gets and matches from the store's event stream (``LOADED`` and ``MATCHED``), as every
+   other observer does, and publishes its own moves there (``DEMOTED`` / ``PROMOTED`` with a Move).
 
 Copies are whole before they become visible (tiers publish after the bytes land) and
 the source copy is deleted only after that, so a stop at any moment leaves every block
@@ -29,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .errors import ConfigError, PinnedError
-from .events import EventKind
+from .events import BlockEvent, EventKind, Move, StoreOp
 from .keys import BlockKeys
 from .tier import Tier
 from .transfer import transfer
@@ -94,6 +96,7 @@ class PlacementDaemon:
         self._budget_at = time.monotonic()
         self.counters = dict(rounds=0, demoted_blocks=0, dropped_blocks=0, promoted_blocks=0, prefetched_blocks=0,
                              demoted_bytes=0, promoted_bytes=0, kept_blocks=0)  # fmt: skip
+        self._unsubscribe = store.events.subscribe(self._on_event)
 
     # ---- lifecycle -----------------------------------------------------------------------
     def attach(self) -> PlacementDaemon:
@@ -118,6 +121,10 @@ class PlacementDaemon:
         if self._thread is not None:
             self._thread.join(timeout)
         self._thread = None
+
+    def detach(self) -> None:
+        """Stop listening to the store's events (no more promotions or prefetches queued)."""
+        self._unsubscribe()
 
     def _halting(self) -> bool:
         """Stop asked, and we are the daemon thread (a caller's own run_once() always finishes)."""
@@ -181,7 +188,8 @@ class PlacementDaemon:
         self.counters["demoted_blocks"] += int(copied.sum())
         self.counters["demoted_bytes"] += int(copied.sum()) * upper.block_nbytes
         if copied.any():
-            self.store.events.publish(EventKind.DEMOTED, lower.name, keys[todo[copied]])
+            move = Move("demote", upper.name, int(copied.sum()) * upper.block_nbytes)
+            self.store.events.publish(EventKind.DEMOTED, lower.name, keys[todo[copied]], data=move)
         return gone
 
     @staticmethod
@@ -200,8 +208,14 @@ class PlacementDaemon:
             return n
 
     # ---- promotion and prefetch ----------------------------------------------------------
+    def _on_event(self, ev: BlockEvent) -> None:
+        if ev.kind is EventKind.LOADED and isinstance(ev.data, StoreOp):
+            self.on_get(ev.keys, ev.data.where, ev.data.done)
+        elif ev.kind is EventKind.MATCHED and ev.data is not None and ev.data.length:
+            self.on_match(ev.data)
+
     def on_get(self, keys: BlockKeys, where: np.ndarray, got: np.ndarray) -> None:
-        """Called by Store.get: blocks served from a tier slower than the target move up."""
+        """A Store.get (its LOADED event): blocks served from a tier slower than the target move up."""
         if not self.config.promote:
             return
         t_idx = self.store.tiers.index(self.target)
@@ -213,7 +227,7 @@ class PlacementDaemon:
                 self._enqueue("promote", keys[idx], tier.name)
 
     def on_match(self, m: Match) -> None:
-        """Called by Store.match: pull the slow part of the matched chain up ahead of the load."""
+        """A Store.match (its MATCHED event): pull the slow part of the matched chain up ahead of the load."""
         if not self.config.prefetch:
             return
         t_idx = self.store.tiers.index(self.target)
@@ -247,7 +261,8 @@ class PlacementDaemon:
         self.counters["prefetched_blocks" if kind == "prefetch" else "promoted_blocks"] += n
         self.counters["promoted_bytes"] += n * src.block_nbytes
         if n:
-            self.store.events.publish(EventKind.PROMOTED, self.target.name, keys[todo[ok]])
+            move = Move(kind, src.name, n * src.block_nbytes)
+            self.store.events.publish(EventKind.PROMOTED, self.target.name, keys[todo[ok]], data=move)
         return n
 
     # ---- pacing --------------------------------------------------------------------------

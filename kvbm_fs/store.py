@@ -19,7 +19,7 @@ import numpy as np
 
 from .cost import CostModel
 from .errors import ConfigError, LayoutMismatchError, PinnedError, TierClosedError
-from .events import EventBus, EventKind
+from .events import EventBus, EventKind, Move, StoreOp
 from .keys import BlockKeys, Namespace
 from .tier import Medium, SlotTier, Tier
 from .transfer import transfer
@@ -76,6 +76,7 @@ class Store:
         if len(set(names)) != len(names):
             raise ConfigError(f"tier names must be unique, got {names}; name them with ?name=...")
         self.tiers: list[Tier] = list(tiers)
+        self._names = tuple(names)
         self.events = events or EventBus()
         self.namespaces: dict[int, Namespace] = {}
         self.default_namespace = namespace
@@ -134,14 +135,22 @@ class Store:
         rows = self._rows(keys, data, "put")
         start = self.tiers.index(self.tier(tier)) if tier else 0
         ok = np.zeros(len(keys), bool)
+        where = np.full(len(keys), -1, np.int8)
+        secs = [-1.0] * len(self.tiers)
         with self._foreground():
-            for t in self.tiers[start : len(self.tiers) if spill else start + 1]:
+            for i in range(start, len(self.tiers) if spill else start + 1):
                 todo = np.flatnonzero(~ok)
                 if todo.size == 0:
                     break
                 sub = keys if todo.size == len(keys) else keys[todo]
-                ok[todo] = t.put(sub, rows if todo.size == len(keys) else rows[todo])
+                t0 = time.perf_counter()
+                took = self.tiers[i].put(sub, rows if todo.size == len(keys) else rows[todo])
+                secs[i] = time.perf_counter() - t0
+                ok[todo] = took
+                where[todo[took]] = i
         self._count(put_blocks=int(ok.sum()))
+        if self.events.active:
+            self.events.publish(EventKind.SAVED, "", keys, data=StoreOp(self._names, where, ok, tuple(secs)))
         return ok
 
     def match(self, keys: BlockKeys) -> Match:
@@ -161,8 +170,7 @@ class Store:
         self._count(match_calls=1, matched_blocks=length)
         worth = self.cost.worth(where[:length], self.tiers, ns.block_nbytes, ns.layout.block_size)
         m = Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where, worth)
-        if self.daemon is not None and length:
-            self.daemon.on_match(m)
+        self.events.publish(EventKind.MATCHED, "", keys, data=m)
         return m
 
     def _runs(self, where: np.ndarray) -> tuple[tuple[str, int, int], ...]:
@@ -181,6 +189,7 @@ class Store:
         reuse = match is not None and n <= len(match.keys) and match.keys[:n] == keys
         where = match.where[:n] if reuse and match is not None else self.match(keys).where
         got = np.zeros(n, bool)
+        secs = [-1.0] * len(self.tiers)
         for i, t in enumerate(self.tiers):
             idx = np.flatnonzero(where == i)
             if idx.size == 0:
@@ -189,13 +198,14 @@ class Store:
             with self._foreground():
                 for a, b in _spans(idx):
                     got[a:b] = t.get(keys[a:b], rows[a:b])
-            self.cost.observe(t, int(got[idx].sum()) * t.block_nbytes, time.perf_counter() - t0)
+            secs[i] = time.perf_counter() - t0
+            self.cost.observe(t, int(got[idx].sum()) * t.block_nbytes, secs[i])
             failed = idx[~got[idx]]
             if failed.size:  # matched a moment ago, but the tier could not deliver: the engine recomputes
                 self.events.publish(EventKind.LOAD_FAILED, t.name, keys[failed])
         self._count(get_blocks=int(got.sum()), get_misses=int((where >= 0).sum() - got.sum()))
-        if self.daemon is not None:
-            self.daemon.on_get(keys, where, got)
+        if self.events.active:
+            self.events.publish(EventKind.LOADED, "", keys, data=StoreOp(self._names, where, got, tuple(secs)))
         return got
 
     @contextmanager
@@ -241,7 +251,10 @@ class Store:
         had = d.contains(keys)
         ok = transfer(keys, s, d)
         up = self.tiers.index(d) < self.tiers.index(s)
-        self.events.publish(EventKind.PROMOTED if up else EventKind.DEMOTED, dst, keys[ok & ~had])
+        new = ok & ~had
+        if new.any():
+            move = Move("promote" if up else "demote", src, int(new.sum()) * s.block_nbytes)
+            self.events.publish(EventKind.PROMOTED if up else EventKind.DEMOTED, dst, keys[new], data=move)
         return ok
 
     def pin(self, keys: BlockKeys) -> Pins:

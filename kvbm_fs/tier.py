@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from .errors import LayoutMismatchError, TierClosedError
-from .events import EventBus
+from .events import EventBus, EventKind
 from .keys import BlockKey, BlockKeys, Namespace
 from .lifecycle import SlotPool
 from .policy import AdmissionPolicy, EvictionPolicy, admission_of
@@ -176,7 +176,10 @@ class Admission:
         victims = tier.coldest(need) if need > 0 and self.filter.needs_victims else []
         ok = self.filter.admit(keys[todo], max(0, free), victims)
         refused = np.flatnonzero(~ok)
-        return todo[: refused[0]] if refused.size else todo
+        if refused.size == 0:
+            return todo
+        tier.events.publish(EventKind.REFUSED, tier.name, keys[todo[refused[0] :]], "admission")
+        return todo[: refused[0]]
 
 
 class SlotTier(Tier):
@@ -255,7 +258,10 @@ class SlotTier(Tier):
         victims = self.pool.coldest(need) if need > 0 and self.admission.needs_victims else []
         ok = self.admission.admit(keys, free, victims)
         refused = np.flatnonzero(~ok)
-        return int(refused[0]) if refused.size else len(keys)
+        if refused.size == 0:
+            return len(keys)
+        self.events.publish(EventKind.REFUSED, self.name, keys[int(refused[0]) :], "admission")
+        return int(refused[0])
 
     def _write(self, keys: BlockKeys, src: Any, src_rows: np.ndarray) -> np.ndarray:
         """Store as many leading keys as fit (a prefix is what matching can use); mask of those written."""

@@ -39,7 +39,7 @@ from ..errors import (
     PinnedError,
     TierClosedError,
 )
-from ..events import EventBus, EventKind
+from ..events import VERIFY, EventBus, EventKind
 from ..keys import BlockKey, BlockKeys, Namespace
 from ..policy import EvictionPolicy, make_policy
 from ..rows import is_torch
@@ -494,9 +494,8 @@ class DiskTier(Tier):
             return
         self.counters["load_failures"] += len(failed)
         self.counters["corrupt_removed"] += len(removed)
-        self.events.publish(
-            EventKind.LOAD_FAILED, self.name, BlockKeys(ns, np.array([b[0] for b in failed], np.uint64)), failed[0][2]
-        )
+        hs = BlockKeys(ns, np.array([b[0] for b in failed], np.uint64))
+        self.events.publish(EventKind.LOAD_FAILED, self.name, hs, failed[0][2], VERIFY)
 
     def delete(self, keys: BlockKeys) -> np.ndarray:
         self._live()

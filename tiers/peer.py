@@ -67,7 +67,7 @@ from ..errors import (
     PinnedError,
     TierClosedError,
 )
-from ..events import EventBus, EventKind
+from ..events import VERIFY, EventBus, EventKind
 from ..keys import BlockKeys, Namespace
 from ..net import Listener
 from ..policy import EvictionPolicy
@@ -757,7 +757,7 @@ class PeerTier(Tier):
         ok, why = codec.verify_batch(self._stage[:n, :HDR], keys.ns, keys.hashes, payloads, self.block_nbytes)
         if why is not None:
             self.counters["load_failures"] += int((~ok).sum())
-            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[np.flatnonzero(~ok)], why)
+            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[np.flatnonzero(~ok)], why, VERIFY)
         return ok
 
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:

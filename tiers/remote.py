@@ -41,7 +41,7 @@ import numpy as np
 
 from .. import codec
 from ..errors import ConfigError, CorruptBlockError, FormatVersionError, LayoutMismatchError, PinnedError
-from ..events import EventBus, EventKind
+from ..events import VERIFY, EventBus, EventKind
 from ..keys import BlockKeys, Namespace
 from ..policy import EvictionPolicy, make_policy
 from ..registry import TierSpec
@@ -461,7 +461,7 @@ class RemoteTier(Tier):
         if bad:
             self.counters["load_failures"] += len(bad)
             idx = np.array([i for i, _ in bad], np.int64)
-            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[idx], bad[0][1])
+            self.events.publish(EventKind.LOAD_FAILED, self.name, keys[idx], bad[0][1], VERIFY)
             removed = self._delete_paths([self._path(keys.ns, int(keys.hashes[i])) for i in idx.tolist()])
             self.counters["corrupt_removed"] += sum(removed)
 
