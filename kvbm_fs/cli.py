@@ -17,8 +17,13 @@ def main(argv: list[str] | None = None) -> int:
         from .integration.transformers import main as hf_main
 
         return hf_main(argv[1:])
+    if argv[:1] == ["top"]:  # its own parser (kvbm_fs/top.py)
+        from .top import main as top_main
+
+        return top_main(argv[1:])
     p = argparse.ArgumentParser(prog="kvbm-fs", description="Tiered KV-cache block store")
     sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("top", help="live view of a store's metrics endpoint: tiers, hit rates, bandwidth, daemon moves")
     sub.add_parser(
         "hf-prepopulate",
         help="prefill prompts with a local transformers model and store their KV blocks (--help for options)",
@@ -175,8 +180,7 @@ def _peer_serve(args: argparse.Namespace) -> int:
     done.wait()
     srv.close()
     srv.tier.close()
-    sys.stdout.flush()
-    os._exit(0)  # a process that made a UCX backend can crash in exit handlers (brief.md 6)
+    return 0  # a plain exit: nixl_api pins the host's rdma-core, so UCX no longer crashes at exit
 
 
 def _daemon(config: str, once: bool) -> int:
