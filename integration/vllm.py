@@ -318,6 +318,7 @@ def _acquire_store(
             if key[1] == "scheduler":
                 cfg.tiers = [t for t in cfg.tiers if shareable(t)]
                 cfg.daemon = False  # placement runs where the data is: in the worker's store
+                cfg.events = None  # so do KV events: the worker's store publishes them (one PUB per port)
             held = _stores[key] = [build_store(cfg) if cfg.tiers else None, 0]
         held[1] += 1
         store: Store | None = held[0]

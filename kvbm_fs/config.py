@@ -22,6 +22,8 @@ from .layout import KVLayout
 ENV_PREFIX = "KVBM_FS_"
 DEFAULT_TIERS = ("host://?capacity=1GiB",)
 _KEYS = {"model", "layout", "tiers", "tenant", "rank", "world_size", "policy", "hash_scheme", "daemon", "cost"}
+_KEYS |= {"metrics_port", "metrics_host"}
+_KEYS |= {"events"}  # [events]: KV events for routers (kvbm_fs.kv_events)
 
 
 @dataclass
@@ -36,6 +38,9 @@ class StoreConfig:
     hash_scheme: str = "kvbm-v1"
     daemon: bool | dict[str, Any] = False  # true or a [daemon] table: run the placement daemon
     cost: dict[str, Any] = field(default_factory=dict)  # [cost] table: prefill_tokens_per_s, latency, bandwidth
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port); None: no server
+    metrics_host: str = "127.0.0.1"
+    events: dict[str, Any] | None = None  # [events] table: publish KV events for routers (kvbm_fs.kv_events)
 
     def namespace(self) -> Namespace:
         if self.layout is None:
@@ -82,10 +87,10 @@ def _yaml(p: Path, text: bytes) -> dict[str, Any]:
 
 def from_env(env: Mapping[str, str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for key in ("model", "tenant", "policy", "hash_scheme"):
+    for key in ("model", "tenant", "policy", "hash_scheme", "metrics_host"):
         if ENV_PREFIX + key.upper() in env:
             out[key] = env[ENV_PREFIX + key.upper()]
-    for key in ("rank", "world_size"):
+    for key in ("rank", "world_size", "metrics_port"):
         name = ENV_PREFIX + key.upper()
         if name in env:
             try:
@@ -127,16 +132,28 @@ def _build(d: dict[str, Any]) -> StoreConfig:
             v = v if isinstance(v, KVLayout) else _layout(v)
         elif k == "tiers":
             v = _tiers(v)
-        elif k in ("rank", "world_size") and (isinstance(v, bool) or not isinstance(v, int)):
+        elif k in ("rank", "world_size", "metrics_port") and (isinstance(v, bool) or not isinstance(v, int)):
             raise ConfigError(f"config {k} must be an integer, got {v!r}")
-        elif k in ("model", "tenant", "policy", "hash_scheme") and not isinstance(v, str):
+        elif k in ("model", "tenant", "policy", "hash_scheme", "metrics_host") and not isinstance(v, str):
             raise ConfigError(f"config {k} must be a string, got {v!r}")
         elif k == "daemon" and not isinstance(v, (bool, Mapping)):
             raise ConfigError(f"config daemon must be true/false or a table of daemon options, got {v!r}")
+        elif k == "events":
+            v = _events(v)
         elif k == "cost" and not isinstance(v, Mapping):
             raise ConfigError(f"config cost must be a table (prefill_tokens_per_s, latency, bandwidth), got {v!r}")
         setattr(cfg, k, v)
     return cfg
+
+
+def _events(v: Any) -> dict[str, Any] | None:
+    if v is None or v is False:
+        return None
+    if isinstance(v, str):
+        v = {"endpoint": v}
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"config events must be a table (endpoint, replay_endpoint, topic, ...), got {v!r}")
+    return dict(v)
 
 
 def _layout(v: Any) -> KVLayout:

@@ -28,13 +28,17 @@ def mount(
     hash_scheme: str | None = None,
     daemon: bool | Mapping[str, Any] | None = None,
     cost: Mapping[str, Any] | None = None,
+    metrics_port: int | None = None,
     config: str | os.PathLike[str] | Mapping[str, Any] | None = None,
     env: Mapping[str, str] | None = None,
+    events: str | Mapping[str, Any] | None = None,
 ) -> Store:
     """Open a store.  ``mount("gpu://cpu?capacity=256MiB", "host://?capacity=8GiB", layout=...)``.
 
     Tiers are listed fastest first.  Any argument left out comes from ``config``
     (a TOML/YAML/JSON path or a mapping), then ``KVBM_FS_*`` variables, then defaults.
+    ``metrics_port`` (or ``KVBM_FS_METRICS_PORT``) serves Prometheus ``/metrics`` on 127.0.0.1 (:mod:`kvbm_fs.metrics`).
+    ``events={"endpoint": "tcp://*:5557", ...}`` publishes KV events for routers (:mod:`kvbm_fs.kv_events`).
     """
     cfg = resolve(
         config=config,
@@ -49,6 +53,8 @@ def mount(
         hash_scheme=hash_scheme,
         daemon=daemon,
         cost=cost,
+        metrics_port=metrics_port,
+        events=events,
     )
     return build_store(cfg)
 
@@ -65,6 +71,12 @@ def build_store(cfg: StoreConfig) -> Store:
                 spec.options["name"] = f"{spec.scheme}{i}"
             opened.append(open_tier(spec, block_nbytes=ns.block_nbytes, block_size=ns.layout.block_size, events=events))
         store = Store(opened, ns, events, _cost(cfg.cost))
+        if cfg.metrics_port is not None:  # before the daemon starts, so that its first moves are counted
+            store.enable_metrics(cfg.metrics_port, cfg.metrics_host)
+        if cfg.events:  # before the daemon starts, so that its first moves are published too
+            from .kv_events import attach
+
+            attach(store, cfg.events)
         if cfg.daemon:
             store.start_daemon(dict(cfg.daemon) if isinstance(cfg.daemon, Mapping) else None)
         return store
