@@ -97,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--host", default="127.0.0.1", help="address the control port listens on (default 127.0.0.1)")
     ps.add_argument("--port", type=int, default=0, help="control port (default: any free one, printed)")
     ps.add_argument("--policy", help="eviction policy of the served tier (default: the store default)")
+    from . import admin  # ls, du, stat, rm, verify, cp
+
+    admin.add_parsers(sub)
     args = p.parse_args(argv)
     try:
+        if args.cmd in admin.COMMANDS:
+            return admin.run(args)
         if args.cmd == "demo":
             from .demo import DEMO_DIR, default_tiers, run_demo
 
