@@ -15,6 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -347,3 +348,51 @@ def test_grafana_dashboard_structure() -> None:
     titles = " ".join(p["title"].lower() for p in panels(dash))
     for group in ("occupancy", "hit ratio", "read", "latency", "evict", "verif", "breaker", "daemon"):
         assert group in titles, group
+
+
+def test_top_against_a_mounted_store(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                     monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The real thing: a store's own /metrics, a known workload between top's two scrapes."""
+    pytest.importorskip("kvbm_fs.metrics")
+    from conftest import LAYOUT, tokens
+
+    from kvbm_fs import mount
+    from kvbm_fs.testing import blocks_for
+
+    nb = LAYOUT.block_nbytes
+    store = mount(f"gpu://cpu?capacity={16 * nb}", f"file://{tmp_path}/disk?capacity=1MiB", layout=LAYOUT,
+                  model="top-test", env={}, metrics_port=0)  # fmt: skip
+    try:
+        assert store.metrics is not None and store.metrics.port
+        real_scrape, calls = top.scrape, list[str]()
+
+        def scrape_then_work(url: str, timeout: float = 5.0) -> top.Scrape:
+            s = real_scrape(url, timeout)
+            if not calls:  # between top's two scrapes: put 8 blocks, match and get them
+                keys = store.keys(tokens(8, seed=1))
+                data = blocks_for(keys, nb)
+                assert store.put(keys, data).all()
+                m = store.match(keys)
+                assert m.length == 8
+                out = np.zeros_like(data)
+                assert store.get(keys, out, m).all()
+            calls.append(url)
+            return s
+
+        monkeypatch.setattr(top, "scrape", scrape_then_work)
+        view = run_json(capsys, "--port", str(store.metrics.port))
+        names = [t.name for t in store.tiers]
+    finally:
+        store.close()
+    assert len(calls) == 2
+    assert [t["tier"] for t in view["tiers"]] == names  # fastest first
+    gpu, disk = view["tiers"]
+    assert gpu["blocks"] == 8 and gpu["used_bytes"] == 8 * nb and gpu["capacity_bytes"] == 16 * nb
+    assert gpu["written_bytes_per_s"] * view["interval_s"] == pytest.approx(8 * nb)
+    assert gpu["lookup"]["hit_ratio"] == 1.0 and gpu["lookup"]["hits"] == 8
+    assert gpu["get"]["hit_ratio"] == 1.0 and gpu["get"]["hits"] == 8
+    assert gpu["read_bytes_per_s"] * view["interval_s"] == pytest.approx(8 * nb)
+    assert gpu["latency"]["get"]["count"] == 1 and gpu["latency"]["get"]["p50_s"] > 0
+    assert gpu["latency"]["put"]["count"] == 1
+    assert gpu.get("verify_failed_blocks", 0) == 0
+    assert disk["blocks"] == 0 and disk["lookup"]["hits"] == 0  # everything was found in the first tier
