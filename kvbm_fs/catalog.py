@@ -30,6 +30,7 @@ if TYPE_CHECKING:
     from .tiers.disk import DiskTier
     from .tiers.remote import RemoteTier
 
+Target = str | os.PathLike[str] | list[Any] | tuple[Any, ...]  # URL, config file, or a list of URLs/tier tables
 # progress(description, total) -> advance(n): the CLI passes a rich progress bar, library callers nothing
 Progress = Callable[[str, int], Callable[[int], None]]
 BATCH_BYTES = 64 << 20  # bytes of blocks moved per batch by copy and verify
@@ -61,9 +62,7 @@ class Catalog:
         self._described: dict[str, dict[int, Namespace]] = {}
 
     @classmethod
-    def open(
-        cls, target: str | os.PathLike[str], *, create: bool = False, block_nbytes: int | None = None, blocks: int = 0
-    ) -> Catalog:
+    def open(cls, target: Target, *, create: bool = False, block_nbytes: int | None = None, blocks: int = 0) -> Catalog:
         """Open the tiers of ``target`` (a tier URL or a config file). ``create`` (a copy's destination)
         creates a missing tier for ``block_nbytes``-byte blocks instead of refusing (a new disk tier
         without a ``capacity`` gets room for ``blocks``)."""
@@ -349,18 +348,10 @@ class Catalog:
 
 
 # ---- opening targets ---------------------------------------------------------------------------
-def target_specs(target: str | os.PathLike[str]) -> list[tuple[str, TierSpec]]:
-    """(tier name, spec) for a tier URL or each tier of a config file, named as ``mount`` names them."""
-    from .config import resolve
-    from .mount import _spec
-
-    text = os.fspath(target)
-    if "://" in text:
-        specs = [TierSpec.parse(text)]
-    else:
-        if not os.path.exists(text):
-            raise ConfigError(f"{text} is neither a tier URL (scheme://...) nor a config file")
-        specs = [_spec(t) for t in resolve(config=text, env={}).tiers]
+def target_specs(target: Target) -> list[tuple[str, TierSpec]]:
+    """(tier name, spec) for a tier URL, each tier of a config file, or each of a list of those;
+    named as ``mount`` names them (a ``name`` option, else by kind, numbered when repeated)."""
+    specs = [s for one in target for s in _specs(one)] if isinstance(target, (list, tuple)) else _specs(target)
     out = []
     for i, s in enumerate(specs):
         name = s.options.pop("name", None)
@@ -370,6 +361,20 @@ def target_specs(target: str | os.PathLike[str]) -> list[tuple[str, TierSpec]]:
                 name = f"{name}{i}"
         out.append((str(name), s))
     return out
+
+
+def _specs(target: str | os.PathLike[str] | dict[str, Any]) -> list[TierSpec]:
+    from .config import resolve
+    from .mount import _spec
+
+    if isinstance(target, dict):  # a tier table {url=..., ...}
+        return [_spec(target)]
+    text = os.fspath(target)
+    if "://" in text:
+        return [TierSpec.parse(text)]
+    if not os.path.exists(text):
+        raise ConfigError(f"{text} is neither a tier URL (scheme://...) nor a config file")
+    return [_spec(t) for t in resolve(config=text, env={}).tiers]
 
 
 def _default_name(spec: TierSpec) -> str:
