@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from kvbm_fs import cli, top
 
@@ -382,9 +383,14 @@ def test_top_against_a_mounted_store(tmp_path: Path, capsys: pytest.CaptureFixtu
         monkeypatch.setattr(top, "scrape", scrape_then_work)
         view = run_json(capsys, "--port", str(store.metrics.port))
         names = [t.name for t in store.tiers]
+        exported = {f.name for f in text_string_to_metric_families(store.metrics.text())}
+        exported = {n for n in exported if not n.endswith("_created")}  # counters' creation times
     finally:
         store.close()
     assert len(calls) == 2
+    contract = {*top.GAUGES, *(c.removesuffix("_total") for c in top.COUNTERS), *top.HISTOGRAMS}
+    assert exported <= contract, "the store exports a metric top and the dashboard do not know"
+    assert contract - {"kvbm_fs_breaker_state"} <= exported  # no remote or peer tier here: no breaker
     assert [t["tier"] for t in view["tiers"]] == names  # fastest first
     gpu, disk = view["tiers"]
     assert gpu["blocks"] == 8 and gpu["used_bytes"] == 8 * nb and gpu["capacity_bytes"] == 16 * nb
