@@ -86,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     dm.add_argument("--config", required=True, help="TOML/YAML/JSON config with tiers, layout and a [daemon] table")
     dm.add_argument("--once", action="store_true", help="run one round, print stats and exit")
+    dm.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
+    dm.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on (default 127.0.0.1)")
     ps = sub.add_parser(
         "peer-serve",
         help="lend this machine's DRAM to peers: serve a host tier at peer://HOST:PORT until stopped "
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--host", default="127.0.0.1", help="address the control port listens on (default 127.0.0.1)")
     ps.add_argument("--port", type=int, default=0, help="control port (default: any free one, printed)")
     ps.add_argument("--policy", help="eviction policy of the served tier (default: the store default)")
+    ps.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
+    ps.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on (default 127.0.0.1)")
     from . import admin  # ls, du, stat, rm, verify, cp
 
     admin.add_parsers(sub)
@@ -137,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                 json_only=args.json,
             )
         if args.cmd == "daemon":
-            return _daemon(args.config, args.once)
+            return _daemon(args.config, args.once, args.metrics_port, args.metrics_host)
         if args.cmd == "peer-serve":
             return _peer_serve(args)
         if args.cmd == "check":
@@ -178,17 +182,28 @@ def _peer_serve(args: argparse.Namespace) -> int:
 
         block = resolve(config=args.config).namespace().block_nbytes
     srv = serve_host_memory(args.capacity, block, args.host, args.port, args.policy)
+    metrics = None
+    if args.metrics_port is not None:  # the served tier's own figures (what it holds, stores, evicts)
+        from .metrics import StoreMetrics
+
+        metrics = StoreMetrics([srv.tier], srv.tier.events)
+        metrics.serve(args.metrics_port, args.metrics_host)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    print(json.dumps({"url": srv.url, "block_bytes": block, "slots": srv.slots}), flush=True)
+    info = {"url": srv.url, "block_bytes": block, "slots": srv.slots}
+    if metrics is not None:
+        info["metrics_port"] = metrics.port
+    print(json.dumps(info), flush=True)
     done.wait()
+    if metrics is not None:
+        metrics.close()
     srv.close()
     srv.tier.close()
     return 0  # a plain exit: nixl_api pins the host's rdma-core, so UCX no longer crashes at exit
 
 
-def _daemon(config: str, once: bool) -> int:
+def _daemon(config: str, once: bool, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
     """Standalone daemon: no engine in this process, so it only demotes between the configured tiers."""
     import signal
     import threading
@@ -198,6 +213,9 @@ def _daemon(config: str, once: bool) -> int:
 
     daemon_cfg = load_file(config).get("daemon", True)
     with mount(config=config) as store:
+        if metrics_port is not None:
+            store.enable_metrics(metrics_port, metrics_host)
+            print(json.dumps({"metrics_port": store.enable_metrics().port}), flush=True)
         d = store.start_daemon(daemon_cfg if isinstance(daemon_cfg, dict) else None)
         if once:
             d.stop()

@@ -26,6 +26,7 @@ from .transfer import transfer
 
 if TYPE_CHECKING:
     from .daemon import DaemonConfig, PlacementDaemon
+    from .metrics import StoreMetrics
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class Store:
         self._closed = False
         self.cost = cost or CostModel()
         self.daemon: PlacementDaemon | None = None
+        self.metrics: StoreMetrics | None = None
         self._fg = 0  # foreground operations in flight (the daemon yields to them)
         self.exported: list[Any] = []  # PeerServers serving this store's tiers to peers
         self.counters = {"put_blocks": 0, "match_calls": 0, "matched_blocks": 0, "get_blocks": 0, "get_misses": 0}
@@ -237,6 +239,18 @@ class Store:
         if self.daemon is not None:
             self.daemon.stop()
 
+    # ---- metrics ---------------------------------------------------------------------------
+    def enable_metrics(self, port: int | None = None, host: str = "127.0.0.1") -> StoreMetrics:
+        """Count this store's operations as Prometheus metrics (``kvbm_fs_*``), from its event stream;
+        with ``port`` (0: any free one), also serve them at ``http://host:port/metrics``."""
+        from .metrics import StoreMetrics
+
+        if self.metrics is None:
+            self.metrics = StoreMetrics(self.tiers, self.events)
+        if port is not None and self.metrics.port is None:
+            self.metrics.serve(port, host)
+        return self.metrics
+
     def _out_rows(self, keys: BlockKeys, out: Any) -> Any:
         contiguous = out.is_contiguous() if hasattr(out, "is_contiguous") else out.flags.c_contiguous
         if not contiguous:
@@ -337,6 +351,8 @@ class Store:
         if persist:
             self.persist()
         self._closed = True
+        if self.metrics is not None:
+            self.metrics.close()
         for t in self.tiers:
             t.close()
 

@@ -113,6 +113,10 @@ class Tier(abc.ABC):
         for batch in self.iter_keys():
             yield from batch
 
+    def usage(self) -> tuple[int, int] | None:
+        """(blocks, used bytes) for metrics, or None where counting would be a full listing."""
+        return len(self), self.used_bytes
+
     def stats(self) -> dict[str, Any]:
         return {
             "name": self.name,

@@ -619,6 +619,10 @@ class RemoteTier(Tier):
     def __len__(self) -> int:
         return self._count if self._count >= 0 else len(self._list())
 
+    def usage(self) -> tuple[int, int] | None:
+        n = self._count  # unbounded: unknown without listing the bucket
+        return None if n < 0 else (n, n * self.object_bytes)
+
     def stats(self) -> dict[str, Any]:
         s: dict[str, Any] = {"name": self.name, "medium": self.medium.value, "persistent": True}
         if self._count >= 0:  # unbounded tiers would need a full listing for these
