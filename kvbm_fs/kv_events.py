@@ -111,7 +111,8 @@ _CLEARED = {"cleared"}
 KINDS = frozenset(_STORED | _REMOVED | _CLEARED)
 
 
-Item = tuple[int, float, "BlockEvent | None"]
+FLUSH = "flush"  # a queue marker (str): flush() waits until the thread has passed it
+Item = tuple[int, float, "BlockEvent | str | None"]
 
 
 def decoder() -> msgspec.msgpack.Decoder[KVEventBatch]:
@@ -186,7 +187,7 @@ class KVEventPublisher:
         ns = store.default_namespace
         rank = ns.rank if (ns is not None and cfg.offset_by_rank) else 0
         # (arrival index, time, event; None: AllBlocksCleared here)
-        self._q: queue.Queue[tuple[int, float, BlockEvent | None]] = queue.Queue(cfg.max_queue_size)
+        self._q: queue.Queue[Item] = queue.Queue(cfg.max_queue_size)
         self._arrivals = itertools.count()
         self._buffer: deque[tuple[int, bytes, bytes]] = deque(maxlen=cfg.buffer_steps)
         self._seq = 0
@@ -267,8 +268,12 @@ class KVEventPublisher:
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until every event that arrived before this call is published (or counted as dropped)."""
         target = next(self._arrivals)
+        try:
+            self._q.put((target, time.time(), FLUSH), timeout=timeout)  # a marker: never dropped
+        except queue.Full:
+            return False
         with self._subscribed:
-            return self._subscribed.wait_for(lambda: self._done_upto >= target - 1, timeout)
+            return self._subscribed.wait_for(lambda: self._done_upto >= target, timeout)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -317,7 +322,7 @@ class KVEventPublisher:
             items = [(lost, time.time(), None), *items]
         batches: list[tuple[int, float, list[Event]]] = []
         for i, ts, ev in items:
-            if i < self._cleared_upto:
+            if i < self._cleared_upto or isinstance(ev, str):
                 continue
             if ev is None:  # AllBlocksCleared, in every namespace's topic
                 batches += [(ns, ts, [AllBlocksCleared()]) for ns in sorted(self.store.namespaces)]
@@ -429,6 +434,8 @@ class KVEventPublisher:
 def _tokens_of(ev: BlockEvent, n: int, block_size: int) -> list[int]:
     """The event's token ids (set by whoever knows them, e.g. a connector's save), if they fit its blocks."""
     toks = getattr(ev, "token_ids", None)
+    if toks is None:
+        toks = getattr(getattr(ev, "data", None), "token_ids", None)
     if toks is None or not block_size:
         return []
     arr = np.asarray(toks).reshape(-1)

@@ -1,0 +1,226 @@
+"""KV events for routers: real ZMQ sockets on 127.0.0.1, decoded with kvbm_fs's own vLLM-format structs."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+from conftest import LAYOUT, tokens
+
+from kvbm_fs import ConfigError, Namespace, Store, kv_events, mount
+from kvbm_fs.kv_events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventBatch,
+    KVEventPublisher,
+    decoder,
+    publisher_of,
+    replay,
+)
+
+NB = LAYOUT.block_nbytes
+EP = {"endpoint": "tcp://127.0.0.1:0", "bind": True}  # any free port, bound on loopback only
+DEC = decoder()
+
+
+def open_store(*urls: str, events: dict[str, Any] | None = None, **kw: Any) -> tuple[Store, KVEventPublisher]:
+    store = mount(*(urls or ("host://?capacity=512KiB",)), layout=LAYOUT, model="ev", env={}, events=events or EP, **kw)
+    pub = publisher_of(store)
+    assert pub is not None
+    return store, pub
+
+
+@pytest.fixture
+def ctx() -> Iterator[Any]:
+    c = zmq.Context()
+    yield c
+    c.destroy(linger=0)
+
+
+def subscribe(ctx: Any, pub: KVEventPublisher, topic: str = "", n: int = 1) -> Any:
+    sub = ctx.socket(zmq.SUB)
+    sub.setsockopt(zmq.LINGER, 0)
+    sub.connect(pub.endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, topic.encode())
+    assert pub.wait_subscribed(n), "the subscription never reached the publisher"
+    return sub
+
+
+def recv(sub: Any) -> tuple[str, int, KVEventBatch]:
+    assert sub.poll(10_000), "no KV event batch arrived"
+    topic, seq, payload = sub.recv_multipart()
+    assert len(seq) == 8
+    return topic.decode(), int.from_bytes(seq, "big"), DEC.decode(payload)
+
+
+def received(sub: Any, pub: KVEventPublisher) -> list[tuple[str, int, KVEventBatch]]:
+    """Everything published so far (the publisher flushed first, so a short wait suffices)."""
+    assert pub.flush()
+    out = []
+    while sub.poll(200):
+        out.append(recv(sub))
+    return out
+
+
+def put(store: Store, n: int, seed: int, tier: str | None = None) -> Any:
+    keys = store.keys(tokens(n, seed=seed))
+    assert store.put(keys, np.zeros((n, NB), np.uint8), tier=tier).all()
+    return keys
+
+
+def test_put_delete_and_close_publish_stored_removed_and_cleared_in_sequence(ctx: Any) -> None:
+    store, pub = open_store()
+    ns = store.default_namespace
+    assert ns is not None
+    sub = subscribe(ctx, pub)
+    keys = store.keys(tokens(6, seed=1))
+    store.put(keys[:4], np.zeros((4, NB), np.uint8))
+    store.put(keys[4:], np.zeros((2, NB), np.uint8))  # continues the chain: its parent is block 3
+    store.delete(keys[:2])
+    got = received(sub, pub)
+    store.close()
+    got += [recv(sub)]
+    assert [seq for _, seq, _ in got] == list(range(len(got)))  # events in one drain share a batch
+    assert {topic for topic, _, _ in got} == {f"kvbm_fs.{ns.short_id}"}
+    a, b, c, d = (e for _, _, batch in got for e in batch.events)
+    assert isinstance(a, BlockStored) and isinstance(b, BlockStored)
+    assert a.block_hashes == keys.hashes[:4].tolist() and a.parent_block_hash is None  # Dynamo v1 sequence hashes
+    assert b.block_hashes == keys.hashes[4:].tolist() and b.parent_block_hash == int(keys.hashes[3])
+    assert (a.medium, a.locality, a.ownership, a.block_size, a.token_ids) == ("CPU", "LOCAL", "kvbm_fs:host", 16, [])
+    assert isinstance(c, BlockRemoved) and c.block_hashes == keys.hashes[:2].tolist() and c.medium == "CPU"
+    assert isinstance(d, AllBlocksCleared)  # the instance is gone: routers forget what it held
+    assert all(batch.data_parallel_rank == 0 for _, _, batch in got)
+
+
+def test_evictions_are_removals_and_tiers_map_to_vllm_media(ctx: Any, tmp_path: Path) -> None:
+    store, pub = open_store(
+        f"gpu://cpu?capacity={4 * NB}", f"file://{tmp_path}/disk", f"remote+file://{tmp_path}/remote"
+    )
+    sub = subscribe(ctx, pub)
+    put(store, 4, seed=2, tier="gpu")
+    evicting = put(store, 2, seed=3, tier="gpu")  # the gpu tier is full: two older blocks are evicted
+    put(store, 2, seed=4, tier="disk")
+    put(store, 2, seed=5, tier="remote")
+    evs = [e for _, _, b in received(sub, pub) for e in b.events]
+    stored = {(e.medium, e.locality, e.ownership) for e in evs if isinstance(e, BlockStored)}
+    assert stored == {
+        ("GPU", "LOCAL", "kvbm_fs:gpu"),
+        ("STORAGE", "LOCAL", "kvbm_fs:disk"),
+        ("STORAGE", "REMOTE", "kvbm_fs:remote"),
+    }
+    removed = [e for e in evs if isinstance(e, BlockRemoved)]
+    assert sum(len(e.block_hashes) for e in removed) == 2 and all(e.medium == "GPU" for e in removed)
+    assert not set(evicting.hashes.tolist()) & {h for e in removed for h in e.block_hashes}
+    store.close(persist=False)
+
+
+def test_a_host_to_disk_demotion_is_stored_on_storage_and_removed_from_cpu(ctx: Any, tmp_path: Path) -> None:
+    store, pub = open_store(
+        f"host://?capacity={8 * NB}", f"file://{tmp_path}/disk", daemon={"high": 0.5, "low": 0.25, "batch": 8}
+    )
+    assert store.daemon is not None
+    store.stop_daemon()  # demote on our call, not the thread's
+    sub = subscribe(ctx, pub)
+    keys = put(store, 8, seed=6)
+    assert store.daemon.run_once() > 0
+    evs = [e for _, _, b in received(sub, pub) for e in b.events]
+    on_storage = {h for e in evs if isinstance(e, BlockStored) and e.medium == "STORAGE" for h in e.block_hashes}
+    left_cpu = {h for e in evs if isinstance(e, BlockRemoved) and e.medium == "CPU" for h in e.block_hashes}
+    still_host = set(keys.hashes[store.tier("host").contains(keys)].tolist())
+    assert left_cpu and left_cpu <= on_storage
+    assert left_cpu == set(keys.hashes.tolist()) - still_host  # exactly the blocks that left the host tier
+    store.close(persist=False)
+
+
+def test_replay_returns_batches_a_subscriber_missed(ctx: Any) -> None:
+    store, pub = open_store(events={**EP, "replay_endpoint": "tcp://127.0.0.1:0"})
+    assert pub.replay_endpoint is not None
+    batches = []
+    for i in range(3):  # published before anyone subscribed: lost to SUB sockets
+        batches.append(put(store, 2, seed=10 + i))
+        assert pub.flush()  # one batch each (events that wait together share a batch)
+    got = replay(ctx, pub.replay_endpoint, 1)
+    assert [seq for seq, _ in got] == [1, 2]
+    for (_, payload), keys in zip(got, batches[1:]):
+        (ev,) = DEC.decode(payload).events
+        assert isinstance(ev, BlockStored) and ev.block_hashes == keys.hashes.tolist()
+    assert replay(ctx, pub.replay_endpoint, 3) == []  # nothing newer: only the end marker
+    store.close(persist=False)
+
+
+def test_topics_carry_the_namespace_and_subscribers_filter_by_it(ctx: Any) -> None:
+    store, pub = open_store(events={**EP, "topic": "cluster-a"})
+    ns = store.default_namespace
+    assert ns is not None
+    other = store.add_namespace(Namespace("ev", LAYOUT, tenant="other"))
+    only_other = subscribe(ctx, pub, f"cluster-a.{other.short_id}", n=1)
+    everything = subscribe(ctx, pub, "cluster-a", n=2)
+    mine = put(store, 2, seed=20)
+    theirs = other.keys_for_tokens(tokens(3, seed=21))
+    assert store.put(theirs, np.zeros((3, NB), np.uint8)).all()
+    filtered = received(only_other, pub)
+    assert [(t, b.events[0].block_hashes) for t, _, b in filtered] == [  # type: ignore[union-attr]
+        (f"cluster-a.{other.short_id}", theirs.hashes.tolist())
+    ]
+    assert [t for t, _, _ in received(everything, pub)] == [f"cluster-a.{ns.short_id}", f"cluster-a.{other.short_id}"]
+    assert len(mine) == 2
+    store.close(persist=False)
+
+
+def test_a_stalled_publisher_or_a_reader_that_never_reads_never_blocks_puts(ctx: Any) -> None:
+    store = mount("host://?capacity=1MiB", layout=LAYOUT, model="ev", env={})
+    pub = KVEventPublisher(store, {**EP, "max_queue_size": 4, "replay_endpoint": "tcp://127.0.0.1:0"}, start=False)
+    for i in range(20):  # the thread is not running: 4 batches queue up, 16 are dropped and counted
+        put(store, 1, seed=30 + i)
+    assert pub.stats()["dropped_events"] == 16
+    pub.start()
+    assert pub.flush() and pub.replay_endpoint is not None
+    # what was queued before the overflow is void: one AllBlocksCleared stands for it (a lost removal
+    # must not leave routers a block that is gone)
+    (only,) = replay(ctx, pub.replay_endpoint, 0)
+    assert [type(e) for e in DEC.decode(only[1]).events] == [AllBlocksCleared]
+    deaf = ctx.socket(zmq.SUB)  # subscribes, then never reads: PUB drops at its high-water mark
+    deaf.setsockopt(zmq.RCVHWM, 1)
+    deaf.connect(pub.endpoint)
+    deaf.setsockopt(zmq.SUBSCRIBE, b"")
+    assert pub.wait_subscribed()
+    for i in range(200):
+        put(store, 1, seed=100 + i)
+    assert pub.flush()
+    assert pub.stats()["batches"] >= 2
+    pub.close()
+    store.close(persist=False)
+
+
+def test_config_table_file_and_errors(tmp_path: Path) -> None:
+    cfg = tmp_path / "kvbm.json"  # the same [events] table as in TOML or YAML
+    events = {"endpoint": "tcp://127.0.0.1:0", "bind": True, "topic": "t"}
+    cfg.write_text(
+        json.dumps({"model": "ev", "tiers": ["host://?capacity=1MiB"], "layout": LAYOUT.to_dict(), "events": events})
+    )
+    store = mount(config=cfg, env={})
+    pub = publisher_of(store)
+    assert pub is not None and pub.endpoint.startswith("tcp://127.0.0.1:") and pub.config.topic == "t"
+    with pytest.raises(ConfigError, match="cannot bind"):  # the port is taken
+        mount(
+            "host://?capacity=1MiB", layout=LAYOUT, model="ev", env={}, events={"endpoint": pub.endpoint, "bind": True}
+        )
+    store.close()
+    with pytest.raises(ConfigError, match="unknown \\[events\\] option"):
+        mount(
+            "host://?capacity=1MiB",
+            layout=LAYOUT,
+            model="ev",
+            env={},
+            events={"endpoint": "tcp://127.0.0.1:0", "port": 1},
+        )
+    with pytest.raises(ConfigError, match="config events must be a table"):
+        mount("host://?capacity=1MiB", layout=LAYOUT, model="ev", env={}, events=5)  # type: ignore[arg-type]
+    assert kv_events.offset_endpoint("tcp://*:5557", 2) == "tcp://*:5559"  # TP ranks publish on their own ports
+    assert kv_events.offset_endpoint("tcp://*:0", 2) == "tcp://*:0"
