@@ -35,3 +35,9 @@ def test_peer_example_shares_a_prefix_between_two_processes_through_a_third() ->
     out = _run("examples/peer_share.py")
     assert "A stored 18 blocks in the peer" in out
     assert "B matched 16 of 20 blocks, by tier {'peer': 16}" in out and "B loaded A's KV: True" in out
+
+
+def test_router_index_finds_the_longest_prefix_from_kv_events_alone() -> None:
+    out = _run("examples/router_index.py")
+    assert "after A demoted to disk: ('A', 8" in out and "'STORAGE'" in out
+    assert "after A shut down: ('B', 4" in out
