@@ -146,7 +146,7 @@ def _rm(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    rebuilt = _rebuild(args.target) if args.rebuild_index else None
+    rebuilt = _rebuild(args.target, not args.json) if args.rebuild_index else None
     with Catalog.open(args.target) as cat, _progress(not args.json) as bar:
         rep = cat.verify(fix=args.fix, progress=bar)
     if rebuilt is not None:
@@ -164,7 +164,7 @@ def _verify(args: argparse.Namespace) -> int:
     return code
 
 
-def _rebuild(target: str) -> list[dict[str, Any]]:
+def _rebuild(target: str, show: bool) -> list[dict[str, Any]]:
     """Rebuild the index of every disk tier of ``target`` from its segment files (tiers/disk_rebuild.py)."""
     from . import catalog
     from .tiers import disk_rebuild
@@ -175,10 +175,21 @@ def _rebuild(target: str) -> list[dict[str, Any]]:
     out = []
     for _, spec in catalog.target_specs(target):
         if spec.scheme in ("file", "disk"):
-            with _progress(True) as bar:
-                advance = bar(f"rebuild {spec.location}", 0)
-                out.append({"path": spec.location, **rebuild(spec.location, progress=advance)})
+            with _progress(show) as bar:
+                cb = _absolute(bar(f"rebuild {spec.location}", 0))
+                out.append({"path": spec.location, **rebuild(spec.location, progress=cb)})
     return out
+
+
+def _absolute(advance: Any) -> Callable[[int, int], None]:
+    """rebuild_index reports (slots done, slots in all); the bar advances by steps."""
+    done = [0]
+
+    def cb(n: int, total: int) -> None:
+        advance(n - done[0], total=total)
+        done[0] = n
+
+    return cb
 
 
 def _cp(args: argparse.Namespace) -> int:
@@ -284,11 +295,15 @@ def _read_tokens(path: str) -> np.ndarray:
         raise ConfigError(f"{path}: token ids must be a JSON list or integers separated by spaces") from None
 
 
+def _silent(desc: str, total: int) -> Callable[..., None]:
+    return lambda *a, **k: None
+
+
 @contextmanager
 def _progress(show: bool) -> Iterator[Progress]:
     """A rich progress bar on stderr (blocks done, blocks/s, ETA); silent when ``show`` is false."""
     if not show:
-        yield lambda desc, total: lambda n: None
+        yield _silent
         return
     from rich.console import Console
     from rich.progress import (
@@ -313,6 +328,10 @@ def _progress(show: bool) -> Iterator[Progress]:
 
         def task(desc: str, total: int) -> Callable[[int], None]:
             tid = bar.add_task(desc, total=total or None)
-            return lambda n: bar.advance(tid, n)
+
+            def advance(n: int, total: int | None = None) -> None:
+                bar.update(tid, advance=n, total=total)
+
+            return advance
 
         yield task

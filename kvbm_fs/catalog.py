@@ -514,13 +514,16 @@ def namespace_descriptions(t: Tier) -> dict[int, Namespace]:
                         docs.append(fh.read())
                 except OSError:
                     continue
-        with tier.index.read() as txn:
-            cur = txn.cursor(tier.index.meta)
-            if cur.set_range(b"ns/"):
-                for k, v in cur:
-                    if not k.startswith(b"ns/"):
-                        break
-                    docs.append(v)
+        try:
+            with tier.index.read() as txn:
+                cur = txn.cursor(tier.index.meta)
+                if cur.set_range(b"ns/"):
+                    for k, v in cur:
+                        if not k.startswith(b"ns/"):
+                            break
+                        docs.append(v)
+        except OSError:  # the index is being rebuilt: the namespaces/ files still describe the tier
+            pass
     elif _is_remote(t):
         try:
             subs = [p.rstrip("/") for p in tier.fs.ls(root, detail=False)]

@@ -27,6 +27,22 @@ class ReadOnlyError(KvbmError, PermissionError):
     """kvbm:// is read-only: blocks are written by stores, not through a filesystem."""
 
 
+class _BlockFile(io.BytesIO):
+    """A block's verified bytes, read whole (blocks are megabytes at most), as an fsspec file."""
+
+    def __init__(self, fs: KvbmFileSystem, path: str, data: bytes) -> None:
+        super().__init__(data)
+        self.fs, self.path, self.size = fs, path, len(data)
+
+    @property
+    def mode(self) -> str:
+        return "rb"
+
+    @property
+    def name(self) -> str:
+        return self.path
+
+
 class KvbmFileSystem(AbstractFileSystem):
     protocol = "kvbm"
     root_marker = ""
@@ -154,9 +170,7 @@ class KvbmFileSystem(AbstractFileSystem):
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         if mode != "rb":
             raise ReadOnlyError(f"kvbm:// is read-only: cannot open {path} with mode {mode!r}")
-        f = io.BytesIO(self.cat_file(path))
-        f.name = self._strip_protocol(path)
-        return f
+        return _BlockFile(self, self._strip_protocol(path), self.cat_file(path))
 
     # ---- the one write: rm ---------------------------------------------------------------
     def rm(self, path: Any, recursive: bool = False, maxdepth: int | None = None) -> None:
