@@ -20,6 +20,12 @@ What it measures
     was page-locked (only when CUDA is present); and a naive baseline, a dict of ``bytes``
     (``bytes(row)`` per put, ``np.frombuffer`` copied into the caller's row per get).
 
+    Metrics and events (issue 13): ``Store.put``/``Store.get`` over a host tier with the Prometheus
+    metrics on (so every event is built and counted) and off (nobody subscribed), side by side in
+    the same rounds: ``metrics_put_ratio`` / ``metrics_get_ratio`` are off-time / on-time (1.0: free;
+    target >= 0.97), at the batch above and at small blocks (64 x 8 KiB, 50 calls per timing), where
+    the fixed per-batch cost shows most.
+
 Why
     The host tier is the staging area for every offload and onboard; if it is slower than a
     memcpy the whole hierarchy is.  The machine this runs on is small and noisy, so absolute
@@ -43,6 +49,8 @@ import _common
 import numpy as np
 from _common import add_output_args, emit, env, gbps_spread, interleave, paired_ratio, results_path
 
+from kvbm_fs import KVLayout, Namespace, Store
+from kvbm_fs.events import EventBus
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.host import HostTier
 
@@ -140,8 +148,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         Case("torch_put", tier_put(t_src), after=check_put_rows),
         Case("naive_put", naive_put, after=naive_drop),
         Case("naive_get", naive_get),
+        *metrics_cases("store", src, out, 1),
+        *metrics_cases("small", np.ones((64, 8192), np.uint8), np.empty((64, 8192), np.uint8), 50),
     ]
     by = {c.name: c for c in cases}
+    nbytes = {"small": 50 * 64 * 8192}  # bytes one timing of the small metrics cases moves
     t0 = time.perf_counter()
     interleave(cases, rounds)
     wall = time.perf_counter() - t0
@@ -199,7 +210,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         # per case: GB/s min/median/max over rounds, and median minor page faults per call
         # (a temporary 128 MiB buffer shows up as ~32768 faults per call with 4 KiB pages)
         "detail": {
-            c.name: {**gbps_spread(batch, c.times, 2), "page_faults": int(statistics.median(c.faults))} for c in cases
+            c.name: {
+                **gbps_spread(nbytes.get(c.name[:5], batch), c.times, 2),
+                "page_faults": int(statistics.median(c.faults)),
+            }
+            for c in cases
         },
         "env": env(
             numpy=np.__version__,
@@ -211,10 +226,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res["below_target"] = [
         k for k in ("put_ratio", "get_ratio", "torch_get_ratio", "torch_put_ratio") if res[k] < res["target_ratio"]
     ]
+    res["metrics"] = {
+        f"{size}_{op}_ratio": ratio(f"{size}_{op}_on", f"{size}_{op}_off")
+        for size in ("store", "small")
+        for op in ("put", "get")
+    }
+    res["metrics"].update(target_ratio=0.97, small_batch="64 x 8 KiB, 50 calls per timing", method="off time / on time")
+    res["metrics_put_ratio"], res["metrics_get_ratio"] = (
+        res["metrics"]["store_put_ratio"],
+        res["metrics"]["store_get_ratio"],
+    )
     tier.close()
     tier_e.close()
     emit(res, args.out)
     return res
+
+
+def metrics_cases(tag: str, src: np.ndarray, out: np.ndarray, calls: int) -> list[Case]:
+    """Store put/get of ``src``'s rows, ``calls`` times per timing, with metrics+events off and on."""
+    n, bnb = src.shape
+    ns = Namespace("bench", KVLayout(num_layers=1, num_kv_heads=1, head_dim=bnb // 32, block_size=16, dtype="uint8"))
+    keys_g = ns.keys_for_tokens(np.arange(n * 16))
+    keys_p = ns.keys_for_tokens(np.arange(n * 16) + 1_000_000)
+    cases = []
+    for on in (False, True):
+        bus = EventBus()
+        store = Store([HostTier(2 * n * bnb, bnb, events=bus)], ns, events=bus)
+        if on:
+            store.enable_metrics()
+        assert store.put(keys_g, src).all()
+        name = f"{tag}_{{}}_{'on' if on else 'off'}"
+
+        def put(store: Store = store) -> None:
+            for _ in range(calls):
+                store.put(keys_p, src)
+                store.tiers[0].delete(keys_p)  # timed too, in both: a put of fresh keys every call
+
+        def get(store: Store = store) -> None:
+            for _ in range(calls):
+                store.get(keys_g, out)
+
+        cases += [Case(name.format("put"), put), Case(name.format("get"), get)]
+    return cases
 
 
 def _rows_view(tier: HostTier, keys: BlockKeys) -> np.ndarray:

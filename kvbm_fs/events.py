@@ -52,6 +52,8 @@ class StoreOp:
     where: np.ndarray  # int8 per key: the tier read from (get) / that took it (put); -1: none
     done: np.ndarray  # bool per key: delivered (get) / stored somewhere (put)
     seconds: tuple[float, ...]  # time spent in each tier's get/put; -1.0: that tier was not called
+    asked: tuple[int, ...] = ()  # blocks asked of each tier
+    done_by: tuple[int, ...] = ()  # blocks each tier delivered (get) / took (put)
 
 
 @dataclass(frozen=True, slots=True)

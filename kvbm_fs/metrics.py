@@ -17,7 +17,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, values
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -202,19 +201,12 @@ class StoreMetrics:
                 self._tier(m.src).read.inc(m.nbytes)
 
     def _matched(self, ev: BlockEvent) -> None:
-        where = ev.data.where
-        n = len(self.tiers)
-        counts = np.bincount(where.astype(np.int64) + 1, minlength=n + 1).tolist()  # [none, tier 0, tier 1, ...]
-        asked = len(where)
-        for i, t in enumerate(self.tiers):
-            if asked <= 0:
-                break
+        for t, (asked, found) in zip(self.tiers, ev.data.lookups):
             b = self._bound[t.name]
-            if counts[i + 1]:
-                b.lookup_hit.inc(counts[i + 1])
-            if asked > counts[i + 1]:
-                b.lookup_miss.inc(asked - counts[i + 1])
-            asked -= counts[i + 1]
+            if found:
+                b.lookup_hit.inc(found)
+            if asked > found:
+                b.lookup_miss.inc(asked - found)
 
     def _loaded(self, ev: BlockEvent) -> None:
         op: StoreOp = ev.data
@@ -222,9 +214,7 @@ class StoreMetrics:
             if s < 0:
                 continue
             b = self._tier(op.tiers[i])
-            mine = op.where == i
-            hit = int(np.count_nonzero(mine & op.done))
-            miss = int(np.count_nonzero(mine)) - hit
+            hit, miss = op.done_by[i], op.asked[i] - op.done_by[i]
             if hit:
                 b.get_hit.inc(hit)
                 b.read.inc(hit * b.nbytes)

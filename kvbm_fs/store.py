@@ -39,6 +39,7 @@ class Match:
     block_size: int = 0
     where: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int8), repr=False)
     worth: int = -1  # leading blocks worth loading rather than recomputing (-1: no cost model, = length)
+    lookups: tuple[tuple[int, int], ...] = field(default=(), repr=False)  # per tier: (asked, found), for metrics
 
     def __post_init__(self) -> None:
         if self.worth < 0:
@@ -138,7 +139,7 @@ class Store:
         start = self.tiers.index(self.tier(tier)) if tier else 0
         ok = np.zeros(len(keys), bool)
         where = np.full(len(keys), -1, np.int8)
-        secs = [-1.0] * len(self.tiers)
+        secs, asked, took_n = [-1.0] * len(self.tiers), [0] * len(self.tiers), [0] * len(self.tiers)
         with self._foreground():
             for i in range(start, len(self.tiers) if spill else start + 1):
                 todo = np.flatnonzero(~ok)
@@ -150,9 +151,11 @@ class Store:
                 secs[i] = time.perf_counter() - t0
                 ok[todo] = took
                 where[todo[took]] = i
+                asked[i], took_n[i] = todo.size, int(np.count_nonzero(took))
         self._count(put_blocks=int(ok.sum()))
         if self.events.active:
-            self.events.publish(EventKind.SAVED, "", keys, data=StoreOp(self._names, where, ok, tuple(secs)))
+            op = StoreOp(self._names, where, ok, tuple(secs), tuple(asked), tuple(took_n))
+            self.events.publish(EventKind.SAVED, "", keys, data=op)
         return ok
 
     def match(self, keys: BlockKeys) -> Match:
@@ -161,17 +164,19 @@ class Store:
         ns = self.namespace_of(keys)
         where = np.full(len(keys), -1, np.int8)
         todo = np.arange(len(keys))
+        lookups = []
         for i, t in enumerate(self.tiers):
             if todo.size == 0:
                 break
             hit = t.contains(keys[todo])
+            lookups.append((todo.size, int(np.count_nonzero(hit))))
             where[todo[hit]] = i
             todo = todo[~hit]
         miss = np.flatnonzero(where < 0)
         length = int(miss[0]) if miss.size else len(keys)
         self._count(match_calls=1, matched_blocks=length)
         worth = self.cost.worth(where[:length], self.tiers, ns.block_nbytes, ns.layout.block_size)
-        m = Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where, worth)
+        m = Match(keys, length, self._runs(where[:length]), ns.layout.block_size, where, worth, tuple(lookups))
         self.events.publish(EventKind.MATCHED, "", keys, data=m)
         return m
 
@@ -191,7 +196,7 @@ class Store:
         reuse = match is not None and n <= len(match.keys) and match.keys[:n] == keys
         where = match.where[:n] if reuse and match is not None else self.match(keys).where
         got = np.zeros(n, bool)
-        secs = [-1.0] * len(self.tiers)
+        secs, asked, got_n = [-1.0] * len(self.tiers), [0] * len(self.tiers), [0] * len(self.tiers)
         for i, t in enumerate(self.tiers):
             idx = np.flatnonzero(where == i)
             if idx.size == 0:
@@ -201,13 +206,15 @@ class Store:
                 for a, b in _spans(idx):
                     got[a:b] = t.get(keys[a:b], rows[a:b])
             secs[i] = time.perf_counter() - t0
-            self.cost.observe(t, int(got[idx].sum()) * t.block_nbytes, secs[i])
+            asked[i], got_n[i] = idx.size, int(np.count_nonzero(got[idx]))
+            self.cost.observe(t, got_n[i] * t.block_nbytes, secs[i])
             failed = idx[~got[idx]]
             if failed.size:  # matched a moment ago, but the tier could not deliver: the engine recomputes
                 self.events.publish(EventKind.LOAD_FAILED, t.name, keys[failed])
         self._count(get_blocks=int(got.sum()), get_misses=int((where >= 0).sum() - got.sum()))
         if self.events.active:
-            self.events.publish(EventKind.LOADED, "", keys, data=StoreOp(self._names, where, got, tuple(secs)))
+            op = StoreOp(self._names, where, got, tuple(secs), tuple(asked), tuple(got_n))
+            self.events.publish(EventKind.LOADED, "", keys, data=op)
         return got
 
     @contextmanager
