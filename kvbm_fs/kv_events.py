@@ -33,6 +33,7 @@ from .tier import Medium
 
 if TYPE_CHECKING:
     from .events import BlockEvent
+    from .keys import BlockKeys
     from .store import Store
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,15 @@ KINDS = frozenset(_STORED | _REMOVED | _CLEARED)
 
 
 FLUSH = "flush"  # a queue marker (str): flush() waits until the thread has passed it
-Item = tuple[int, float, "BlockEvent | str | None"]
+Item = tuple[int, float, "BlockEvent | str | Tokens | None"]
+
+
+@dataclass(frozen=True)
+class Tokens:
+    """Token ids of a batch of blocks, noted ahead of their put (:meth:`KVEventPublisher.note_tokens`)."""
+
+    hashes: np.ndarray
+    rows: np.ndarray  # [n, block_size]
 
 
 def decoder() -> msgspec.msgpack.Decoder[KVEventBatch]:
@@ -135,6 +144,7 @@ class EventsConfig:
     offset_by_rank: bool = True  # tcp port += the namespace's rank, so TP workers do not collide
     clear_on_close: bool = True  # AllBlocksCleared when the store closes: this instance serves nothing
     linger_ms: int = 1000
+    token_blocks: int = 65_536  # blocks whose noted token ids are remembered (note_tokens)
 
     @classmethod
     def from_any(cls, v: Any) -> EventsConfig:
@@ -154,7 +164,7 @@ class EventsConfig:
                 raise ConfigError(f"[events] {name} must be a string, got {getattr(cfg, name)!r}")
         if cfg.replay_endpoint is not None and not isinstance(cfg.replay_endpoint, str):
             raise ConfigError(f"[events] replay_endpoint must be a string, got {cfg.replay_endpoint!r}")
-        for name in ("buffer_steps", "hwm", "max_queue_size", "linger_ms"):
+        for name in ("buffer_steps", "hwm", "max_queue_size", "linger_ms", "token_blocks"):
             n = getattr(cfg, name)
             if isinstance(n, bool) or not isinstance(n, int) or n < (0 if name == "linger_ms" else 1):
                 raise ConfigError(f"[events] {name} must be a positive integer, got {n!r}")
@@ -199,6 +209,7 @@ class KVEventPublisher:
         self._lost_upto = -1
         self._cleared_upto = -1
         self._done_upto = -1  # every arrival up to here is published (or void)
+        self._tokens: dict[int, np.ndarray] = {}  # block hash -> its token ids (the thread's; oldest first)
         self._stop = threading.Event()
         self._closed = False
         self._ctx = zmq.Context()
@@ -247,7 +258,7 @@ class KVEventPublisher:
         if ev.kind.value in KINDS and not self._stop.is_set():
             self._enqueue(ev)
 
-    def _enqueue(self, ev: BlockEvent | None) -> None:
+    def _enqueue(self, ev: BlockEvent | Tokens | None) -> None:
         i = next(self._arrivals)
         try:
             self._q.put_nowait((i, time.time(), ev))
@@ -255,6 +266,19 @@ class KVEventPublisher:
             with self._lock:
                 self.counters["dropped_events"] += 1
                 self._lost_upto = max(self._lost_upto, i)
+
+    def note_tokens(self, keys: BlockKeys, tokens: Any) -> None:
+        """Remember the token ids of ``keys``' blocks (``len(keys) * block_size`` of them, e.g. the prompt
+        a connector is about to save), so that BlockStored events for them carry ``token_ids``, which
+        routers that hash tokens themselves need. Call it before the put; it only enqueues."""
+        ns = self.store.namespaces.get(keys.ns)
+        if ns is None or self._stop.is_set():
+            return
+        bs = ns.layout.block_size
+        arr = np.asarray(tokens).reshape(-1)
+        n = min(len(keys), arr.size // bs)
+        if n:
+            self._enqueue(Tokens(keys.hashes[:n], arr[: n * bs].reshape(n, bs)))
 
     def clear(self) -> None:
         """Announce AllBlocksCleared (e.g. after a reset), in order: routers forget this instance's blocks."""
@@ -322,6 +346,9 @@ class KVEventPublisher:
             items = [(lost, time.time(), None), *items]
         batches: list[tuple[int, float, list[Event]]] = []
         for i, ts, ev in items:
+            if isinstance(ev, Tokens):
+                self._remember(ev)
+                continue
             if i < self._cleared_upto or isinstance(ev, str):
                 continue
             if ev is None:  # AllBlocksCleared, in every namespace's topic
@@ -360,7 +387,7 @@ class KVEventPublisher:
             return [BlockRemoved(block_hashes=hashes.tolist(), medium=medium, locality=locality, ownership=owner)]
         ns = self.store.namespaces.get(ev.keys.ns)
         block_size = ns.layout.block_size if ns is not None else 0
-        tokens = _tokens_of(ev, len(hashes), block_size)
+        tokens = _tokens_of(ev, len(hashes), block_size) or self._recall(hashes)
         parents = ev.keys.parents
         # one BlockStored per chain run: a block continues the run when its parent is the previous block
         brk = np.flatnonzero(parents[1:] != hashes[:-1]) + 1
@@ -382,6 +409,22 @@ class KVEventPublisher:
                 )
             )
         return out
+
+    def _remember(self, t: Tokens) -> None:
+        for h, row in zip(t.hashes.tolist(), t.rows):
+            self._tokens.pop(h, None)
+            self._tokens[h] = row
+        while len(self._tokens) > self.config.token_blocks:
+            del self._tokens[next(iter(self._tokens))]
+
+    def _recall(self, hashes: np.ndarray) -> list[int]:
+        """The noted tokens of all these blocks, in order; [] unless every one is known."""
+        if not self._tokens:
+            return []
+        rows = [self._tokens.get(h) for h in hashes.tolist()]
+        if any(r is None for r in rows):
+            return []
+        return np.concatenate(rows).tolist()  # type: ignore[arg-type]
 
     def _medium_of(self, tier: str) -> str:
         for t in self.store.tiers:

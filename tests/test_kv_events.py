@@ -224,3 +224,24 @@ def test_config_table_file_and_errors(tmp_path: Path) -> None:
         mount("host://?capacity=1MiB", layout=LAYOUT, model="ev", env={}, events=5)  # type: ignore[arg-type]
     assert kv_events.offset_endpoint("tcp://*:5557", 2) == "tcp://*:5559"  # TP ranks publish on their own ports
     assert kv_events.offset_endpoint("tcp://*:0", 2) == "tcp://*:0"
+
+
+def test_noted_tokens_fill_token_ids_on_every_tier_the_blocks_reach(ctx: Any, tmp_path: Path) -> None:
+    store, pub = open_store("host://?capacity=1MiB", f"file://{tmp_path}/disk")
+    sub = subscribe(ctx, pub)
+    toks = tokens(3, seed=40)
+    keys = store.keys(toks)
+    pub.note_tokens(keys, toks)  # as a connector does before saving what it computed
+    assert store.put(keys, np.zeros((3, NB), np.uint8)).all()
+    store.copy(keys, "host", "disk")
+    unknown = put(store, 2, seed=41)  # nobody noted these: token_ids stay empty
+    stored = [e for _, _, b in received(sub, pub) for e in b.events if isinstance(e, BlockStored)]
+    per_block: dict[tuple[str | None, Any], list[int]] = {}
+    for e in stored:  # one event per chain run (the disk tier may announce a chain block by block)
+        assert len(e.token_ids) in (0, len(e.block_hashes) * e.block_size)
+        for j, h in enumerate(e.block_hashes):
+            per_block[e.medium, h] = e.token_ids[j * e.block_size : (j + 1) * e.block_size]
+    for medium in ("CPU", "STORAGE"):
+        assert [t for h in keys.hashes.tolist() for t in per_block[medium, h]] == toks.tolist()
+    assert [e.token_ids for e in stored if e.block_hashes[0] == int(unknown.hashes[0])] == [[]]
+    store.close(persist=False)
