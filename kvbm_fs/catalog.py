@@ -4,7 +4,8 @@ verification and copies between tiers (``kvbm-fs ls|du|stat|rm|verify|cp`` and `
 A target is a tier URL or a config file; only tiers other processes can read (disk, remote) are
 catalogued. Opening never creates a tier (a missing one is a :class:`ConfigError`), and the tiers are
 opened with the geometry they recorded, so no layout is needed. Listings are numpy arrays of hashes
-per namespace, and every bulk operation works on :class:`BlockKeys` batches. Design: docs/architecture.md 1.16.
+per namespace, and every bulk operation works on :class:`BlockKeys` batches. Design: docs/architecture.md
+("Operating persistent tiers").
 """
 
 from __future__ import annotations
