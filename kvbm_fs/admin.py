@@ -227,16 +227,15 @@ def _table(*cols: str) -> Any:
 
     t = Table(box=None, header_style="bold", pad_edge=False)
     for c in cols:
-        t.add_column(
-            c.upper(), justify="right" if c in ("blocks", "bytes", "entries", "ok", "bad", "fixed") else "left"
-        )
+        right = c in ("blocks", "bytes", "entries", "ok", "bad", "fixed")
+        t.add_column(c.upper(), justify="right" if right else "left", no_wrap=c != "first problem")
     return t
 
 
 def _print(table: Any, caption: str | None) -> int:
     from rich.console import Console
 
-    con = Console(width=max(100, _width()))
+    con = Console(width=max(100, _width()) if sys.stdout.isatty() else 400)  # piped: one line per row
     con.print(table)
     if caption:
         con.print(caption)
