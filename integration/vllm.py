@@ -600,6 +600,13 @@ class KvbmFsConnector(KVConnectorBase_V1):
         return KvbmFsStats(data=dict(data or {}))
 
     @classmethod
+    def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: Any, per_engine: Any) -> Any:
+        """kvbm_fs counters on vLLM's own /metrics (integration/vllm_metrics.py)."""
+        from .vllm_metrics import KvbmFsPromMetrics
+
+        return KvbmFsPromMetrics(vllm_config, metric_types, labelnames, per_engine)
+
+    @classmethod
     def get_required_kvcache_layout(cls, vllm_config: VllmConfig) -> str | None:
         return None  # any physical layout: blocks are copied through the layer tensors' strides
 

@@ -708,6 +708,50 @@ def test_wrong_dtype_against_an_existing_disk_tier_is_refused(
     _cleanup_failed_engine()
 
 
+def test_prom_metrics_of_the_connector_on_vllms_own_registry(
+    stored: dict[str, Any], model: Path, tmp_path: Path
+) -> None:
+    """build_prom_metrics: vLLM's PrometheusStatLogger registers kvbm_fs counters, fed the summed
+    worker+scheduler stats of every step; scraped over HTTP from vLLM's registry, they equal the
+    connectors' own totals."""
+    import urllib.request
+
+    from prometheus_client import REGISTRY, start_http_server
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from kvbm_fs.integration.vllm_metrics import metric_name
+
+    root = copy_store(stored, tmp_path)
+    llm = new_engine(model, kv_config(root), stats=True)
+    server = None
+    try:
+        generate(llm, ENGINE2)
+        conns = connectors(llm)
+        conns["WORKER"].flush()
+        generate(llm, [(D, None)])  # one more step ships the flushed saves' stats
+        totals = _totals(*conns.values())
+        server, _ = start_http_server(0, "127.0.0.1", REGISTRY)
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            text = r.read().decode()
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        stop(llm)
+    got = {
+        s.name: s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+        if s.name.startswith("vllm:kvbm_fs_") and s.labels.get("engine") == "0"
+    }
+    assert got[metric_name("loaded_blocks") + "_total"] == totals["loaded_blocks"] >= ENGINE2_HIT_BLOCKS
+    for key in ("lookups", "lookup_tokens", "hit_tokens", "loaded_bytes"):
+        assert got[metric_name(key) + "_total"] == totals[key], key
+    assert 0 < got[metric_name("saved_blocks") + "_total"] <= totals["saved_blocks"]
+    assert got[metric_name("load_s") + "_total"] > 0
+
+
 def test_stats_aggregate_and_reduce() -> None:
     a = kvc.KvbmFsConnector.build_kv_connector_stats({"hit_tokens": 64, "lookup_tokens": 128})
     b = kvc.KvbmFsConnector.build_kv_connector_stats()
