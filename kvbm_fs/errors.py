@@ -45,6 +45,11 @@ class FormatVersionError(CorruptBlockError):
     """A block written by an unknown (newer) format version."""
 
 
+class IndexCorruptError(KvbmError, OSError):
+    """A tier's index is damaged, lost or being rebuilt (errno EUCLEAN, as filesystems report
+    corruption). Reads of such an index are misses; the index is rebuilt from the data files."""
+
+
 class IllegalTransitionError(KvbmError, RuntimeError):
     """A block lifecycle transition that the state machine forbids."""
 

@@ -609,10 +609,8 @@ def test_other_format_version_is_refused_and_nothing_is_lost(tmp_path: Path) -> 
     data = root / "index" / "data.mdb"
     index_bytes = data.read_bytes()
     data.write_bytes(b"\x5a" * len(index_bytes))
-    with pytest.raises(FormatVersionError, match="index"):
-        open_tier(root)
-    data.write_bytes(index_bytes)
-    t = open_tier(root)
+    t = open_tier(root)  # not an LMDB file: moved aside and rebuilt from the segments (test_disk_index_damage.py)
+    assert len(list(root.glob("index.damaged-*"))) == 1
     try:
         assert_intact(t, keys)
     finally:

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import json
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -35,6 +36,7 @@ from ..errors import (
     ConfigError,
     CorruptBlockError,
     FormatVersionError,
+    IndexCorruptError,
     LayoutMismatchError,
     PinnedError,
     TierClosedError,
@@ -48,8 +50,9 @@ from ..units import parse_size
 from .disk_device import DevicePath
 from .disk_index import KEY as KEY_STRUCT
 from .disk_index import OWNER as OWNER_STRUCT
-from .disk_index import DiskIndex, Record, owner_alive
-from .diskio import ALIGN, BlockIO, IoOp, PosixIO, aligned_buffer, is_aligned, probe_direct_io
+from .disk_index import DiskIndex, NullIndex, Record, owner_alive
+from .disk_rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, write_namespace
+from .diskio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io, write_json
 
 FORMAT = "kvbm_fs.disk.v1"
 HEADER_PAGE = ALIGN
@@ -82,8 +85,10 @@ class DiskTier(Tier):
         segment_bytes: int | str = SEGMENT_TARGET,
         gds: str = "auto",
         gds_write: bool = False,
+        index_wait: float = INDEX_WAIT_S,
     ) -> None:
         self.name = name
+        self.index_wait = float(index_wait)  # seconds to wait for another process's index rebuild
         self.root = os.path.abspath(os.fspath(path))
         self.block_nbytes = int(block_nbytes)
         self.block_size = block_size
@@ -97,18 +102,20 @@ class DiskTier(Tier):
 
             raise CapacityError(f"disk capacity {cap} B is smaller than one {self.slot_bytes} B slot")
         self._open_dir(cap // self.slot_bytes, parse_size(segment_bytes, "segment_bytes"))
-        self.index = self._open_index()
+        self._lock = threading.Lock()  # guards the dicts below, and swaps of self.index
+        self._closed = False
+        self._healing = False  # a thread is reopening (rebuilding) the index; self.index serves misses
+        self._retired: list[DiskIndex] = []  # damaged or replaced indexes, closed with the tier
+        self.index: DiskIndex = self._open_index()
         self.admission = Admission(self.policy, self.num_slots)
         self.direct = probe_direct_io(self.root) if direct is None else direct
-        self.io: BlockIO = _make_io(io)
+        self.io: BlockIO = make_io(io)
         self._fds: dict[int, tuple[int, int]] = {}
-        self._lock = threading.Lock()  # guards the dicts below
         self._claim = threading.Lock()  # lookup+pin vs. allocation (eviction) within this process
         self._pins: dict[int, int] = {}  # slot -> pins held by this process (pin() and reads in flight)
         self._key_pins: dict[tuple[int, int], list[int]] = {}  # (ns, hash) -> slots pin() took for it
         self._touched: dict[int, tuple[int, int]] = {}
         self._orphans: list[int] = []  # slots still pending after a commit that the index refused
-        self._closed = False
         self.counters = dict(load_failures=0, corrupt_removed=0, write_failures=0, evictions=0)
         self.device = DevicePath(self, gds, gds_write)
 
@@ -128,7 +135,7 @@ class DiskTier(Tier):
                 seg_slots = max(1, segment_bytes // self.slot_bytes)
                 meta = dict(format=FORMAT, block_nbytes=self.block_nbytes, slot_bytes=self.slot_bytes,
                             segment_slots=seg_slots, num_slots=want_slots)  # fmt: skip
-                _write_json(meta_path, meta)
+                write_json(meta_path, meta)
             self.segment_slots = int(meta["segment_slots"])
             self.num_slots = int(meta["num_slots"])
         except OSError as e:
@@ -137,20 +144,49 @@ class DiskTier(Tier):
             os.close(lock_fd)
 
     def _open_index(self) -> DiskIndex:
-        """The LMDB index. One that cannot be opened is a ConfigError (unwritable) or a
-        FormatVersionError (not an LMDB index we can read), naming its path."""
+        """The LMDB index, checked and rebuilt from the segments if damaged (tiers/disk_rebuild.py).
+        One that cannot be opened is a ConfigError (unwritable) or an IndexCorruptError (a rebuild
+        failed), naming its path. While another process rebuilds it: a NullIndex, healed later."""
         path = os.path.join(self.root, "index")
         try:
-            index = DiskIndex(path)
+            index = open_index(self.root, self.index_wait)
+        except IndexCorruptError:
+            raise
         except OSError as e:
-            raise ConfigError(f"disk tier index {path} is not usable: {e.strerror}") from None
+            raise ConfigError(f"disk tier index {path} is not usable: {e.strerror or e}") from None
         except lmdb.Error as e:
             raise FormatVersionError(f"disk tier index {path} cannot be read: {e}") from None
-        try:
-            index.write(index.reclaim_pending)
-        except OSError:  # a full disk must not stop the open; allocation reclaims these slots later
-            pass
+        if not isinstance(index, NullIndex):  # a NullIndex is broken: the first operation heals it
+            backfill_namespaces(self.root, index)
         return index
+
+    def _heal(self, why: str) -> None:
+        """Serve misses while a thread reopens the index (rebuilding it if it is damaged)."""
+        with self._lock:
+            if self._healing or self._closed:
+                return
+            self._healing = True
+            if not isinstance(self.index, NullIndex):
+                self._retired.append(self.index)
+            self.index = NullIndex(why)
+        threading.Thread(target=self._reopen, name=f"kvbm-{self.name}-reindex", daemon=True).start()
+
+    def _reopen(self) -> None:
+        delay = 0.5
+        while not self._closed:
+            try:
+                ix = open_index(self.root, wait=delay)
+            except (OSError, lmdb.Error):  # e.g. a rebuild that failed: try again later
+                ix = NullIndex("reopen failed")
+                time.sleep(delay)
+            if not isinstance(ix, NullIndex):
+                with self._lock:
+                    if not self._closed:
+                        self.index, self._healing = ix, False
+                        return
+                ix.close()
+                return
+            delay = min(delay * 2, 30.0)
 
     def _check_meta(self, meta_path: str, want_slots: int) -> dict[str, Any]:
         try:
@@ -170,7 +206,7 @@ class DiskTier(Tier):
             )
         if want_slots > meta["num_slots"]:  # growing is safe: new slots sit above the high-water mark
             meta["num_slots"] = want_slots
-            _write_json(meta_path, meta)
+            write_json(meta_path, meta)
         elif want_slots < meta["num_slots"]:
             raise ConfigError(
                 f"{self.root} was created with {meta['num_slots'] * self.slot_bytes} B; shrinking a disk tier is not supported"
@@ -216,6 +252,7 @@ class DiskTier(Tier):
     # ---- namespaces ----------------------------------------------------------------------
     def bind_namespace(self, ns: Namespace) -> None:
         super().bind_namespace(ns)
+        write_namespace(self.root, ns)  # the description a rebuild restores, and operators list
         key = b"ns/%016x" % ns.id
         doc = ns.canonical_bytes()
 
@@ -223,7 +260,10 @@ class DiskTier(Tier):
             if txn.get(key, db=self.index.meta) is None:
                 txn.put(key, doc, db=self.index.meta)
 
-        self.index.write(fn)
+        try:
+            self.index.write(fn)
+        except IndexCorruptError:  # being rebuilt: the rebuild restores it from namespaces/
+            pass
 
     # ---- pins ----------------------------------------------------------------------------
     def _pin_slots(self, slots: list[int]) -> None:
@@ -552,8 +592,11 @@ class DiskTier(Tier):
 
     def evict(self, n: int) -> int:
         """Evict exactly ``n`` blocks (coldest first), or none."""
-        with self._claim:
-            gone = self.index.evict(n, self._protected())
+        try:
+            with self._claim:
+                gone = self.index.evict(n, self._protected())
+        except IndexCorruptError:
+            return 0
         self._publish_evicted(gone)
         return len(gone)
 
@@ -577,11 +620,16 @@ class DiskTier(Tier):
         self.flush()
         report: dict[str, Any] = dict(entries=0, ok=0, bad=0, bad_keys=[], stale_pending=0, fixed=0)
         todo: list[tuple[int, int, Record]] = []
-        with self.index.read() as txn:
-            for k, v in txn.cursor(self.index.blocks):
-                ns, h = KEY_STRUCT.unpack(k)
-                todo.append((ns, h, Record.unpack(v)))
-            stale = [k for k, v in txn.cursor(self.index.pending) if not owner_alive(OWNER_STRUCT.unpack(v))]
+        ix = self.index
+        try:
+            with ix.read() as txn:
+                for k, v in txn.cursor(ix.blocks):
+                    ns, h = KEY_STRUCT.unpack(k)
+                    todo.append((ns, h, Record.unpack(v)))
+                stale = [k for k, v in txn.cursor(ix.pending) if not owner_alive(OWNER_STRUCT.unpack(v))]
+        except (lmdb.Error, struct.error) as e:
+            raise IndexCorruptError(errno.EUCLEAN, f"disk tier index in {self.root} is damaged ({e}); "
+                                    "kvbm-fs check --rebuild-index rebuilds it") from None  # fmt: skip
         report["entries"] = len(todo)
         report["stale_pending"] = len(stale)
         for i in range(0, len(todo), batch):
@@ -681,7 +729,8 @@ class DiskTier(Tier):
         if self._closed:
             return
         self.flush()
-        self._closed = True
+        with self._lock:
+            self._closed = True
         for dfd, bfd in self._fds.values():
             for fd in (dfd, bfd):
                 if fd >= 0:
@@ -690,10 +739,14 @@ class DiskTier(Tier):
         self.io.close()
         self.device.close()
         self.index.close()
+        for ix in self._retired:
+            ix.close()
 
     def _live(self) -> None:
         if self._closed:
             raise TierClosedError(f"tier {self.name!r} is closed")
+        if self.index.broken is not None:  # damaged, or replaced by another process's rebuild
+            self._heal(self.index.broken)
 
     @classmethod
     def from_options(cls, location: str, options: dict[str, Any], **common: Any) -> DiskTier:
@@ -702,6 +755,8 @@ class DiskTier(Tier):
         for flag in ("durable", "direct", "gds_write"):
             if flag in options:
                 options[flag] = _bool(options[flag])
+        if "index_wait" in options:
+            options["index_wait"] = float(options["index_wait"])
         return cls(location, capacity=options.pop("capacity", "10GiB"), **common, **options)
 
 
@@ -713,21 +768,6 @@ def _keys_of(batch: list[tuple[int, int, int]]) -> BlockKeys:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _make_io(kind: str) -> BlockIO:
-    """``auto`` is PosixIO: with O_DIRECT on 2 cores it wrote 1.1x and read 1.0x faster than NIXL POSIX
-    (benchmarks/bench_disk_io.py); ``io=nixl`` selects NIXL explicitly (faster for buffered I/O)."""
-    if kind == "nixl":
-        try:
-            from .nixl_io import NixlPosixIO
-
-            return NixlPosixIO()
-        except Exception as e:
-            raise ConfigError(f"io=nixl requested but NIXL is unavailable: {e}") from None
-    if kind in ("auto", "posix"):
-        return PosixIO()
-    raise ConfigError(f"unknown disk io engine {kind!r}; use auto, nixl or posix")
 
 
 def _dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:
@@ -746,15 +786,6 @@ def _dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:
             out[at] = torch.from_numpy(stage[rows]).to(out.device)
 
     return stage, back
-
-
-def _write_json(path: str, doc: dict[str, Any]) -> None:
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(doc, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _bool(v: Any) -> bool:

@@ -13,10 +13,19 @@ Databases:
   free     slot BE                  -> ''                       freed slots below the high-water mark
   pending  slot BE                  -> owner (pid, start time)  slots being written, not yet visible
   meta     b"hwm" | b"ns/<id>"      -> u64 | namespace JSON
+
+LMDB has no page checksums and trusts its file: a truncated or damaged ``data.mdb`` can
+crash the process (SIGBUS, heap corruption) before any error is raised. So an index is
+checked before LMDB opens it (:func:`read_meta`: the meta pages and the file size, and the
+seal written at clean close, :func:`seal`), every LMDB or decoding error on a read is a miss,
+and on a write an :class:`~kvbm_fs.errors.IndexCorruptError`. A damaged index is marked
+(``index/damaged``) and rebuilt from the segments (tiers/disk_rebuild.py). docs/architecture.md 1.6.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import struct
 import threading
@@ -26,6 +35,9 @@ from typing import Any, NoReturn, TypeVar
 
 import lmdb
 import numpy as np
+
+from ..errors import IndexCorruptError
+from .disk_seal import SEAL, IndexLock, fsync_dir, mark_damaged, seal
 
 KEY = struct.Struct(">QQ")
 SLOT = struct.Struct(">Q")
@@ -79,11 +91,24 @@ def process_identity(pid: int | None = None) -> tuple[int, int]:
 class _Envs:
     """One LMDB environment per index directory per process, shared by every DiskIndex on it:
     LMDB forbids opening one environment twice in a process (its locks are per process),
-    and two tiers, or a tier and ``kvbm_fs.check``, may well open one directory in one process."""
+    and two tiers, or a tier and ``kvbm_fs.check``, may well open one directory in one process.
+
+    Each process holds ``index/users.lock`` shared while it has the environment open; the last
+    one out (its exclusive try succeeds) seals the index, and the first one in removes the seal."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._open: dict[tuple[int, int], list[Any]] = {}  # (st_dev, st_ino) -> [env, refs]
+        self._open: dict[tuple[int, int], list[Any]] = {}  # (st_dev, st_ino) -> [env, refs, users fd, damaged]
+
+    def is_open(self, path: str) -> bool:
+        """Open, and not found damaged, in this process (then it was checked when it was opened)."""
+        try:
+            st = os.stat(path)
+        except OSError:
+            return False
+        with self._lock:
+            ent = self._open.get((st.st_dev, st.st_ino))
+            return ent is not None and not ent[3]
 
     def acquire(self, path: str, map_size: int) -> Any:
         os.makedirs(path, exist_ok=True)
@@ -91,36 +116,88 @@ class _Envs:
         key = (st.st_dev, st.st_ino)  # not the path: a directory removed and recreated is a new one
         with self._lock:
             ent = self._open.get(key)
+            if ent is not None and ent[3]:  # LMDB allows one environment per file and process
+                raise IndexCorruptError(errno.EUCLEAN, f"disk tier index {path} was found damaged in this process")
             if ent is None:
-                env = lmdb.open(
-                    path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=False,
-                    readahead=False, max_readers=1024, lock=True,
-                )  # fmt: skip
-                ent = self._open[key] = [env, 0]
+                users = os.open(os.path.join(path, "users.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(users, fcntl.LOCK_SH)  # waits for a last closer still sealing
+                    if os.path.exists(os.path.join(path, SEAL)):  # opened for writing: no longer sealed
+                        os.unlink(os.path.join(path, SEAL))
+                        fsync_dir(path)
+                    env = lmdb.open(
+                        path, map_size=map_size, max_dbs=8, subdir=True, sync=True, metasync=False,
+                        readahead=False, max_readers=1024, lock=True,
+                    )  # fmt: skip
+                except BaseException:
+                    os.close(users)
+                    raise
+                ent = self._open[key] = [env, 0, users, False]
             ent[1] += 1
             return ent[0]
 
-    def release(self, env: Any) -> None:
+    def damaged(self, env: Any) -> None:
+        with self._lock:
+            for ent in self._open.values():
+                if ent[0] is env:
+                    ent[3] = True
+
+    def release(self, env: Any, path: str) -> None:
         with self._lock:
             for key, ent in self._open.items():
                 if ent[0] is env:
                     ent[1] -= 1
                     if ent[1] == 0:
                         del self._open[key]
-                        env.close()
+                        _close_env(ent, path, key)
                     return
+
+
+def _close_env(ent: list[Any], path: str, key: tuple[int, int]) -> None:
+    """Close an environment; if no other process has the index open and it is not damaged, seal it."""
+    env, _, users, damaged = ent
+    try:
+        if not damaged:
+            env.sync(True)
+        env.close()
+        if damaged or not _try_flock(users, fcntl.LOCK_EX):
+            return
+        gate = IndexLock(os.path.dirname(path))
+        try:
+            st = os.stat(path)
+            if gate.acquire(wait=0) and (st.st_dev, st.st_ino) == key:  # not while a rebuild replaces it
+                seal(path)
+        finally:
+            gate.close()
+    except (lmdb.Error, OSError):
+        pass  # no seal: the next open checks only the size and the meta pages
+    finally:
+        os.close(users)
+
+
+def _try_flock(fd: int, op: int) -> bool:
+    try:
+        fcntl.flock(fd, op | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
 
 
 _envs = _Envs()
 DBS = (b"blocks", b"slots", b"order", b"free", b"pending", b"meta")
+# LMDB errors that mean the file is not a consistent B-tree, and what decoding a damaged value raises.
+CORRUPT = (
+    lmdb.CorruptedError, lmdb.PageNotFoundError, lmdb.PageFullError, lmdb.InvalidError, lmdb.BadTxnError,
+    lmdb.IncompatibleError, lmdb.BadValsizeError, lmdb.VersionMismatchError, lmdb.BadDbiError, struct.error,
+)  # fmt: skip
 
 
 def _reraise(e: Exception, path: str) -> NoReturn:
     """Raise an LMDB error carrying a system errno (no space, file too large, permission, I/O) as the
-    ``OSError`` it is; LMDB's own negative codes (corruption, bugs) stay as they are."""
+    ``OSError`` it is, and LMDB's own negative codes (readers full, ...) as an IndexCorruptError (EIO)."""
     code = getattr(e, "code", 0)
     if not isinstance(code, int) or code <= 0:
-        raise e
+        raise IndexCorruptError(errno.EIO, f"disk tier index {path}: LMDB: {e}") from e
     raise OSError(code, f"disk tier index {path}: {os.strerror(code)}") from e
 
 
@@ -136,16 +213,26 @@ def owner_alive(owner: tuple[int, int]) -> bool:
 
 
 class DiskIndex:
-    def __init__(self, path: str, map_size: int = 64 << 30) -> None:
+    def __init__(self, path: str, map_size: int = 64 << 30, *, gated: bool = True) -> None:
         # A large map costs nothing (the file is sparse) and makes resizes, which are unsafe while
         # other threads hold transactions, rare: 64 GiB holds ~400M entries at ~136 B each.
+        # ``gated``: writes take root/.index.lock shared (a rebuild's own new index is not gated).
         self.path = path
         self.owner = process_identity()
-        self._closed = False
+        self.broken: str | None = None  # why this index can no longer be used (damaged, or replaced)
+        self._closed = True
+        self.lock = IndexLock(os.path.dirname(os.path.abspath(path))) if gated else None
         try:
             self.env = _envs.acquire(path, map_size)
         except lmdb.Error as e:
+            self._drop_lock()
             _reraise(e, path)
+        except BaseException:
+            self._drop_lock()
+            raise
+        self._closed = False
+        st = os.stat(path)
+        self._ino = (st.st_dev, st.st_ino)
         try:
             self.env.reader_check()  # clear reader slots left by killed processes
             self.blocks, self.slots, self.order, self.free, self.pending, self.meta = self.write(
@@ -155,20 +242,64 @@ class DiskIndex:
             self.close()
             raise
 
+    def _drop_lock(self) -> None:
+        if self.lock is not None:
+            self.lock.close()
+            self.lock = None
+
+    # ---- damage --------------------------------------------------------------------------
+    def _damage(self, e: BaseException) -> IndexCorruptError:
+        """Stop using this index: it raised a corruption error. Marked for a rebuild at the next open."""
+        why = f"{type(e).__name__}: {e}"
+        if self.broken is None:
+            self.broken = why
+            _envs.damaged(self.env)
+            if not self._replaced():
+                mark_damaged(self.path, why)
+        return IndexCorruptError(errno.EUCLEAN, f"disk tier index {self.path} is damaged ({why})")
+
+    def _replaced(self) -> bool:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return True
+        return (st.st_dev, st.st_ino) != self._ino
+
+    def _gate(self) -> None:
+        """Before a write: refuse while a rebuild holds the index lock, or once the index was replaced."""
+        if self.broken is not None:
+            raise IndexCorruptError(errno.EUCLEAN, f"disk tier index {self.path}: {self.broken}")
+        if self.lock is None:
+            return
+        if not self.lock.acquire(wait=0):
+            raise IndexCorruptError(errno.EAGAIN, f"disk tier index {self.path} is being rebuilt")
+        if self._replaced():
+            self.lock.release()
+            self.broken = "replaced by a rebuild"
+            raise IndexCorruptError(errno.ESTALE, f"disk tier index {self.path} was {self.broken}")
+
     # ---- transactions --------------------------------------------------------------------
     def write(self, fn: Callable[[Any], T]) -> T:
         """Run ``fn(txn)`` in one write transaction, growing the map when it is full.
 
         A full or failing disk under the index (ENOSPC, EFBIG, EIO ...) raises ``OSError``
-        with that errno, so callers can refuse the operation instead of crashing on an LMDB type."""
-        while True:
-            try:
-                with self._begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            except lmdb.Error as e:
-                _reraise(e, self.path)
+        with that errno, so callers can refuse the operation instead of crashing on an LMDB type;
+        a damaged index raises IndexCorruptError (an OSError too) and is not used again."""
+        self._gate()
+        try:
+            while True:
+                try:
+                    with self._begin(write=True) as txn:
+                        return fn(txn)
+                except lmdb.MapFullError:
+                    self.env.set_mapsize(self.env.info()["map_size"] * 2)
+                except CORRUPT as e:
+                    raise self._damage(e) from None
+                except lmdb.Error as e:
+                    _reraise(e, self.path)
+        finally:
+            if self.lock is not None:
+                self.lock.release()
 
     def read(self) -> Any:
         return self._begin(write=False)
@@ -185,33 +316,58 @@ class DiskIndex:
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            _envs.release(self.env)
+            _envs.release(self.env, self.path)
+        self._drop_lock()
 
-    # ---- lookups -------------------------------------------------------------------------
+    # ---- lookups (an index error is a miss) ----------------------------------------------
+    def _guard(self, e: Exception) -> None:
+        if isinstance(e, CORRUPT):
+            self._damage(e)
+
     def records(self, ns: int, hashes: np.ndarray) -> list[Record | None]:
-        keys = _pack_keys(ns, hashes)
-        with self.read() as txn:
-            get, db = txn.get, self.blocks
-            return [None if (v := get(k, db=db)) is None else Record.unpack(v) for k in keys]
+        if self.broken is None:
+            keys = _pack_keys(ns, hashes)
+            try:
+                with self.read() as txn:
+                    get, db = txn.get, self.blocks
+                    return [None if (v := get(k, db=db)) is None else Record.unpack(v) for k in keys]
+            except (lmdb.Error, struct.error) as e:
+                self._guard(e)
+        return [None] * len(hashes)
 
     def contains(self, ns: int, hashes: np.ndarray) -> np.ndarray:
-        keys = _pack_keys(ns, hashes)
-        with self.read() as txn:
-            return np.fromiter(map(txn.cursor(self.blocks).set_key, keys), bool, len(keys))
+        if self.broken is None:
+            keys = _pack_keys(ns, hashes)
+            try:
+                with self.read() as txn:
+                    return np.fromiter(map(txn.cursor(self.blocks).set_key, keys), bool, len(keys))
+            except (lmdb.Error, struct.error) as e:
+                self._guard(e)
+        return np.zeros(len(hashes), bool)
 
     def count(self) -> int:
-        with self.read() as txn:
-            return int(txn.stat(self.blocks)["entries"])
+        if self.broken is None:
+            try:
+                with self.read() as txn:
+                    return int(txn.stat(self.blocks)["entries"])
+            except (lmdb.Error, struct.error) as e:
+                self._guard(e)
+        return 0
 
     def hwm(self, txn: Any) -> int:
         v = txn.get(b"hwm", db=self.meta)
         return U64.unpack(v)[0] if v else 0
 
     def iter_keys(self) -> Iterator[tuple[int, int, int]]:
-        with self.read() as txn:
-            for k, v in txn.cursor(self.blocks):
-                ns, h = KEY.unpack(k)
-                yield ns, h, Record.unpack(v).parent
+        if self.broken is not None:
+            return
+        try:
+            with self.read() as txn:
+                for k, v in txn.cursor(self.blocks):
+                    ns, h = KEY.unpack(k)
+                    yield ns, h, Record.unpack(v).parent
+        except (lmdb.Error, struct.error) as e:
+            self._guard(e)
 
     # ---- allocation ----------------------------------------------------------------------
     def allocate(
@@ -230,8 +386,14 @@ class DiskIndex:
             got.extend(self._take_free(txn, n - len(got)))
         evicted = self._evict(txn, n - len(got), protect, got) if len(got) < n and evict else []
         mine = OWNER.pack(*self.owner)
-        for s in got:
-            txn.put(SLOT.pack(s), mine, db=self.pending)
+        for s in got:  # a slot handed out twice would overwrite a block: the index is damaged
+            k = SLOT.pack(s)
+            if (
+                s >= num_slots
+                or txn.get(k, db=self.slots) is not None
+                or not txn.put(k, mine, db=self.pending, overwrite=False)
+            ):
+                raise struct.error(f"slot {s} is free in the index but used, pending or out of range")
         return got, evicted
 
     def _take_free(self, txn: Any, n: int) -> list[int]:
@@ -260,24 +422,31 @@ class DiskIndex:
     def _drop_slot(self, txn: Any, slot: int) -> tuple[int, int, int]:
         """Remove the entry in ``slot`` from blocks/slots (the caller handles order and free)."""
         kb = txn.pop(SLOT.pack(slot), db=self.slots)
+        raw = txn.pop(kb, db=self.blocks) if kb is not None else None
+        if raw is None:  # the eviction order names a slot the other tables do not know: damage
+            raise struct.error(f"slot {slot} is ordered but has no entry")
         ns, h = KEY.unpack(kb)
-        rec = Record.unpack(txn.pop(kb, db=self.blocks))
-        return ns, h, rec.parent
+        return ns, h, Record.unpack(raw).parent
 
     def coldest(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
         """The ``n`` lowest-ranked unprotected blocks (ns, hash, parent), without touching them."""
         out: list[tuple[int, int, int]] = []
-        with self.read() as txn:
-            cur = txn.cursor(self.order)
-            for k, _ in cur:
-                if len(out) >= n:
-                    break
-                slot = KEY.unpack(k)[1]
-                kb = txn.get(SLOT.pack(slot), db=self.slots) if slot not in protect else None
-                raw = txn.get(kb, db=self.blocks) if kb else None
-                if kb is not None and raw is not None:
-                    ns, h = KEY.unpack(kb)
-                    out.append((ns, h, Record.unpack(raw).parent))
+        if self.broken is not None:
+            return out
+        try:
+            with self.read() as txn:
+                cur = txn.cursor(self.order)
+                for k, _ in cur:
+                    if len(out) >= n:
+                        break
+                    slot = KEY.unpack(k)[1]
+                    kb = txn.get(SLOT.pack(slot), db=self.slots) if slot not in protect else None
+                    raw = txn.get(kb, db=self.blocks) if kb else None
+                    if kb is not None and raw is not None:
+                        ns, h = KEY.unpack(kb)
+                        out.append((ns, h, Record.unpack(raw).parent))
+        except (lmdb.Error, struct.error) as e:
+            self._guard(e)
         return out
 
     def evict(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
@@ -361,3 +530,43 @@ class DiskIndex:
             txn.delete(k, db=self.pending)
             txn.put(k, b"", db=self.free)
         return len(dead)
+
+
+class NullIndex(DiskIndex):
+    """Stands in for an index that is being rebuilt or reopened: every lookup is a miss and every
+    write is refused (IndexCorruptError), so a tier serves misses instead of blocking or failing."""
+
+    def __init__(self, why: str) -> None:  # no environment, no lock
+        self.why = why
+        self.broken = why  # what a tier heals: it reopens the index in the background
+        self.lock = None
+
+    def records(self, ns: int, hashes: np.ndarray) -> list[Record | None]:
+        return [None] * len(hashes)
+
+    def contains(self, ns: int, hashes: np.ndarray) -> np.ndarray:
+        return np.zeros(len(hashes), bool)
+
+    def count(self) -> int:
+        return 0
+
+    def iter_keys(self) -> Iterator[tuple[int, int, int]]:
+        return iter(())
+
+    def coldest(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
+        return []
+
+    def evict(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
+        return []
+
+    def reclaim_pending(self, txn: Any) -> int:
+        return 0
+
+    def write(self, fn: Callable[[Any], T]) -> T:
+        raise IndexCorruptError(errno.EAGAIN, f"disk tier index unavailable: {self.why}")
+
+    def read(self) -> Any:
+        raise IndexCorruptError(errno.EAGAIN, f"disk tier index unavailable: {self.why}")
+
+    def close(self) -> None:
+        pass
