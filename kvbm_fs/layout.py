@@ -113,7 +113,18 @@ class KVLayout:
 
     def check_blocks(self, data: Any) -> Any:
         """Validate KV-shaped data ``[n, *block_shape]`` (or raw ``[n, block_nbytes]`` uint8); return a uint8 ``[n, nbytes]`` view."""
+        if not (hasattr(data, "shape") and hasattr(data, "dtype")) or isinstance(data, type):
+            raise LayoutMismatchError(
+                f"block data is a {type(data).__name__}; this layout needs a numpy array or torch tensor"
+                f" [n, {', '.join(map(str, self.block_shape))}] of {self.dtype} (order {self.order})"
+                f" or raw uint8 rows [n, {self.block_nbytes}]"
+            )
         shape = tuple(data.shape)
+        if len(shape) < 2:
+            raise LayoutMismatchError(
+                f"block data has shape {shape}; this layout needs [n, {', '.join(map(str, self.block_shape))}]"
+                f" (order {self.order}) or raw uint8 [n, {self.block_nbytes}]"
+            )
         if len(shape) == 2 and _is_u8(data) and shape[1] == self.block_nbytes:
             return data
         if shape[1:] != self.block_shape:
