@@ -40,6 +40,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("url", help="file:///path/to/tier")
     c.add_argument("--deep", action="store_true", help="also verify every payload checksum")
     c.add_argument("--fix", action="store_true", help="remove bad entries and reclaim leaked slots")
+    c.add_argument(
+        "--rebuild-index", action="store_true", help="rebuild the index from the segment files (old one kept aside)"
+    )
     r = sub.add_parser(
         "replay",
         help="replay a Mooncake-format trace through the store: every policy beside Belady's optimum",
@@ -144,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             return _daemon(args.config, args.once, args.metrics_port, args.metrics_host)
         if args.cmd == "peer-serve":
             return _peer_serve(args)
+        if args.cmd == "check" and args.rebuild_index:
+            from .maintenance import rebuild_index
+
+            print(json.dumps(rebuild_index(args.url, deep=args.deep), indent=2, default=str))
+            return 0
         if args.cmd == "check":
             from .maintenance import check
 
