@@ -144,6 +144,7 @@ class EventsConfig:
     offset_by_rank: bool = True  # tcp port += the namespace's rank, so TP workers do not collide
     clear_on_close: bool = True  # AllBlocksCleared when the store closes: this instance serves nothing
     linger_ms: int = 1000
+    batch_ms: float = 2.0  # after the first event, wait this long for more: one batch, one wake-up
     token_blocks: int = 65_536  # blocks whose noted token ids are remembered (note_tokens)
 
     @classmethod
@@ -315,6 +316,8 @@ class KVEventPublisher:
                     if self._lost_upto > self._cleared_upto:  # the overflow's clear is due even when idle
                         self._send(enc, [])
                     continue
+                if self.config.batch_ms > 0 and first[2] is not FLUSH:
+                    self._stop.wait(self.config.batch_ms / 1000)
                 self._send(enc, self._drain(first))
             deadline = time.monotonic() + 1.0  # closing: flush what is queued, within a bound
             while time.monotonic() < deadline:
