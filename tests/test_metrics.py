@@ -285,3 +285,42 @@ def test_tp_workers_on_one_port_in_multiprocess_mode_sum_their_counters(tmp_path
             if p.stdin is not None:
                 p.stdin.close()
             p.wait(30)
+
+
+def _serve_cli(args: list[str]) -> tuple[subprocess.Popen[str], dict[str, object]]:
+    p = subprocess.Popen([sys.executable, "-m", "kvbm_fs", *args], stdout=subprocess.PIPE, text=True)
+    assert p.stdout is not None
+    return p, json.loads(p.stdout.readline())
+
+
+def _stop_cli(p: subprocess.Popen[str]) -> None:
+    p.send_signal(2)  # SIGINT: both commands stop cleanly on it
+    assert p.wait(30) == 0
+
+
+def test_daemon_command_serves_metrics(tmp_path: Path) -> None:
+    cfg = tmp_path / "kvbm.toml"
+    cfg.write_text(
+        f'model = "m"\ntiers = ["host://?capacity={4 * NB}", "file://{tmp_path}/d?capacity={16 * SLOT}"]\n'
+        '[layout]\nnum_layers = 2\nnum_kv_heads = 2\nhead_dim = 32\nblock_size = 16\ndtype = "float16"\n'
+    )
+    p, info = _serve_cli(["daemon", "--config", str(cfg), "--metrics-port", "0"])
+    try:
+        s = scrape(int(info["metrics_port"]))  # type: ignore[call-overload]
+        assert val(s, "kvbm_fs_tier_capacity_bytes", tier="disk") == 16 * SLOT
+        assert val(s, "kvbm_fs_tier_capacity_bytes", tier="host") == 4 * NB
+    finally:
+        _stop_cli(p)
+
+
+def test_peer_serve_command_serves_metrics() -> None:
+    from kvbm_fs.testing import require_nixl
+
+    require_nixl()
+    p, info = _serve_cli(["peer-serve", "--capacity", f"{8 * NB}", "--block-bytes", str(NB), "--metrics-port", "0"])
+    try:
+        s = scrape(int(info["metrics_port"]))  # type: ignore[call-overload]
+        assert val(s, "kvbm_fs_tier_capacity_bytes", tier="peer-pool") == 8 * NB
+        assert val(s, "kvbm_fs_tier_blocks", tier="peer-pool") == 0
+    finally:
+        _stop_cli(p)
