@@ -11,7 +11,9 @@ writers refuse their puts meanwhile. docs/architecture.md 1.6.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import shutil
 import struct
@@ -27,6 +29,7 @@ from ..keys import Namespace
 from .disk_index import DBS, KEY, SLOT, U64, DiskIndex, NullIndex, Record, _envs
 from .disk_seal import DAMAGED, DATA, SEAL, IndexLock, check_seal, fsync_dir, mark_damaged, read_meta, seal
 
+log = logging.getLogger(__name__)
 INDEX_WAIT_S = 10.0  # how long an opener waits for another process's rebuild before serving misses
 HEADER_PAGE = 4096
 BATCH = 65536  # entries per write transaction of a rebuild
@@ -116,8 +119,15 @@ def open_index(root: str, wait: float | None = INDEX_WAIT_S) -> DiskIndex:
                             mark_damaged(path, why)
             finally:
                 lock.release()
-            rebuild_index(root, reason=why, _only_if_damaged=attempt == 0, _wait=wait)
-        raise IndexCorruptError(0, f"disk tier index {path} is still damaged after a rebuild")
+            log.warning("disk tier index %s: %s; rebuilding it from the segments", path, why)
+            try:
+                report = rebuild_index(root, reason=why, _only_if_damaged=attempt == 0, _wait=wait)
+            except IndexCorruptError as e:
+                if e.errno == errno.EAGAIN:  # another process is rebuilding it: serve misses meanwhile
+                    return NullIndex(str(e))
+                raise
+            log.warning("disk tier index %s rebuilt: %s", path, report)
+        raise IndexCorruptError(errno.EUCLEAN, f"disk tier index {path} is still damaged after a rebuild")
     finally:
         lock.close()
 
@@ -177,7 +187,7 @@ def rebuild_index(
     lock = IndexLock(root)
     try:
         if not lock.acquire(exclusive=True, wait=_wait):
-            raise IndexCorruptError(0, f"disk tier index in {root} is being rebuilt by another process")
+            raise IndexCorruptError(errno.EAGAIN, f"disk tier index in {root} is being rebuilt by another process")
         try:
             if _only_if_damaged and inspect(root) is None:  # another process rebuilt it while we waited
                 return dict(reason=reason, skipped="rebuilt by another process")
