@@ -10,7 +10,6 @@ Run: .venv/bin/python examples/peer_share.py
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -45,8 +44,7 @@ def instance(role: str, url: str) -> None:
 def main() -> None:
     if len(sys.argv) == 3:  # a child: python peer_share.py A|B URL
         instance(sys.argv[1], sys.argv[2])
-        sys.stdout.flush()
-        os._exit(0)  # a process that made a UCX backend can crash in exit handlers
+        return
     block = layout.block_nbytes
     cmd = [sys.executable, "-m", "kvbm_fs", "peer-serve", "--capacity", str(64 * block), "--block-bytes", str(block)]
     peer = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
