@@ -215,8 +215,10 @@ def _rebuild(
     rep: dict[str, Any] = dict(reason=reason, deep=deep, slots_scanned=0, blocks=0, empty_slots=0,
                                bad_headers=0, bad_payloads=0, duplicates=0)  # fmt: skip
     found = _scan(root, geo, progress, deep, rep)
+    for name in os.listdir(root):  # left by a rebuild that was killed (we hold the lock: none runs)
+        if name.startswith("index.rebuild-"):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
     tmp = os.path.join(root, f"index.rebuild-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     namespaces = read_namespaces(root)
     seen = {ns for ns, _ in found}
     ix = DiskIndex(tmp, gated=False)
