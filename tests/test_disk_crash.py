@@ -151,8 +151,12 @@ def crash_loop(tmp_path: Path, kills: int, mode: str) -> None:
     root = tmp_path / "tier"
     rng = random.Random(0xC0FFEE)
     expected: dict[int, None] = {}  # acknowledged and not announced as deleted, oldest first
-    acked = runs_with_writes = killed_mid_put = 0
-    for run in range(kills):
+    acked = runs_with_writes = killed_mid_put = done = 0
+    # Strength comes from enough kills landing mid-put, not from timing luck on a busy machine: kill
+    # at least `kills` times, and on (up to 4x) until 3 kills landed mid-put and half of them after writing.
+    for run in range(4 * kills):
+        if run >= kills and killed_mid_put >= 3 and runs_with_writes >= kills // 2:
+            break
         lines = run_and_kill(root, 1 + run * 1_000_000, rng, tmp_path / "child.err", mode)
         wrote = False
         for line in lines:
@@ -167,7 +171,8 @@ def crash_loop(tmp_path: Path, kills: int, mode: str) -> None:
         runs_with_writes += wrote
         killed_mid_put += (root / "index").exists() and pending_slots(root) > 0
         verify(root, expected, run)
-    print(f"{kills} kills: {runs_with_writes} after writing, {killed_mid_put} mid-put; {acked} blocks acknowledged")
+        done += 1
+    print(f"{done} kills: {runs_with_writes} after writing, {killed_mid_put} mid-put; {acked} blocks acknowledged")
     assert runs_with_writes >= kills // 2, "the writer was mostly killed before it wrote anything"
     assert killed_mid_put >= 3, "too few kills landed between reserving slots and committing them"
     assert acked > 2 * kills
