@@ -42,6 +42,8 @@ class EventKind(StrEnum):
     MATCHED = "matched"
     LOADED = "loaded"
     SAVED = "saved"
+    # ``Store.note_tokens`` (``tier`` ""): data is the int token array [len(keys) * block_size] of keys' blocks
+    TOKENS = "tokens"
 
 
 @dataclass(frozen=True, slots=True)

@@ -142,7 +142,9 @@ class EventsConfig:
     max_queue_size: int = 100_000  # event batches waiting for the publisher thread
     data_parallel_rank: int | None = 0
     offset_by_rank: bool = True  # tcp port += the namespace's rank, so TP workers do not collide
-    clear_on_close: bool = True  # AllBlocksCleared when the store closes: this instance serves nothing
+    # at close: True, AllBlocksCleared (this instance serves nothing); "volatile", BlockRemoved for the
+    # blocks of this process's own GPU/CPU tiers only (its STORAGE blocks stay announced); False, nothing
+    clear_on_close: bool | str = True
     linger_ms: int = 1000
     batch_ms: float = 2.0  # after the first event, wait this long for more: one batch, one wake-up
     token_blocks: int = 65_536  # blocks whose noted token ids are remembered (note_tokens)
@@ -163,6 +165,8 @@ class EventsConfig:
         for name in ("endpoint", "topic"):
             if not isinstance(getattr(cfg, name), str):
                 raise ConfigError(f"[events] {name} must be a string, got {getattr(cfg, name)!r}")
+        if cfg.clear_on_close not in (True, False, "volatile"):
+            raise ConfigError(f'[events] clear_on_close must be true, false or "volatile", got {cfg.clear_on_close!r}')
         if cfg.replay_endpoint is not None and not isinstance(cfg.replay_endpoint, str):
             raise ConfigError(f"[events] replay_endpoint must be a string, got {cfg.replay_endpoint!r}")
         for name in ("buffer_steps", "hwm", "max_queue_size", "linger_ms", "token_blocks"):
@@ -256,8 +260,12 @@ class KVEventPublisher:
 
     # ---- the store's side: never blocks ---------------------------------------------------------------
     def _on_event(self, ev: BlockEvent) -> None:
-        if ev.kind.value in KINDS and not self._stop.is_set():
+        if self._stop.is_set():
+            return
+        if ev.kind.value in KINDS:
             self._enqueue(ev)
+        elif ev.kind.value == "tokens":  # Store.note_tokens
+            self._note(ev.keys, ev.data)
 
     def _enqueue(self, ev: BlockEvent | Tokens | None) -> None:
         i = next(self._arrivals)
@@ -272,8 +280,12 @@ class KVEventPublisher:
         """Remember the token ids of ``keys``' blocks (``len(keys) * block_size`` of them, e.g. the prompt
         a connector is about to save), so that BlockStored events for them carry ``token_ids``, which
         routers that hash tokens themselves need. Call it before the put; it only enqueues."""
+        if not self._stop.is_set():
+            self._note(keys, tokens)
+
+    def _note(self, keys: BlockKeys, tokens: Any) -> None:
         ns = self.store.namespaces.get(keys.ns)
-        if ns is None or self._stop.is_set():
+        if ns is None:
             return
         bs = ns.layout.block_size
         arr = np.asarray(tokens).reshape(-1)
@@ -325,7 +337,7 @@ class KVEventPublisher:
                     self._send(enc, self._drain(self._q.get_nowait()))
                 except queue.Empty:
                     break
-            self._send(enc, [(next(self._arrivals), time.time(), None)] if self.config.clear_on_close else [])
+            self._send(enc, [(next(self._arrivals), time.time(), None)] if self.config.clear_on_close is True else [])
             self._serve_sockets()
         except Exception:
             log.exception("KV event publisher failed; no more events from this store")
@@ -470,11 +482,28 @@ class KVEventPublisher:
             self._closed = True
         self._unsubscribe()
         atexit.unregister(self.close)
+        if self.config.clear_on_close == "volatile":
+            self._forget_volatile()
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=2.0 + self.config.linger_ms / 1000)
         elif self._thread.ident is None:  # never started: the sockets are ours to close
             self._close_sockets(0)
+
+    def _forget_volatile(self) -> None:
+        """BlockRemoved for every block in this process's own tiers (GPU/CPU): they die with it."""
+        from .events import BlockEvent, EventKind
+
+        for t in self.store.tiers:
+            if t.shareable:
+                continue
+            try:
+                for batch in t.iter_keys():
+                    if batch.ns in self.store.namespaces:
+                        self._enqueue(BlockEvent(EventKind.REMOVED, t.name, batch))
+            except Exception:  # a closed or broken tier: routers must not keep its blocks
+                log.exception("events: cannot list tier %s at close; announcing AllBlocksCleared", t.name)
+                self._enqueue(None)
 
 
 def _tokens_of(ev: BlockEvent, n: int, block_size: int) -> list[int]:
@@ -509,11 +538,13 @@ def replay(ctx: zmq.Context[Any], endpoint: str, start_seq: int, timeout_ms: int
 
 def publisher_of(store: Store) -> KVEventPublisher | None:
     """The publisher :func:`attach` (or ``mount(events=...)``) gave ``store``, if any."""
-    return next((p for p in store.exported if isinstance(p, KVEventPublisher)), None)
+    owners = (getattr(hook, "__self__", None) for hook in store.on_close)
+    return next((p for p in owners if isinstance(p, KVEventPublisher)), None)
 
 
 def attach(store: Store, config: EventsConfig | Mapping[str, Any] | str) -> KVEventPublisher:
-    """Publish ``store``'s events; the publisher closes with the store (first, announcing the clear)."""
+    """Publish ``store``'s events; the publisher closes with the store: after ``persist`` (whose blocks
+    it announces), before the tiers close."""
     pub = KVEventPublisher(store, config)
-    store.exported.append(pub)  # closed by Store.close, before its tiers
+    store.on_close.append(pub.close)
     return pub

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -89,6 +89,7 @@ class Store:
         self.metrics: StoreMetrics | None = None
         self._fg = 0  # foreground operations in flight (the daemon yields to them)
         self.exported: list[Any] = []  # PeerServers serving this store's tiers to peers
+        self.on_close: list[Callable[[], None]] = []  # run by close() after persist, before the tiers close
         self.counters = {"put_blocks": 0, "match_calls": 0, "matched_blocks": 0, "get_blocks": 0, "get_misses": 0}
         if namespace is not None:
             self.add_namespace(namespace)
@@ -232,6 +233,21 @@ class Store:
         """Engine loads or stores are running: background migration waits."""
         return self._fg > 0
 
+    def note_tokens(self, keys: BlockKeys, tokens: Any) -> None:
+        """Say which token ids ``keys``' blocks hold: the first ``len(keys) * block_size`` of ``tokens``
+        (e.g. the prompt a connector is about to save). Published as a ``TOKENS`` event, so that KV
+        events for routers carry ``token_ids``; call it before the put. One attribute check when nobody
+        subscribes (then nothing is checked either)."""
+        if not self.events.active or len(keys) == 0:
+            return
+        need = len(keys) * self.namespace_of(keys).layout.block_size
+        arr = np.asarray(tokens).reshape(-1)
+        if arr.size < need or arr.dtype.kind not in "iu":
+            raise LayoutMismatchError(
+                f"note_tokens: {len(keys)} blocks need {need} integer token ids, got {arr.size} of {arr.dtype}"
+            )
+        self.events.publish(EventKind.TOKENS, "", keys, data=arr[:need].copy())
+
     # ---- daemon ----------------------------------------------------------------------------
     def start_daemon(self, config: DaemonConfig | dict[str, Any] | None = None) -> PlacementDaemon:
         """Run the placement daemon in a background thread (watermarks, promotion, prefetch)."""
@@ -358,6 +374,8 @@ class Store:
         if persist:
             self.persist()
         self._closed = True
+        for hook in self.on_close:  # e.g. the KV-event publisher: it announces what persist wrote, then closes
+            hook()
         if self.metrics is not None:
             self.metrics.close()
         for t in self.tiers:

@@ -12,7 +12,7 @@ import pytest
 import zmq
 from conftest import LAYOUT, tokens
 
-from kvbm_fs import ConfigError, Namespace, Store, kv_events, mount
+from kvbm_fs import ConfigError, EventKind, LayoutMismatchError, Namespace, Store, kv_events, mount
 from kvbm_fs.kv_events import (
     AllBlocksCleared,
     BlockRemoved,
@@ -226,12 +226,15 @@ def test_config_table_file_and_errors(tmp_path: Path) -> None:
     assert kv_events.offset_endpoint("tcp://*:0", 2) == "tcp://*:0"
 
 
-def test_noted_tokens_fill_token_ids_on_every_tier_the_blocks_reach(ctx: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("by", ["store", "publisher"])
+def test_noted_tokens_fill_token_ids_on_every_tier_the_blocks_reach(ctx: Any, tmp_path: Path, by: str) -> None:
     store, pub = open_store("host://?capacity=1MiB", f"file://{tmp_path}/disk")
     sub = subscribe(ctx, pub)
     toks = tokens(3, seed=40)
     keys = store.keys(toks)
-    pub.note_tokens(keys, toks)  # as a connector does before saving what it computed
+    # as a connector does before saving what it computed: Store.note_tokens is the core way (a TOKENS
+    # event on the store's stream, no optional dependency), the publisher's own method the direct one
+    (store.note_tokens if by == "store" else pub.note_tokens)(keys, np.concatenate([toks, [5, 6]]))  # + a tail
     assert store.put(keys, np.zeros((3, NB), np.uint8)).all()
     store.copy(keys, "host", "disk")
     unknown = put(store, 2, seed=41)  # nobody noted these: token_ids stay empty
@@ -245,3 +248,59 @@ def test_noted_tokens_fill_token_ids_on_every_tier_the_blocks_reach(ctx: Any, tm
         assert [t for h in keys.hashes.tolist() for t in per_block[medium, h]] == toks.tolist()
     assert [e.token_ids for e in stored if e.block_hashes[0] == int(unknown.hashes[0])] == [[]]
     store.close(persist=False)
+
+
+def test_note_tokens_checks_its_input_only_when_someone_listens_and_metrics_ignore_it() -> None:
+    quiet = mount("host://?capacity=1MiB", layout=LAYOUT, model="ev", env={})
+    keys = quiet.keys(tokens(2, seed=42))
+    quiet.note_tokens(keys, [])  # nobody subscribes: one attribute check, nothing else (not even this misuse)
+    metrics = quiet.enable_metrics()
+    before = metrics.text()
+    with pytest.raises(LayoutMismatchError, match="need 32 integer token ids, got 16"):
+        quiet.note_tokens(keys, tokens(1, seed=42))
+    with pytest.raises(ValueError, match="integer token ids"):
+        quiet.note_tokens(keys, np.zeros(32, np.float32))
+    seen: list[Any] = []
+    quiet.events.subscribe(seen.append)
+    quiet.note_tokens(keys, tokens(2, seed=42))
+    ((kind, data),) = [(e.kind, e.data) for e in seen]
+    assert kind is EventKind.TOKENS and data.tolist() == tokens(2, seed=42).tolist()
+    assert metrics.text() == before  # the metrics subscriber counts no TOKENS event
+    quiet.close()
+
+
+def persisted_at_close(ctx: Any, tmp_path: Path, clear: bool | str) -> tuple[Any, list[Any]]:
+    store, pub = open_store("host://?capacity=1MiB", f"file://{tmp_path}/disk", events={**EP, "clear_on_close": clear})
+    sub = subscribe(ctx, pub)
+    toks = tokens(4, seed=43)
+    keys = store.keys(toks)
+    store.note_tokens(keys, toks)
+    assert store.put(keys, np.zeros((4, NB), np.uint8)).all()  # on the host tier only
+    assert pub.flush()
+    store.close()  # persist writes the 4 blocks to disk, then the publisher announces them and closes
+    evs = []
+    while sub.poll(2000):
+        evs += recv(sub)[2].events
+    return keys, evs
+
+
+def test_blocks_persist_writes_at_close_are_announced_before_the_clear(ctx: Any, tmp_path: Path) -> None:
+    keys, evs = persisted_at_close(ctx, tmp_path, True)
+    assert [type(e) for e in evs][-1] is AllBlocksCleared and sum(isinstance(e, AllBlocksCleared) for e in evs) == 1
+    storage = [e for e in evs if isinstance(e, BlockStored) and e.medium == "STORAGE"]
+    per_block = {h: e.token_ids[j * 16 : (j + 1) * 16] for e in storage for j, h in enumerate(e.block_hashes)}
+    assert sorted(per_block) == sorted(keys.hashes.tolist())  # persist's order is the host tier's, not the chain's
+    toks = tokens(4, seed=43).tolist()
+    assert [t for h in keys.hashes.tolist() for t in per_block[h]] == toks  # the noted tokens follow the blocks
+
+
+def test_clear_on_close_volatile_removes_only_this_processs_memory_blocks(ctx: Any, tmp_path: Path) -> None:
+    keys, evs = persisted_at_close(ctx, tmp_path, "volatile")
+    assert not any(isinstance(e, AllBlocksCleared) for e in evs)
+    kinds = [(type(e).__name__, e.medium) for e in evs if not isinstance(e, AllBlocksCleared)]
+    assert kinds.index(("BlockRemoved", "CPU")) > kinds.index(("BlockStored", "STORAGE"))  # persisted, then gone
+    removed = {h for e in evs if isinstance(e, BlockRemoved) for h in e.block_hashes}
+    assert removed == set(keys.hashes.tolist())
+    assert all(e.medium == "CPU" for e in evs if isinstance(e, BlockRemoved))  # the disk copies stay announced
+    with pytest.raises(ConfigError, match="clear_on_close"):
+        kv_events.EventsConfig.from_any({"clear_on_close": "storage"})
