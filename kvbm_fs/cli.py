@@ -91,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     dm.add_argument("--once", action="store_true", help="run one round, print stats and exit")
     dm.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
     dm.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on (default 127.0.0.1)")
+    dm.add_argument("--events", help="publish KV events: an endpoint (tcp://*:5557) or a JSON [events] table")
     ps = sub.add_parser(
         "peer-serve",
         help="lend this machine's DRAM to peers: serve a host tier at peer://HOST:PORT until stopped "
@@ -144,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 json_only=args.json,
             )
         if args.cmd == "daemon":
-            return _daemon(args.config, args.once, args.metrics_port, args.metrics_host)
+            return _daemon(args.config, args.once, args.metrics_port, args.metrics_host, args.events)
         if args.cmd == "peer-serve":
             return _peer_serve(args)
         if args.cmd == "check" and args.rebuild_index:
@@ -211,19 +212,27 @@ def _peer_serve(args: argparse.Namespace) -> int:
     return 0  # a plain exit: nixl_api pins the host's rdma-core, so UCX no longer crashes at exit
 
 
-def _daemon(config: str, once: bool, metrics_port: int | None = None, metrics_host: str = "127.0.0.1") -> int:
+def _daemon(
+    config: str, once: bool, metrics_port: int | None = None, metrics_host: str = "127.0.0.1", events: str | None = None
+) -> int:
     """Standalone daemon: no engine in this process, so it only demotes between the configured tiers."""
     import signal
     import threading
 
-    from .config import load_file
+    from .config import events_text, load_file
     from .mount import mount
 
     daemon_cfg = load_file(config).get("daemon", True)
-    with mount(config=config) as store:
+    with mount(config=config, events=None if events is None else events_text(events, "--events")) as store:
         if metrics_port is not None:
             store.enable_metrics(metrics_port, metrics_host)
             print(json.dumps({"metrics_port": store.enable_metrics().port}), flush=True)
+        if "kvbm_fs.kv_events" in sys.modules:  # mount attached a publisher: say where (port 0 picks one)
+            from .kv_events import publisher_of
+
+            pub = publisher_of(store)
+            if pub is not None:
+                print(json.dumps({"events_endpoint": pub.endpoint, "replay_endpoint": pub.replay_endpoint}), flush=True)
         d = store.start_daemon(daemon_cfg if isinstance(daemon_cfg, dict) else None)
         if once:
             d.stop()

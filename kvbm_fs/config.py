@@ -99,6 +99,8 @@ def from_env(env: Mapping[str, str]) -> dict[str, Any]:
                 raise ConfigError(f"{name}={env[name]!r} is not an integer") from None
     if ENV_PREFIX + "TIERS" in env:
         out["tiers"] = [u for u in env[ENV_PREFIX + "TIERS"].replace(",", " ").split() if u]
+    if ENV_PREFIX + "EVENTS" in env:
+        out["events"] = events_text(env[ENV_PREFIX + "EVENTS"], ENV_PREFIX + "EVENTS")
     if ENV_PREFIX + "LAYOUT" in env:
         try:
             out["layout"] = json.loads(env[ENV_PREFIX + "LAYOUT"])
@@ -144,6 +146,17 @@ def _build(d: dict[str, Any]) -> StoreConfig:
             raise ConfigError(f"config cost must be a table (prefill_tokens_per_s, latency, bandwidth), got {v!r}")
         setattr(cfg, k, v)
     return cfg
+
+
+def events_text(raw: str, what: str) -> Any:
+    """``KVBM_FS_EVENTS`` / ``--events``: an endpoint (``tcp://*:5557``), a JSON table, or "" for none."""
+    raw = raw.strip()
+    if not raw.startswith("{"):
+        return raw or None
+    try:
+        return json.loads(raw)
+    except ValueError as e:
+        raise ConfigError(f"{what} must be an endpoint or a JSON object of [events] options: {e}") from None
 
 
 def _events(v: Any) -> dict[str, Any] | None:

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -304,3 +309,34 @@ def test_clear_on_close_volatile_removes_only_this_processs_memory_blocks(ctx: A
     assert all(e.medium == "CPU" for e in evs if isinstance(e, BlockRemoved))  # the disk copies stay announced
     with pytest.raises(ConfigError, match="clear_on_close"):
         kv_events.EventsConfig.from_any({"clear_on_close": "storage"})
+
+
+def test_daemon_command_publishes_its_moves_with_events(ctx: Any, tmp_path: Path) -> None:
+    cfg = tmp_path / "kvbm.json"
+    slot = 4096 + NB  # a disk slot of one block
+    tiers = [f"file://{tmp_path}/a?capacity={8 * slot}&name=a", f"file://{tmp_path}/b?name=b"]
+    cfg.write_text(
+        json.dumps({"model": "ev", "tiers": tiers, "layout": LAYOUT.to_dict(), "daemon": {"high": 0.5, "low": 0.25}})
+    )
+    with mount(*tiers, layout=LAYOUT, model="ev", env={}) as store:  # a over its high mark: the daemon demotes
+        keys = put(store, 6, seed=50, tier="a")
+    table = {"endpoint": "tcp://127.0.0.1:0", "bind": True, "replay_endpoint": "tcp://127.0.0.1:0"}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KVBM_FS_")}
+    cmd = [sys.executable, "-m", "kvbm_fs", "daemon", "--config", str(cfg), "--events", json.dumps(table)]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert p.stdout is not None
+        ready = json.loads(p.stdout.readline())
+        assert ready["events_endpoint"].startswith("tcp://127.0.0.1:")
+        on_b: set[Any] = set()
+        deadline = time.monotonic() + 60
+        while not on_b and time.monotonic() < deadline:  # the daemon's first round runs at start
+            for _, payload in replay(ctx, ready["replay_endpoint"], 0):
+                evs = DEC.decode(payload).events
+                on_b |= {
+                    h for e in evs if isinstance(e, BlockStored) and e.ownership == "kvbm_fs:b" for h in e.block_hashes
+                }
+        assert on_b and on_b <= set(keys.hashes.tolist())
+    finally:
+        p.send_signal(signal.SIGINT)
+        assert p.wait(30) == 0

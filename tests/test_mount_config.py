@@ -156,3 +156,20 @@ def test_layout_from_mount_accepts_dataclass_and_dict() -> None:
     for lay in (LAYOUT, LAYOUT_DICT):
         with mount("host://?capacity=64KiB", layout=lay, env={}) as s:
             assert s.default_namespace is not None and s.default_namespace.layout == KVLayout(**LAYOUT_DICT)
+
+
+def test_kvbm_fs_events_takes_an_endpoint_or_a_json_table() -> None:
+    from kvbm_fs.config import resolve
+    from kvbm_fs.kv_events import publisher_of
+
+    assert resolve(env={"KVBM_FS_EVENTS": "tcp://*:5557"}).events == {"endpoint": "tcp://*:5557"}
+    assert resolve(env={"KVBM_FS_EVENTS": ""}).events is None  # set but empty: no events
+    assert resolve(env={"KVBM_FS_EVENTS": "tcp://*:5557"}, events=False).events is None  # an argument wins
+    with pytest.raises(ConfigError, match="KVBM_FS_EVENTS must be an endpoint or a JSON object"):
+        resolve(env={"KVBM_FS_EVENTS": '{"endpoint": '})
+    with pytest.raises(ConfigError, match="unknown \\[events\\] option"):
+        mount("host://?capacity=64KiB", layout=LAYOUT, env={"KVBM_FS_EVENTS": '{"port": 5}'})
+    table = {"endpoint": "tcp://127.0.0.1:0", "bind": True, "topic": "from-env"}
+    with mount("host://?capacity=64KiB", layout=LAYOUT, env={"KVBM_FS_EVENTS": json.dumps(table)}) as s:
+        pub = publisher_of(s)
+        assert pub is not None and pub.config.topic == "from-env" and pub.endpoint.startswith("tcp://127.0.0.1:")
