@@ -20,6 +20,8 @@ Load it with vLLM's own configuration::
                      default: when a load reads a disk or remote tier), true (always) or false (never)
 ``async_save``       write saved blocks to the store in the background, overlapping the next step (default true)
 ``max_inflight_save_bytes``   staged bytes a step may leave in flight (default 256 MiB; the rest waits)
+``events``           publish KV events for routers from the worker's store, as ``mount(events=...)``: an
+                     endpoint or a table (docs/architecture.md 1.16); saved blocks carry their prompt's ``token_ids``
 
 How it works:
 
@@ -128,6 +130,7 @@ EXTRA_KEYS = frozenset(
         "async_load",
         "async_save",
         "max_inflight_save_bytes",
+        "events",
     }
 )
 
@@ -275,7 +278,7 @@ def store_config(extra: Mapping[str, Any]) -> Any:
         raise ConfigError(
             f"kvbm_fs: unknown kv_connector_extra_config key(s) {sorted(unknown)}; known: {sorted(EXTRA_KEYS)}"
         )
-    explicit = {k: extra[k] for k in ("tiers", "tenant", "policy", "daemon", "cost", "layout") if k in extra}
+    explicit = {k: extra[k] for k in ("tiers", "tenant", "policy", "daemon", "cost", "layout", "events") if k in extra}
     return resolve(config=extra.get("config"), **explicit)
 
 
@@ -375,6 +378,7 @@ class Transfer:
     parents: np.ndarray
     block_ids: list[int]
     background: bool = False  # an async load: the request waits off the step path, get_finished reports it
+    tokens: np.ndarray | None = None  # a save's token ids (uint32, len(hashes) * block_size), for KV events
 
 
 @dataclass
@@ -549,6 +553,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self._mirror: dict[str, tuple[str, dict[int, set[int]]]] = {}  # tier -> (medium, ns id -> hashes)
         self._events: list[ShippedEvent] = []  # for take_events
         self._event_tokens: dict[int, tuple[list[int], int | None, str | None]] = {}
+        self._save_tokens = store_config(self.extra).events is not None  # saves carry their token ids
         # worker side
         self._layers: list[tuple[str, torch.Tensor]] = []  # (name, view [num_blocks, *page])
         self._page_shape: tuple[int, ...] = ()
@@ -781,7 +786,10 @@ class KvbmFsConnector(KVConnectorBase_V1):
             ids = self._block_ids(rid)
             if ids is None or len(ids) < hi:
                 continue
-            meta.saves.append(Transfer(rid, st.hashes[lo:hi], st.parents[lo:hi], list(ids[lo:hi])))
+            toks = None
+            if self._save_tokens:  # the worker's store publishes KV events: they carry the blocks' tokens
+                toks = np.asarray(st.request.prompt_token_ids[lo * self.block_size : hi * self.block_size], np.uint32)
+            meta.saves.append(Transfer(rid, st.hashes[lo:hi], st.parents[lo:hi], list(ids[lo:hi]), tokens=toks))
             st.stored = hi
             self._remember_tokens(st, lo, hi)
         return meta
@@ -1092,6 +1100,10 @@ class KvbmFsConnector(KVConnectorBase_V1):
             new = np.flatnonzero(~present)
             skipped += int(present.sum())
             plan.keys, plan.ids = keys[new], ids[new]
+            if new.size and self.store.events.active and all(t.tokens is not None for t in todo):
+                # before the put: the KV-event publisher fills these blocks' token_ids from it
+                toks = np.concatenate([t.tokens for t in todo if t.tokens is not None])
+                self.store.note_tokens(plan.keys, toks.reshape(len(keys), self.block_size)[new])
             n = min(new.size, max(1, self.max_inflight_save_bytes // self.layout.block_nbytes))
             if n:
                 plan.stage = self._stage(n)

@@ -92,3 +92,68 @@ def test_kvbm_fs_structs_and_vllms_read_each_others_bytes_field_for_field() -> N
     assert [type(e).__name__ for e in theirs.events] == ["BlockStored", "BlockRemoved", "AllBlocksCleared"]
     assert msgspec.msgpack.encode(theirs) == wire  # byte for byte: the same layout, tags and omitted defaults
     assert kv_events.END_SEQ == vke.ZmqEventPublisher.END_SEQ
+
+
+# ---- a real engine: the connector's saves carry their prompt's tokens ---------------------------------
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from test_vllm_e2e import TINY_LLAMA, random_model
+
+    return random_model(tmp_path_factory.mktemp("tiny-llama"), "Llama", TINY_LLAMA)
+
+
+def vllm_events(sub: zmq.Socket[bytes], wait_ms: int = 300) -> list[object]:
+    dec = msgspec.msgpack.Decoder(vke.KVEventBatch)
+    evs: list[object] = []
+    while sub.poll(wait_ms):
+        _, _seq, payload = sub.recv_multipart()
+        evs += dec.decode(payload).events
+    return evs
+
+
+def tokens_by_block(evs: list[object], medium: str) -> dict[int, list[int]]:
+    out: dict[int, list[int]] = {}
+    for e in evs:
+        if isinstance(e, vke.BlockStored) and e.medium == medium:
+            assert len(e.token_ids) == len(e.block_hashes) * e.block_size  # every saved block has its tokens
+            for j, h in enumerate(e.block_hashes):
+                out[int(h)] = list(e.token_ids[j * e.block_size : (j + 1) * e.block_size])
+    return out
+
+
+def test_a_vllm_engine_with_events_publishes_its_saved_blocks_with_their_prompt_tokens(
+    model: Path, tmp_path: Path
+) -> None:
+    from test_vllm_e2e import BLOCK, A, B, connectors, generate, keys_of, kv_config, new_engine, stop
+
+    events = {"endpoint": "tcp://127.0.0.1:0", "bind": True}  # the connector's extra config passes it to mount
+    llm = new_engine(model, kv_config(tmp_path / "disk", events=events))
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        worker = connectors(llm)["WORKER"]
+        assert worker.store is not None
+        pub = publisher_of(worker.store)
+        assert pub is not None
+        sub.connect(pub.endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"kvbm_fs")
+        assert pub.wait_subscribed()
+        generate(llm, [(A, None), (B, None)])
+        worker.flush()  # the background saves are in the store: their events are queued
+        assert pub.flush()
+        on_cpu = tokens_by_block(vllm_events(sub), vke.MEDIUM_CPU)
+        ns = worker.namespace
+        for prompt in (A, B):
+            hashes = keys_of(ns, prompt).hashes.tolist()
+            assert len(hashes) == len(prompt) // BLOCK
+            assert [t for h in hashes for t in on_cpu[h]] == prompt[: len(hashes) * BLOCK]
+        stop(llm)  # the store closes: persist writes the host blocks to disk, announced with their tokens
+        llm = None
+        after = vllm_events(sub, 2000)
+        assert isinstance(after[-1], vke.AllBlocksCleared)
+        assert tokens_by_block(after, vke.MEDIUM_STORAGE) == on_cpu
+    finally:
+        if llm is not None:
+            stop(llm)
+        sub.close(linger=0)
+        ctx.term()
