@@ -5,6 +5,7 @@ Run with ``.ci/run-vllm -k events``; without vLLM every test here is skipped.
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import msgspec
@@ -121,6 +122,7 @@ def tokens_by_block(evs: list[object], medium: str) -> dict[int, list[int]]:
     return out
 
 
+@pytest.mark.slow
 def test_a_vllm_engine_with_events_publishes_its_saved_blocks_with_their_prompt_tokens(
     model: Path, tmp_path: Path
 ) -> None:
@@ -157,3 +159,43 @@ def test_a_vllm_engine_with_events_publishes_its_saved_blocks_with_their_prompt_
             stop(llm)
         sub.close(linger=0)
         ctx.term()
+
+
+@pytest.mark.slow
+def test_a_scheduler_in_its_own_process_ships_the_tokens_to_the_worker_that_publishes(
+    model: Path, tmp_path: Path
+) -> None:
+    """vLLM's default mode: the scheduler (engine core) and the worker are separate processes; the save
+    plans carry the token ids across, and the worker's store publishes them."""
+    from test_vllm_e2e import BLOCK, ENGINE1, ENGINE2, kv_config, run_child
+
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)  # bound here; the worker's publisher connects to it (bind false)
+    sub.setsockopt(zmq.SUBSCRIBE, b"")
+    sub.bind("tcp://127.0.0.1:0")
+    endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
+    done = threading.Event()
+    evs: list[object] = []
+
+    def read() -> None:  # a bound SUB sends its subscription to a peer that connects only while it is used
+        while not done.is_set():
+            evs.extend(vllm_events(sub, 100))
+        evs.extend(vllm_events(sub, 2000))
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        kv = kv_config(tmp_path / "disk", events={"endpoint": endpoint, "bind": False})
+        run_child(tmp_path, model, tmp_path / "disk", phase=1, kv=kv)
+    finally:
+        done.set()
+        reader.join()
+        sub.close(linger=0)
+        ctx.term()
+    on_cpu = tokens_by_block(evs, vke.MEDIUM_CPU)
+    assert isinstance(evs[-1], vke.AllBlocksCleared)
+    assert tokens_by_block(evs, vke.MEDIUM_STORAGE) == on_cpu  # persisted at close, announced before the clear
+    prompts = [toks for toks, _ in ENGINE1 + ENGINE2]
+    blocks = {tuple(toks[i * BLOCK : (i + 1) * BLOCK]) for toks in prompts for i in range(len(toks) // BLOCK)}
+    assert {tuple(t) for t in on_cpu.values()} == blocks  # every full prompt block, each with its own tokens
+    assert len(on_cpu) == 6 + 9 + 6 + 1 + 3 + 6  # by hash: A, B, salted A, A's tail block, D, A salted again
