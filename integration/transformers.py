@@ -329,6 +329,9 @@ def save_prefill(store: Store, input_ids: Any, cache: Any, *, namespace: Namespa
     if not new.size:
         return 0
     data = _gather(pairs, ns.layout, len(keys), new)
+    if store.events.active:  # KV events for routers carry these blocks' token ids (Store.note_tokens)
+        bs = ns.layout.block_size
+        store.note_tokens(keys[new], ids[: len(keys) * bs].reshape(-1, bs)[new])
     return int(store.put(keys[new], data).sum())
 
 
