@@ -88,7 +88,7 @@ from kvbm_fs.mount import build_store
 log = logging.getLogger(__name__)
 
 ENV_OPTIONS = "KVBM_FS_TRTLLM_CONFIG"
-STORE_KEYS = ("tiers", "tenant", "policy", "daemon", "cost", "layout")
+STORE_KEYS = ("tiers", "tenant", "policy", "daemon", "cost", "layout", "events")
 OPTION_KEYS = frozenset({*STORE_KEYS, "config", "model", "write_through", "async_load", "async_save"})
 REFUSED_ATTRS = ("multimodal_hashes", "multimodal_positions", "prompt_embedding_table")
 
@@ -388,6 +388,7 @@ class Transfer:
     staged: torch.Tensor | None = None
     staged_rank: int = 0
     parked: bool = False  # an async load: the request is not in this step's batch
+    tokens: np.ndarray | None = None  # a save's token ids (uint32, len(hashes) * block_size), for KV events
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
@@ -491,6 +492,7 @@ class KvbmFsTrtllmScheduler(SchedulerBase, _Side):
         if self.options.get("async_load") and self.world > 1:
             log.warning("kvbm_fs trtllm: async_load needs every rank's bytes staged; with TP>1 loads stay synchronous")
         self.async_save = bool(self.options.get("async_save", True))
+        self._save_tokens = store_config(self.options).events is not None  # saves carry their token ids
         self._reqs: dict[int, _Req] = {}
         self._loads: list[Transfer] = []
         self._counters = _Counters(SCHEDULER_STATS)
@@ -623,7 +625,12 @@ class KvbmFsTrtllmScheduler(SchedulerBase, _Side):
         lo = st.stored
         if hi <= lo or len(ids) < hi:
             return
-        meta.saves.append(Transfer(int(rd.request_id), st.hashes[lo:hi], st.parents[lo:hi], list(ids[lo:hi])))
+        toks = None
+        if self._save_tokens:  # the store publishes KV events: they carry the saved blocks' tokens
+            toks = np.asarray(list(st.request.get_tokens(0))[lo * self.block_size : hi * self.block_size], np.uint32)
+        meta.saves.append(
+            Transfer(int(rd.request_id), st.hashes[lo:hi], st.parents[lo:hi], list(ids[lo:hi]), tokens=toks)
+        )
         st.stored, st.saves = hi, st.saves + 1
 
     def request_finished(self, request: Any, cache_block_ids: list[int]) -> bool:
@@ -846,6 +853,8 @@ class KvbmFsTrtllmWorker(WorkerBase, _Side):
             ns.id, np.concatenate([t.hashes for t in meta.saves]), np.concatenate([t.parents for t in meta.saves])
         )
         ids = [b for t in meta.saves for b in t.block_ids]
+        if all(t.tokens is not None for t in meta.saves):  # before the put: KV events get the blocks' tokens
+            self.store.note_tokens(keys, np.concatenate([t.tokens for t in meta.saves if t.tokens is not None]))
         rows, ev = self._snapshot(ids, stream)
         req_ids = [t.req_id for t in meta.saves]
         with self.engine.lock:

@@ -430,3 +430,44 @@ def test_request_finished_holds_blocks_until_get_finished_reports_the_save(
     assert e.worker.get_finished([], []) == ([1], [])  # reported once, after it was handed in
     assert e.worker.get_finished([], []) == ([], [])
     assert e.worker.stats()["saved_blocks"] == 2
+
+
+def test_saves_publish_kv_events_with_the_requests_tokens(tmp_path: Path) -> None:
+    """With ``events`` in the options, the scheduler's save plans carry the prompt's token ids (pickled with
+    the metadata to every rank) and the worker notes them before its put: BlockStored has them, on the
+    host tier and again on disk when the store persists at close."""
+    zmq = pytest.importorskip("zmq")
+    from kvbm_fs.kv_events import AllBlocksCleared, BlockStored, decoder, publisher_of
+
+    events = {"endpoint": "tcp://127.0.0.1:0", "bind": True}
+    e = Engine(disk_options(tmp_path / "disk", events=events))
+    a = prompt(5 * BS + 3, seed=30)
+    ctx = zmq.Context()
+    sub = ctx.socket(zmq.SUB)
+    try:
+        pub = publisher_of(e.worker.store)
+        assert pub is not None
+        sub.connect(pub.endpoint)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        assert pub.wait_subscribed()
+        bind = e.worker.bind_connector_meta  # as mpi_broadcast delivers it to other ranks: pickled
+        e.worker.bind_connector_meta = lambda m: bind(pickle.loads(pickle.dumps(m)))
+        e.serve(FakeRequest(1, a))
+        e.worker.flush()
+    finally:
+        e.close()  # the store persists its host tier to disk, announces it, then the clear
+        evs = []
+        while sub.poll(2000):
+            evs += decoder().decode(sub.recv_multipart()[2]).events
+        sub.close(linger=0)
+        ctx.term()
+    assert isinstance(evs[-1], AllBlocksCleared)
+    keys = e.worker.namespace.keys_for_tokens(np.asarray(a, np.int64))
+    for medium in ("CPU", "STORAGE"):
+        per_block = {
+            h: ev.token_ids[j * BS : (j + 1) * BS]
+            for ev in evs
+            if isinstance(ev, BlockStored) and ev.medium == medium
+            for j, h in enumerate(ev.block_hashes)
+        }
+        assert [t for h in keys.hashes.tolist() for t in per_block[h]] == a[: 5 * BS], medium
