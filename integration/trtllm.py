@@ -12,6 +12,7 @@ Configure it with TensorRT-LLM's own option::
 object), or from a subclass that sets the class attribute ``config`` (later wins). Keys:
 
 ``tiers``, ``config``, ``tenant``, ``policy``, ``daemon``, ``cost``   as for :func:`kvbm_fs.mount`
+``events``         KV events for routers, as ``mount(events=...)``; saved blocks carry their prompt's ``token_ids``
 ``model``          the model name in the namespace (default: ``llm_args.model``)
 ``layout``         a KVLayout table the engine's KV pool must match; anything else is refused
 ``write_through``  also write each saved block to the persistent tiers at once
