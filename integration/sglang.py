@@ -39,6 +39,10 @@ How it works:
 - Observability: :meth:`KvbmFsHiCacheStorage.stats` (pages and bytes read, written, hit, missed,
   failed, seconds), :meth:`~KvbmFsHiCacheStorage.take_events` (kvbm_fs block events) and SGLang's
   ``get_stats`` (``StorageMetrics``, for ``--enable-storage-metrics``).
+- KV events: ``"events"`` in the extra config (as ``mount(events=...)``) publishes the store's block events
+  for routers. HiCache hands over opaque page hashes, never tokens, so ``BlockStored.token_ids`` stays
+  empty here; routers that key by these hashes (the events' ``block_hashes``) still work, routers that
+  recompute hashes from tokens cannot use them (docs/architecture.md 1.16).
 """
 
 from __future__ import annotations
@@ -68,7 +72,7 @@ from kvbm_fs.registry import TierSpec, tier_class
 
 log = logging.getLogger(__name__)
 
-EXTRA_KEYS = frozenset({"tiers", "config", "model", "tenant", "policy", "daemon", "cost", "write_through"})
+EXTRA_KEYS = frozenset({"tiers", "config", "model", "tenant", "policy", "daemon", "cost", "write_through", "events"})
 # Keys SGLang itself reads from the same JSON object (dynamic loading, controller and file backend options).
 SGLANG_KEYS = frozenset(
     {
@@ -270,7 +274,7 @@ def store_config(extra: Mapping[str, Any] | None) -> tuple[StoreConfig, bool]:
     write_through = extra.get("write_through", True)
     if not isinstance(write_through, bool):
         raise ConfigError(f"kvbm_fs: write_through must be true or false, got {write_through!r}")
-    explicit = {k: extra[k] for k in ("tiers", "tenant", "policy", "daemon", "cost") if k in extra}
+    explicit = {k: extra[k] for k in ("tiers", "tenant", "policy", "daemon", "cost", "events") if k in extra}
     cfg = resolve(config=extra.get("config"), **explicit)
     if cfg.tiers == list(DEFAULT_TIERS):  # nobody chose tiers: L3 wants a disk tier, not host memory alone
         cfg.tiers = ["host://?capacity=1GiB", f"file://{default_dir()}?capacity={DISK_CAPACITY}"]
