@@ -479,7 +479,7 @@ def _list_blocks(t: Tier) -> dict[int, Blocks]:
     """Every block of ``t`` by namespace. Remote objects carry write times (their mtimes); the disk
     index records only access ranks, so disk blocks have none."""
     if _is_remote(t):  # one listing, with mtimes
-        found = t._list()
+        found = t.list_blocks()
         if not found:
             return {}
         a = np.array([(ns, h) for ns, h, _ in found], np.uint64).reshape(-1, 2)
@@ -507,25 +507,8 @@ def namespace_descriptions(t: Tier) -> dict[int, Namespace]:
     tier: Any = t
     root = getattr(t, "root", "")
     if _is_disk(t):
-        folder = os.path.join(root, "namespaces")
-        for f in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
-            if f.endswith(".json"):
-                try:
-                    with open(os.path.join(folder, f), "rb") as fh:
-                        docs.append(fh.read())
-                except OSError:
-                    continue
-        try:
-            with tier.index.read() as txn:
-                cur = txn.cursor(tier.index.meta)
-                if cur.set_range(b"ns/"):
-                    for k, v in cur:
-                        if not k.startswith(b"ns/"):
-                            break
-                        docs.append(v)
-        except OSError:  # the index is being rebuilt: the namespaces/ files still describe the tier
-            pass
-    elif _is_remote(t):
+        return t.namespaces()
+    if _is_remote(t):
         try:
             subs = [p.rstrip("/") for p in tier.fs.ls(root, detail=False)]
         except FileNotFoundError:
@@ -574,20 +557,15 @@ def _with_block_size(tiers: tuple[Tier, ...], block_size: int) -> None:
             t.block_size = block_size
 
 
-def _disk_check(t: Any, fix: bool, advance: Callable[[int], None]) -> dict[str, Any]:
+def _disk_check(t: DiskTier, fix: bool, advance: Callable[[int], None]) -> dict[str, Any]:
     """``DiskTier.check(deep=True)``, the offline check ``kvbm-fs check`` runs, advancing a progress bar."""
-    inner = t._check_batch
+    done = [0]
 
-    def counted(items: list[Any], deep: bool) -> Any:
-        bad = inner(items, deep)
-        advance(len(items))
-        return bad
+    def progress(n: int, total: int) -> None:
+        advance(n - done[0])
+        done[0] = n
 
-    t._check_batch = counted
-    try:
-        rep: dict[str, Any] = t.check(fix=fix, deep=True)
-    finally:
-        del t._check_batch
+    rep = t.check(fix=fix, deep=True, progress=progress)
     rep.setdefault("errors", 0)
     return rep
 
@@ -597,7 +575,7 @@ def read_canonical(t: Tier, keys: BlockKeys, block_size: int | None = None) -> l
     """Each block's canonical bytes (docs/spec.md: header + payload) as stored, verified; per key the
     bytes, FileNotFoundError, CorruptBlockError or the I/O error. Nothing is changed or removed."""
     if _is_disk(t):
-        return _read_disk(t, keys, block_size)
+        return t.read_canonical(keys, block_size)
     if _is_remote(t):
         paths = [f"{t.root}/{keys.ns:016x}/{h >> 56:02x}/{h:016x}" for h in keys.hashes.tolist()]
         got = t.fs.cat(paths, on_error="return")
@@ -612,31 +590,6 @@ def read_canonical(t: Tier, keys: BlockKeys, block_size: int | None = None) -> l
         else FileNotFoundError(str(keys[i]))
         for i in range(len(keys))
     ]
-
-
-def _read_disk(t: Any, keys: BlockKeys, block_size: int | None) -> list[Any]:
-    from .tiers.disk import HEADER_PAGE
-
-    out: list[Any] = []
-    for i, rec in enumerate(t.index.records(keys.ns, keys.hashes)):
-        if rec is None:
-            out.append(FileNotFoundError(str(keys[i])))
-            continue
-        seg, off = t._locate(rec.slot)
-        try:
-            fd = os.open(t._segment_path(seg), os.O_RDONLY)
-            try:
-                raw = os.pread(fd, codec.HEADER_SIZE, off) + os.pread(fd, t.block_nbytes, off + HEADER_PAGE)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            out.append(e)
-            continue
-        r = _checked(raw, keys, i, t.block_nbytes, block_size)
-        if isinstance(r, bytes) and codec.decode_header(r).checksum != rec.checksum:
-            r = CorruptBlockError(f"{keys[i]}: header checksum differs from the index")
-        out.append(r)
-    return out
 
 
 def _checked(raw: Any, keys: BlockKeys, i: int, nbytes: int, block_size: int | None) -> Any:

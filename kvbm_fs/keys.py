@@ -185,8 +185,13 @@ class Namespace:
             ns = cls(layout=layout if isinstance(layout, KVLayout) else KVLayout.from_dict(layout), **d)
         except TypeError as e:
             raise ConfigError(f"bad namespace record: {e}") from None
-        if want_id is not None and int(want_id) != ns.id:
-            raise ConfigError(f"namespace record id {int(want_id):016x} does not match its content ({ns.short_id})")
+        if want_id is not None:  # the integer, or the short id (16 hex digits) as files record it
+            try:
+                got = int(want_id, 16) if isinstance(want_id, str) else int(want_id)
+            except (TypeError, ValueError):
+                raise ConfigError(f"namespace record id {want_id!r} is neither an integer nor 16 hex digits") from None
+            if got != ns.id:
+                raise ConfigError(f"namespace record id {got:016x} does not match its content ({ns.short_id})")
         return ns
 
     def canonical_bytes(self) -> bytes:

@@ -142,6 +142,11 @@ class Tier(abc.ABC):
         self.close()
 
     def _check_rows(self, keys: BlockKeys, rows: Any, what: str) -> None:
+        if not (hasattr(rows, "shape") and hasattr(rows, "dtype")) or isinstance(rows, type):
+            raise LayoutMismatchError(
+                f"{self.name}.{what}: buffer is a {type(rows).__name__}; "
+                f"need a numpy array or torch tensor of [>={len(keys)}, {self.block_nbytes}] uint8 rows"
+            )
         shape = tuple(rows.shape)
         if len(shape) != 2 or shape[0] < len(keys) or shape[1] != self.block_nbytes:
             raise LayoutMismatchError(

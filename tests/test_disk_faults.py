@@ -586,7 +586,9 @@ def edit_meta(root: Path, **changes: Any) -> dict[str, Any]:
     return meta
 
 
-def test_other_format_version_is_refused_and_nothing_is_lost(tmp_path: Path) -> None:
+def test_other_format_version_is_refused_and_a_garbled_index_is_rebuilt_losing_nothing(tmp_path: Path) -> None:
+    """A tier description of another format (or not one at all) is refused, touching nothing; an index
+    file that is not LMDB is moved aside and rebuilt from the segments, with every block intact."""
     root = tmp_path / "tier"
     t = open_tier(root)
     keys = chain(NS_A, 6)

@@ -19,10 +19,8 @@ eviction policy's rank are evicted in the same transaction that hands out their 
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -31,37 +29,21 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from .. import codec, dsum
-from ..errors import (
-    ConfigError,
-    CorruptBlockError,
-    FormatVersionError,
-    IndexCorruptError,
-    LayoutMismatchError,
-    PinnedError,
-    TierClosedError,
-)
+from .. import codec
+from ..errors import ConfigError, FormatVersionError, IndexCorruptError, KvbmError, PinnedError, TierClosedError
 from ..events import VERIFY, EventBus, EventKind
-from ..keys import BlockKey, BlockKeys, Namespace
+from ..keys import BlockKeys, Namespace
 from ..policy import EvictionPolicy, make_policy
-from ..rows import is_torch
 from ..tier import Admission, Medium, Tier
 from ..units import parse_size
-from .disk_device import DevicePath
-from .disk_index import KEY as KEY_STRUCT
-from .disk_index import OWNER as OWNER_STRUCT
-from .disk_index import DiskIndex, NullIndex, Record, owner_alive
-from .disk_rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, write_namespace
-from .diskio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io, write_json
+from . import disk_check
+from .disk_device import DevicePath, dest_rows
+from .disk_files import FORMAT, HEADER_PAGE, SEGMENT_TARGET, Segments, open_dir, round_up
+from .disk_index import DiskIndex, NullIndex, Record
+from .disk_rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, read_namespaces, write_namespace
+from .diskio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io
 
-FORMAT = "kvbm_fs.disk.v1"
-HEADER_PAGE = ALIGN
-SEGMENT_TARGET = 1 << 30
-META_INTS = ("block_nbytes", "slot_bytes", "segment_slots", "num_slots")
-
-
-def round_up(n: int, to: int) -> int:
-    return (n + to - 1) // to * to
+__all__ = ["FORMAT", "HEADER_PAGE", "ALIGN", "DiskTier", "round_up"]
 
 
 class DiskTier(Tier):
@@ -101,7 +83,9 @@ class DiskTier(Tier):
             from ..errors import CapacityError
 
             raise CapacityError(f"disk capacity {cap} B is smaller than one {self.slot_bytes} B slot")
-        self._open_dir(cap // self.slot_bytes, parse_size(segment_bytes, "segment_bytes"))
+        meta = open_dir(self.root, self.block_nbytes, self.slot_bytes, cap // self.slot_bytes,
+                        parse_size(segment_bytes, "segment_bytes"))  # fmt: skip
+        self.segment_slots, self.num_slots = int(meta["segment_slots"]), int(meta["num_slots"])
         self._lock = threading.Lock()  # guards the dicts below, and swaps of self.index
         self._closed = False
         self._healing = False  # a thread is reopening (rebuilding) the index; self.index serves misses
@@ -110,7 +94,7 @@ class DiskTier(Tier):
         self.admission = Admission(self.policy, self.num_slots)
         self.direct = probe_direct_io(self.root) if direct is None else direct
         self.io: BlockIO = make_io(io)
-        self._fds: dict[int, tuple[int, int]] = {}
+        self.segs = Segments(self.root, self.slot_bytes, self.segment_slots, self.num_slots, self.direct)
         self._claim = threading.Lock()  # lookup+pin vs. allocation (eviction) within this process
         self._pins: dict[int, int] = {}  # slot -> pins held by this process (pin() and reads in flight)
         self._key_pins: dict[tuple[int, int], list[int]] = {}  # (ns, hash) -> slots pin() took for it
@@ -118,30 +102,6 @@ class DiskTier(Tier):
         self._orphans: list[int] = []  # slots still pending after a commit that the index refused
         self.counters = dict(load_failures=0, corrupt_removed=0, write_failures=0, evictions=0)
         self.device = DevicePath(self, gds, gds_write)
-
-    # ---- directory and geometry ----------------------------------------------------------
-    def _open_dir(self, want_slots: int, segment_bytes: int) -> None:
-        try:
-            os.makedirs(self.root, exist_ok=True)
-            lock_fd = os.open(os.path.join(self.root, ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise ConfigError(f"disk tier directory {self.root} is not usable: {e.strerror}") from None
-        try:
-            fcntl.flock(lock_fd, fcntl.LOCK_EX)  # serialises first-time creation between processes
-            meta_path = os.path.join(self.root, "kvbm_fs.json")
-            if os.path.exists(meta_path):
-                meta = self._check_meta(meta_path, want_slots)
-            else:
-                seg_slots = max(1, segment_bytes // self.slot_bytes)
-                meta = dict(format=FORMAT, block_nbytes=self.block_nbytes, slot_bytes=self.slot_bytes,
-                            segment_slots=seg_slots, num_slots=want_slots)  # fmt: skip
-                write_json(meta_path, meta)
-            self.segment_slots = int(meta["segment_slots"])
-            self.num_slots = int(meta["num_slots"])
-        except OSError as e:
-            raise ConfigError(f"disk tier directory {self.root} is not writable: {e.strerror}") from None
-        finally:
-            os.close(lock_fd)
 
     def _open_index(self) -> DiskIndex:
         """The LMDB index, checked and rebuilt from the segments if damaged (tiers/disk_rebuild.py).
@@ -188,67 +148,6 @@ class DiskTier(Tier):
                 return
             delay = min(delay * 2, 30.0)
 
-    def _check_meta(self, meta_path: str, want_slots: int) -> dict[str, Any]:
-        try:
-            with open(meta_path) as f:
-                meta = json.load(f)
-        except ValueError:
-            meta = None
-        if not isinstance(meta, dict) or not all(isinstance(meta.get(k), int) for k in META_INTS):
-            raise FormatVersionError(f"{meta_path} is not a kvbm_fs disk tier description")
-        if meta.get("format") != FORMAT:
-            raise FormatVersionError(
-                f"{self.root} holds a disk tier of format {meta.get('format')!r}; this build reads {FORMAT!r}"
-            )
-        if meta["block_nbytes"] != self.block_nbytes or meta["slot_bytes"] != self.slot_bytes:
-            raise LayoutMismatchError(
-                f"{self.root} holds {meta['block_nbytes']}-byte blocks; this store needs {self.block_nbytes}-byte blocks"
-            )
-        if want_slots > meta["num_slots"]:  # growing is safe: new slots sit above the high-water mark
-            meta["num_slots"] = want_slots
-            write_json(meta_path, meta)
-        elif want_slots < meta["num_slots"]:
-            raise ConfigError(
-                f"{self.root} was created with {meta['num_slots'] * self.slot_bytes} B; shrinking a disk tier is not supported"
-            )
-        return meta
-
-    def _segment_path(self, seg: int) -> str:
-        return os.path.join(self.root, "seg", f"{seg >> 8:04x}", f"{seg:06x}.seg")
-
-    def _segment_len(self, seg: int) -> int:
-        return min(self.segment_slots, self.num_slots - seg * self.segment_slots) * self.slot_bytes
-
-    def _fd(self, seg: int, create: bool = False) -> tuple[int, int]:
-        """(direct fd or -1, buffered fd) for a segment; creating and preallocating it if asked."""
-        with self._lock:
-            fds = self._fds.get(seg)
-        if fds is not None:
-            return fds
-        path = self._segment_path(seg)
-        if create:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd = os.open(path, os.O_RDWR | (os.O_CREAT if create else 0), 0o644)
-        try:
-            if create and os.fstat(fd).st_size < self._segment_len(seg):
-                os.posix_fallocate(fd, 0, self._segment_len(seg))
-            dfd = os.open(path, os.O_RDWR | os.O_DIRECT) if self.direct else -1
-        except OSError:
-            os.close(fd)
-            raise
-        with self._lock:
-            if seg in self._fds:  # another thread won the race
-                os.close(fd)
-                if dfd >= 0:
-                    os.close(dfd)
-                return self._fds[seg]
-            self._fds[seg] = (dfd, fd)
-            return dfd, fd
-
-    def _locate(self, slot: int) -> tuple[int, int]:
-        seg, i = divmod(slot, self.segment_slots)
-        return seg, i * self.slot_bytes
-
     # ---- namespaces ----------------------------------------------------------------------
     def bind_namespace(self, ns: Namespace) -> None:
         super().bind_namespace(ns)
@@ -264,6 +163,24 @@ class DiskTier(Tier):
             self.index.write(fn)
         except IndexCorruptError:  # being rebuilt: the rebuild restores it from namespaces/
             pass
+
+    def namespaces(self) -> dict[int, Namespace]:
+        """The namespaces described next to the data (``namespaces/<id>.json``, and the index's
+        entries from before those files existed); what operators list."""
+        out = read_namespaces(self.root)
+        for doc in self.index.namespace_docs():
+            try:
+                ns = Namespace.from_dict(json.loads(doc))
+            except (ValueError, TypeError, KvbmError):
+                continue
+            out.setdefault(ns.id, ns)
+        return out
+
+    def _segment_path(self, seg: int) -> str:
+        return self.segs.path(seg)
+
+    def _locate(self, slot: int) -> tuple[int, int]:
+        return self.segs.locate(slot)
 
     # ---- pins ----------------------------------------------------------------------------
     def _pin_slots(self, slots: list[int]) -> None:
@@ -354,9 +271,9 @@ class DiskTier(Tier):
             return ok
         ok[:n] = results
         self.counters["write_failures"] += len(failed)
-        new = [e[0] for e, c in zip(entries, committed) if c]
-        if new:
-            self.events.publish(EventKind.STORED, self.name, BlockKeys(keys.ns, np.array(new, np.uint64)))
+        new = [(e[0], e[2]) for e, c in zip(entries, committed) if c]
+        if new:  # with their parents: routers learn chains from these events (kv_events.py)
+            self.events.publish(EventKind.STORED, self.name, _keys_of([(keys.ns, h, p) for h, p in new]))
         return ok
 
     def _reserve(self, n: int) -> list[int]:
@@ -411,15 +328,14 @@ class DiskTier(Tier):
             moved = self.device.write_payloads(device_src, idx, slots, rows)
             ok = [a and b for a, b in zip(ok, moved)]
         if self.durable:
-            for seg in {self._locate(s)[0] for s, good in zip(slots, ok) if good}:
-                os.fdatasync(self._fd(seg)[1])
+            self.segs.sync([s for s, good in zip(slots, ok) if good])
         return ok, csums
 
     def _op(self, slot: int, hdr: np.ndarray | None, payload: np.ndarray, create: bool = False) -> IoOp | None:
         """The I/O for a slot: header page then payload, or the payload alone (``hdr`` None)."""
         seg, off = self._locate(slot)
         try:
-            dfd, bfd = self._fd(seg, create=create)
+            dfd, bfd = self.segs.fd(seg, create=create)
         except OSError:
             return None
         p = memoryview(payload.data)
@@ -453,7 +369,7 @@ class DiskTier(Tier):
             if self.device.loads(out):
                 good = self.device.read(keys, hits, idx, out)
             else:
-                dst, copy_back = _dest_rows(out, len(keys))
+                dst, copy_back = dest_rows(out, len(keys))
                 good = self._read_slots(keys, hits, idx, dst)
                 if copy_back is not None:
                     copy_back(idx[good])
@@ -476,7 +392,7 @@ class DiskTier(Tier):
         bad: list[tuple[int, int, str]] = []
         for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
             n = next(results) if op is not None else -errno.ENOENT
-            why = self._verify(keys[i], r, hdr[j], dst[row[j]], n, op)
+            why = disk_check.verify(self, keys[i], r, hdr[j], dst[row[j]], n, op)
             if why is None:
                 good[j] = True
             else:
@@ -484,40 +400,6 @@ class DiskTier(Tier):
         if bad:
             self._drop_bad(keys.ns, bad)
         return good
-
-    def _verify(
-        self, key: BlockKey, rec: Record, hdr: np.ndarray, payload: np.ndarray, n: int, op: IoOp | None,
-        deep: bool = False,
-    ) -> str | None:  # fmt: skip
-        """Why a slot read of ``key`` is not that block, or None.  ``deep`` (the offline check) also
-        holds the header's dsum128, what GPU loads verify, to the payload."""
-        why, h = self._check_header(key, rec, hdr, n, op)
-        if h is None:
-            return why
-        try:
-            codec.verify_payload(h, payload)
-        except CorruptBlockError as e:
-            return str(e)
-        if deep and h.dsum is not None and dsum.of(payload) != h.dsum:
-            return "payload dsum128 mismatch"
-        return None
-
-    def _check_header(
-        self, key: BlockKey, rec: Record, hdr: np.ndarray, n: int, op: IoOp | None
-    ) -> tuple[str | None, codec.BlockHeader | None]:
-        """The header half of a slot read's verification: (why not, None) or (None, the header)."""
-        if op is None or n < 0:
-            return f"read failed ({errno.errorcode.get(-n, n)})", None
-        if n < op.nbytes:
-            return f"short read ({n} of {op.nbytes} bytes: segment truncated?)", None
-        try:
-            h = codec.decode_header(hdr[: codec.HEADER_SIZE])
-            codec.check_header(h, key, self.block_nbytes, self.block_size)
-        except CorruptBlockError as e:
-            return str(e), None
-        if h.checksum != rec.checksum:
-            return "header checksum differs from the index", None
-        return None, h
 
     def _drop_bad(self, ns: int, bad: list[tuple[int, int, str]]) -> None:
         """A block that fails verification is reported and removed. One whose entry no longer lives in
@@ -538,6 +420,8 @@ class DiskTier(Tier):
         self.events.publish(EventKind.LOAD_FAILED, self.name, hs, failed[0][2], VERIFY)
 
     def delete(self, keys: BlockKeys) -> np.ndarray:
+        """Remove blocks for good: their slots stay reserved (pending) until their header pages are
+        zeroed, so a rebuild of the index from the segments cannot bring them back (tiers/disk_rebuild.py)."""
         self._live()
         hs = keys.hashes.tolist()
         with self._claim:
@@ -545,10 +429,36 @@ class DiskTier(Tier):
             pinned = self._protected()
             if any(r is not None and r.slot in pinned for r in recs):
                 raise PinnedError(f"{self.name}: cannot delete pinned blocks")
-            gone = self.index.write(lambda txn: [self.index.remove(txn, keys.ns, h) is not None for h in hs])
-        mask = np.array(gone, bool)
-        self.events.publish(EventKind.REMOVED, self.name, keys[np.flatnonzero(mask)])
+            gone = self.index.write(lambda txn: [self.index.remove(txn, keys.ns, h, hold=True) for h in hs])
+        slots = [r.slot for r in gone if r is not None]
+        if slots:
+            self._zero_headers(slots)
+            try:
+                self.index.write(lambda txn: self.index.commit(txn, 0, [], slots))
+            except OSError:  # the next reserve frees them
+                with self._lock:
+                    self._orphans.extend(slots)
+        self.events.publish(EventKind.REMOVED, self.name, keys[np.flatnonzero([r is not None for r in gone])])
         return np.array([r is not None for r in recs], bool)
+
+    def _zero_headers(self, slots: list[int]) -> None:
+        """Zero the header pages of slots this process holds pending. A failure (or a crash before it)
+        leaves a block a rebuild may restore: intact, and verified on every read like any block."""
+        zeros = memoryview(aligned_buffer(len(slots) * HEADER_PAGE))
+        ops = []
+        for j, s in enumerate(slots):
+            seg, off = self.segs.locate(s)
+            try:
+                bfd = self.segs.fd(seg)[1]  # buffered, as unaligned puts write: O_DIRECT here split ext4 extents
+            except OSError:  # the segment is gone: nothing there to bring back
+                continue
+            ops.append(IoOp(bfd, off, [zeros[j * HEADER_PAGE : (j + 1) * HEADER_PAGE]]))
+        self.io.write(ops)
+        if self.durable:
+            try:
+                self.segs.sync(slots)
+            except OSError:
+                pass
 
     def pin(self, keys: BlockKeys) -> np.ndarray:
         self._live()
@@ -611,64 +521,24 @@ class DiskTier(Tier):
         if batch:
             yield _keys_of(batch)
 
-    # ---- offline verification ------------------------------------------------------------
-    def check(self, fix: bool = False, deep: bool = False, batch: int = 256) -> dict[str, Any]:
+    # ---- offline verification and raw reads (tiers/disk_check.py) -------------------------
+    def check(
+        self, fix: bool = False, deep: bool = False, batch: int = 256, progress: disk_check.Progress | None = None
+    ) -> dict[str, Any]:
         """Verify the index against the segments: every entry's slot must hold a header echoing its key
-        and checksum (``deep``: and a payload matching it). Also finds slots reserved by dead writers.
-        ``fix`` removes bad entries and frees leaked slots. Returns a report."""
+        and checksum (``deep``: and a payload matching its xxh3-128 and dsum128). Also finds slots
+        reserved by dead writers. ``fix`` removes bad entries and frees leaked slots. ``progress(done,
+        total)`` is called after each batch of entries. Returns a report."""
         self._live()
         self.flush()
-        report: dict[str, Any] = dict(entries=0, ok=0, bad=0, bad_keys=[], stale_pending=0, fixed=0)
-        todo: list[tuple[int, int, Record]] = []
-        ix = self.index
-        try:
-            with ix.read() as txn:
-                for k, v in txn.cursor(ix.blocks):
-                    ns, h = KEY_STRUCT.unpack(k)
-                    todo.append((ns, h, Record.unpack(v)))
-                stale = [k for k, v in txn.cursor(ix.pending) if not owner_alive(OWNER_STRUCT.unpack(v))]
-        except (lmdb.Error, struct.error) as e:
-            raise IndexCorruptError(errno.EUCLEAN, f"disk tier index in {self.root} is damaged ({e}); "
-                                    "kvbm-fs check --rebuild-index rebuilds it") from None  # fmt: skip
-        report["entries"] = len(todo)
-        report["stale_pending"] = len(stale)
-        for i in range(0, len(todo), batch):
-            bad = self._check_batch(todo[i : i + batch], deep)
-            report["bad"] += len(bad)
-            report["bad_keys"].extend(
-                (str(BlockKey(ns, h)), why) for ns, h, _, why in bad[: 100 - len(report["bad_keys"])]
-            )
-            if fix and bad:
-                report["fixed"] += self._remove_bad(bad)
-        report["ok"] = report["entries"] - report["bad"]
-        if fix and stale:
-            report["fixed"] += self.index.write(self.index.reclaim_pending)
-        return report
+        return disk_check.check(self, fix, deep, batch, progress)
 
-    def _remove_bad(self, bad: list[tuple[int, int, int, str]]) -> int:
-        def fn(txn: Any) -> int:
-            return sum(self.index.remove(txn, ns, h, slot) is not None for ns, h, slot, _ in bad)
-
-        return self.index.write(fn)
-
-    def _check_batch(self, items: list[tuple[int, int, Record]], deep: bool) -> list[tuple[int, int, int, str]]:
-        hdr = np.frombuffer(aligned_buffer(len(items) * HEADER_PAGE), np.uint8).reshape(len(items), HEADER_PAGE)
-        body = np.empty((len(items), self.block_nbytes), np.uint8) if deep else None
-        ops = []
-        for j, (_, _, r) in enumerate(items):
-            op = self._op(r.slot, hdr[j], body[j] if body is not None else hdr[j][:0])
-            ops.append(op)
-        results = iter(self.io.read([op for op in ops if op is not None]))
-        bad = []
-        for j, ((ns, h, r), op) in enumerate(zip(items, ops)):
-            n = next(results) if op is not None else -errno.ENOENT
-            if body is not None:
-                why = self._verify(BlockKey(ns, h), r, hdr[j], body[j], n, op, deep=True)
-            else:
-                why = self._check_header(BlockKey(ns, h), r, hdr[j], n, op)[0]
-            if why is not None:
-                bad.append((ns, h, r.slot, why))
-        return bad
+    def read_canonical(self, keys: BlockKeys, block_size: int | None = None) -> list[Any]:
+        """Each block's canonical bytes (docs/spec.md 7: header + payload) as stored, verified (spec 7.3,
+        with ``block_size`` tokens when given, and the index's checksum); per key the bytes, a
+        FileNotFoundError, a CorruptBlockError or an OSError. Nothing is changed or removed."""
+        self._live()
+        return disk_check.read_canonical(self, keys, block_size)
 
     # ---- accounting ----------------------------------------------------------------------
     @property
@@ -731,11 +601,7 @@ class DiskTier(Tier):
         self.flush()
         with self._lock:
             self._closed = True
-        for dfd, bfd in self._fds.values():
-            for fd in (dfd, bfd):
-                if fd >= 0:
-                    os.close(fd)
-        self._fds.clear()
+        self.segs.close()
         self.io.close()
         self.device.close()
         self.index.close()
@@ -768,24 +634,6 @@ def _keys_of(batch: list[tuple[int, int, int]]) -> BlockKeys:
 
 def _now_us() -> int:
     return time.time_ns() // 1000
-
-
-def _dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:
-    """Host rows to read into, and a function copying good rows back (only for GPU destinations)."""
-    if not is_torch(out):
-        return out, None
-    if out.device.type == "cpu":
-        return out.detach().numpy(), None
-    stage = np.empty((n, out.shape[1]), np.uint8)
-
-    def back(rows: np.ndarray) -> None:
-        import torch
-
-        if rows.size:
-            at = torch.as_tensor(rows, device=out.device)
-            out[at] = torch.from_numpy(stage[rows]).to(out.device)
-
-    return stage, back
 
 
 def _bool(v: Any) -> bool:

@@ -32,6 +32,7 @@ from .. import codec, dsum
 from ..errors import ConfigError, CorruptBlockError
 from ..keys import BlockKeys
 from ..rows import aligned_rows, host_rows, is_torch
+from .disk_check import check_header
 from .diskio import ALIGN, aligned_buffer
 from .gds import NixlDeviceIO, open_device_io
 
@@ -148,7 +149,7 @@ class DevicePath:
         host: list[tuple[int, codec.BlockHeader]] = []
         for j, (op, r, i) in enumerate(zip(ops, recs, idx.tolist())):
             got_n = next(got) if op is not None else -errno.ENOENT
-            why, h = t._check_header(keys[i], r, hdr[j], got_n, op)
+            why, h = check_header(t, keys[i], r, hdr[j], got_n, op)
             if h is None:
                 bad.append((int(keys.hashes[i]), r.slot, why or "bad header"))
             else:
@@ -203,8 +204,8 @@ class DevicePath:
         """(fd, file offset) of each slot's payload, which follows the slot's header page."""
         fds, offs = [], []
         for s in slots:
-            seg, off = self.tier._locate(s)
-            dfd, bfd = self.tier._fd(seg)
+            seg, off = self.tier.segs.locate(s)
+            dfd, bfd = self.tier.segs.fd(seg)
             fds.append(dfd if direct and dfd >= 0 else bfd)
             offs.append(off + ALIGN)
         return fds, offs
@@ -248,6 +249,24 @@ class DevicePath:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.close()
+
+
+def dest_rows(out: Any, n: int) -> tuple[np.ndarray, Any]:
+    """Host rows for a host-path read into ``out``, and a function copying the good ones up (GPU ``out`` only)."""
+    if not is_torch(out):
+        return out, None
+    if out.device.type == "cpu":
+        return out.detach().numpy(), None
+    stage = np.empty((n, out.shape[1]), np.uint8)
+
+    def back(rows: np.ndarray) -> None:
+        import torch
+
+        if rows.size:
+            at = torch.as_tensor(rows, device=out.device)
+            out[at] = torch.from_numpy(stage[rows]).to(out.device)
+
+    return stage, back
 
 
 def _cuda_ready() -> bool:

@@ -369,6 +369,22 @@ class DiskIndex:
         except (lmdb.Error, struct.error) as e:
             self._guard(e)
 
+    def namespace_docs(self) -> list[bytes]:
+        """The namespace descriptions bound in this index (``meta`` ``ns/<id>``: canonical JSON)."""
+        out: list[bytes] = []
+        if self.broken is None:
+            try:
+                with self.read() as txn:
+                    cur = txn.cursor(self.meta)
+                    if cur.set_range(b"ns/"):
+                        for k, v in cur:
+                            if not k.startswith(b"ns/"):
+                                break
+                            out.append(bytes(v))
+            except (lmdb.Error, struct.error) as e:
+                self._guard(e)
+        return out
+
     # ---- allocation ----------------------------------------------------------------------
     def allocate(
         self, txn: Any, n: int, num_slots: int, protect: set[int], evict: bool = True
@@ -485,8 +501,9 @@ class DiskIndex:
             txn.put(SLOT.pack(slot), b"", db=self.free)
         return out
 
-    def remove(self, txn: Any, ns: int, h: int, only_slot: int | None = None) -> Record | None:
-        """Delete one entry (if it still lives in ``only_slot`` when given) and free its slot."""
+    def remove(self, txn: Any, ns: int, h: int, only_slot: int | None = None, hold: bool = False) -> Record | None:
+        """Delete one entry (if it still lives in ``only_slot`` when given) and free its slot, or with
+        ``hold`` keep the slot pending for this process (freed by ``commit(txn, 0, [], slots)``)."""
         k = KEY.pack(ns, h)
         raw = txn.get(k, db=self.blocks)
         if raw is None:
@@ -497,7 +514,10 @@ class DiskIndex:
         txn.delete(k, db=self.blocks)
         txn.delete(SLOT.pack(rec.slot), db=self.slots)
         txn.delete(KEY.pack(rec.rank, rec.slot), db=self.order)
-        txn.put(SLOT.pack(rec.slot), b"", db=self.free)
+        if hold:
+            txn.put(SLOT.pack(rec.slot), OWNER.pack(*self.owner), db=self.pending)
+        else:
+            txn.put(SLOT.pack(rec.slot), b"", db=self.free)
         return rec
 
     def touch(self, txn: Any, hits: dict[int, tuple[int, int]], rank_of: Callable[[int, int], int]) -> None:

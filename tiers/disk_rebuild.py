@@ -24,15 +24,16 @@ from typing import Any
 import lmdb
 
 from .. import codec
-from ..errors import ConfigError, CorruptBlockError, IndexCorruptError
+from ..errors import ConfigError, CorruptBlockError, IndexCorruptError, KvbmError
 from ..keys import Namespace
+from .disk_files import HEADER_PAGE, segment_path
 from .disk_index import DBS, KEY, SLOT, U64, DiskIndex, NullIndex, Record, _envs
 from .disk_seal import DAMAGED, DATA, SEAL, IndexLock, check_seal, fsync_dir, mark_damaged, read_meta, seal
 
 log = logging.getLogger(__name__)
 INDEX_WAIT_S = 10.0  # how long an opener waits for another process's rebuild before serving misses
-HEADER_PAGE = 4096
 BATCH = 65536  # entries per write transaction of a rebuild
+KEEP_ASIDE = 2  # old indexes kept of each kind (index.damaged-*, index.old-*); older ones are deleted
 
 
 # ---- namespace descriptions next to the data -------------------------------------------------
@@ -65,12 +66,10 @@ def read_namespaces(root: str) -> dict[int, Namespace]:
         try:
             with open(os.path.join(folder, name)) as f:
                 doc = json.load(f)
-            short = doc.pop("id", None)  # the id in hex, as the file is named; checked against the content
-            ns = Namespace.from_dict(doc)
-        except (OSError, ValueError, TypeError, AttributeError):
+            ns = Namespace.from_dict(doc)  # checks the recorded id (16 hex digits) against the content
+        except (OSError, ValueError, TypeError, AttributeError, KvbmError):
             continue
-        if short in (None, ns.short_id):
-            out[ns.id] = ns
+        out[ns.id] = ns
     return out
 
 
@@ -135,18 +134,9 @@ def open_index(root: str, wait: float | None = INDEX_WAIT_S) -> DiskIndex:
 def backfill_namespaces(root: str, ix: DiskIndex) -> None:
     """Write ``namespaces/<id>.json`` for namespaces an index bound before those files existed."""
     try:
-        with ix.read() as txn:
-            cur = txn.cursor(ix.meta)
-            docs = []
-            if cur.set_range(b"ns/"):
-                for k, v in cur:
-                    if not k.startswith(b"ns/"):
-                        break
-                    docs.append(v)
-        for doc in docs:
-            ns = Namespace.from_dict(json.loads(doc))
-            write_namespace(root, ns)
-    except (lmdb.Error, OSError, ValueError, TypeError):
+        for doc in ix.namespace_docs():
+            write_namespace(root, Namespace.from_dict(json.loads(doc)))
+    except (OSError, ValueError, TypeError, KvbmError):
         pass  # a description that cannot be written now is written at the next bind
 
 
@@ -238,6 +228,7 @@ def _rebuild(
             dest = f"{aside}-{n}"
         os.rename(old, dest)
         rep["moved_aside"] = dest
+        rep["aside_removed"] = _prune_aside(root, kind, keep=dest)
     os.rename(tmp, old)
     fsync_dir(root)
     rep["blocks"] = len(found)
@@ -247,6 +238,24 @@ def _rebuild(
     return rep
 
 
+def _prune_aside(root: str, kind: str, keep: str) -> list[str]:
+    """Delete all but the newest KEEP_ASIDE indexes moved aside as ``index.<kind>-*`` (``keep`` is one)."""
+    names = [n for n in os.listdir(root) if n.startswith(f"index.{kind}-")]
+    paths = [os.path.join(root, n) for n in names if os.path.join(root, n) != keep]
+    paths.sort(key=lambda p: (_aside_time(p), p), reverse=True)
+    gone = paths[KEEP_ASIDE - 1 :]
+    for p in gone:
+        shutil.rmtree(p, ignore_errors=True)
+    return gone
+
+
+def _aside_time(path: str) -> float:
+    try:
+        return os.lstat(path).st_ctime  # a rename sets it: when the index was moved aside
+    except OSError:
+        return 0.0
+
+
 def _scan(
     root: str, geo: dict[str, int], progress: Callable[[int, int], None] | None, deep: bool, rep: dict[str, Any]
 ) -> dict[tuple[int, int], tuple[int, codec.BlockHeader]]:
@@ -254,11 +263,11 @@ def _scan(
     nbytes, slot_bytes, seg_slots, num_slots = (
         geo[k] for k in ("block_nbytes", "slot_bytes", "segment_slots", "num_slots")
     )
-    segs = [s for s in range((num_slots + seg_slots - 1) // seg_slots) if os.path.exists(_seg_path(root, s))]
+    segs = [s for s in range((num_slots + seg_slots - 1) // seg_slots) if os.path.exists(segment_path(root, s))]
     total, done = len(segs) * seg_slots, 0
     found: dict[tuple[int, int], tuple[int, codec.BlockHeader]] = {}
     for seg in segs:
-        with open(_seg_path(root, seg), "rb", buffering=0) as f:
+        with open(segment_path(root, seg), "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size
             n = min(seg_slots, num_slots - seg * seg_slots, size // slot_bytes)
             for i in range(n):
@@ -288,10 +297,6 @@ def _scan(
         if progress is not None:
             progress(min(done, total), total)
     return found
-
-
-def _seg_path(root: str, seg: int) -> str:
-    return os.path.join(root, "seg", f"{seg >> 8:04x}", f"{seg:06x}.seg")
 
 
 def _fill(

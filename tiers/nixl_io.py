@@ -58,7 +58,8 @@ _names = itertools.count()
 class NixlPosixIO:
     """Batched vectored file I/O through NIXL POSIX (libaio by default; ``queue="URING"`` or
     ``"POSIXAIO"`` pick the others).  Raises at construction if NIXL or its POSIX plugin is
-    unavailable, so that :func:`tiers.disk._make_io` can fall back to :class:`~.diskio.PosixIO`."""
+    unavailable, so that :func:`tiers.diskio.make_io` can say so (``io=nixl``; ``auto`` is
+    :class:`~.diskio.PosixIO`)."""
 
     name = "nixl-posix"
 

@@ -557,6 +557,11 @@ class RemoteTier(Tier):
             return np.array([(keys.ns, h) in self._pins for h in keys.hashes.tolist()], bool)
 
     # ---- listing, capacity and eviction --------------------------------------------------
+    def list_blocks(self) -> list[tuple[int, int, float]]:
+        """(namespace id, hash, write time in seconds) of every block object under the root, in one
+        listing (``kvbm-fs ls``); the tier's own accounting uses the same listing."""
+        return self._list()
+
     def _list(self) -> list[tuple[int, int, float]]:
         """(ns, hash, mtime) of every block object under the root."""
         try:
