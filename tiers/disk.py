@@ -433,27 +433,21 @@ class DiskTier(Tier):
         slots = [r.slot for r in gone if r is not None]
         if slots:
             self._zero_headers(slots)
-            try:
-                self.index.write(lambda txn: self.index.commit(txn, 0, [], slots))
-            except OSError:  # the next reserve frees them
-                with self._lock:
-                    self._orphans.extend(slots)
+            with self._lock:  # freed with the next write transaction (a put's reserve, or flush)
+                self._orphans.extend(slots)
         self.events.publish(EventKind.REMOVED, self.name, keys[np.flatnonzero([r is not None for r in gone])])
         return np.array([r is not None for r in recs], bool)
 
     def _zero_headers(self, slots: list[int]) -> None:
         """Zero the header pages of slots this process holds pending. A failure (or a crash before it)
         leaves a block a rebuild may restore: intact, and verified on every read like any block."""
-        zeros = memoryview(aligned_buffer(len(slots) * HEADER_PAGE))
-        ops = []
-        for j, s in enumerate(slots):
+        zero = bytes(HEADER_PAGE)
+        for s in slots:  # buffered (page-cache copies, no pool): O_DIRECT here split ext4 extents
             seg, off = self.segs.locate(s)
             try:
-                bfd = self.segs.fd(seg)[1]  # buffered, as unaligned puts write: O_DIRECT here split ext4 extents
-            except OSError:  # the segment is gone: nothing there to bring back
-                continue
-            ops.append(IoOp(bfd, off, [zeros[j * HEADER_PAGE : (j + 1) * HEADER_PAGE]]))
-        self.io.write(ops)
+                os.pwrite(self.segs.fd(seg)[1], zero, off)
+            except OSError:  # the segment is gone or unwritable
+                pass
         if self.durable:
             try:
                 self.segs.sync(slots)
@@ -576,14 +570,23 @@ class DiskTier(Tier):
         return t
 
     def flush(self) -> None:
-        """Write buffered access statistics to the index (done lazily with the next write).
-        They only steer eviction order, so on a full disk they are dropped rather than failing a read."""
+        """Write buffered access statistics to the index and free slots held by deletes (both done
+        lazily with the next write). Statistics only steer eviction order, so on a full disk they are
+        dropped rather than failing a read; held slots stay held (freed by the next reserve)."""
         touched = self._take_touched()
-        if touched:
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+        if touched or orphans:
+
+            def fn(txn: Any) -> None:
+                self.index.touch(txn, touched, self.policy.rank)
+                self.index.commit(txn, 0, [], orphans)
+
             try:
-                self.index.write(lambda txn: self.index.touch(txn, touched, self.policy.rank))
+                self.index.write(fn)
             except OSError:
-                pass
+                with self._lock:
+                    self._orphans.extend(orphans)
 
     def _publish_evicted(self, gone: list[tuple[int, int, int]]) -> None:
         if not gone:
