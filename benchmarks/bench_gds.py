@@ -122,7 +122,7 @@ def run(root: str, block: int, n: int, rounds: int, device: str = "cuda", mode: 
 
     host_rows = (src.cpu().pin_memory() if device == "cuda" else src).numpy()
     posix = PosixIO()
-    host_ops = [IoOp(fd if is_aligned(memoryview(r)) else gds._fd(gds._locate(rec.slot)[0])[1], off, [memoryview(r)])
+    host_ops = [IoOp(fd if is_aligned(memoryview(r)) else gds.segs.fd(gds.segs.locate(rec.slot)[0])[1], off, [memoryview(r)])
                 for fd, off, r, rec in zip(fds, offs, host_rows, recs) if rec is not None]  # fmt: skip
 
     def raw_host_write() -> None:
