@@ -226,6 +226,12 @@ def _daemon(
     with mount(config=config, events=None if events is None else events_text(events, "--events")) as store:
         if metrics_port is not None:
             store.enable_metrics(metrics_port, metrics_host)
+        d = store.start_daemon(daemon_cfg if isinstance(daemon_cfg, dict) else None)
+        done = threading.Event()
+        if not once:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda *_: done.set())
+        if metrics_port is not None:  # the ready line: a SIGINT from here on stops cleanly
             print(json.dumps({"metrics_port": store.enable_metrics().port}), flush=True)
         if "kvbm_fs.kv_events" in sys.modules:  # mount attached a publisher: say where (port 0 picks one)
             from .kv_events import publisher_of
@@ -233,14 +239,10 @@ def _daemon(
             pub = publisher_of(store)
             if pub is not None:
                 print(json.dumps({"events_endpoint": pub.endpoint, "replay_endpoint": pub.replay_endpoint}), flush=True)
-        d = store.start_daemon(daemon_cfg if isinstance(daemon_cfg, dict) else None)
         if once:
             d.stop()
             d.run_once()
         else:
-            done = threading.Event()
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: done.set())
             done.wait()
             d.stop()
         print(json.dumps(store.stats(), indent=2, default=str))
