@@ -155,7 +155,7 @@ class Store:
                 asked[i], took_n[i] = todo.size, int(np.count_nonzero(took))
         self._count(put_blocks=int(ok.sum()))
         if self.events.active:
-            op = StoreOp(self._names, where, ok, tuple(secs), tuple(asked), tuple(took_n))
+            op = StoreOp(self._names, where, ok, secs, asked, took_n)
             self.events.publish(EventKind.SAVED, "", keys, data=op)
         return ok
 
@@ -214,7 +214,7 @@ class Store:
                 self.events.publish(EventKind.LOAD_FAILED, t.name, keys[failed])
         self._count(get_blocks=int(got.sum()), get_misses=int((where >= 0).sum() - got.sum()))
         if self.events.active:
-            op = StoreOp(self._names, where, got, tuple(secs), tuple(asked), tuple(got_n))
+            op = StoreOp(self._names, where, got, secs, asked, got_n)
             self.events.publish(EventKind.LOADED, "", keys, data=op)
         return got
 

@@ -324,3 +324,79 @@ def test_peer_serve_command_serves_metrics() -> None:
         assert val(s, "kvbm_fs_tier_blocks", tier="peer-pool") == 0
     finally:
         _stop_cli(p)
+
+
+def test_latency_buckets_and_counts_match_prometheus_client() -> None:
+    """The single-process sink counts in plain ints and exports at scrape time: its histogram must bucket
+    exactly as prometheus-client's own Histogram (le inclusive, +Inf last), bounds and sums included."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from kvbm_fs.events import EventBus, EventKind, StoreOp
+    from kvbm_fs.metrics import LATENCY_BUCKETS, LocalSink
+
+    seconds = [0.0, 1e-6, *LATENCY_BUCKETS, 3e-4, 0.07, 11.0, 1e3]  # every bound exactly, between, past the last
+    reg = CollectorRegistry()
+    ref = Histogram("kvbm_fs_op_seconds", "ref", ["tier", "op"], registry=reg, buckets=LATENCY_BUCKETS)
+    sink = LocalSink([("host", NB)])
+    bus = EventBus()
+    sink.subscribe(bus)
+    keys = Namespace("m", LAYOUT).keys_for_tokens(tokens(1, seed=11))
+    for s in seconds:
+        ref.labels("host", "get").observe(s)
+        op = StoreOp(("host",), np.zeros(1, np.int8), np.ones(1, bool), [s], [3], [2])
+        bus.publish(EventKind.LOADED, "", keys, data=op)
+
+    def samples(text: str) -> dict[tuple[str, str], float]:
+        out = {}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if fam.name == "kvbm_fs_op_seconds" and s.labels.get("op") == "get" and s.name != fam.name + "_created":
+                    out[(s.name, s.labels.get("le", ""))] = s.value
+        return out
+
+    reg2 = CollectorRegistry()
+    reg2.register(sink)
+    got, want = samples(generate_latest(reg2).decode()), samples(generate_latest(reg).decode())
+    assert got.keys() == want.keys() and len(got) == len(LATENCY_BUCKETS) + 3  # buckets, +Inf, count, sum
+    for k, v in want.items():
+        assert got[k] == pytest.approx(v, rel=1e-12), k
+    text = generate_latest(reg2).decode()
+    hits = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "kvbm_fs_hits_total"]
+    assert {s.labels["op"]: s.value for s in hits} == {"lookup": 0, "get": 2 * len(seconds)}
+    misses = [s for f in text_string_to_metric_families(text) for s in f.samples if s.name == "kvbm_fs_misses_total"]
+    assert {s.labels["op"]: s.value for s in misses} == {"lookup": 0, "get": len(seconds)}
+
+
+def test_counts_from_several_threads_are_exact() -> None:
+    """Engines and the daemon publish from their own threads: no count may be lost or doubled, whether
+    the sink folds its logged gets on the way (every FOLD_AT) or at the scrape."""
+    import threading
+
+    from kvbm_fs.metrics import FOLD_AT
+
+    store = mount(f"host://?capacity={64 * NB}", layout=LAYOUT, model="m", env={})
+    metrics = store.enable_metrics()
+    keys = store.keys(tokens(4, seed=12))
+    store.put(keys, blocks_for(keys, NB))
+    calls, nthreads = FOLD_AT * 3 + 7, 4
+
+    def work() -> None:
+        out = np.zeros((4, NB), np.uint8)
+        for _ in range(calls):
+            store.get(keys, out)  # a match and a get: two events
+
+    threads = [threading.Thread(target=work) for _ in range(nthreads)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    s: Samples = {}
+    for fam in text_string_to_metric_families(metrics.text()):
+        for smp in fam.samples:
+            s[(smp.name, frozenset(smp.labels.items()))] = smp.value
+    n = calls * nthreads
+    assert val(s, "kvbm_fs_hits_total", tier="host", op="get") == 4 * n
+    assert val(s, "kvbm_fs_hits_total", tier="host", op="lookup") == 4 * n
+    assert val(s, "kvbm_fs_op_seconds_count", tier="host", op="get") == n
+    assert val(s, "kvbm_fs_read_bytes_total", tier="host") == 4 * n * NB
+    store.close(persist=False)
