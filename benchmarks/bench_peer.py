@@ -95,6 +95,7 @@ def serve(capacity: int, block: int) -> None:
     print("SERVE", srv.url, tcp.getsockname()[1], flush=True)
     sys.stdin.read()
     srv.close()
+    srv.tier.close()
 
 
 def _recv_row(sock: socket.socket, row: np.ndarray) -> None:
@@ -190,8 +191,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--serve", nargs=2, type=int, help=argparse.SUPPRESS)
     add_output_args(ap, "8 blocks, 2 rounds (smoke tests)")
     args = ap.parse_args(argv)
-    if args.serve:
+    if args.serve:  # the peer process: serves until its stdin closes, then exits normally
         serve(*args.serve)
+        return {}
     from kvbm_fs.nixl_api import available
 
     if not available():
