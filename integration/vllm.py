@@ -607,7 +607,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
     @classmethod
     def build_prom_metrics(cls, vllm_config: Any, metric_types: Any, labelnames: Any, per_engine: Any) -> Any:
         """kvbm_fs counters on vLLM's own /metrics (integration/vllm_metrics.py)."""
-        from .vllm_metrics import KvbmFsPromMetrics
+        from kvbm_fs.integration.vllm_metrics import KvbmFsPromMetrics
 
         return KvbmFsPromMetrics(vllm_config, metric_types, labelnames, per_engine)
 

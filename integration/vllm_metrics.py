@@ -14,7 +14,7 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorPromMetrics
 
-from .vllm import COUNTERS, TIMERS
+from kvbm_fs.integration.vllm import COUNTERS, TIMERS
 
 PREFIX = "vllm:kvbm_fs_"
 

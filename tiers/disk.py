@@ -29,19 +29,19 @@ from typing import Any
 import lmdb
 import numpy as np
 
-from .. import codec
-from ..errors import ConfigError, FormatVersionError, IndexCorruptError, KvbmError, PinnedError, TierClosedError
-from ..events import VERIFY, EventBus, EventKind
-from ..keys import BlockKeys, Namespace
-from ..policy import EvictionPolicy, make_policy
-from ..tier import Admission, Medium, Tier
-from ..units import parse_size
-from . import disk_check
-from .disk_device import DevicePath, dest_rows
-from .disk_files import FORMAT, HEADER_PAGE, SEGMENT_TARGET, Segments, open_dir, round_up
-from .disk_index import DiskIndex, NullIndex, Record
-from .disk_rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, read_namespaces, write_namespace
-from .diskio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io
+from kvbm_fs import codec
+from kvbm_fs.errors import ConfigError, FormatVersionError, IndexCorruptError, KvbmError, PinnedError, TierClosedError
+from kvbm_fs.events import VERIFY, EventBus, EventKind
+from kvbm_fs.keys import BlockKeys, Namespace
+from kvbm_fs.policy import EvictionPolicy, make_policy
+from kvbm_fs.tier import Admission, Medium, Tier
+from kvbm_fs.tiers import disk_check
+from kvbm_fs.tiers.disk_device import DevicePath, dest_rows
+from kvbm_fs.tiers.disk_files import FORMAT, HEADER_PAGE, SEGMENT_TARGET, Segments, open_dir, round_up
+from kvbm_fs.tiers.disk_index import DiskIndex, NullIndex, Record
+from kvbm_fs.tiers.disk_rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, read_namespaces, write_namespace
+from kvbm_fs.tiers.diskio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io
+from kvbm_fs.units import parse_size
 
 __all__ = ["FORMAT", "HEADER_PAGE", "ALIGN", "DiskTier", "round_up"]
 
@@ -80,7 +80,7 @@ class DiskTier(Tier):
         self.slot_bytes = HEADER_PAGE + round_up(self.block_nbytes, ALIGN)
         cap = parse_size(capacity, "disk capacity")
         if cap < self.slot_bytes:
-            from ..errors import CapacityError
+            from kvbm_fs.errors import CapacityError
 
             raise CapacityError(f"disk capacity {cap} B is smaller than one {self.slot_bytes} B slot")
         meta = open_dir(self.root, self.block_nbytes, self.slot_bytes, cap // self.slot_bytes,
@@ -471,7 +471,7 @@ class DiskTier(Tier):
         with self._lock:
             held = [self._key_pins.get((keys.ns, h)) for h in keys.hashes.tolist()]
             if any(p and not h for p, h in zip(present.tolist(), held)):
-                from ..errors import IllegalTransitionError
+                from kvbm_fs.errors import IllegalTransitionError
 
                 raise IllegalTransitionError(f"{self.name}: unpin of blocks that are not pinned")
             for h, stack in zip(keys.hashes.tolist(), held):
@@ -640,6 +640,6 @@ def _now_us() -> int:
 
 
 def _bool(v: Any) -> bool:
-    from .host import _bool as b
+    from kvbm_fs.tiers.host import _bool as b
 
     return b(v)

@@ -13,16 +13,16 @@ from typing import TYPE_CHECKING, Any
 import lmdb
 import numpy as np
 
-from .. import codec, dsum
-from ..errors import CorruptBlockError, IndexCorruptError, TruncatedBlockError
-from ..keys import BlockKey, BlockKeys
-from ..rows import aligned_rows
-from .disk_files import HEADER_PAGE
-from .disk_index import KEY, OWNER, Record, owner_alive
-from .diskio import IoOp, aligned_buffer
+from kvbm_fs import codec, dsum
+from kvbm_fs.errors import CorruptBlockError, IndexCorruptError, TruncatedBlockError
+from kvbm_fs.keys import BlockKey, BlockKeys
+from kvbm_fs.rows import aligned_rows
+from kvbm_fs.tiers.disk_files import HEADER_PAGE
+from kvbm_fs.tiers.disk_index import KEY, OWNER, Record, owner_alive
+from kvbm_fs.tiers.diskio import IoOp, aligned_buffer
 
 if TYPE_CHECKING:
-    from .disk import DiskTier
+    from kvbm_fs.tiers.disk import DiskTier
 
 # progress(entries done, entries in all), called after each batch
 Progress = Callable[[int, int], None]

@@ -14,8 +14,8 @@ import os
 import threading
 from typing import Any
 
-from ..errors import ConfigError, FormatVersionError, LayoutMismatchError
-from .diskio import ALIGN, write_json
+from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError
+from kvbm_fs.tiers.diskio import ALIGN, write_json
 
 FORMAT = "kvbm_fs.disk.v1"
 HEADER_PAGE = ALIGN

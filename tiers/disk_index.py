@@ -36,8 +36,8 @@ from typing import Any, NoReturn, TypeVar
 import lmdb
 import numpy as np
 
-from ..errors import IndexCorruptError
-from .disk_seal import SEAL, IndexLock, fsync_dir, mark_damaged, seal
+from kvbm_fs.errors import IndexCorruptError
+from kvbm_fs.tiers.disk_seal import SEAL, IndexLock, fsync_dir, mark_damaged, seal
 
 KEY = struct.Struct(">QQ")
 SLOT = struct.Struct(">Q")

@@ -23,12 +23,12 @@ from typing import Any
 
 import lmdb
 
-from .. import codec
-from ..errors import ConfigError, CorruptBlockError, IndexCorruptError, KvbmError
-from ..keys import Namespace
-from .disk_files import HEADER_PAGE, segment_path
-from .disk_index import DBS, KEY, SLOT, U64, DiskIndex, NullIndex, Record, _envs
-from .disk_seal import DAMAGED, DATA, SEAL, IndexLock, check_seal, fsync_dir, mark_damaged, read_meta, seal
+from kvbm_fs import codec
+from kvbm_fs.errors import ConfigError, CorruptBlockError, IndexCorruptError, KvbmError
+from kvbm_fs.keys import Namespace
+from kvbm_fs.tiers.disk_files import HEADER_PAGE, segment_path
+from kvbm_fs.tiers.disk_index import DBS, KEY, SLOT, U64, DiskIndex, NullIndex, Record, _envs
+from kvbm_fs.tiers.disk_seal import DAMAGED, DATA, SEAL, IndexLock, check_seal, fsync_dir, mark_damaged, read_meta, seal
 
 log = logging.getLogger(__name__)
 INDEX_WAIT_S = 10.0  # how long an opener waits for another process's rebuild before serving misses

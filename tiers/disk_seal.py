@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import xxhash
 
-from ..errors import IndexCorruptError
+from kvbm_fs.errors import IndexCorruptError
 
 DATA = "data.mdb"
 SEAL = "data.mdb.seal"  # written at clean close by the last process, removed by the next opener

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import ConfigError
+from kvbm_fs.errors import ConfigError
 
 ALIGN = 4096
 
@@ -155,7 +155,7 @@ def make_io(kind: str) -> BlockIO:
     (benchmarks/bench_disk_io.py); ``io=nixl`` selects NIXL explicitly (faster for buffered I/O)."""
     if kind == "nixl":
         try:
-            from .nixl_io import NixlPosixIO
+            from kvbm_fs.tiers.nixl_io import NixlPosixIO
 
             return NixlPosixIO()
         except Exception as e:

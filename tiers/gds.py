@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from .nixl_io import NixlPosixIO, _file_state, _merge
+from kvbm_fs.tiers.nixl_io import NixlPosixIO, _file_state, _merge
 
 DEVICE_BACKENDS = ("GDS_MT", "GDS")
 
@@ -183,7 +183,7 @@ def diagnose(directory: str, trial: bool = True) -> dict[str, Any]:
     through a scratch tier there.  ``kvbm-fs gds DIR`` prints it."""
     import os
 
-    from .diskio import probe_direct_io
+    from kvbm_fs.tiers.diskio import probe_direct_io
 
     out: dict[str, Any] = {"directory": os.path.abspath(directory)}
     try:
@@ -208,7 +208,7 @@ def diagnose(directory: str, trial: bool = True) -> dict[str, Any]:
 
 
 def _nixl_package() -> str | None:
-    from ..nixl_api import PACKAGES, api
+    from kvbm_fs.nixl_api import PACKAGES, api
 
     try:
         mod = api()
@@ -242,8 +242,8 @@ def try_tier(directory: str, gds: str = "auto", blocks: int = 4, block_bytes: in
     import numpy as np
     import torch
 
-    from ..keys import BlockKeys
-    from .disk import DiskTier
+    from kvbm_fs.keys import BlockKeys
+    from kvbm_fs.tiers.disk import DiskTier
 
     root = tempfile.mkdtemp(prefix="kvbm-gds-", dir=directory)
     try:

@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import CapacityError, ConfigError
-from ..events import EventBus
-from ..policy import EvictionPolicy
-from ..tier import Medium, SlotTier
-from ..units import parse_size
+from kvbm_fs.errors import CapacityError, ConfigError
+from kvbm_fs.events import EventBus
+from kvbm_fs.policy import EvictionPolicy
+from kvbm_fs.tier import Medium, SlotTier
+from kvbm_fs.units import parse_size
 
 PAGE = mmap.PAGESIZE
 

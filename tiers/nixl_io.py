@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from .diskio import ALIGN, IoOp, PosixIO, address
+from kvbm_fs.tiers.diskio import ALIGN, IoOp, PosixIO, address
 
 BACKEND = "POSIX"
 _FILE_CACHE_MAX = 4096
@@ -75,7 +75,7 @@ class NixlPosixIO:
         backend: str = BACKEND,
         mem: str = "DRAM",
     ) -> None:
-        from ..nixl_api import api
+        from kvbm_fs.nixl_api import api
 
         nixl = api()
         nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config

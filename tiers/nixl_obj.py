@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from .nixl_io import _quiet_nixl_logger
+from kvbm_fs.tiers.nixl_io import _quiet_nixl_logger
 
 BACKEND = "OBJ"
 _names = itertools.count()
@@ -128,7 +128,7 @@ class NixlObjClient:
                              queries=0, query_timeouts=0)  # fmt: skip
 
     def _make_agent(self, params: dict[str, str]) -> Any:
-        from ..nixl_api import api
+        from kvbm_fs.nixl_api import api
 
         nixl = api()
         nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config

@@ -58,8 +58,8 @@ from typing import Any, NoReturn
 import numpy as np
 import xxhash
 
-from .. import codec
-from ..errors import (
+from kvbm_fs import codec
+from kvbm_fs.errors import (
     ConfigError,
     IllegalTransitionError,
     KvbmError,
@@ -67,14 +67,14 @@ from ..errors import (
     PinnedError,
     TierClosedError,
 )
-from ..events import VERIFY, EventBus, EventKind
-from ..keys import BlockKeys, Namespace
-from ..net import Listener
-from ..policy import EvictionPolicy
-from ..rows import copy_rows, is_torch
-from ..tier import Medium, SlotTier, Tier
-from ..units import parse_size
-from .remote import CircuitBreaker
+from kvbm_fs.events import VERIFY, EventBus, EventKind
+from kvbm_fs.keys import BlockKeys, Namespace
+from kvbm_fs.net import Listener
+from kvbm_fs.policy import EvictionPolicy
+from kvbm_fs.rows import copy_rows, is_torch
+from kvbm_fs.tier import Medium, SlotTier, Tier
+from kvbm_fs.tiers.remote import CircuitBreaker
+from kvbm_fs.units import parse_size
 
 log = logging.getLogger(__name__)
 
@@ -155,8 +155,8 @@ def _nixl_agent(prefix: str) -> Any:
     """A UCX agent without NIXL's progress thread, which spins a whole core even when idle
     (measured: 1.0 CPU-s/s).  Clients progress UCX by polling their own transfers; the server
     runs :meth:`PeerServer._pump` instead."""
-    from ..nixl_api import api
-    from .nixl_io import _quiet_nixl_logger
+    from kvbm_fs.nixl_api import api
+    from kvbm_fs.tiers.nixl_io import _quiet_nixl_logger
 
     nixl = api()
     conf = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
@@ -1072,7 +1072,7 @@ def serve_host_memory(
     token: str | None = None,
 ) -> PeerServer:
     """A host tier of ``capacity`` served to peers: a process that only lends its DRAM."""
-    from .host import HostTier
+    from kvbm_fs.tiers.host import HostTier
 
     return PeerServer(HostTier(capacity, block_nbytes, name="peer-pool", policy=policy), host, port, token=token)
 

@@ -39,15 +39,15 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .. import codec
-from ..errors import ConfigError, CorruptBlockError, FormatVersionError, LayoutMismatchError, PinnedError
-from ..events import VERIFY, EventBus, EventKind
-from ..keys import BlockKeys, Namespace
-from ..policy import EvictionPolicy, make_policy
-from ..registry import TierSpec
-from ..rows import host_rows, is_torch
-from ..tier import Admission, Medium, Tier
-from ..units import parse_size
+from kvbm_fs import codec
+from kvbm_fs.errors import ConfigError, CorruptBlockError, FormatVersionError, LayoutMismatchError, PinnedError
+from kvbm_fs.events import VERIFY, EventBus, EventKind
+from kvbm_fs.keys import BlockKeys, Namespace
+from kvbm_fs.policy import EvictionPolicy, make_policy
+from kvbm_fs.registry import TierSpec
+from kvbm_fs.rows import host_rows, is_torch
+from kvbm_fs.tier import Admission, Medium, Tier
+from kvbm_fs.units import parse_size
 
 log = logging.getLogger(__name__)
 FORMAT = "kvbm_fs.remote.v1"
@@ -156,7 +156,7 @@ class RemoteTier(Tier):
         self.capacity = UNBOUNDED if capacity is None else parse_size(capacity, "remote capacity")
         self.object_bytes = codec.HEADER_SIZE + self.block_nbytes
         if self.capacity < self.object_bytes:
-            from ..errors import CapacityError
+            from kvbm_fs.errors import CapacityError
 
             raise CapacityError(f"remote capacity {self.capacity} B is smaller than one {self.object_bytes} B object")
         self.io = _resolve_io(io, url, self.url)
@@ -544,7 +544,7 @@ class RemoteTier(Tier):
         with self._lock:
             ks = [(keys.ns, h) for h in keys.hashes.tolist()]
             if any(k not in self._pins for k in ks):
-                from ..errors import IllegalTransitionError
+                from kvbm_fs.errors import IllegalTransitionError
 
                 raise IllegalTransitionError(f"{self.name}: unpin of blocks that are not pinned")
             for k in ks:
@@ -690,10 +690,10 @@ def _nixl_client(fs: Any, bucket: str, shown: str, num_threads: int, timeout: fl
     (storage options, environment, profile), so that both data paths reach the same store as the same
     user.  Credentials are taken once, here: refreshable ones (SSO, assumed roles) are not refreshed."""
     try:
-        from ..nixl_api import api
+        from kvbm_fs.nixl_api import api
 
         api()
-        from .nixl_obj import NixlObjClient
+        from kvbm_fs.tiers.nixl_obj import NixlObjClient
     except ImportError:
         raise ConfigError(f"io=nixl for {shown}: NIXL is not installed (pip install nixl-cu12)") from None
     if getattr(fs, "anon", False):
