@@ -91,9 +91,6 @@ class KeyIndex:
         self.val[where] = TOMB
         self.live -= where.size
 
-    def set_at(self, where: np.ndarray, values: np.ndarray) -> None:
-        self.val[where] = values
-
     def items(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         m = self.val >= 0
         return self.k_ns[m], self.k_hash[m], self.val[m]

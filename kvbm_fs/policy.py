@@ -568,7 +568,3 @@ def make_admission(spec: str | AdmissionPolicy | None) -> AdmissionPolicy | None
 
 def admission_of(policy: EvictionPolicy) -> AdmissionPolicy | None:
     return getattr(policy, "admission", None)
-
-
-def policy_label(policy: EvictionPolicy) -> str:
-    return str(getattr(policy, "spec", policy.name))

@@ -20,14 +20,6 @@ Handler = Callable[[BlockKeys, Tier, Tier], np.ndarray]
 HANDLERS: dict[tuple[Medium, Medium], Handler] = {}
 
 
-def handler(src: Medium, dst: Medium) -> Callable[[Handler], Handler]:
-    def deco(fn: Handler) -> Handler:
-        HANDLERS[(src, dst)] = fn
-        return fn
-
-    return deco
-
-
 def transfer(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
     """Copy ``keys`` from ``src`` into ``dst``; mask of keys now in ``dst``. The source keeps its copy."""
     if len(keys) == 0:
