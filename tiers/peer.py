@@ -71,9 +71,9 @@ from kvbm_fs.events import VERIFY, EventBus, EventKind
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.net import Listener
 from kvbm_fs.policy import EvictionPolicy
+from kvbm_fs.resilience import CircuitBreaker
 from kvbm_fs.rows import copy_rows, is_torch
 from kvbm_fs.tier import Medium, SlotTier, Tier
-from kvbm_fs.tiers.remote import CircuitBreaker
 from kvbm_fs.units import parse_size
 
 log = logging.getLogger(__name__)

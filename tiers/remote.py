@@ -29,9 +29,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import random
 import threading
-import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from functools import partial
@@ -45,6 +43,7 @@ from kvbm_fs.events import VERIFY, EventBus, EventKind
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.policy import EvictionPolicy, make_policy
 from kvbm_fs.registry import TierSpec
+from kvbm_fs.resilience import CircuitBreaker, backoff_delay
 from kvbm_fs.rows import host_rows, is_torch
 from kvbm_fs.tier import Admission, Medium, Tier
 from kvbm_fs.units import parse_size
@@ -53,47 +52,6 @@ log = logging.getLogger(__name__)
 FORMAT = "kvbm_fs.remote.v1"
 T = TypeVar("T")
 UNBOUNDED = 1 << 62
-
-
-class CircuitBreaker:
-    """Closed -> open after ``threshold`` consecutive failures; after ``cooldown`` s one probe may pass."""
-
-    def __init__(self, threshold: int = 5, cooldown: float = 5.0) -> None:
-        self.threshold, self.cooldown = threshold, cooldown
-        self.failures = 0
-        self.opened_at: float | None = None
-        self._probing = False
-        self._lock = threading.Lock()
-        self._room = threading.Lock()
-        self.trips = 0
-
-    def allow(self) -> bool:
-        with self._lock:
-            if self.opened_at is None:
-                return True
-            if time.monotonic() - self.opened_at < self.cooldown or self._probing:
-                return False
-            self._probing = True  # half-open: exactly one request probes the endpoint
-            return True
-
-    def record(self, ok: bool) -> None:
-        with self._lock:
-            self._probing = False
-            if ok:
-                self.failures, self.opened_at = 0, None
-                return
-            self.failures += 1
-            if self.opened_at is not None:  # a failed probe: stay open for another cool-down
-                self.opened_at = time.monotonic()
-            elif self.failures >= self.threshold:
-                self.opened_at = time.monotonic()
-                self.trips += 1
-
-    @property
-    def state(self) -> str:
-        if self.opened_at is None:
-            return "closed"
-        return "half-open" if time.monotonic() - self.opened_at >= self.cooldown else "open"
 
 
 class _Skip(Exception):
@@ -218,7 +176,7 @@ class RemoteTier(Tier):
                     raise
                 self.counters["retries"] += 1
                 log.debug("%s: retry %d after %s", self.url, attempt + 1, type(e).__name__)
-                await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+                await asyncio.sleep(backoff_delay(self.backoff, attempt))
         raise AssertionError("unreachable")
 
     def _tries(self) -> int:
@@ -260,7 +218,7 @@ class RemoteTier(Tier):
             self.breaker.record(not isinstance(r, BaseException) or isinstance(r, _ANSWERED))
 
     async def _backoff(self, attempt: int) -> None:
-        await asyncio.sleep(self.backoff * (2**attempt) * (0.5 + random.random()))
+        await asyncio.sleep(backoff_delay(self.backoff, attempt))
 
     def _nixl_read(self, paths: list[str]) -> list[Any]:
         """Whole block objects through NIXL OBJ: per path the bytes (a uint8 array), FileNotFoundError,
