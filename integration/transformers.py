@@ -36,7 +36,8 @@ import numpy as np
 import torch
 import xxhash
 
-from kvbm_fs import BlockKeys, ConfigError, KvbmError, KVLayout, LayoutMismatchError, Namespace, Store, mount
+from kvbm_fs import ConfigError, KvbmError, KVLayout, LayoutMismatchError, Namespace, Store, mount
+from kvbm_fs.engine import present
 from kvbm_fs.layout import dtype_name, torch_dtype
 
 ORDER = "LKHTD"  # one block: [layers, K|V, kv heads, tokens, head dim] -- HF's [H, T, D] per layer kept intact
@@ -290,13 +291,6 @@ def _check_layers(pairs: Sequence[tuple[Any, Any]], layout: KVLayout) -> int:
     return int(k0.shape[2])
 
 
-def _present(store: Store, keys: BlockKeys) -> np.ndarray:
-    have = np.zeros(len(keys), bool)
-    for t in store.tiers:
-        have |= t.contains(keys)
-    return have
-
-
 def _gather(pairs: Sequence[tuple[torch.Tensor, torch.Tensor]], layout: KVLayout, n: int, sel: Any) -> torch.Tensor:
     """Blocks ``sel`` (of the first ``n``) as ``[len(sel), *block_shape]`` on the host: one copy per layer."""
     bs = layout.block_size
@@ -325,7 +319,7 @@ def save_prefill(store: Store, input_ids: Any, cache: Any, *, namespace: Namespa
     keys = ns.keys_for_tokens(ids[: min(ids.size, held)])
     if not len(keys):
         return 0
-    new = np.flatnonzero(~_present(store, keys))
+    new = np.flatnonzero(~present(store, keys))
     if not new.size:
         return 0
     data = _gather(pairs, ns.layout, len(keys), new)
@@ -496,7 +490,7 @@ def prepopulate(
         ids = token_ids(p)
         st.prompts += 1
         keys = ns.keys_for_tokens(ids)
-        if not len(keys) or int(keys.hashes[-1]) in seen or _present(store, keys).all():
+        if not len(keys) or int(keys.hashes[-1]) in seen or present(store, keys).all():
             st.skipped += 1
             continue
         seen.add(int(keys.hashes[-1]))

@@ -7,64 +7,14 @@ Configure it with TensorRT-LLM's own option::
         connector_scheduler_class="KvbmFsTrtllmScheduler",
         connector_worker_class="KvbmFsTrtllmWorker"))
 
-``KvCacheConnectorConfig`` has no field for connector options, so they come from kvbm_fs's usual
-``KVBM_FS_*`` variables (``KVBM_FS_TIERS``, ``KVBM_FS_CONFIG``, ...), from ``KVBM_FS_TRTLLM_CONFIG`` (a JSON
-object), or from a subclass that sets the class attribute ``config`` (later wins). Keys:
-
-``tiers``, ``config``, ``tenant``, ``policy``, ``daemon``, ``cost``   as for :func:`kvbm_fs.mount`
-``events``         KV events for routers, as ``mount(events=...)``; saved blocks carry their prompt's ``token_ids``
-``model``          the model name in the namespace (default: ``llm_args.model``)
-``layout``         a KVLayout table the engine's KV pool must match; anything else is refused
-``write_through``  also write each saved block to the persistent tiers at once
-``async_load``     park a request while its blocks load and report it through ``get_finished``
-                   (default false: loads run layer by layer under the same step's forward)
-``async_save``     store in the background and hold a finished request's blocks until stored (default true)
-
-Where the API comes from: ``KvCacheConnectorScheduler`` / ``KvCacheConnectorWorker`` in NVIDIA/TensorRT-LLM
-``tensorrt_llm/_torch/pyexecutor/kv_cache_connector.py`` (commits 00fdcbff5ad8 and 3277953654b9, moved
-to ``connectors/kv_cache_connector.py`` by 035ab91cad04 with the same signatures). Where ``tensorrt_llm``
-does not import (no CUDA), :class:`StandInScheduler` / :class:`StandInWorker` carry exactly those
-signatures so the connector can be driven and tested without it. The call order is the one of
-``PyExecutor._executor_loop`` and ``KvCacheConnectorManager``: per step ``get_num_new_matched_tokens`` and
-``update_state_after_alloc`` (inside ``KVCacheManager.prepare_resources``, for each new context request),
-``build_connector_meta`` -> ``bind_connector_meta`` -> ``start_load_kv``, the forward with
-``wait_for_layer_load(i)`` / ``save_kv_layer(i)`` around decoder layer ``i``, ``wait_for_save``, then
-``request_finished`` for finished requests and ``get_finished``.
-
-How it works:
-
-- Names: Dynamo KVBM v1 sequence hashes of the prompt's full blocks (``request.get_tokens(0)``), salted
-  with ``cache_salt`` and the LoRA task id, in a :class:`~kvbm_fs.Namespace` of the model, the KV pool's
-  layout (layers, tokens per block, per-token elements, dtype) and the tensor-parallel rank.
-  TensorRT-LLM's pool tensor is ``[blocks, layers, 2, tokens_per_block * heads * head_dim]``; it does not
-  separate heads from head dim, so the namespace folds them into one axis unless a ``layout`` is pinned.
-  Multimodal / prompt-table requests are refused (never matched, never saved).
-- Matching never claims the block holding the prompt's last token (the engine must compute one token),
-  nor anything when the device prefix ends inside a block.
-- Verification before the claim. TensorRT-LLM's connector API has no way to take back tokens once
-  ``get_num_new_matched_tokens`` has claimed them: there is no ``get_block_ids_with_load_errors``, and an
-  async load can only be reported finished. So the scheduler reads every candidate block (each rank's
-  namespace) through the store's verifying read *before* answering, and claims only the leading run that
-  verified; a corrupt or vanished block is a miss and the engine recomputes it. Rank 0's verified bytes
-  travel to the worker in the same process inside the metadata (they are dropped when the metadata is
-  pickled to other ranks, which re-read and re-verify). If such a re-read fails anyway (a block evicted
-  in the instant between), ``wait_for_layer_load`` raises :class:`KvLoadError`: TensorRT-LLM fails that
-  step's requests with an error rather than decode from KV that is not there. It never serves bad bytes.
-- Loads start in ``start_load_kv`` on a background thread, layer by layer; ``wait_for_layer_load(i)``
-  waits for layer ``i`` only (on CUDA the forward stream waits on the copy stream's event). With
-  ``async_load`` the request is parked instead and reported by ``get_finished`` once loaded (only where
-  every rank's bytes are staged, i.e. one rank; otherwise loads stay synchronous).
-- Saves: blocks completed by a step are snapshotted at ``wait_for_save`` (on CUDA, on a side stream the
-  forward stream then waits for, so a later step cannot overwrite them first) and stored on a background
-  thread. ``request_finished`` returns True while a request's saves are in flight, so its blocks stay
-  allocated until kvbm_fs has them; ``get_finished`` reports it when they are done.
-- Stats: :meth:`KvbmFsTrtllmScheduler.stats` (lookups, hits, misses, hit tokens, blocks refused by
-  verification) and :meth:`KvbmFsTrtllmWorker.stats` (blocks and bytes loaded / saved, failures, seconds).
+Its connector API cannot take back claimed tokens, so the scheduler verifies blocks before claiming
+them. Where ``tensorrt_llm`` does not import (no CUDA), :class:`StandInScheduler` / :class:`StandInWorker`
+carry the real base classes' signatures. Options, call order and behaviour: docs/trtllm.md; design:
+docs/architecture.md 1.13.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import json
 import logging
@@ -82,7 +32,9 @@ import numpy as np
 import torch
 
 from kvbm_fs import BlockKeys, ConfigError, KvbmError, KVLayout, LayoutMismatchError, Namespace, Store
+from kvbm_fs import engine as engine_kit
 from kvbm_fs.config import StoreConfig, resolve
+from kvbm_fs.engine import Lease, Registry, close_store
 from kvbm_fs.layout import dtype_name
 from kvbm_fs.mount import build_store
 
@@ -306,7 +258,6 @@ class _Engine:
 
     llm_args: Any
     options: dict[str, Any]
-    refs: int = 0
     store: Store | None = None
     namespaces: tuple[Namespace, ...] = ()
     pending_saves: dict[int, int] = field(default_factory=dict)  # request id -> save batches in flight
@@ -334,42 +285,17 @@ class _Engine:
             return self.pending_saves.get(req_id, 0)
 
 
-_engines: dict[int, _Engine] = {}
-_engines_lock = threading.Lock()
+def _close_engine(eng: _Engine) -> None:
+    close_store(eng.store)  # persists host-tier blocks into the persistent tiers
 
 
-def _acquire(llm_args: Any, options: dict[str, Any]) -> _Engine:
-    with _engines_lock:
-        eng = _engines.get(id(llm_args))
-        if eng is None or eng.llm_args is not llm_args:
-            eng = _engines[id(llm_args)] = _Engine(llm_args, options)
-        eng.refs += 1
-        return eng
+# one _Engine per llm_args; TensorRT-LLM never tells a connector it is done, so the registry closes at exit
+_engines: Registry[_Engine] = Registry(_close_engine, "kvbm_fs trtllm")
+close_all = _engines.close_all
 
 
-def _release(eng: _Engine) -> None:
-    with _engines_lock:
-        eng.refs -= 1
-        if eng.refs > 0:
-            return
-        if _engines.get(id(eng.llm_args)) is eng:
-            del _engines[id(eng.llm_args)]
-    if eng.store is not None:
-        eng.store.close()  # persists host-tier blocks into the persistent tiers
-
-
-@atexit.register
-def close_all() -> None:
-    """Close every store still open in this process (TensorRT-LLM never tells a connector it is done)."""
-    with _engines_lock:
-        engines = list(_engines.values())
-        _engines.clear()
-    for eng in engines:
-        try:
-            if eng.store is not None:
-                eng.store.close()
-        except Exception:
-            log.exception("kvbm_fs trtllm: closing a store at exit failed")
+def _acquire(llm_args: Any, options: dict[str, Any]) -> Lease[_Engine]:
+    return _engines.acquire(id(llm_args), lambda: _Engine(llm_args, options), lambda e: e.llm_args is llm_args)
 
 
 # ---- metadata ---------------------------------------------------------------------------------------------
@@ -480,7 +406,8 @@ class _Side:
         self.options = connector_options(self.config)
         self.block_size = tokens_per_block(llm_args)
         self.rank, self.world = parallel_rank(llm_args)
-        self.engine = _acquire(llm_args, self.options)
+        self._lease = _acquire(llm_args, self.options)
+        self.engine = self._lease.value
 
 
 class KvbmFsTrtllmScheduler(SchedulerBase, _Side):
@@ -646,7 +573,7 @@ class KvbmFsTrtllmScheduler(SchedulerBase, _Side):
         """Drop this scheduler's hold on the engine's store (closed when the worker lets go too)."""
         if not self._closed:
             self._closed = True
-            _release(self.engine)
+            _engines.release(self._lease)
 
 
 # ---- worker -------------------------------------------------------------------------------------------------
@@ -906,18 +833,14 @@ class KvbmFsTrtllmWorker(WorkerBase, _Side):
 
     def _store_rows(self, keys: BlockKeys, rows: torch.Tensor) -> None:
         store = self.store
-        present = np.zeros(len(keys), bool)
-        for tier in store.tiers:
-            present |= tier.contains(keys)
+        present = engine_kit.present(store, keys)
         new = np.flatnonzero(~present)
         ok = 0
         if new.size:
             sub, data = keys[new], rows[torch.as_tensor(new)] if new.size != len(keys) else rows
             ok = int(store.put(sub, data).sum())
             if self.write_through:
-                for tier in store.tiers[1:]:
-                    if tier.persistent:
-                        store.put(sub, data, tier=tier.name, spill=False)
+                engine_kit.write_through(store, sub, data)
         assert self.namespace is not None
         self._counters.add(
             saved_blocks=ok,
@@ -959,7 +882,7 @@ class KvbmFsTrtllmWorker(WorkerBase, _Side):
         self.flush()
         self._loader.shutdown()
         self._saver.shutdown()
-        _release(self.engine)
+        _engines.release(self._lease)
 
 
 __all__ = [
