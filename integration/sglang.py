@@ -64,6 +64,7 @@ import xxhash
 
 from kvbm_fs import BlockKeys, ConfigError, IllegalTransitionError, KVLayout, LayoutMismatchError, Namespace, Store
 from kvbm_fs.config import DEFAULT_TIERS, StoreConfig, resolve
+from kvbm_fs.engine import delete_namespace, present, write_targets
 from kvbm_fs.events import BlockEvent, EventKind
 from kvbm_fs.keys import engine_hash_to_u64
 from kvbm_fs.layout import dtype_name
@@ -504,10 +505,8 @@ class KvbmFsHiCacheStorage(_Base):
         store, _, ns = self._ready()
         t0 = time.perf_counter()
         head = BlockKeys(ns.id, np.array([page_key(keys[0])], np.uint64))
-        if any(bool(t.contains(head)[0]) for t in store.tiers):
-            n = store.match(self.keys(keys, extra_info)).length
-        else:  # a new prompt (SGLang's most common query): one probe, not a match of the whole batch
-            n = 0
+        # a new prompt (SGLang's most common query) costs one probe, not a match of the whole batch
+        n = store.match(self.keys(keys, extra_info)).length if present(store, head)[0] else 0
         self._count(exists_calls=1, exists_pages=len(keys), exists_hits=n, exists_s=time.perf_counter() - t0)
         return n
 
@@ -528,9 +527,7 @@ class KvbmFsHiCacheStorage(_Base):
         through); ``rows_of(selection)`` copies out only those. Mask of pages now stored."""
         store, pages, _ = self._ready()
         t0 = time.perf_counter()
-        targets = [store.tiers[0]]
-        if self.write_through:
-            targets += [t for t in store.tiers[1:] if t.persistent]
+        targets = write_targets(store, self.write_through)
         lacks = [~t.contains(keys) for t in targets]
         ok = ~np.logical_and.reduce(lacks)  # already in some target tier
         todo = np.flatnonzero(np.logical_or.reduce(lacks))
@@ -598,10 +595,7 @@ class KvbmFsHiCacheStorage(_Base):
     def clear(self) -> bool:
         """Delete this backend's pages (its namespace) from every tier; other namespaces stay."""
         store, _, ns = self._ready()
-        for t in store.tiers:
-            for batch in list(t.iter_keys()):
-                if batch.ns == ns.id:
-                    store.delete(batch)
+        delete_namespace(store, ns)
         return True
 
     def close(self) -> None:
