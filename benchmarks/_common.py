@@ -260,7 +260,7 @@ def bulk_load_index(
     Why: lookup and reopen at millions of entries are what matter, and putting that many blocks through
     the tier would write terabytes; nothing that is measured reads segment data.  Returns the seconds
     from opening the index to closing it (the sort before is not counted)."""
-    from kvbm_fs.tiers.disk_index import KEY, U64, VAL, DiskIndex
+    from kvbm_fs.tiers.disk.index import KEY, U64, VAL, DiskIndex
 
     n = hashes.size
     order = np.argsort(hashes, kind="stable")

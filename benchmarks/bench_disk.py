@@ -98,7 +98,7 @@ from kvbm_fs.errors import ConfigError
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.store import Store
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier, round_up
-from kvbm_fs.tiers.diskio import ALIGN, PosixIO, aligned_buffer, probe_direct_io
+from kvbm_fs.tiers.disk.blockio import ALIGN, PosixIO, aligned_buffer, probe_direct_io
 
 NAME = "bench_disk"
 MiB = 1 << 20

@@ -5,14 +5,14 @@ What it measures
     header page followed by the payload, one ``IoOp`` per block with two buffers), written to
     and read back from the *same* preallocated file at the same offsets by each engine:
 
-    - ``nixl``: :class:`tiers.nixl_io.NixlPosixIO`, the whole batch as one NIXL POSIX transfer
+    - ``nixl``: :class:`tiers.disk.nixl_io.NixlPosixIO`, the whole batch as one NIXL POSIX transfer
       (one descriptor per buffer, default libaio queue; ``nixl_uring`` is the io_uring queue);
-    - ``posix``: :class:`tiers.diskio.PosixIO`, ``os.pwritev``/``os.preadv`` per block on a
+    - ``posix``: :class:`tiers.disk.blockio.PosixIO`, ``os.pwritev``/``os.preadv`` per block on a
       thread pool;
     - ``seq``: a plain sequential loop of ``os.pwritev``/``os.preadv``, one block at a time.
 
     The file is opened with ``O_DIRECT`` when the filesystem takes it
-    (:func:`tiers.diskio.probe_direct_io`); buffers are page-aligned so every engine can use it.
+    (:func:`tiers.disk.blockio.probe_direct_io`); buffers are page-aligned so every engine can use it.
     Without ``O_DIRECT`` a timed write includes an ``fdatasync`` (otherwise it would time a memcpy
     into the page cache; ``--no-sync`` times just that, which is what a non-durable tier put costs).  Before every timed read the page cache is dropped
     (``echo 3 > /proc/sys/vm/drop_caches``, root only; ``caches_dropped`` says whether it worked).
@@ -48,7 +48,7 @@ import _common
 import numpy as np
 from _common import Caches, add_output_args, emit, env, gbps_spread, interleave, paired_ratio, results_path
 
-from kvbm_fs.tiers.diskio import ALIGN, BlockIO, IoOp, PosixIO, aligned_buffer, probe_direct_io
+from kvbm_fs.tiers.disk.blockio import ALIGN, BlockIO, IoOp, PosixIO, aligned_buffer, probe_direct_io
 
 NAME = "bench_disk_io"
 MiB = 1 << 20
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     engines: dict[str, BlockIO] = {}
     nixl_error = None
     try:
-        from kvbm_fs.tiers.nixl_io import NixlPosixIO
+        from kvbm_fs.tiers.disk.nixl_io import NixlPosixIO
 
         engines["nixl"] = NixlPosixIO()
         try:
@@ -221,8 +221,8 @@ def _registration_cost(nixl: Any, ops: list[IoOp], rounds: int) -> dict[str, Any
     """Register + deregister the batch's buffers as NixlPosixIO does per call (adjacent ones merged)."""
     if nixl is None:
         return {}
-    from kvbm_fs.tiers.diskio import address
-    from kvbm_fs.tiers.nixl_io import _merge
+    from kvbm_fs.tiers.disk.blockio import address
+    from kvbm_fs.tiers.disk.nixl_io import _merge
 
     regions = [(address(b), b.nbytes) for op in ops for b in op.bufs]
     out: dict[str, Any] = {"registration_descs": len(regions)}
@@ -246,7 +246,7 @@ def _single_block_latency(fd: int, src_h: np.ndarray, dst_h: np.ndarray, rounds:
     NIXL (forced, min_ops=1) vs one pwritev/preadv."""
     engines: dict[str, BlockIO] = {"posix": SeqIO()}
     try:
-        from kvbm_fs.tiers.nixl_io import NixlPosixIO
+        from kvbm_fs.tiers.disk.nixl_io import NixlPosixIO
 
         engines["nixl"] = NixlPosixIO(min_ops=1)
     except Exception:

@@ -32,7 +32,7 @@ from bench_disk import Case, dd, dd_read_args
 from kvbm_fs import dsum
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-from kvbm_fs.tiers.diskio import IoOp, PosixIO, is_aligned
+from kvbm_fs.tiers.disk.blockio import IoOp, PosixIO, is_aligned
 
 NAME = "bench_gds"
 MiB = 1 << 20

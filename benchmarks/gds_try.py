@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvbm_fs.tiers.gds import try_tier
+from kvbm_fs.tiers.disk.gds import try_tier
 
 
 def main() -> None:

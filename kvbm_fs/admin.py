@@ -165,13 +165,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _rebuild(target: str, show: bool) -> list[dict[str, Any]]:
-    """Rebuild the index of every disk tier of ``target`` from its segment files (tiers/disk_rebuild.py)."""
+    """Rebuild the index of every disk tier of ``target`` from its segment files (tiers/disk/rebuild.py)."""
     from . import catalog
-    from .tiers import disk_rebuild
+    from .tiers.disk import rebuild as disk_rebuild
 
     rebuild = getattr(disk_rebuild, "rebuild_index", None)
     if rebuild is None:
-        raise ConfigError("this build cannot rebuild disk indexes (kvbm_fs.tiers.disk_rebuild.rebuild_index)")
+        raise ConfigError("this build cannot rebuild disk indexes (kvbm_fs.tiers.disk.rebuild.rebuild_index)")
     out = []
     for _, spec in catalog.target_specs(target):
         if spec.scheme in ("file", "disk"):

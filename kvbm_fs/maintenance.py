@@ -39,7 +39,7 @@ def check(url: str, fix: bool = False, deep: bool = False) -> dict[str, Any]:
 def rebuild_index(url: str, deep: bool = False) -> dict[str, Any]:
     """Rebuild a disk tier's index from its segment files (``kvbm-fs check URL --rebuild-index``);
     the old index is moved aside. ``deep``: keep only blocks whose payload checksum verifies."""
-    from .tiers.disk_rebuild import rebuild_index as rebuild
+    from .tiers.disk.rebuild import rebuild_index as rebuild
 
     spec = TierSpec.parse(url)
     if spec.scheme not in ("file", "disk"):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib
+import logging
 import os
 from types import ModuleType
 
@@ -61,3 +62,16 @@ def available() -> bool:
     except ImportError:
         return False
     return True
+
+
+class quiet_logger:
+    """NIXL's Python logger prints INFO lines to stdout when an agent or backend is made."""
+
+    def __enter__(self) -> None:
+        self._log = logging.getLogger("nixl")
+        self._level = self._log.level
+        if not os.environ.get("NIXL_LOG_LEVEL"):
+            self._log.setLevel(logging.WARNING)
+
+    def __exit__(self, *exc: object) -> None:
+        self._log.setLevel(self._level)

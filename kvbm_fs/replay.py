@@ -235,7 +235,7 @@ def _slot_bytes(kind: str, nb: int) -> int:
     if kind in ("host", "peer"):  # a peer serves a host tier
         return -(-nb // page) * page
     if kind == "disk":
-        from .tiers.diskio import ALIGN
+        from .tiers.disk.blockio import ALIGN
 
         return ALIGN + -(-nb // ALIGN) * ALIGN
     return nb  # gpu rows are unpadded; remote objects are unbounded here

@@ -182,7 +182,7 @@ def test_verify_finds_a_corrupt_disk_block_and_fix_removes_it(
 def test_verify_rebuild_index_recovers_a_lost_index(disk: dict[str, Any], capsys: pytest.CaptureFixture[str]) -> None:
     import shutil
 
-    disk_rebuild = pytest.importorskip("kvbm_fs.tiers.disk_rebuild")
+    disk_rebuild = pytest.importorskip("kvbm_fs.tiers.disk.rebuild")
     if not hasattr(disk_rebuild, "rebuild_index"):
         pytest.skip("this build has no index rebuild")
 

@@ -19,7 +19,7 @@ import pytest
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.testing import NS_A, blocks_for, require_nixl
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-from kvbm_fs.tiers.disk_index import DiskIndex
+from kvbm_fs.tiers.disk.index import DiskIndex
 
 REPO = Path(__file__).resolve().parents[1]
 BN = NS_A.block_nbytes

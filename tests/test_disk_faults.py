@@ -26,7 +26,7 @@ from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.layout import KVLayout
 from kvbm_fs.testing import NS_A, NS_B, blocks_for, chain, keyset
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-from kvbm_fs.tiers.disk_index import KEY
+from kvbm_fs.tiers.disk.index import KEY
 
 REPO = Path(__file__).resolve().parents[1]
 BN = NS_A.block_nbytes  # 8 KiB blocks

@@ -27,8 +27,8 @@ from kvbm_fs import mount
 from kvbm_fs.errors import IndexCorruptError, LayoutMismatchError
 from kvbm_fs.testing import LAYOUT, NS_A, blocks_for, chain
 from kvbm_fs.tiers.disk import DiskTier
-from kvbm_fs.tiers.disk_rebuild import inspect, read_namespaces, rebuild_index
-from kvbm_fs.tiers.disk_seal import SEAL, read_meta
+from kvbm_fs.tiers.disk.rebuild import inspect, read_namespaces, rebuild_index
+from kvbm_fs.tiers.disk.seal import SEAL, read_meta
 
 N = 1000
 BN = NS_A.block_nbytes
@@ -39,7 +39,7 @@ import sys, time
 import numpy as np
 from kvbm_fs import mount
 from kvbm_fs.testing import LAYOUT, NS_A, blocks_for, chain
-from kvbm_fs.tiers.disk_rebuild import rebuild_index
+from kvbm_fs.tiers.disk.rebuild import rebuild_index
 root, n, at_open = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
 keys = chain(NS_A, n)
 want = blocks_for(keys, NS_A.block_nbytes)
@@ -238,7 +238,7 @@ def test_a_second_process_waits_or_misses_during_a_rebuild(pristine: Path, tmp_p
         _wait_for(go)
     started = tmp_path / "started"
     rebuild = (
-        "import sys, time\nfrom kvbm_fs.tiers.disk_rebuild import rebuild_index\n"
+        "import sys, time\nfrom kvbm_fs.tiers.disk.rebuild import rebuild_index\n"
         "def slow(done, total):\n    open(sys.argv[2], 'w').close()\n    time.sleep(2.0)\n"
         "print(rebuild_index(sys.argv[1], progress=slow)['blocks'])\n"
     )

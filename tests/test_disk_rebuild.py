@@ -14,7 +14,7 @@ from kvbm_fs import cli, mount
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.testing import LAYOUT, NS_A, NS_B, blocks_for, chain
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-from kvbm_fs.tiers.disk_rebuild import KEEP_ASIDE, read_namespaces, rebuild_index
+from kvbm_fs.tiers.disk.rebuild import KEEP_ASIDE, read_namespaces, rebuild_index
 
 BN = NS_A.block_nbytes
 SLOT = HEADER_PAGE + BN

@@ -19,7 +19,7 @@ from kvbm_fs.events import BlockEvent, EventKind
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.testing import NS_A, blocks_for, chain
 from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-from kvbm_fs.tiers.disk_index import KEY, DiskIndex
+from kvbm_fs.tiers.disk.index import KEY, DiskIndex
 
 REPO = Path(__file__).resolve().parents[1]
 BN = NS_A.block_nbytes
@@ -220,7 +220,7 @@ def test_slot_reused_during_a_read_is_a_plain_miss(tmp_path: Path, monkeypatch: 
 
 GROW = """
 import sys
-from kvbm_fs.tiers.disk_index import KEY, DiskIndex
+from kvbm_fs.tiers.disk.index import KEY, DiskIndex
 ix = DiskIndex(sys.argv[1], map_size=1 << 16)
 ix.write(lambda txn: [txn.put(KEY.pack(1, i), bytes(64), db=ix.blocks) for i in range(5000)])
 print(ix.env.info()["map_size"])

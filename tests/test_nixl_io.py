@@ -18,11 +18,11 @@ from kvbm_fs.events import EventBus
 from kvbm_fs.testing import TierTests, require_nixl
 from kvbm_fs.tier import Tier
 from kvbm_fs.tiers.disk import DiskTier
-from kvbm_fs.tiers.diskio import ALIGN, IoOp, aligned_buffer, probe_direct_io
+from kvbm_fs.tiers.disk.blockio import ALIGN, IoOp, aligned_buffer, probe_direct_io
 
 require_nixl()
 try:
-    from kvbm_fs.tiers.nixl_io import NixlPosixIO
+    from kvbm_fs.tiers.disk.nixl_io import NixlPosixIO
 
     NixlPosixIO().close()
 except Exception as e:  # NIXL installed but its POSIX backend unusable here
@@ -290,8 +290,8 @@ def test_process_exits_cleanly_and_prints_nothing(tmp_path: Path) -> None:
     lines (printed to stdout) are muted."""
     code = f"""
 import os, numpy as np
-from kvbm_fs.tiers.diskio import IoOp, aligned_buffer
-from kvbm_fs.tiers.nixl_io import NixlPosixIO
+from kvbm_fs.tiers.disk.blockio import IoOp, aligned_buffer
+from kvbm_fs.tiers.disk.nixl_io import NixlPosixIO
 io = NixlPosixIO()
 fd = os.open({str(tmp_path / "seg")!r}, os.O_RDWR | os.O_CREAT, 0o644)
 b = np.frombuffer(aligned_buffer(8 * 4096), np.uint8).reshape(8, 4096)

@@ -55,7 +55,7 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from kvbm_fs.tiers.nixl_io import _quiet_nixl_logger
+from kvbm_fs.nixl_api import quiet_logger
 
 BACKEND = "OBJ"
 _names = itertools.count()
@@ -134,7 +134,7 @@ class NixlObjClient:
         nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config
 
         name = f"kvbm-obj-{os.getpid()}-{next(_names)}"
-        with _quiet_nixl_logger():
+        with quiet_logger():
             agent = nixl_agent(
                 name, nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=[])
             )

@@ -155,12 +155,11 @@ def _nixl_agent(prefix: str) -> Any:
     """A UCX agent without NIXL's progress thread, which spins a whole core even when idle
     (measured: 1.0 CPU-s/s).  Clients progress UCX by polling their own transfers; the server
     runs :meth:`PeerServer._pump` instead."""
-    from kvbm_fs.nixl_api import api
-    from kvbm_fs.tiers.nixl_io import _quiet_nixl_logger
+    from kvbm_fs.nixl_api import api, quiet_logger
 
     nixl = api()
     conf = nixl.nixl_agent_config(enable_prog_thread=False, backends=["UCX"])
-    with _quiet_nixl_logger():
+    with quiet_logger():
         agent = nixl.nixl_agent(f"{prefix}-{os.getpid()}-{next(_names)}", conf)
     if "UCX" not in agent.get_plugin_list():
         raise ConfigError("this NIXL build has no UCX plugin, which peer tiers need")

@@ -3,7 +3,7 @@
 Layout of a tier directory::
 
     kvbm_fs.json        format version and geometry (slot size, slots per segment, slots)
-    index/              LMDB: key -> slot + checksum + parent + access stats (tiers/disk_index.py)
+    index/              LMDB: key -> slot + checksum + parent + access stats (tiers/disk/index.py)
     seg/0000/000000.seg preallocated segment files of fixed-size slots, 256 per folder
 
 A slot is one 4 KiB header page (the 128-byte block header of kvbm_fs.codec, rest
@@ -35,12 +35,12 @@ from kvbm_fs.events import VERIFY, EventBus, EventKind
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.policy import EvictionPolicy, make_policy
 from kvbm_fs.tier import Admission, Medium, Tier
-from kvbm_fs.tiers import disk_check
-from kvbm_fs.tiers.disk_device import DevicePath, dest_rows
-from kvbm_fs.tiers.disk_files import FORMAT, HEADER_PAGE, SEGMENT_TARGET, Segments, open_dir, round_up
-from kvbm_fs.tiers.disk_index import DiskIndex, NullIndex, Record
-from kvbm_fs.tiers.disk_rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, read_namespaces, write_namespace
-from kvbm_fs.tiers.diskio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io
+from kvbm_fs.tiers.disk import check as disk_check
+from kvbm_fs.tiers.disk.blockio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io
+from kvbm_fs.tiers.disk.device import DevicePath, dest_rows
+from kvbm_fs.tiers.disk.files import FORMAT, HEADER_PAGE, SEGMENT_TARGET, Segments, open_dir, round_up
+from kvbm_fs.tiers.disk.index import DiskIndex, NullIndex, Record
+from kvbm_fs.tiers.disk.rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, read_namespaces, write_namespace
 from kvbm_fs.units import parse_size
 
 __all__ = ["FORMAT", "HEADER_PAGE", "ALIGN", "DiskTier", "round_up"]
@@ -104,7 +104,7 @@ class DiskTier(Tier):
         self.device = DevicePath(self, gds, gds_write)
 
     def _open_index(self) -> DiskIndex:
-        """The LMDB index, checked and rebuilt from the segments if damaged (tiers/disk_rebuild.py).
+        """The LMDB index, checked and rebuilt from the segments if damaged (tiers/disk/rebuild.py).
         One that cannot be opened is a ConfigError (unwritable) or an IndexCorruptError (a rebuild
         failed), naming its path. While another process rebuilds it: a NullIndex, healed later."""
         path = os.path.join(self.root, "index")
@@ -421,7 +421,7 @@ class DiskTier(Tier):
 
     def delete(self, keys: BlockKeys) -> np.ndarray:
         """Remove blocks for good: their slots stay reserved (pending) until their header pages are
-        zeroed, so a rebuild of the index from the segments cannot bring them back (tiers/disk_rebuild.py)."""
+        zeroed, so a rebuild of the index from the segments cannot bring them back (tiers/disk/rebuild.py)."""
         self._live()
         hs = keys.hashes.tolist()
         with self._claim:
@@ -515,7 +515,7 @@ class DiskTier(Tier):
         if batch:
             yield _keys_of(batch)
 
-    # ---- offline verification and raw reads (tiers/disk_check.py) -------------------------
+    # ---- offline verification and raw reads (tiers/disk/check.py) -------------------------
     def check(
         self, fix: bool = False, deep: bool = False, batch: int = 256, progress: disk_check.Progress | None = None
     ) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""A :class:`~.diskio.BlockIO` engine that moves a whole batch through NIXL's POSIX backend.
+"""A :class:`~.blockio.BlockIO` engine that moves a whole batch through NIXL's POSIX backend.
 
 One call to :meth:`NixlPosixIO.read` / :meth:`NixlPosixIO.write` becomes one NIXL transfer
 (one per ``max_descs`` descriptors: the backend queues at most 65536 I/Os) with one descriptor
@@ -9,7 +9,7 @@ while the descriptor names the same inode).  The transfer is polled until it fin
 deadline passes.  NIXL POSIX costs about 15 µs per transfer against about 1 µs for a
 ``pwrite``, so batches with fewer than ``min_ops`` operations go straight to ``os.pwritev``.
 
-The contract is the one :class:`~.diskio.PosixIO` keeps: per operation the bytes moved or
+The contract is the one :class:`~.blockio.PosixIO` keeps: per operation the bytes moved or
 ``-errno``, never an exception for an I/O error, never an unbounded wait.
 
 - Before a batch every file is ``fstat``-ed: a bad descriptor gives ``-EBADF`` (or whatever
@@ -39,7 +39,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import itertools
-import logging
 import os
 import threading
 import time
@@ -48,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from kvbm_fs.tiers.diskio import ALIGN, IoOp, PosixIO, address
+from kvbm_fs.tiers.disk.blockio import ALIGN, IoOp, PosixIO, address
 
 BACKEND = "POSIX"
 _FILE_CACHE_MAX = 4096
@@ -58,8 +57,8 @@ _names = itertools.count()
 class NixlPosixIO:
     """Batched vectored file I/O through NIXL POSIX (libaio by default; ``queue="URING"`` or
     ``"POSIXAIO"`` pick the others).  Raises at construction if NIXL or its POSIX plugin is
-    unavailable, so that :func:`tiers.diskio.make_io` can say so (``io=nixl``; ``auto`` is
-    :class:`~.diskio.PosixIO`)."""
+    unavailable, so that :func:`tiers.disk.blockio.make_io` can say so (``io=nixl``; ``auto`` is
+    :class:`~.blockio.PosixIO`)."""
 
     name = "nixl-posix"
 
@@ -75,7 +74,7 @@ class NixlPosixIO:
         backend: str = BACKEND,
         mem: str = "DRAM",
     ) -> None:
-        from kvbm_fs.nixl_api import api
+        from kvbm_fs.nixl_api import api, quiet_logger
 
         nixl = api()
         nixl_agent, nixl_agent_config = nixl.nixl_agent, nixl.nixl_agent_config
@@ -92,7 +91,7 @@ class NixlPosixIO:
                 raise ValueError(f"unknown NIXL POSIX queue {queue!r}; use AIO, URING or POSIXAIO")
             params[key] = "true"
         self._agent_name = f"kvbm-disk-{os.getpid()}-{next(_names)}"
-        with _quiet_nixl_logger():
+        with quiet_logger():
             conf = nixl_agent_config(enable_prog_thread=False, enable_listen_thread=False, backends=[])
             agent = nixl_agent(self._agent_name, conf)
             if backend not in agent.get_plugin_list():
@@ -390,16 +389,3 @@ def _merge(regions: list[tuple[int, int]], device: int = 0) -> np.ndarray:
         else:
             out.append([a, ln, device])
     return np.array(out, np.uint64)
-
-
-class _quiet_nixl_logger:
-    """NIXL's Python logger prints INFO lines to stdout when an agent or backend is made."""
-
-    def __enter__(self) -> None:
-        self._log = logging.getLogger("nixl")
-        self._level = self._log.level
-        if not os.environ.get("NIXL_LOG_LEVEL"):
-            self._log.setLevel(logging.WARNING)
-
-    def __exit__(self, *exc: object) -> None:
-        self._log.setLevel(self._level)

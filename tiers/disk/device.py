@@ -32,13 +32,13 @@ from kvbm_fs import codec, dsum
 from kvbm_fs.errors import ConfigError, CorruptBlockError
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.rows import aligned_rows, host_rows, is_torch
-from kvbm_fs.tiers.disk_check import check_header
-from kvbm_fs.tiers.diskio import ALIGN, aligned_buffer
-from kvbm_fs.tiers.gds import NixlDeviceIO, open_device_io
+from kvbm_fs.tiers.disk.blockio import ALIGN, aligned_buffer
+from kvbm_fs.tiers.disk.check import check_header
+from kvbm_fs.tiers.disk.gds import NixlDeviceIO, open_device_io
 
 if TYPE_CHECKING:
-    from kvbm_fs.tiers.disk import DiskTier
-    from kvbm_fs.tiers.disk_index import Record
+    from kvbm_fs.tiers.disk.index import Record
+    from kvbm_fs.tiers.disk.tier import DiskTier
 
 MODES = ("auto", "on", "off", "posix", "GDS_MT", "GDS")  # the last two: "on" with that NIXL backend
 STAGE_MAX = 1 << 30

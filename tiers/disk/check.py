@@ -17,12 +17,12 @@ from kvbm_fs import codec, dsum
 from kvbm_fs.errors import CorruptBlockError, IndexCorruptError, TruncatedBlockError
 from kvbm_fs.keys import BlockKey, BlockKeys
 from kvbm_fs.rows import aligned_rows
-from kvbm_fs.tiers.disk_files import HEADER_PAGE
-from kvbm_fs.tiers.disk_index import KEY, OWNER, Record, owner_alive
-from kvbm_fs.tiers.diskio import IoOp, aligned_buffer
+from kvbm_fs.tiers.disk.blockio import IoOp, aligned_buffer
+from kvbm_fs.tiers.disk.files import HEADER_PAGE
+from kvbm_fs.tiers.disk.index import KEY, OWNER, Record, owner_alive
 
 if TYPE_CHECKING:
-    from kvbm_fs.tiers.disk import DiskTier
+    from kvbm_fs.tiers.disk.tier import DiskTier
 
 # progress(entries done, entries in all), called after each batch
 Progress = Callable[[int, int], None]

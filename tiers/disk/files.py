@@ -15,7 +15,7 @@ import threading
 from typing import Any
 
 from kvbm_fs.errors import ConfigError, FormatVersionError, LayoutMismatchError
-from kvbm_fs.tiers.diskio import ALIGN, write_json
+from kvbm_fs.tiers.disk.blockio import ALIGN, write_json
 
 FORMAT = "kvbm_fs.disk.v1"
 HEADER_PAGE = ALIGN

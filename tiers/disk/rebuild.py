@@ -2,7 +2,7 @@
 
 Every slot of a segment carries the block's codec header (key echo, parent, payload length,
 xxh3-128, header checksum), so the index is a cache of what the segments say. At open,
-:func:`open_index` checks the index file (tiers/disk_seal.py) and, if it is damaged, lost, or
+:func:`open_index` checks the index file (tiers/disk/seal.py) and, if it is damaged, lost, or
 LMDB fails on it, moves it aside to ``index.damaged-<time>-<pid>/`` and rebuilds it
 (:func:`rebuild_index`) under ``root/.index.lock`` held exclusively. Other processes respect
 the lock: openers wait up to a bound and then serve misses until the rebuild is done, and
@@ -26,9 +26,9 @@ import lmdb
 from kvbm_fs import codec
 from kvbm_fs.errors import ConfigError, CorruptBlockError, IndexCorruptError, KvbmError
 from kvbm_fs.keys import Namespace
-from kvbm_fs.tiers.disk_files import HEADER_PAGE, segment_path
-from kvbm_fs.tiers.disk_index import DBS, KEY, SLOT, U64, DiskIndex, NullIndex, Record, _envs
-from kvbm_fs.tiers.disk_seal import DAMAGED, DATA, SEAL, IndexLock, check_seal, fsync_dir, mark_damaged, read_meta, seal
+from kvbm_fs.tiers.disk.files import HEADER_PAGE, segment_path
+from kvbm_fs.tiers.disk.index import DBS, KEY, SLOT, U64, DiskIndex, NullIndex, Record, _envs
+from kvbm_fs.tiers.disk.seal import DAMAGED, DATA, SEAL, IndexLock, check_seal, fsync_dir, mark_damaged, read_meta, seal
 
 log = logging.getLogger(__name__)
 INDEX_WAIT_S = 10.0  # how long an opener waits for another process's rebuild before serving misses

@@ -6,7 +6,7 @@ the tier can turn each failure into a miss or a refused write.  Engines:
 
 - ``PosixIO``: ``os.preadv``/``os.pwritev`` on a thread pool (the GIL is dropped
   during the syscall), one syscall per block (header page + payload in one iovec list).
-- ``NixlPosixIO`` (``tiers/nixl_io.py``, when NIXL is installed): many descriptors per
+- ``NixlPosixIO`` (``tiers/disk/nixl_io.py``, when NIXL is installed): many descriptors per
   transfer through NIXL's POSIX backend.
 
 :func:`probe_direct_io` tells whether a directory accepts ``O_DIRECT`` (tmpfs and
@@ -155,7 +155,7 @@ def make_io(kind: str) -> BlockIO:
     (benchmarks/bench_disk_io.py); ``io=nixl`` selects NIXL explicitly (faster for buffered I/O)."""
     if kind == "nixl":
         try:
-            from kvbm_fs.tiers.nixl_io import NixlPosixIO
+            from kvbm_fs.tiers.disk.nixl_io import NixlPosixIO
 
             return NixlPosixIO()
         except Exception as e:

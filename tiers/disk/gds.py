@@ -19,7 +19,7 @@ import threading
 from collections import OrderedDict
 from typing import Any
 
-from kvbm_fs.tiers.nixl_io import NixlPosixIO, _file_state, _merge
+from kvbm_fs.tiers.disk.nixl_io import NixlPosixIO, _file_state, _merge
 
 DEVICE_BACKENDS = ("GDS_MT", "GDS")
 
@@ -183,7 +183,7 @@ def diagnose(directory: str, trial: bool = True) -> dict[str, Any]:
     through a scratch tier there.  ``kvbm-fs gds DIR`` prints it."""
     import os
 
-    from kvbm_fs.tiers.diskio import probe_direct_io
+    from kvbm_fs.tiers.disk.blockio import probe_direct_io
 
     out: dict[str, Any] = {"directory": os.path.abspath(directory)}
     try:
@@ -243,7 +243,7 @@ def try_tier(directory: str, gds: str = "auto", blocks: int = 4, block_bytes: in
     import torch
 
     from kvbm_fs.keys import BlockKeys
-    from kvbm_fs.tiers.disk import DiskTier
+    from kvbm_fs.tiers.disk.tier import DiskTier
 
     root = tempfile.mkdtemp(prefix="kvbm-gds-", dir=directory)
     try:

@@ -19,7 +19,7 @@ crash the process (SIGBUS, heap corruption) before any error is raised. So an in
 checked before LMDB opens it (:func:`read_meta`: the meta pages and the file size, and the
 seal written at clean close, :func:`seal`), every LMDB or decoding error on a read is a miss,
 and on a write an :class:`~kvbm_fs.errors.IndexCorruptError`. A damaged index is marked
-(``index/damaged``) and rebuilt from the segments (tiers/disk_rebuild.py). docs/architecture.md 1.6.
+(``index/damaged``) and rebuilt from the segments (tiers/disk/rebuild.py). docs/architecture.md 1.6.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ import lmdb
 import numpy as np
 
 from kvbm_fs.errors import IndexCorruptError
-from kvbm_fs.tiers.disk_seal import SEAL, IndexLock, fsync_dir, mark_damaged, seal
+from kvbm_fs.tiers.disk.seal import SEAL, IndexLock, fsync_dir, mark_damaged, seal
 
 KEY = struct.Struct(">QQ")
 SLOT = struct.Struct(">Q")
