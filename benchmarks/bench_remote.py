@@ -14,7 +14,7 @@ What it measures
       opened as a user would (credentials and endpoint only), with ``max_concurrency`` swept over
       8/16/32/64; the headline is the best.
     - The same tier with NIXL's OBJ backend as its data path (``io=nixl``: block objects through
-      ``tiers/nixl_obj.py``, ``max_concurrency`` its thread count, swept like the s3fs tier), in the
+      ``tiers/remote/nixl_obj.py``, ``max_concurrency`` its thread count, swept like the s3fs tier), in the
       same rounds: ``tier_nixl_get_speedup`` / ``tier_nixl_put_speedup`` against the same boto3
       loops, and ``nixl_obj.tier_*_vs_s3fs_tier`` against the s3fs tier.  Also raw NIXL OBJ (bytes
       only, 32 threads) next to s3fs raw (a bounded gather of ``_cat_file`` / ``_pipe_file`` on the
@@ -379,7 +379,7 @@ class Bench:
 
     # NIXL OBJ
     def nixl(self, endpoint: str, threads: int) -> Any:
-        from kvbm_fs.tiers.nixl_obj import NixlObjClient
+        from kvbm_fs.tiers.remote.nixl_obj import NixlObjClient
 
         return NixlObjClient(BUCKET, endpoint=endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY, region=REGION,
                              num_threads=threads, timeout=120)  # fmt: skip

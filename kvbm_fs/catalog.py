@@ -442,7 +442,7 @@ def _disk_meta(location: str) -> dict[str, Any] | None:
 
 def _remote_meta(spec: TierSpec) -> int | None:
     """The block size a remote tier recorded in ``kvbm_fs.remote.json``, or None where there is none."""
-    from .tiers.remote import _open_fs
+    from .tiers.remote.fs import open_fs as _open_fs
 
     url = spec.url.split("?", 1)[0].removeprefix("remote+")
     so = dict(spec.options.get("storage_options") or {})

@@ -1,4 +1,4 @@
-"""NIXL OBJ data path (tiers/nixl_obj.py) against a real S3 protocol server (moto on 127.0.0.1).
+"""NIXL OBJ data path (tiers/remote/nixl_obj.py) against a real S3 protocol server (moto on 127.0.0.1).
 
 Round trips, missing objects, short objects, and endpoints that refuse or stall: every call
 returns within its deadline, and no secret shows up in repr, stats or errors.
@@ -20,7 +20,7 @@ from kvbm_fs.testing.s3 import ACCESS_KEY, REGION, SECRET_KEY, free_port
 
 def _client(endpoint: str, bucket: str, **kw: Any) -> Any:
     require_nixl()
-    from kvbm_fs.tiers.nixl_obj import NixlObjClient
+    from kvbm_fs.tiers.remote.nixl_obj import NixlObjClient
 
     try:
         return NixlObjClient(bucket, endpoint=endpoint, access_key=ACCESS_KEY, secret_key=SECRET_KEY,
