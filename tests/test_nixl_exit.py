@@ -30,7 +30,7 @@ UCX_AGENT = textwrap.dedent(
     import kvbm_fs.nixl_api as nixl_api
     if sys.argv[1] == "unpinned":
         nixl_api._pinned = []  # as before the fix: NIXL loads with nothing pinned
-    from kvbm_fs.tiers.peer import _nixl_agent
+    from kvbm_fs.tiers.peer.wire import _nixl_agent
     agent = _nixl_agent("exit-test")
     print("AGENT", agent.name, flush=True)
     """

@@ -126,7 +126,7 @@ def test_a_header_made_for_another_key_is_not_served_for_this_one(peer: _ServedP
 
 
 def test_a_torn_write_is_never_registered(peer: _ServedPeerTier, monkeypatch: pytest.MonkeyPatch) -> None:
-    import kvbm_fs.tiers.peer as mod
+    import kvbm_fs.tiers.peer.client as mod  # PeerTier.put hashes what it sends
 
     rec = EventRecorder(peer.events)
     keys = chain(NS_A, 3, start=400)
@@ -362,7 +362,7 @@ def test_a_token_guards_everything_and_never_shows() -> None:
     import socket
 
     from kvbm_fs.registry import open_tier
-    from kvbm_fs.tiers.peer import PeerAuthError, _recv, _send
+    from kvbm_fs.tiers.peer.wire import PeerAuthError, _recv, _send
 
     with PeerServer(HostTier(4 * BN, BN), token="s3cret-T0k3n") as srv:
         for token in (None, "wrong"):
@@ -387,7 +387,7 @@ def test_a_token_guards_everything_and_never_shows() -> None:
 
 
 def test_the_token_comes_from_the_environment_on_both_sides(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kvbm_fs.tiers.peer import TOKEN_ENV, PeerAuthError
+    from kvbm_fs.tiers.peer.wire import TOKEN_ENV, PeerAuthError
 
     monkeypatch.setenv(TOKEN_ENV, "from-env")
     with PeerServer(HostTier(4 * BN, BN)) as srv:
@@ -450,7 +450,7 @@ def test_garbage_on_the_control_port_is_refused_and_the_peer_keeps_serving(peer:
                 assert sock.recv(1 << 16) == b""  # the peer hung up on it, answering nothing...
             except OSError:
                 pass  # ...or already reset the connection, with our bytes unread
-    from kvbm_fs.tiers.peer import _recv, _send
+    from kvbm_fs.tiers.peer.wire import _recv, _send
 
     with socket.create_connection((srv.host, srv.port), timeout=5) as sock:
         _send(sock, {"op": "hello", "protocol": 1})
@@ -536,7 +536,7 @@ def test_a_pool_opens_with_some_peers_down_but_not_with_all() -> None:
 
 
 def test_rendezvous_hashing_balances_and_moves_only_a_removed_members_keys() -> None:
-    from kvbm_fs.tiers.peer import rendezvous
+    from kvbm_fs.tiers.peer.pool import rendezvous
 
     seeds = np.array([11, 22, 33, 44], np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     hashes = chain(NS_A, 8000).hashes
