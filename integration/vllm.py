@@ -7,76 +7,14 @@ Load it with vLLM's own configuration::
                            "kv_role": "kv_both", "kv_load_failure_policy": "recompute",
                            "kv_connector_extra_config": {"tiers": ["host://?capacity=8GiB", "file:///var/cache/kvbm"]}}'
 
-``kv_connector_extra_config`` keys (all optional; the rest comes from ``KVBM_FS_*`` like any :func:`kvbm_fs.mount`):
-
-``tiers``            tier URLs or ``{url=..., ...}`` tables, fastest first
-``config``           a kvbm_fs TOML/YAML/JSON file (same keys as ``mount(config=...)``)
-``model``            the model name in the namespace (default: vLLM's ``model``)
-``tenant``, ``policy``, ``daemon``, ``cost``   as for ``mount``
-``layout``           a KVLayout table the engine must match; a different engine layout is refused
-``write_through``    also write every saved block to the persistent tiers at once (default false:
-                     they reach disk when a daemon demotes them or when the store closes)
-``async_load``       load in the background while the engine keeps serving other requests: ``auto`` (the
-                     default: when a load reads a disk or remote tier), true (always) or false (never)
-``async_save``       write saved blocks to the store in the background, overlapping the next step (default true)
-``max_inflight_save_bytes``   staged bytes a step may leave in flight (default 256 MiB; the rest waits)
-``events``           publish KV events for routers from the worker's store, as ``mount(events=...)``: an
-                     endpoint or a table (docs/architecture.md 1.16); saved blocks carry their prompt's ``token_ids``
-
-How it works:
-
-- Names: Dynamo KVBM v1 sequence hashes of the prompt's full blocks, salted with ``cache_salt`` and the
-  LoRA name (brief section 2), inside a :class:`~kvbm_fs.Namespace` built from the model, the KV layout
-  the engine allocated (layers, KV heads per rank, head dim, block size, dtype, attention backend) and
-  the tensor/pipeline rank. Multimodal and prompt-embedding requests are refused loudly (never
-  matched, never saved): their blocks are not determined by token ids alone. MLA models get an MLA
-  layout (one latent vector per token per layer) with TP = 1; on ``CPU_MLA``, which cannot prefill on
-  top of loaded KV, the connector stores but never loads.
-- Scheduler: ``get_num_new_matched_tokens`` matches the prompt's full blocks (never the block holding
-  the prompt's last token: vLLM must compute at least one token) in every rank's namespace;
-  ``build_connector_meta`` sends picklable plans: blocks to load, and blocks whose KV this step
-  computes, to save.
-- Processes: the worker opens the store with every tier. A scheduler in the worker's process shares
-  that Store (and its cost model caps a match at what is worth loading). A scheduler in its own process
-  (vLLM's default on CPU, and TP/PP > 1) opens only the tiers processes can share (disk, remote) and
-  mirrors the workers' host/gpu tiers from the block events each worker ships back every step
-  (``build_connector_worker_meta`` -> ``update_connector_output``), so it only offers blocks a worker
-  holds; a block evicted in between is a failed load, recomputed.
-- Events: ``take_events`` turns the shipped events into vLLM ``BlockStored``/``BlockRemoved`` (named by
-  the Dynamo hash, medium GPU/CPU/STORAGE, ownership ``kvbm_fs:<tier>``); stats go through
-  ``get_kv_connector_stats`` (both sides) and per-tier hit sources through ``get_external_cache_hit_sources``.
-- Worker, loads: for an async load (by default, one that reads a disk or remote tier; a load from
-  memory takes a few ms, less than the extra engine steps an async load costs)
-  ``get_num_new_matched_tokens`` answers ``load_kv_async=True``; vLLM parks the request (WAITING_FOR_REMOTE_KVS) and keeps serving others
-  while a background thread reads, verifies and scatters its blocks; ``get_finished`` reports it done,
-  with any failed blocks in ``get_block_ids_with_load_errors`` in the same step, as vLLM requires.
-  Without it (sync loads), loads are layer-wise: ``start_load_kv`` starts reading and verifying the
-  step's blocks on a background thread, and ``wait_for_layer_load`` places each layer's pages into
-  the KV cache just before that layer's attention (the read is whole-block: a kvbm_fs block holds
-  every layer and is verified whole before any byte of it is used). A step loading more than one
-  staging buffer (``STAGE_BYTES``) loads everything before the forward instead.
-- Worker, saves: layer-wise. ``save_kv_layer`` stages each layer's pages of the step's new blocks as
-  soon as its attention has written them (the engine may overwrite its blocks after the step);
-  ``wait_for_save`` copies any layer the engine did not hand over, then writes the staged blocks to
-  the store on a background thread that overlaps the next step; the next ``wait_for_save`` (or
-  ``flush``/shutdown) waits for it. At most ``max_inflight_save_bytes`` are staged layer by layer;
-  the rest of a large step is staged at ``wait_for_save`` in chunks. Because the engine's blocks are copied
-  before the step ends, ``request_finished`` never needs to hold a request's blocks.
-- Bytes: each block is gathered from every layer's tensor through its strides (``kv[ids]``), whatever
-  the physical layout, and the layers' pages are concatenated into one kvbm_fs row. Nothing assumes
-  where K ends and V begins; the byte order of a page is the backend's, which is why the backend is
-  part of the namespace.
-- Failures: a block that fails verification (or vanished since the match) is reported through
-  ``get_block_ids_with_load_errors``; with ``kv_load_failure_policy="recompute"`` vLLM recomputes it.
-  Blocks computed in a step whose load failed are not saved (their KV attended to garbage). A remote
-  tier that dies while serving never raises into the engine: its blocks stop matching (misses,
-  recomputed), a load it cannot deliver after matching is a failed load (recomputed), and write-through
-  saves it drops are counted in ``write_through_failed_blocks``.
+The worker owns the store and moves bytes (layer-wise, verified, in the background); the scheduler
+matches prompts against it, or against its shareable tiers plus a mirror of the workers' process-local
+tiers when it runs in a process of its own. Options, behaviour and failure semantics: docs/vllm.md;
+design: docs/architecture.md 1.13.
 """
 
 from __future__ import annotations
 
-import atexit
 import logging
 import re
 import threading
@@ -99,10 +37,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
 from kvbm_fs import BlockKeys, ConfigError, EventKind, KVLayout, LayoutMismatchError, Namespace, Store
+from kvbm_fs import engine as engine_kit
 from kvbm_fs.config import resolve
+from kvbm_fs.engine import Lease, Registry, close_store
 from kvbm_fs.events import BlockEvent
 from kvbm_fs.layout import dtype_name
 from kvbm_fs.mount import build_store
+from kvbm_fs.tier import Medium
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -291,8 +232,9 @@ def store_config(extra: Mapping[str, Any]) -> Any:
 # (persistent ones: disk, remote) and mirrors the workers' process-local tiers (host, gpu) from the
 # block events each worker ships back with every step (``build_connector_worker_meta``).
 
-_stores: dict[tuple[str, str], list[Any]] = {}  # (engine id, "worker"|"scheduler") -> [Store | None, refs]
-_stores_lock = threading.Lock()
+# (engine id, "worker"|"scheduler") -> Store | None; whatever is still open closes at exit (persisting host tiers)
+_stores: Registry[Store | None] = Registry(close_store)
+close_all = _stores.close_all
 
 
 def shareable(tier: Any) -> bool:
@@ -306,56 +248,30 @@ def shareable(tier: Any) -> bool:
 
 def _acquire_store(
     engine_id: str, role: str, extra: Mapping[str, Any], nss: list[Namespace]
-) -> tuple[Store | None, tuple[str, str]]:
+) -> tuple[Store | None, Lease[Store | None]]:
     """The store for ``role``: the worker's full store; for the scheduler, the worker's when it lives
     in this process, else a store of the shareable tiers only (None when there are none)."""
-    with _stores_lock:
+
+    def make() -> Store | None:
+        cfg = store_config(extra)
+        cfg.model, cfg.layout, cfg.tenant = nss[0].model, nss[0].layout, nss[0].tenant
+        cfg.rank, cfg.world_size = nss[0].rank, nss[0].world_size
+        if key[1] == "scheduler":
+            cfg.tiers = [t for t in cfg.tiers if shareable(t)]
+            cfg.daemon = False  # placement runs where the data is: in the worker's store
+            cfg.events = None  # so do KV events: the worker's store publishes them (one PUB per port)
+        return build_store(cfg) if cfg.tiers else None
+
+    with _stores.lock:
         key = (engine_id, "worker")
         if role == "scheduler" and key not in _stores:
             key = (engine_id, "scheduler")
-        held = _stores.get(key)
-        if held is None:
-            cfg = store_config(extra)
-            cfg.model, cfg.layout, cfg.tenant = nss[0].model, nss[0].layout, nss[0].tenant
-            cfg.rank, cfg.world_size = nss[0].rank, nss[0].world_size
-            if key[1] == "scheduler":
-                cfg.tiers = [t for t in cfg.tiers if shareable(t)]
-                cfg.daemon = False  # placement runs where the data is: in the worker's store
-                cfg.events = None  # so do KV events: the worker's store publishes them (one PUB per port)
-            held = _stores[key] = [build_store(cfg) if cfg.tiers else None, 0]
-        held[1] += 1
-        store: Store | None = held[0]
+        lease = _stores.acquire(key, make)
+    store = lease.value
     if store is not None:
         for ns in nss:
             store.add_namespace(ns)
-    return store, key
-
-
-def _release_store(key: tuple[str, str]) -> None:
-    with _stores_lock:
-        held = _stores.get(key)
-        if held is None:
-            return
-        held[1] -= 1
-        if held[1] > 0:
-            return
-        del _stores[key]
-    if held[0] is not None:
-        held[0].close()  # persists volatile tiers into the persistent one
-
-
-@atexit.register
-def close_all() -> None:
-    """Close every store still open in this process (persisting host tiers to disk)."""
-    with _stores_lock:
-        held = list(_stores.values())
-        _stores.clear()
-    for store, _ in held:
-        try:
-            if store is not None:
-                store.close()
-        except Exception:
-            log.exception("kvbm_fs: closing a store at exit failed")
+    return store, lease
 
 
 _live: weakref.WeakSet[KvbmFsConnector] = weakref.WeakSet()
@@ -533,7 +449,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         self.rank = worker_rank(vllm_config) if is_worker else 0
         self.namespace = self.namespaces[self.rank]
         self.engine_id = str(tc.engine_id)
-        store, self._store_key = _acquire_store(
+        store, self._store_lease = _acquire_store(
             self.engine_id,
             "worker" if is_worker else "scheduler",
             self.extra,
@@ -541,7 +457,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
         )
         self.store: Store | None = store
         # the scheduler sees the worker's own store (same process), or mirrors its process-local tiers
-        self.shared = is_worker or self._store_key[1] == "worker"
+        self.shared = is_worker or self._store_lease.key == (self.engine_id, "worker")
         self._closed = False
         self._stats = KvbmFsStats()
         self.totals = KvbmFsStats()  # cumulative, for tests and introspection
@@ -1093,10 +1009,9 @@ class KvbmFsConnector(KVConnectorBase_V1):
             )
             ids = np.asarray([b for t in todo for b in t.block_ids], dtype=np.int64)
             assert self.store is not None
-            present = np.zeros(len(keys), bool)
-            for tier in self.store.tiers:  # local tiers only: this runs inside the forward, and a remote
-                if tier.medium.value != "remote":  # HEAD round trip there would stall it (PUTs are idempotent)
-                    present |= tier.contains(keys)
+            # local tiers only: this runs inside the forward, and a remote HEAD round trip there would
+            # stall it (PUTs are idempotent)
+            present = engine_kit.present(self.store, keys, skip=(Medium.REMOTE,))
             new = np.flatnonzero(~present)
             skipped += int(present.sum())
             plan.keys, plan.ids = keys[new], ids[new]
@@ -1162,11 +1077,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
         dropped = 0
         try:
             saved = int(np.asarray(self.store.put(keys, rows)).sum())
-            if self.write_through:
-                for tier in self.store.tiers[1:]:
-                    if tier.persistent:  # a dead or full tier drops blocks (its put returns False) instead of raising
-                        kept = np.asarray(self.store.put(keys, rows, tier=tier.name, spill=False), bool)
-                        dropped += int((~kept).sum())
+            if self.write_through:  # a dead or full tier drops blocks (counted) instead of raising
+                dropped = engine_kit.write_through(self.store, keys, rows)
         except Exception:  # a dropped save only costs a future recompute; never fail the engine
             log.exception("kvbm_fs: saving %d blocks failed; they are dropped", len(keys))
             self._count(save_failed_blocks=len(keys))
@@ -1235,7 +1147,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
                     pool.shutdown(wait=True)
         if self._unsubscribe is not None:
             self._unsubscribe()
-        _release_store(self._store_key)
+        _stores.release(self._store_lease)
 
 
 def _auto_flag(extra: Mapping[str, Any], key: str) -> bool | str:
