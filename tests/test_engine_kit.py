@@ -132,10 +132,10 @@ def test_registry_closes_a_shared_store_at_exit_persisting_host_blocks(tmp_path:
         assert a is b and len(made) == 1
         store = a.value
         store.on_close.append(lambda: print("closed", flush=True))
-        # one block: persisting a batch that the disk tier writes through its thread pool fails at
-        # exit (the pool refuses work after interpreter shutdown begins; logged, the exit stays clean)
-        keys = store.keys(tokens(1))
-        assert store.put(keys, kv_blocks(1)).all()
+        # a batch: the disk tier's I/O pool refuses work once interpreter shutdown began, and the
+        # tier must then write serially rather than lose the blocks
+        keys = store.keys(tokens(6))
+        assert store.put(keys, kv_blocks(6)).all()
         assert not store.tier("disk").contains(keys).any()
         # exits without releasing: the registry's atexit hook closes the store
         """
@@ -144,7 +144,7 @@ def test_registry_closes_a_shared_store_at_exit_persisting_host_blocks(tmp_path:
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["closed"], proc.stdout
     with mount(f"file://{tmp_path}/d?capacity=1MiB", layout=LAYOUT, model="kit-model", env={}) as s:
-        assert s.match(s.keys(tokens(1))).length == 1  # persisted into the disk tier at exit
+        assert s.match(s.keys(tokens(6))).length == 6  # persisted into the disk tier at exit
 
 
 def test_close_store_accepts_none() -> None:

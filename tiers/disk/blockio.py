@@ -64,9 +64,12 @@ class PosixIO:
         return self._run(_pwritev_all, ops)
 
     def _run(self, fn: object, ops: Sequence[IoOp]) -> list[int]:
-        if len(ops) <= 1:
-            return [fn(op) for op in ops]  # type: ignore[operator]
-        return list(self._pool.map(fn, ops))  # type: ignore[arg-type]
+        if len(ops) > 1:
+            try:
+                return list(self._pool.map(fn, ops))  # type: ignore[arg-type]
+            except RuntimeError:  # the pool refuses work once interpreter shutdown began (a store closed
+                pass  # by an atexit hook persists then): positioned I/O is idempotent, so redo it all here
+        return [fn(op) for op in ops]  # type: ignore[operator]
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
