@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from kvbm_fs.tiers.disk.gds import try_tier
+from kvbm_fs.gds_doctor import try_tier
 
 
 def main() -> None:

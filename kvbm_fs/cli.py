@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(report, indent=2, default=str))
             return 0 if report["bad"] == 0 or args.fix else 1
         if args.cmd == "gds":
-            from .tiers.disk.gds import diagnose
+            from .gds_doctor import diagnose
 
             print(json.dumps(diagnose(args.dir, trial=not args.no_trial), indent=2))
             return 0

@@ -486,7 +486,7 @@ def test_kvbm_fs_gds_says_which_path_a_tier_here_would_take(tmp_path: Path, caps
     ],
 )
 def test_the_gds_verdict_names_what_stands_in_the_way(facts: dict[str, Any], verdict: str) -> None:
-    from kvbm_fs.tiers.disk.gds import _verdict
+    from kvbm_fs.gds_doctor import _verdict
 
     base = dict(cuda=True, nixl="nixl_cu13", gds_backend="GDS_MT", nvidia_fs=False, udev_id_fs_usage=True,
                 trial=dict(device_loads=4))  # fmt: skip
