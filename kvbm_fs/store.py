@@ -8,6 +8,7 @@ tier fails to deliver (evicted meanwhile, failed verification) is a miss.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -27,6 +28,8 @@ from .transfer import transfer
 if TYPE_CHECKING:
     from .daemon import DaemonConfig, PlacementDaemon
     from .metrics import StoreMetrics
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -375,7 +378,10 @@ class Store:
             self.persist()
         self._closed = True
         for hook in self.on_close:  # e.g. the KV-event publisher: it announces what persist wrote, then closes
-            hook()
+            try:
+                hook()
+            except Exception:  # a failing observer must not keep the tiers (and their data) from closing
+                log.exception("kvbm_fs: a close hook of this store failed")
         if self.metrics is not None:
             self.metrics.close()
         for t in self.tiers:

@@ -270,3 +270,20 @@ def test_close_persists_volatile_blocks_to_the_disk_tier(tmp_path: Path) -> None
     s2.close(persist=False)
     with mount(*urls, layout=LAYOUT, model="m", env={}) as s:
         assert s.match(s.keys(tokens(2, seed=7))).length == 0
+
+
+def test_a_failing_close_hook_still_closes_every_tier(tmp_path: Path) -> None:
+    from kvbm_fs import mount
+    from kvbm_fs.testing import LAYOUT
+
+    store = mount("host://?capacity=64KiB", f"file://{tmp_path}/d?capacity=1MiB", layout=LAYOUT, model="m", env={})
+    calls: list[str] = []
+
+    def bad() -> None:
+        calls.append("bad")
+        raise RuntimeError("observer broke")
+
+    store.on_close += [bad, lambda: calls.append("next")]
+    store.close()
+    assert calls == ["bad", "next"]
+    assert all(t._closed for t in store.tiers)  # type: ignore[attr-defined]
