@@ -19,7 +19,7 @@ import errno
 import json
 import mmap
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -77,28 +77,23 @@ class PosixIO:
 
 def _preadv_all(op: IoOp) -> int:
     """Read until every buffer is full; a short file (truncated segment) gives a short count."""
-    done, want = 0, op.nbytes
-    bufs = list(op.bufs)
-    try:
-        while done < want:
-            n = os.preadv(op.fd, bufs, op.offset + done)
-            if n == 0:
-                break
-            done += n
-            bufs = _advance(bufs, n)
-    except OSError as e:
-        return -(e.errno or errno.EIO)
-    return done
+    return _vector_io(os.preadv, op, eof_errno=0)
 
 
 def _pwritev_all(op: IoOp) -> int:
+    return _vector_io(os.pwritev, op, eof_errno=errno.EIO)
+
+
+def _vector_io(call: Callable[[int, list[memoryview], int], int], op: IoOp, eof_errno: int) -> int:
+    """Repeat a positioned vector call until all bytes moved; a call that moves nothing ends it with
+    the count so far (``eof_errno`` 0) or ``-eof_errno``; an OSError gives ``-errno``."""
     done, want = 0, op.nbytes
     bufs = list(op.bufs)
     try:
         while done < want:
-            n = os.pwritev(op.fd, bufs, op.offset + done)
+            n = call(op.fd, bufs, op.offset + done)
             if n == 0:
-                return -errno.EIO
+                return -eof_errno if eof_errno else done
             done += n
             bufs = _advance(bufs, n)
     except OSError as e:
