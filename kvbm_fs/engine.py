@@ -142,3 +142,164 @@ def close_store(store: Store | None) -> None:
 
 
 __all__ = ["Lease", "Registry", "close_store", "delete_namespace", "present", "write_targets", "write_through"]
+
+
+# ---- load and save: what every engine does with a store --------------------------------------------------
+
+
+def leading(mask: Any) -> int:
+    """Length of the leading run of True in ``mask``: the blocks an engine that needs a contiguous
+    prefix can use (one failed block cuts the prefix there)."""
+    got = np.asarray(mask, bool)
+    return int(got.size) if got.all() else int(np.argmin(got))
+
+
+@dataclass(frozen=True)
+class LoadResult:
+    """What :func:`load` delivered: ``got`` is the mask of rows filled with verified blocks."""
+
+    got: np.ndarray
+    error: BaseException | None = None  # what a load with ``recover`` swallowed (then ``got`` is all False)
+
+    @property
+    def loaded(self) -> int:
+        return int(np.count_nonzero(self.got))
+
+    @property
+    def failed(self) -> int:
+        """Blocks asked for but not delivered: missing, failed verification, or a read that raised."""
+        return int(self.got.size) - self.loaded
+
+    @property
+    def prefix(self) -> int:
+        """Leading blocks delivered (:func:`leading`)."""
+        return leading(self.got)
+
+
+def load(
+    store: Store, keys: BlockKeys, out: Any, match: Any = None, *, recover: bool = False, what: str = ""
+) -> LoadResult:
+    """``Store.get`` into an engine's staging rows (``out``: contiguous, KV-shaped or uint8 rows): every
+    block is verified by the tier that reads it, and one that is missing or corrupt is a miss (False),
+    never data (its row holds whatever the read left: copy only ``got``'s rows into the engine). With
+    ``recover`` a read that raises is a miss of every block, logged, never raised into the engine.
+    With ``what`` (the engine's name), failures are logged once, as a warning."""
+    try:
+        got = np.asarray(store.get(keys, out, match), bool)
+    except Exception as e:
+        if not recover:
+            raise
+        log.exception("%s: loading %d blocks failed; they are recomputed", what or "kvbm_fs", len(keys))
+        return LoadResult(np.zeros(len(keys), bool), e)
+    res = LoadResult(got)
+    if what and res.failed:
+        log.warning(
+            "%s: %d of %d blocks failed to load (missing or failed verification); they are recomputed",
+            what,
+            res.failed,
+            len(keys),
+        )
+    return res
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """What :func:`save` did with each key; the counts add up to ``len(keys)``:
+    ``skipped + saved + failed``."""
+
+    stored: np.ndarray  # mask: the block is in the store now (held before, or put by this call)
+    skipped: int = 0  # already held by some tier (not written again)
+    saved: int = 0  # newly put
+    failed: int = 0  # to be put but not stored: refused by every tier it could go to, or the put raised
+    dropped: int = 0  # saved, but a persistent tier dropped it when writing through (dead, full)
+    error: BaseException | None = None  # what a save with ``recover`` swallowed
+
+    @property
+    def ok(self) -> bool:
+        return self.failed == 0 and self.dropped == 0
+
+
+def save(
+    store: Store,
+    keys: BlockKeys,
+    rows: Any,
+    *,
+    write_through: bool = False,
+    skip_present: bool = True,
+    skip: Collection[Medium] = (),
+    tokens: Any = None,
+    recover: bool = False,
+    what: str = "",
+) -> SaveResult:
+    """Put the blocks of ``keys`` the store lacks (every block when not ``skip_present``; ``skip``:
+    media not asked, e.g. remote tiers inside a forward) and, with ``write_through``, put them into
+    every persistent tier too (:func:`write_through`). ``rows`` are the blocks' data, or a callable
+    ``rows(idx)`` that copies out only rows ``idx`` (an int array), so held blocks cost no copy.
+    ``tokens`` (``[len(keys), block_size]`` token ids) are noted for the new blocks before the put,
+    for KV events. With ``recover`` a put that raises fails its blocks (logged) instead of raising."""
+    n = len(keys)
+    have = present(store, keys, skip=skip) if skip_present and n else np.zeros(n, bool)
+    new = np.flatnonzero(~have)
+    if not new.size:
+        return SaveResult(have, skipped=n)
+    every = new.size == n
+    sub = keys if every else keys[new]
+    try:
+        data = rows(new) if callable(rows) else rows if every else rows[new]  # torch takes an int array too
+        if tokens is not None and store.events.active:
+            toks = np.asarray(tokens).reshape(n, -1)
+            store.note_tokens(sub, toks if every else toks[new])
+        put = np.asarray(store.put(sub, data), bool)
+        dropped = _write_through(store, sub, data) if write_through else 0
+    except Exception as e:
+        if not recover:
+            raise
+        log.exception("%s: saving %d blocks failed; they are dropped", what or "kvbm_fs", int(new.size))
+        return SaveResult(have, skipped=n - int(new.size), failed=int(new.size), error=e)
+    stored = have.copy()
+    stored[new] = put
+    saved = int(np.count_nonzero(put))
+    res = SaveResult(stored, n - int(new.size), saved, int(new.size) - saved, dropped)
+    if what and not res.ok:
+        log.warning(
+            "%s: %d of %d new blocks were not saved, %d dropped by a persistent tier",
+            what,
+            res.failed,
+            new.size,
+            dropped,
+        )
+    return res
+
+
+_write_through = write_through  # ``save``'s keyword shadows the function's name inside it
+
+
+__all__ += ["LoadResult", "SaveResult", "leading", "load", "save"]
+
+
+# ---- which tier: for logs and for readers that label blocks by tier ---------------------------------------
+
+
+def tier_names(store: Store) -> list[str]:
+    """The store's tier names, fastest first (the order ``locate`` indexes)."""
+    return [t.name for t in store.tiers]
+
+
+def locate(store: Store, keys: BlockKeys, *, skip: Collection[Medium] = ()) -> np.ndarray:
+    """Per key, the index into ``tier_names(store)`` of the first tier holding it; -1 where none does
+    (or only a tier whose medium is in ``skip``). Asked as ``present`` asks: each tier only about the
+    keys the faster tiers lack."""
+    where = np.full(len(keys), -1, np.int16)
+    todo = np.arange(len(keys))
+    for i, tier in enumerate(store.tiers):
+        if not todo.size:
+            break
+        if tier.medium in skip:
+            continue
+        hit = np.asarray(tier.contains(keys if todo.size == len(keys) else keys[todo]), bool)
+        where[todo[hit]] = i
+        todo = todo[~hit]
+    return where
+
+
+__all__ += ["locate", "tier_names"]

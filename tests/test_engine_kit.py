@@ -1,7 +1,10 @@
-"""The connector kit (kvbm_fs.engine): containment, write-through, namespace deletion, the store registry."""
+"""The connector kit (kvbm_fs.engine): containment, write-through, namespace deletion, the store registry,
+verified loads and reported saves."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +17,18 @@ import pytest
 from conftest import LAYOUT, kv_blocks, tokens
 
 from kvbm_fs import BlockKeys, Namespace, Store, mount
-from kvbm_fs.engine import Registry, close_store, delete_namespace, present, write_targets, write_through
+from kvbm_fs.engine import (
+    Registry,
+    close_store,
+    delete_namespace,
+    leading,
+    load,
+    present,
+    save,
+    write_targets,
+    write_through,
+)
+from kvbm_fs.events import VERIFY, BlockEvent, EventKind
 from kvbm_fs.tier import Medium
 
 
@@ -149,3 +163,153 @@ def test_registry_closes_a_shared_store_at_exit_persisting_host_blocks(tmp_path:
 
 def test_close_store_accepts_none() -> None:
     close_store(None)
+
+
+# ---- load and save --------------------------------------------------------------------------------------
+
+
+def _corrupt_disk_block(store: Store, tier: str, keys: BlockKeys) -> None:
+    """Flip payload bytes of the one block ``keys`` names in a disk tier, behind the tier's back."""
+    from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
+
+    t = store.tier(tier)
+    assert isinstance(t, DiskTier)
+    (rec,) = t.index.records(keys.ns, keys.hashes)
+    assert rec is not None
+    seg, off = t._locate(rec.slot)
+    fd = os.open(t._segment_path(seg), os.O_RDWR)
+    try:
+        for pos in (7, 300, 1500):
+            at = off + HEADER_PAGE + pos
+            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
+    finally:
+        os.close(fd)
+
+
+def test_leading_is_the_run_of_true_before_the_first_false() -> None:
+    assert leading(np.array([True, True, False, True])) == 2
+    assert leading([True, True]) == 2 and leading([False, True]) == 0 and leading(np.zeros(0, bool)) == 0
+
+
+def test_load_of_a_corrupted_block_is_a_counted_miss_and_cuts_the_prefix(
+    tiered: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    keys = tiered.keys(tokens(5))
+    data = kv_blocks(5)
+    assert tiered.put(keys, data, tier="disk_a", spill=False).all()
+    _corrupt_disk_block(tiered, "disk_a", keys[2:3])
+    seen: list[BlockEvent] = []
+    tiered.events.subscribe(seen.append)
+    out = torch.zeros_like(data)
+    with caplog.at_level(logging.WARNING, logger="kvbm_fs"):
+        res = load(tiered, keys, out, what="kit-test")
+    assert res.got.tolist() == [True, True, False, True, True]
+    assert (res.loaded, res.failed, res.prefix, res.error) == (4, 1, 2, None)
+    assert torch.equal(out[:2], data[:2]) and torch.equal(out[3:], data[3:])
+    bad = [e for e in seen if e.kind is EventKind.LOAD_FAILED and e.data == VERIFY]
+    assert [k.seq_hash for e in bad for k in e.keys] == [keys[2:3].hashes[0]]
+    assert "kit-test: 1 of 5 blocks failed to load" in caplog.text
+
+
+def test_load_recovers_from_a_read_that_raises_only_when_asked(
+    tiered: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    import torch
+
+    keys = tiered.keys(tokens(3))
+    assert tiered.put(keys, kv_blocks(3), tier="host", spill=False).all()
+
+    def broken(keys: BlockKeys, rows: Any) -> np.ndarray:
+        raise OSError("device gone")
+
+    monkeypatch.setattr(tiered.tier("host"), "get", broken)
+    out = torch.zeros((3, *LAYOUT.block_shape), dtype=torch.float16)
+    with pytest.raises(OSError, match="device gone"):
+        load(tiered, keys, out)
+    with caplog.at_level(logging.ERROR, logger="kvbm_fs"):
+        res = load(tiered, keys, out, recover=True, what="kit-test")
+    assert res.got.tolist() == [False] * 3 and (res.loaded, res.failed, res.prefix) == (0, 3, 0)
+    assert isinstance(res.error, OSError) and "kit-test: loading 3 blocks failed" in caplog.text
+    assert not out.any()
+
+
+def test_save_puts_only_missing_blocks_and_copies_out_only_those(tiered: Store) -> None:
+    keys = tiered.keys(tokens(4))
+    data = kv_blocks(4)
+    assert tiered.put(keys[1:2], data[1:2], tier="disk_b", spill=False).all()
+    asked: list[list[int]] = []
+
+    def rows(idx: np.ndarray) -> Any:
+        asked.append(idx.tolist())
+        return data[idx]
+
+    res = save(tiered, keys, rows)
+    assert asked == [[0, 2, 3]]  # the held block is neither copied out nor written again
+    assert (res.skipped, res.saved, res.failed, res.dropped, res.ok) == (1, 3, 0, 0, True)
+    assert res.stored.all() and tiered.tier("gpu").contains(keys).tolist() == [True, False, True, True]
+    again = save(tiered, keys, rows)
+    assert asked == [[0, 2, 3]] and (again.skipped, again.saved) == (4, 0)
+    every = save(tiered, keys, data, skip_present=False)  # asked not to look: every block is put again
+    assert (every.skipped, every.saved) == (0, 4)
+    assert save(tiered, keys[:0], data[:0]).stored.tolist() == []
+
+
+def test_save_skips_only_blocks_held_by_media_it_asks(tiered: Store) -> None:
+    keys = tiered.keys(tokens(2))
+    data = kv_blocks(2)
+    assert tiered.put(keys, data, tier="disk_a", spill=False).all()
+    res = save(tiered, keys, data, skip=(Medium.DISK,))
+    assert (res.skipped, res.saved) == (0, 2) and tiered.tier("gpu").contains(keys).all()
+
+
+def test_save_reports_blocks_no_tier_took_and_a_dead_write_through_tier(
+    tiered: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tiered.keys(tokens(3))
+    data = kv_blocks(3)
+    monkeypatch.setattr(tiered.tier("disk_b"), "put", _refuse_all)
+    res = save(tiered, keys, data, write_through=True)
+    assert (res.saved, res.failed, res.dropped, res.ok) == (3, 0, 3, False)
+    assert tiered.tier("disk_a").contains(keys).all()  # the live persistent tier still got them
+    more = tiered.keys(tokens(2, seed=1))
+    for name in ("gpu", "host", "disk_a"):
+        monkeypatch.setattr(tiered.tier(name), "put", _refuse_all)
+    with caplog.at_level(logging.WARNING, logger="kvbm_fs"):
+        res = save(tiered, more, kv_blocks(2, seed=1), what="kit-test")
+    assert (res.saved, res.failed, res.stored.tolist()) == (0, 2, [False, False])
+    assert "kit-test: 2 of 2 new blocks were not saved" in caplog.text
+
+
+def test_save_recovers_from_a_put_that_raises_only_when_asked(
+    tiered: Store, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    keys = tiered.keys(tokens(3))
+    data = kv_blocks(3)
+    assert tiered.put(keys[:1], data[:1]).all()
+
+    def broken(keys: BlockKeys, rows: Any) -> np.ndarray:
+        raise OSError("disk full of errors")
+
+    monkeypatch.setattr(tiered.tier("gpu"), "put", broken)
+    with pytest.raises(OSError, match="disk full of errors"):
+        save(tiered, keys, data)
+    with caplog.at_level(logging.ERROR, logger="kvbm_fs"):
+        res = save(tiered, keys, data, recover=True, what="kit-test")
+    assert (res.skipped, res.saved, res.failed, res.stored.tolist()) == (1, 0, 2, [True, False, False])
+    assert isinstance(res.error, OSError) and "kit-test: saving 2 blocks failed" in caplog.text
+
+
+def test_save_notes_the_new_blocks_tokens_before_their_put(tiered: Store) -> None:
+    keys = tiered.keys(tokens(3))
+    toks = tokens(3).reshape(3, -1)
+    data = kv_blocks(3)
+    assert tiered.put(keys[:1], data[:1]).all()
+    seen: list[BlockEvent] = []
+    tiered.events.subscribe(seen.append)
+    save(tiered, keys, data, tokens=toks)
+    kinds = [e.kind for e in seen if e.kind in (EventKind.TOKENS, EventKind.SAVED)]
+    assert kinds == [EventKind.TOKENS, EventKind.SAVED]
+    (noted,) = [e for e in seen if e.kind is EventKind.TOKENS]
+    assert noted.keys == keys[1:] and np.array_equal(noted.data, toks[1:].reshape(-1))
