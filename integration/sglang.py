@@ -64,7 +64,7 @@ import xxhash
 
 from kvbm_fs import BlockKeys, ConfigError, IllegalTransitionError, KVLayout, LayoutMismatchError, Namespace, Store
 from kvbm_fs.config import DEFAULT_TIERS, StoreConfig, resolve
-from kvbm_fs.engine import delete_namespace, present, write_targets
+from kvbm_fs.engine import delete_namespace, load, present, write_targets
 from kvbm_fs.events import BlockEvent, EventKind
 from kvbm_fs.keys import engine_hash_to_u64
 from kvbm_fs.layout import dtype_name
@@ -514,7 +514,7 @@ class KvbmFsHiCacheStorage(_Base):
     def _read(self, keys: BlockKeys, rows: torch.Tensor) -> np.ndarray:
         store, pages, _ = self._ready()
         t0 = time.perf_counter()
-        got = store.get(keys, rows)
+        got = load(store, keys, rows).got  # verified; a missing or corrupt page is False, its slot untouched
         dt = time.perf_counter() - t0
         hit = int(got.sum())
         nbytes = hit * pages.layout.block_nbytes

@@ -37,7 +37,7 @@ import torch
 import xxhash
 
 from kvbm_fs import ConfigError, KvbmError, KVLayout, LayoutMismatchError, Namespace, Store, mount
-from kvbm_fs.engine import present
+from kvbm_fs.engine import load, present, save
 from kvbm_fs.layout import dtype_name, torch_dtype
 
 ORDER = "LKHTD"  # one block: [layers, K|V, kv heads, tokens, head dim] -- HF's [H, T, D] per layer kept intact
@@ -319,14 +319,10 @@ def save_prefill(store: Store, input_ids: Any, cache: Any, *, namespace: Namespa
     keys = ns.keys_for_tokens(ids[: min(ids.size, held)])
     if not len(keys):
         return 0
-    new = np.flatnonzero(~present(store, keys))
-    if not new.size:
-        return 0
-    data = _gather(pairs, ns.layout, len(keys), new)
-    if store.events.active:  # KV events for routers carry these blocks' token ids (Store.note_tokens)
-        bs = ns.layout.block_size
-        store.note_tokens(keys[new], ids[: len(keys) * bs].reshape(-1, bs)[new])
-    return int(store.put(keys[new], data).sum())
+    bs = ns.layout.block_size
+    # only the blocks no tier holds are copied out; KV events for routers get their token ids
+    res = save(store, keys, lambda sel: _gather(pairs, ns.layout, len(keys), sel), tokens=ids[: len(keys) * bs])
+    return res.saved
 
 
 def _cache_from_blocks(blocks: torch.Tensor, device: Any) -> Any:
@@ -354,8 +350,7 @@ def load_prefix(
     if m.worth == 0:
         return None, 0
     out = torch.empty((m.worth, *ns.layout.block_shape), dtype=torch_dtype(ns.layout.dtype))
-    got = store.get(keys[: m.worth], out, m)
-    n = int(np.argmin(got)) if not got.all() else got.size
+    n = load(store, keys[: m.worth], out, m).prefix
     if n == 0:
         return None, 0
     return _cache_from_blocks(out[:n], device if device is not None else "cpu"), n * ns.layout.block_size

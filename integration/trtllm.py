@@ -365,6 +365,7 @@ WORKER_STATS = (
     "saved_bytes",
     "save_skipped_blocks",
     "save_failed_blocks",
+    "write_through_failed_blocks",  # saved, but a persistent tier dropped them (dead, full)
     "load_s",
     "save_s",
 )
@@ -506,9 +507,9 @@ class KvbmFsTrtllmScheduler(SchedulerBase, _Side):
                 break
             keys = BlockKeys(ns.id, st.hashes[start:stop], st.parents[start:stop])
             rows = torch.empty((len(keys), ns.block_nbytes), dtype=torch.uint8)
-            got = store.get(keys, rows)
-            lead = len(got) if got.all() else int(np.argmin(got))
-            self._counters.add(unverified_blocks=int((~got).sum()))
+            res = engine_kit.load(store, keys, rows)
+            lead = res.prefix
+            self._counters.add(unverified_blocks=res.failed)
             stop = start + lead
             if r == 0:
                 staged = rows[:lead]
@@ -681,7 +682,7 @@ class KvbmFsTrtllmWorker(WorkerBase, _Side):
         ns = self.namespace
         assert ns is not None
         rows = torch.empty((len(t.block_ids), ns.block_nbytes), dtype=torch.uint8, pin_memory=self._pinned())
-        return rows, self.store.get(BlockKeys(ns.id, t.hashes, t.parents), rows)
+        return rows, engine_kit.load(self.store, BlockKeys(ns.id, t.hashes, t.parents), rows).got
 
     def _pinned(self) -> bool:
         return self.kv is not None and self.kv.is_cuda
@@ -832,21 +833,14 @@ class KvbmFsTrtllmWorker(WorkerBase, _Side):
             self._counters.add(save_s=time.perf_counter() - t0)
 
     def _store_rows(self, keys: BlockKeys, rows: torch.Tensor) -> None:
-        store = self.store
-        present = engine_kit.present(store, keys)
-        new = np.flatnonzero(~present)
-        ok = 0
-        if new.size:
-            sub, data = keys[new], rows[torch.as_tensor(new)] if new.size != len(keys) else rows
-            ok = int(store.put(sub, data).sum())
-            if self.write_through:
-                engine_kit.write_through(store, sub, data)
+        res = engine_kit.save(self.store, keys, rows, write_through=self.write_through)
         assert self.namespace is not None
         self._counters.add(
-            saved_blocks=ok,
-            saved_bytes=ok * self.namespace.block_nbytes,
-            save_skipped_blocks=int(present.sum()),
-            save_failed_blocks=int(new.size) - ok,
+            saved_blocks=res.saved,
+            saved_bytes=res.saved * self.namespace.block_nbytes,
+            save_skipped_blocks=res.skipped,
+            save_failed_blocks=res.failed,
+            write_through_failed_blocks=res.dropped,
         )
 
     # ---- completion -----------------------------------------------------------------------------------

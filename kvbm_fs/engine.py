@@ -1,6 +1,7 @@
 """The connector kit: store plumbing every engine connector needs, so connectors never walk ``store.tiers``.
 
-Containment across tiers, write-through to the persistent tiers, deleting a namespace, and a
+Containment across tiers, write-through to the persistent tiers, deleting a namespace, verified
+loads into engine rows and saves that report what they dropped (``load``, ``save``), and a
 per-process registry that shares one store per engine and closes it at exit (engines rarely say
 they are done, and closing is what persists host-tier blocks). See docs/architecture.md.
 """
