@@ -158,17 +158,24 @@ class Tier(abc.ABC):
 
 
 class Admission:
-    """A tier's admission filter (the ``+ADMISSION`` part of its policy spec), for tiers that are not
-    slot pools (disk, remote). Why: a frequency filter in front of a disk or a bucket keeps one-off
-    prompts from being written at all, which saves SSD wear and PUT requests, the write churn a
-    write-through G3 suffers. Counts are per process (not shared with other processes of the tier)."""
+    """A tier's admission filter (the ``+ADMISSION`` part of its policy spec), the one every tier uses:
+    slot tiers, disk and remote. Why: a frequency filter keeps one-off prompts from taking room, and in
+    front of a disk or a bucket from being written at all, which saves SSD wear and PUT requests, the
+    write churn a write-through G3 suffers. Counts are per process (not shared with other processes of
+    the tier)."""
 
-    SKETCH_BLOCKS = 1 << 20  # sketch size for an unbounded tier
+    SKETCH_BLOCKS = 1 << 20  # sketch size cap for a large or unbounded tier
 
-    def __init__(self, policy: EvictionPolicy, capacity_blocks: int | None) -> None:
+    def __init__(
+        self, policy: EvictionPolicy, capacity_blocks: int | None, *, sketch_blocks: int | None = None
+    ) -> None:
+        """``sketch_blocks``: the sketch's exact size (slot pools size it by their slots); by default
+        the capacity, capped at ``SKETCH_BLOCKS``."""
         self.filter: AdmissionPolicy | None = admission_of(policy)
         if self.filter is not None:
-            self.filter.bind(min(capacity_blocks or self.SKETCH_BLOCKS, self.SKETCH_BLOCKS))
+            if sketch_blocks is None:
+                sketch_blocks = min(capacity_blocks or self.SKETCH_BLOCKS, self.SKETCH_BLOCKS)
+            self.filter.bind(sketch_blocks)
 
     def seen(self, keys: BlockKeys) -> None:
         """One access (a read, or an offer to store) per key."""
@@ -177,8 +184,8 @@ class Admission:
 
     def trim(self, tier: Tier, keys: BlockKeys, todo: np.ndarray, free: int) -> np.ndarray:
         """The leading part of ``todo`` (indices into ``keys`` of blocks new to ``tier``, chain order)
-        that the filter admits: a refused block ends the chain, since a child without its parent
-        can never be matched."""
+        that the filter admits, ``free`` of them without displacing anything: a refused block ends
+        the chain, since a child without its parent can never be matched."""
         if self.filter is None or todo.size == 0:
             return todo
         need = todo.size - max(0, free)
@@ -215,9 +222,7 @@ class SlotTier(Tier):
         self.pool = SlotPool(int(buf.shape[0]), block_size, name=name, events=self.events, policy=policy)
         # Admission ("lru+tinylfu"): new blocks the filter refuses are not stored here (put answers
         # False for them, and the store spills them to the next tier).
-        self.admission: AdmissionPolicy | None = admission_of(self.pool.policy)
-        if self.admission is not None:
-            self.admission.bind(self.pool.num_slots)
+        self.admission = Admission(self.pool.policy, self.pool.num_slots, sketch_blocks=self.pool.num_slots)
         self._closed = False
 
     # ---- slot-level API, used by transfer handlers -----------------------------------------
@@ -245,32 +250,16 @@ class SlotTier(Tier):
     # ---- Tier primitives -------------------------------------------------------------------
     def put(self, keys: BlockKeys, data: Any) -> np.ndarray:
         self._check_rows(keys, data, "put")
-        if self.admission is not None:
-            self.admission.record(keys)
+        self.admission.seen(keys)
         held = self.acquire(keys)  # pins what is already here, so making room cannot evict it
         try:
             out = held >= 0
-            todo = np.flatnonzero(~out)
-            if todo.size and self.admission is not None:
-                todo = todo[: self._admitted(keys[todo])]
+            todo = self.admission.trim(self, keys, np.flatnonzero(~out), self.pool.num_free)
             if todo.size:
                 out[todo] = self._write(keys[todo], data, todo)
             return out
         finally:
             self.pool.release(held)
-
-    def _admitted(self, keys: BlockKeys) -> int:
-        """How many leading new keys the admission policy lets in (a refused block ends the chain)."""
-        assert self.admission is not None
-        free = self.pool.num_free
-        need = len(keys) - free
-        victims = self.pool.coldest(need) if need > 0 and self.admission.needs_victims else []
-        ok = self.admission.admit(keys, free, victims)
-        refused = np.flatnonzero(~ok)
-        if refused.size == 0:
-            return len(keys)
-        self.events.publish(EventKind.REFUSED, self.name, keys[int(refused[0]) :], "admission")
-        return int(refused[0])
 
     def _write(self, keys: BlockKeys, src: Any, src_rows: np.ndarray) -> np.ndarray:
         """Store as many leading keys as fit (a prefix is what matching can use); mask of those written."""
@@ -298,8 +287,7 @@ class SlotTier(Tier):
 
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
-        if self.admission is not None:
-            self.admission.record(keys)
+        self.admission.seen(keys)
         slots = self.acquire(keys)
         found = slots >= 0
         try:

@@ -650,3 +650,17 @@ def test_a_server_listening_on_every_interface_advertises_this_hosts_name() -> N
         t = PeerTier(f"peer://127.0.0.1:{srv.port}", BN)  # and it is reachable on loopback too
         t.close()
         srv.tier.close()
+
+
+def test_the_served_tiers_admission_filter_decides_a_peers_put() -> None:
+    server = PeerServer(HostTier(16 * BN, BN, name="exported", policy="lru+count2"))
+    t = PeerTier(server.url, BN)
+    try:
+        keys = chain(NS_A, 3)
+        t.bind_namespace(NS_A)
+        assert not t.put(keys, blocks_for(keys, BN)).any()  # first offer: refused, as a local put would be
+        assert t.put(keys, blocks_for(keys, BN)).all() and server.tier.contains(keys).all()
+    finally:
+        t.close()
+        server.close()
+        server.tier.close()

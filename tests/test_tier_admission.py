@@ -1,5 +1,6 @@
-"""Admission filters on the disk and remote tiers: a block offered once is not written; one that
-keeps coming back is. This is how a G3/G4 avoids the write churn of storing every one-off prompt."""
+"""Admission filters (one ``tier.Admission`` for every tier: host slots, disk, remote): a block offered
+once is not written; one that keeps coming back is. This is how a G3/G4 avoids the write churn of
+storing every one-off prompt."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 
 from kvbm_fs import mount
+from kvbm_fs.events import EventKind
 from kvbm_fs.registry import TierSpec
 from kvbm_fs.testing import NS_A, blocks_for, chain
 from kvbm_fs.tiers.disk import DiskTier
+from kvbm_fs.tiers.host import HostTier
 from kvbm_fs.tiers.remote import RemoteTier
 
 NB = NS_A.block_nbytes
@@ -31,9 +34,11 @@ def _remote(path: Path, policy: str) -> RemoteTier:
     return t
 
 
-@pytest.fixture(params=["disk", "remote"])
+@pytest.fixture(params=["host", "disk", "remote"])
 def make(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
     def build(policy: str) -> Any:
+        if request.param == "host":
+            return HostTier(16 * NB, NB, policy=policy)
         return _disk(tmp_path / "d", policy) if request.param == "disk" else _remote(tmp_path / "r", policy)
 
     return build
@@ -65,6 +70,19 @@ def test_a_refused_parent_ends_the_chain(make: Any) -> None:
     t.put(keys[2:], blocks_for(keys[2:], NB))  # the tail was offered before; the head was not
     got = t.put(keys, blocks_for(keys, NB))
     assert got.tolist() == [False] * 4  # block 0 is refused, so its descendants are not written either
+    t.close()
+
+
+def test_a_refusal_is_one_event_naming_the_refused_tail(make: Any) -> None:
+    t = make("lru+count2")
+    keys = chain(NS_A, 4)
+    t.put(keys[:2], blocks_for(keys[:2], NB))  # the head was offered before; the tail was not
+    t.put(keys[:2], blocks_for(keys[:2], NB))  # ... and is stored on its second offer
+    seen: list[Any] = []
+    t.events.subscribe(seen.append)
+    assert t.put(keys, blocks_for(keys, NB)).tolist() == [True, True, False, False]
+    refused = [e for e in seen if e.kind is EventKind.REFUSED]
+    assert len(refused) == 1 and refused[0].tier == t.name and refused[0].keys == keys[2:]
     t.close()
 
 

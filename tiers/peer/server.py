@@ -203,14 +203,11 @@ class PeerServer:
         """SlotTier.put up to the copy: present keys, admission, then as many slots as fit."""
         keys = _keys(doc, blob)
         t = self.tier
-        if t.admission is not None:
-            t.admission.record(keys)
+        t.admission.seen(keys)
         held = t.acquire(keys)  # pins what is already here, so making room cannot evict it
         try:
             code = np.where(held >= 0, _PRESENT, _REFUSED).astype(np.int64)
-            todo = np.flatnonzero(held < 0)
-            if todo.size and t.admission is not None:
-                todo = todo[: t._admitted(keys[todo])]
+            todo = t.admission.trim(t, keys, np.flatnonzero(held < 0), t.pool.num_free)
             slots = t.reserve(todo.size) if todo.size else None
             if todo.size and slots is None:
                 room = t.pool.num_free + (t.pool.num_evictable if t.evict_on_put else 0)
