@@ -1,4 +1,4 @@
-"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``gds``, ``replay``, ``daemon``,
+"""``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``gds``, ``replay``, ``daemon``, ``serve``,
 ``hf-prepopulate`` (offline warm-cache prepopulation with a local transformers model)."""
 
 from __future__ import annotations
@@ -105,13 +105,16 @@ def main(argv: list[str] | None = None) -> int:
     ps.add_argument("--policy", help="eviction policy of the served tier (default: the store default)")
     ps.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0: any free one)")
     ps.add_argument("--metrics-host", default="127.0.0.1", help="address /metrics listens on (default 127.0.0.1)")
-    from . import admin  # ls, du, stat, rm, verify, cp
+    from . import admin, serve  # ls, du, stat, rm, verify, cp; serve (the node sidecar), health
 
     admin.add_parsers(sub)
+    serve.add_parsers(sub)
     args = p.parse_args(argv)
     try:
         if args.cmd in admin.COMMANDS:
             return admin.run(args)
+        if args.cmd in serve.COMMANDS:
+            return serve.run(args)
         if args.cmd == "demo":
             from .demo import DEMO_DIR, default_tiers, run_demo
 
@@ -178,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _peer_serve(args: argparse.Namespace) -> int:
     """A memory-only peer: one host tier, served until SIGINT/SIGTERM; prints its URL as JSON."""
-    import signal
-    import threading
-
+    from .serve import say, stop_event
     from .tiers.peer import serve_host_memory
 
     block = args.block_bytes
@@ -197,13 +198,11 @@ def _peer_serve(args: argparse.Namespace) -> int:
 
         metrics = StoreMetrics([srv.tier], srv.tier.events)
         metrics.serve(args.metrics_port, args.metrics_host)
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
+    done = stop_event()
     info = {"url": srv.url, "block_bytes": block, "slots": srv.slots}
     if metrics is not None:
         info["metrics_port"] = metrics.port
-    print(json.dumps(info), flush=True)
+    say(info)
     done.wait()
     if metrics is not None:
         metrics.close()
@@ -216,21 +215,18 @@ def _daemon(
     config: str, once: bool, metrics_port: int | None = None, metrics_host: str = "127.0.0.1", events: str | None = None
 ) -> int:
     """Standalone daemon: no engine in this process, so it only demotes between the configured tiers."""
-    import signal
     import threading
 
     from .config import events_text, load_file
     from .mount import mount
+    from .serve import stop_event
 
     daemon_cfg = load_file(config).get("daemon", True)
     with mount(config=config, events=None if events is None else events_text(events, "--events")) as store:
         if metrics_port is not None:
             store.enable_metrics(metrics_port, metrics_host)
         d = store.start_daemon(daemon_cfg if isinstance(daemon_cfg, dict) else None)
-        done = threading.Event()
-        if not once:
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                signal.signal(sig, lambda *_: done.set())
+        done = threading.Event() if once else stop_event()
         if metrics_port is not None:  # the ready line: a SIGINT from here on stops cleanly
             print(json.dumps({"metrics_port": store.enable_metrics().port}), flush=True)
         if "kvbm_fs.kv_events" in sys.modules:  # mount attached a publisher: say where (port 0 picks one)
