@@ -13,10 +13,12 @@ from .errors import ConfigError, KvbmError
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["hf-prepopulate"]:  # its own parser: importing it (torch) only when it is asked for
-        from .integration.transformers import main as hf_main
+    if argv[:1] == ["hf-prepopulate"] and len(argv) >= 3 and not argv[1].startswith("-"):
+        argv = ["prepopulate", argv[2], "--engine", "hf", "--model", argv[1], *argv[3:]]  # the old spelling
+    if argv[:1] in (["prepopulate"], ["hf-prepopulate"]):  # its own parser (kvbm_fs/prepopulate.py)
+        from .prepopulate import main as prepopulate_main
 
-        return hf_main(argv[1:])
+        return prepopulate_main(argv[1:])
     if argv[:1] == ["top"]:  # its own parser (kvbm_fs/top.py)
         from .top import main as top_main
 
@@ -30,9 +32,10 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("top", help="live view of a store's metrics endpoint: tiers, hit rates, bandwidth, daemon moves")
     sub.add_parser("pd-proxy", help="prefill->decode proxy in front of vLLM servers (--help for options)")
     sub.add_parser(
-        "hf-prepopulate",
-        help="prefill prompts with a local transformers model and store their KV blocks (--help for options)",
+        "prepopulate",
+        help="warm persistent tiers offline with the serving engine itself (vllm or hf; --help for options)",
     )
+    sub.add_parser("hf-prepopulate", help="MODEL_DIR PROMPTS ...: prepopulate --engine hf --model MODEL_DIR PROMPTS")
     d = sub.add_parser("demo", help="store and match real KV-shaped blocks through every tier")
     d.add_argument("--json", action="store_true", help="print only the JSON summary")
     d.add_argument("--requests", type=int, default=8)
