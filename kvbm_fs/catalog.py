@@ -25,6 +25,7 @@ from .errors import ConfigError, CorruptBlockError, KvbmError
 from .keys import BlockKeys, Namespace
 from .registry import TierSpec, open_tier, tier_class
 from .tier import Tier
+from .transfer import move
 from .units import parse_size
 
 if TYPE_CHECKING:
@@ -292,8 +293,8 @@ class Catalog:
         limit: int | None = None,
         progress: Progress = quiet,
     ) -> dict[str, Any]:
-        """Copy blocks into ``dst``: each is read through ``Tier.get`` (verified) and written with
-        ``Tier.put`` (which checksums it again); blocks ``dst`` already holds are skipped, so an
+        """Copy blocks into ``dst`` in batches through ``transfer.move``: each is read through ``Tier.get``
+        (verified) and written with ``Tier.put`` (which checksums it again); blocks ``dst`` already holds are skipped, so an
         interrupted copy resumes where it stopped. ``limit`` stops after that many writes."""
         want = {self.resolve_namespace(n) for n in namespaces} if namespaces else None
         have = _list_blocks(dst)
@@ -334,14 +335,13 @@ class Catalog:
                     if limit is not None:
                         part = part[: limit - rep["written"]]
                     keys = b.keys(part)
-                    got = t.get(keys, rows[: len(keys)])
-                    ok = np.flatnonzero(got)
-                    stored = dst.put(keys[ok], rows[ok]) if ok.size else np.zeros(0, bool)
-                    rep["failed"] += len(keys) - ok.size
-                    rep["written"] += int(stored.sum())
-                    rep["refused"] += int(stored.size - stored.sum())
+                    got, stored = move(keys, t, dst, rows)  # the one byte path (kvbm_fs.transfer)
+                    n_got, n_stored = int(got.sum()), int(stored.sum())
+                    rep["failed"] += len(keys) - n_got
+                    rep["written"] += n_stored
+                    rep["refused"] += n_got - n_stored
                     per = rep["namespaces"].setdefault(f"{b.ns:016x}", 0)
-                    rep["namespaces"][f"{b.ns:016x}"] = per + int(stored.sum())
+                    rep["namespaces"][f"{b.ns:016x}"] = per + n_stored
                     advance(len(keys))
         finally:
             dst.evict_on_put = evict

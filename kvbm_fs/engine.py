@@ -49,7 +49,8 @@ def write_targets(store: Store, write_through: bool) -> list[Tier]:
 
 def write_through(store: Store, keys: BlockKeys, rows: Any) -> int:
     """Put ``keys`` into every persistent tier after the first, without spilling; return the blocks
-    dropped (a dead or full tier's put returns False for them rather than raising)."""
+    dropped (a dead or full tier's put returns False for them rather than raising). Each is one
+    ``Store.put`` (one SAVED event; the bytes go through ``transfer.put_rows``, as every save's do)."""
     dropped = 0
     for tier in write_targets(store, True)[1:]:
         kept = np.asarray(store.put(keys, rows, tier=tier.name, spill=False), bool)

@@ -1,9 +1,10 @@
 """The tiered store: one namespace-checked front over an ordered list of tiers (fastest first).
 
-The store does bookkeeping and validation only; tiers move bytes.  ``match``
-tells how many leading blocks are loadable and which tier holds each run;
-``get`` onboards them into caller buffers, tier by tier, and any block that a
-tier fails to deliver (evicted meanwhile, failed verification) is a miss.
+The store does bookkeeping and validation only; tiers store and fetch, and bytes move between
+them (or from caller rows into them) through :mod:`kvbm_fs.transfer`.  ``match`` tells how many
+leading blocks are loadable and which tier holds each run; ``get`` onboards them into caller
+buffers, tier by tier, and any block that a tier fails to deliver (evicted meanwhile, failed
+verification) is a miss.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from .errors import ConfigError, LayoutMismatchError, PinnedError, TierClosedErr
 from .events import EventBus, EventKind, Move, StoreOp
 from .keys import BlockKeys, Namespace
 from .tier import Medium, SlotTier, Tier
-from .transfer import transfer
+from .transfer import put_rows, transfer
 
 if TYPE_CHECKING:
     from .daemon import DaemonConfig, PlacementDaemon
@@ -137,30 +138,17 @@ class Store:
     def put(self, keys: BlockKeys, data: Any, tier: str | None = None, spill: bool = True) -> np.ndarray:
         """Offload: store KV-shaped ``[n, *block_shape]`` (or raw uint8 rows) into ``tier`` (default: the
         first). Blocks that tier refuses (full of pinned blocks, or a batch larger than the tier) go to
-        the next tier down when ``spill``. Returns the mask of keys now stored somewhere."""
+        the next tier down when ``spill`` (``transfer.put_rows``). Returns the mask of keys now stored somewhere."""
         self._live()
         rows = self._rows(keys, data, "put")
         start = self.tiers.index(self.tier(tier)) if tier else 0
-        ok = np.zeros(len(keys), bool)
-        where = np.full(len(keys), -1, np.int8)
-        secs, asked, took_n = [-1.0] * len(self.tiers), [0] * len(self.tiers), [0] * len(self.tiers)
         with self._foreground():
-            for i in range(start, len(self.tiers) if spill else start + 1):
-                todo = np.flatnonzero(~ok)
-                if todo.size == 0:
-                    break
-                sub = keys if todo.size == len(keys) else keys[todo]
-                t0 = time.perf_counter()
-                took = self.tiers[i].put(sub, rows if todo.size == len(keys) else rows[todo])
-                secs[i] = time.perf_counter() - t0
-                ok[todo] = took
-                where[todo[took]] = i
-                asked[i], took_n[i] = todo.size, int(np.count_nonzero(took))
-        self._count(put_blocks=int(ok.sum()))
+            placed = put_rows(keys, rows, self.tiers, start, spill)
+        self._count(put_blocks=int(placed.ok.sum()))
         if self.events.active:
-            op = StoreOp(self._names, where, ok, secs, asked, took_n)
+            op = StoreOp(self._names, placed.where, placed.ok, placed.seconds, placed.asked, placed.took)
             self.events.publish(EventKind.SAVED, "", keys, data=op)
-        return ok
+        return placed.ok
 
     def match(self, keys: BlockKeys) -> Match:
         """Longest run of leading blocks present in some tier, with the fastest tier for each block."""
