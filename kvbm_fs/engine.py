@@ -305,3 +305,67 @@ def locate(store: Store, keys: BlockKeys, *, skip: Collection[Medium] = ()) -> n
 
 
 __all__ += ["locate", "tier_names"]
+
+
+# ---- layout siblings: the same model stored under another KV layout -------------------------------------
+
+
+def model_family(model: str) -> str:
+    """A namespace's model without the part that names the KV layout: vLLM's ``@vllm/<attention
+    backend>`` suffix (the backend fixes a page's byte order). Other engines' names are kept whole."""
+    head, sep, _ = model.partition("@vllm/")
+    return head + "@vllm" if sep else model
+
+
+def layout_siblings(store: Store, ns: Namespace) -> list[Namespace]:
+    """Namespaces the store's persistent tiers describe for ``ns``'s model family, tenant, rank and
+    hash scheme but another KV layout (block size, dtype, heads, backend): blocks prepopulated or served
+    under a layout ``ns`` never matches. A connector calls this at start-up and warns (see
+    :func:`warn_layout_siblings`); an unreadable tier is skipped, never raised."""
+    from .catalog import namespace_descriptions  # the catalog reads tiers' namespace descriptions
+
+    want = (model_family(ns.model), ns.tenant, ns.rank, ns.world_size, ns.hash_scheme)
+    out: dict[int, Namespace] = {}
+    for tier in store.tiers:
+        if not tier.persistent:
+            continue
+        try:
+            described = namespace_descriptions(tier)
+        except Exception:
+            log.debug("layout_siblings: cannot list namespaces of tier %s", tier.name, exc_info=True)
+            continue
+        for other in described.values():
+            key = (model_family(other.model), other.tenant, other.rank, other.world_size, other.hash_scheme)
+            if other.id != ns.id and key == want:
+                out[other.id] = other
+    return sorted(out.values(), key=lambda n: n.short_id)
+
+
+def layout_difference(a: Namespace, b: Namespace) -> str:
+    """What tells two sibling namespaces apart, e.g. ``block_size 32 != 64``."""
+    da, db = a.layout.to_dict(), b.layout.to_dict()
+    parts = [f"{k} {db.get(k)} != {da.get(k)}" for k in sorted(set(da) | set(db)) if da.get(k) != db.get(k)]
+    if a.model != b.model:
+        parts.append(f"{b.model} != {a.model}")
+    return ", ".join(parts) or "layout"
+
+
+def warn_layout_siblings(store: Store, ns: Namespace, what: str = "kvbm_fs") -> list[Namespace]:
+    """Log a warning naming each layout sibling of ``ns`` (what differs), so a prepopulation done with
+    another block size or dtype than the server's cannot go unnoticed as zero hits; return them."""
+    found = layout_siblings(store, ns)
+    for other in found:
+        log.warning(
+            "%s: the tiers hold model %s under namespace %s, which differs from this engine's %s only in KV "
+            "layout (%s): those blocks never match here; serve with the layout they were stored with, or "
+            "prepopulate again with this one",
+            what,
+            model_family(ns.model),
+            other.short_id,
+            ns.short_id,
+            layout_difference(ns, other),
+        )
+    return found
+
+
+__all__ += ["layout_difference", "layout_siblings", "model_family", "warn_layout_siblings"]

@@ -196,3 +196,31 @@ def test_namespaces_of_every_rank_must_hold_a_block(tmp_path: Path) -> None:
         eng.prefill([np.asarray(SYS)])  # rank 0 only
         rep = pp.run(eng, corpus(SYS))
         assert rep.already_present == 0 and rep.prefilled == 1 and rep.blocks_failed == 3  # rank 1 never stored
+
+
+def test_layout_siblings_name_the_same_model_stored_under_another_layout(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from kvbm_fs.engine import layout_siblings, warn_layout_siblings
+
+    url = f"remote+file://{tmp_path}/kv"
+    model = "/models/tiny@vllm/CPU_ATTN"
+    # a tier holds blocks of one byte size: the siblings that can share it differ in block size and dtype
+    # together (bfloat16 vs float16, or here 2 float32 tokens vs 4 float16), or in attention backend
+    other = KVLayout(num_layers=1, num_kv_heads=1, head_dim=8, block_size=2, dtype="float32")
+    for m, tenant in ((model, ""), ("/models/other@vllm/CPU_ATTN", ""), (model, "acme")):
+        with mount(url, layout=other, model=m, tenant=tenant, env={}) as store:
+            keys = store.keys(np.arange(32))
+            store.put(keys, torch.zeros((len(keys), *other.block_shape)))
+    with mount(url, layout=LAYOUT, model="/models/tiny@vllm/TORCH_SDPA", env={}) as store:  # block size 4
+        ns = store.default_namespace
+        assert ns is not None
+        assert store.match(ns.keys_for_tokens(np.arange(32))).length == 0  # another layout never matches
+        sib = layout_siblings(store, ns)
+        assert [(s.model, s.layout.block_size, s.tenant) for s in sib] == [(model, 2, "")]
+        with caplog.at_level("WARNING", logger="kvbm_fs"):
+            assert warn_layout_siblings(store, ns, "test") == sib
+        assert "block_size 2 != 4, dtype float32 != float16" in caplog.text and sib[0].short_id in caplog.text
+    with mount(url, layout=other, model=model, env={}) as store:  # from the other side: the one mounted above
+        assert store.default_namespace is not None
+        assert [s.model for s in layout_siblings(store, store.default_namespace)] == ["/models/tiny@vllm/TORCH_SDPA"]
