@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 COMMANDS = ("serve", "health")
 PEER_PORT, METRICS_PORT = 7000, 9400
+HEALTH_PATH = "/healthz"  # on the metrics port; Kubernetes probes call it (deploy/)
 
 
 # ---- shared by the standalone commands (serve, daemon, peer-serve) -------------------------------
@@ -114,7 +115,7 @@ class Sidecar:
         metrics_app = make_wsgi_app(self.metrics.registry)
 
         def app(environ: dict[str, Any], start: Any) -> Any:
-            if environ.get("PATH_INFO") == "/healthz":
+            if environ.get("PATH_INFO") == HEALTH_PATH:
                 ok, doc = self.health()
                 start("200 OK" if ok else "503 Service Unavailable", [("Content-Type", "application/json")])
                 return [json.dumps(doc).encode()]
@@ -162,7 +163,7 @@ class Sidecar:
         """The ready line: where everything listens."""
         doc: dict[str, Any] = {"ready": True, "peer": self.peer.url if self.peer else None}
         doc["metrics_port"] = self.http_port
-        doc["health"] = f"http://{self.http_host}:{self.http_port}/healthz"
+        doc["health"] = f"http://{self.http_host}:{self.http_port}{HEALTH_PATH}"
         doc["tiers"] = [t.name for t in self.store.tiers]
         if "kvbm_fs.kv_events" in sys.modules:
             from .kv_events import publisher_of
@@ -233,7 +234,7 @@ def _health(url: str | None, timeout: float) -> int:
     import urllib.error
     import urllib.request
 
-    url = url or f"http://127.0.0.1:{os.environ.get('KVBM_FS_METRICS_PORT') or METRICS_PORT}/healthz"
+    url = url or f"http://127.0.0.1:{os.environ.get('KVBM_FS_METRICS_PORT') or METRICS_PORT}{HEALTH_PATH}"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as r:
             body, code = r.read().decode(), r.status
