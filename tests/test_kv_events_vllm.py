@@ -11,8 +11,8 @@ from pathlib import Path
 import msgspec
 import numpy as np
 import pytest
-import zmq
 from conftest import LAYOUT, tokens
+from zmq_sub import Sub, subscribe
 
 from kvbm_fs import kv_events, mount
 from kvbm_fs.kv_events import publisher_of
@@ -22,6 +22,7 @@ pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/run-vllm run
 from vllm.distributed import kv_events as vke
 
 NB = LAYOUT.block_nbytes
+VLLM_DECODER = msgspec.msgpack.Decoder(vke.KVEventBatch)  # vLLM's own: what a router decodes with
 
 
 def test_events_decode_with_vllms_decoder_and_a_demotion_is_stored_on_storage_removed_from_cpu(
@@ -34,22 +35,13 @@ def test_events_decode_with_vllms_decoder_and_a_demotion_is_stored_on_storage_re
     store.stop_daemon()
     pub = publisher_of(store)
     assert pub is not None
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.connect(pub.endpoint)
-    sub.setsockopt(zmq.SUBSCRIBE, b"kvbm_fs")
-    assert pub.wait_subscribed()
+    sub = subscribe(pub, "kvbm_fs", decode=VLLM_DECODER)
     keys = store.keys(tokens(8, seed=1))
     assert store.put(keys, np.zeros((8, NB), np.uint8)).all()
     assert store.daemon.run_once() > 0
-    assert pub.flush()
-    dec = msgspec.msgpack.Decoder(vke.KVEventBatch)
-    evs = []
-    while sub.poll(300):
-        _, _seq, payload = sub.recv_multipart()
-        batch = dec.decode(payload)
+    evs = sub.read_upto(pub)
+    for _, _seq, batch in sub.batches:
         assert isinstance(batch, vke.KVEventBatch) and batch.data_parallel_rank == 0
-        evs += batch.events
     first = evs[0]
     assert isinstance(first, vke.BlockStored) and first.medium == vke.MEDIUM_CPU
     assert first.block_hashes == keys.hashes.tolist() and first.block_size == LAYOUT.block_size
@@ -62,8 +54,7 @@ def test_events_decode_with_vllms_decoder_and_a_demotion_is_stored_on_storage_re
     assert left_cpu and left_cpu <= on_storage and left_cpu == set(keys.hashes.tolist()) - still_host
     assert {e.locality for e in evs if isinstance(e, vke.BlockStored) and e.medium == vke.MEDIUM_STORAGE} == {"LOCAL"}
     store.close(persist=False)
-    sub.close(linger=0)
-    ctx.term()
+    sub.close()
 
 
 def test_kvbm_fs_structs_and_vllms_read_each_others_bytes_field_for_field() -> None:
@@ -103,15 +94,6 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return random_model(tmp_path_factory.mktemp("tiny-llama"), "Llama", TINY_LLAMA)
 
 
-def vllm_events(sub: zmq.Socket[bytes], wait_ms: int = 300) -> list[object]:
-    dec = msgspec.msgpack.Decoder(vke.KVEventBatch)
-    evs: list[object] = []
-    while sub.poll(wait_ms):
-        _, _seq, payload = sub.recv_multipart()
-        evs += dec.decode(payload).events
-    return evs
-
-
 def tokens_by_block(evs: list[object], medium: str) -> dict[int, list[int]]:
     out: dict[int, list[int]] = {}
     for e in evs:
@@ -130,20 +112,16 @@ def test_a_vllm_engine_with_events_publishes_its_saved_blocks_with_their_prompt_
 
     events = {"endpoint": "tcp://127.0.0.1:0", "bind": True}  # the connector's extra config passes it to mount
     llm = new_engine(model, kv_config(tmp_path / "disk", events=events))
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
+    sub: Sub | None = None
     try:
         worker = connectors(llm)["WORKER"]
         assert worker.store is not None
         pub = publisher_of(worker.store)
         assert pub is not None
-        sub.connect(pub.endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, b"kvbm_fs")
-        assert pub.wait_subscribed()
+        sub = subscribe(pub, "kvbm_fs", decode=VLLM_DECODER)
         generate(llm, [(A, None), (B, None)])
         worker.flush()  # the background saves are in the store: their events are queued
-        assert pub.flush()
-        on_cpu = tokens_by_block(vllm_events(sub), vke.MEDIUM_CPU)
+        on_cpu = tokens_by_block(sub.read_upto(pub), vke.MEDIUM_CPU)
         ns = worker.namespace
         for prompt in (A, B):
             hashes = keys_of(ns, prompt).hashes.tolist()
@@ -151,14 +129,14 @@ def test_a_vllm_engine_with_events_publishes_its_saved_blocks_with_their_prompt_
             assert [t for h in hashes for t in on_cpu[h]] == prompt[: len(hashes) * BLOCK]
         stop(llm)  # the store closes: persist writes the host blocks to disk, announced with their tokens
         llm = None
-        after = vllm_events(sub, 2000)
+        after = sub.read_upto(pub)
         assert isinstance(after[-1], vke.AllBlocksCleared)
         assert tokens_by_block(after, vke.MEDIUM_STORAGE) == on_cpu
     finally:
         if llm is not None:
             stop(llm)
-        sub.close(linger=0)
-        ctx.term()
+        if sub is not None:
+            sub.close()
 
 
 @pytest.mark.slow
@@ -169,29 +147,30 @@ def test_a_scheduler_in_its_own_process_ships_the_tokens_to_the_worker_that_publ
     plans carry the token ids across, and the worker's store publishes them."""
     from test_vllm_e2e import BLOCK, ENGINE1, ENGINE2, kv_config, run_child
 
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)  # bound here; the worker's publisher connects to it (bind false)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    sub.bind("tcp://127.0.0.1:0")
-    endpoint = sub.getsockopt_string(zmq.LAST_ENDPOINT)
-    done = threading.Event()
-    evs: list[object] = []
+    sub = Sub(bind=True, decode=VLLM_DECODER)  # bound here; the worker's publisher connects to it (bind false)
+    done, failed = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
 
     def read() -> None:  # a bound SUB sends its subscription to a peer that connects only while it is used
-        while not done.is_set():
-            evs.extend(vllm_events(sub, 100))
-        evs.extend(vllm_events(sub, 2000))
+        try:  # until the child has exited and its publisher's last batch (the clear at close) has arrived
+            sub.read_until_cleared(done.is_set, failed.is_set)
+        except BaseException as e:
+            errors.append(e)
 
     reader = threading.Thread(target=read)
     reader.start()
     try:
-        kv = kv_config(tmp_path / "disk", events={"endpoint": endpoint, "bind": False})
+        kv = kv_config(tmp_path / "disk", events={"endpoint": sub.endpoint, "bind": False})
         run_child(tmp_path, model, tmp_path / "disk", phase=1, kv=kv)
+    except BaseException:
+        failed.set()  # no clear is coming: the reader stops now
+        raise
     finally:
         done.set()
         reader.join()
-        sub.close(linger=0)
-        ctx.term()
+        sub.close()
+    assert not errors, errors
+    evs = sub.events
     on_cpu = tokens_by_block(evs, vke.MEDIUM_CPU)
     assert isinstance(evs[-1], vke.AllBlocksCleared)
     assert tokens_by_block(evs, vke.MEDIUM_STORAGE) == on_cpu  # persisted at close, announced before the clear

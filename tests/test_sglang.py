@@ -723,8 +723,10 @@ def test_two_sglang_instances_share_pages_through_a_peer(closing: Any) -> None:
 
 def test_events_in_the_extra_config_publish_pages_without_tokens(tmp_path: Path, closing: Any) -> None:
     """HiCache keys are opaque page hashes: BlockStored names them, with no token ids to give."""
-    zmq = pytest.importorskip("zmq")
-    from kvbm_fs.kv_events import BlockStored, decoder, publisher_of
+    pytest.importorskip("zmq")
+    from zmq_sub import subscribe
+
+    from kvbm_fs.kv_events import BlockStored, publisher_of
 
     pool = MHAPool()
     b = backend(tmp_path, pool, events={"endpoint": "tcp://127.0.0.1:0", "bind": True})
@@ -732,18 +734,9 @@ def test_events_in_the_extra_config_publish_pages_without_tokens(tmp_path: Path,
     assert b.store is not None
     pub = publisher_of(b.store)
     assert pub is not None
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    sub.connect(pub.endpoint)
-    sub.setsockopt(zmq.SUBSCRIBE, b"")
-    assert pub.wait_subscribed()
-    assert b.batch_set_v1(page_keys(2), indices(pool, [0, 1])) == [True, True]
-    assert pub.flush()
-    evs = []
-    while sub.poll(200):
-        evs += decoder().decode(sub.recv_multipart()[2]).events
-    sub.close(linger=0)
-    ctx.term()
+    with subscribe(pub) as sub:
+        assert b.batch_set_v1(page_keys(2), indices(pool, [0, 1])) == [True, True]
+        evs = sub.read_upto(pub)
     stored = [e for e in evs if isinstance(e, BlockStored)]
     assert sum(len(e.block_hashes) for e in stored if e.medium == "CPU") == 2
     assert all(e.token_ids == [] for e in stored)

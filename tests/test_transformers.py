@@ -234,30 +234,23 @@ def test_generate_arguments(model: Any) -> None:
 
 def test_prepopulate_and_generate_publish_kv_events_with_their_tokens(model: Any) -> None:
     pytest.importorskip("zmq")
-    import zmq
+    from zmq_sub import subscribe
 
-    from kvbm_fs.kv_events import BlockStored, decoder, publisher_of
+    from kvbm_fs.kv_events import BlockStored, publisher_of
 
     events = {"endpoint": "tcp://127.0.0.1:0", "bind": True}
     with kt.mount_model(model, "host://?capacity=4MiB", name="tiny-llama", env={}, events=events) as store:
         pub = publisher_of(store)
         assert pub is not None
-        ctx = zmq.Context()
-        sub = ctx.socket(zmq.SUB)
-        sub.connect(pub.endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        assert pub.wait_subscribed()
-        kt.prepopulate(model, store, [FIRST])
-        kt.generate_with_cache(model, store, SECOND, **GEN)  # its blocks after SYSTEM's are new
-        assert pub.flush()
+        with subscribe(pub) as sub:
+            kt.prepopulate(model, store, [FIRST])
+            kt.generate_with_cache(model, store, SECOND, **GEN)  # its blocks after SYSTEM's are new
+            evs = sub.read_upto(pub)
         per_block: dict[Any, list[int]] = {}
-        while sub.poll(200):
-            for e in decoder().decode(sub.recv_multipart()[2]).events:
-                if isinstance(e, BlockStored):
-                    for j, h in enumerate(e.block_hashes):
-                        per_block[h] = e.token_ids[j * BS : (j + 1) * BS]
-        sub.close(linger=0)
-        ctx.term()
+        for e in evs:
+            if isinstance(e, BlockStored):
+                for j, h in enumerate(e.block_hashes):
+                    per_block[h] = e.token_ids[j * BS : (j + 1) * BS]
         for prompt in (FIRST, SECOND):
             keys = store.keys(prompt)
             assert [t for h in keys.hashes.tolist() for t in per_block[h]] == prompt[: len(keys) * BS].tolist()

@@ -436,31 +436,25 @@ def test_saves_publish_kv_events_with_the_requests_tokens(tmp_path: Path) -> Non
     """With ``events`` in the options, the scheduler's save plans carry the prompt's token ids (pickled with
     the metadata to every rank) and the worker notes them before its put: BlockStored has them, on the
     host tier and again on disk when the store persists at close."""
-    zmq = pytest.importorskip("zmq")
-    from kvbm_fs.kv_events import AllBlocksCleared, BlockStored, decoder, publisher_of
+    pytest.importorskip("zmq")
+    from zmq_sub import subscribe
+
+    from kvbm_fs.kv_events import AllBlocksCleared, BlockStored, publisher_of
 
     events = {"endpoint": "tcp://127.0.0.1:0", "bind": True}
     e = Engine(disk_options(tmp_path / "disk", events=events))
     a = prompt(5 * BS + 3, seed=30)
-    ctx = zmq.Context()
-    sub = ctx.socket(zmq.SUB)
-    try:
-        pub = publisher_of(e.worker.store)
-        assert pub is not None
-        sub.connect(pub.endpoint)
-        sub.setsockopt(zmq.SUBSCRIBE, b"")
-        assert pub.wait_subscribed()
-        bind = e.worker.bind_connector_meta  # as mpi_broadcast delivers it to other ranks: pickled
-        e.worker.bind_connector_meta = lambda m: bind(pickle.loads(pickle.dumps(m)))
-        e.serve(FakeRequest(1, a))
-        e.worker.flush()
-    finally:
-        e.close()  # the store persists its host tier to disk, announces it, then the clear
-        evs = []
-        while sub.poll(2000):
-            evs += decoder().decode(sub.recv_multipart()[2]).events
-        sub.close(linger=0)
-        ctx.term()
+    pub = publisher_of(e.worker.store)
+    assert pub is not None
+    with subscribe(pub) as sub:
+        try:
+            bind = e.worker.bind_connector_meta  # as mpi_broadcast delivers it to other ranks: pickled
+            e.worker.bind_connector_meta = lambda m: bind(pickle.loads(pickle.dumps(m)))
+            e.serve(FakeRequest(1, a))
+            e.worker.flush()
+        finally:
+            e.close()  # the store persists its host tier to disk, announces it, then the clear
+        evs = sub.read_upto(pub)
     assert isinstance(evs[-1], AllBlocksCleared)
     keys = e.worker.namespace.keys_for_tokens(np.asarray(a, np.int64))
     for medium in ("CPU", "STORAGE"):
