@@ -21,6 +21,7 @@ _REGISTRY: dict[str, str] = {
     "disk": "kvbm_fs.tiers.disk:DiskTier",
     "file": "kvbm_fs.tiers.disk:DiskTier",
     "peer": "kvbm_fs.tiers.peer:PeerTier",
+    "mooncake": "kvbm_fs.tiers.mooncake:MooncakeTier",
 }
 # Any other scheme fsspec knows (s3, gs, az, memory, ...) is a G4 remote tier, and so is
 # "remote+<scheme>://" (e.g. remote+file:///mnt/nfs/kv for a shared filesystem).

@@ -1,0 +1,260 @@
+"""The mooncake:// tier against a real mooncake_master on 127.0.0.1 (started here, on free ports).
+
+Conformance, two processes sharing blocks through one master, a master killed and restarted, a
+segment holder killed, damaged and foreign blocks, URL checks, and a clean exit with NIXL loaded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mooncake.store", reason="the mooncake extra is not installed")
+
+from kvbm_fs import codec
+from kvbm_fs.errors import ConfigError, KvbmError, UnknownSchemeError
+from kvbm_fs.events import VERIFY, EventBus, EventKind
+from kvbm_fs.registry import open_tier
+from kvbm_fs.testing import LAYOUT, NS_A, EventRecorder, TierTests, blocks_for, chain, keyset
+from kvbm_fs.tiers.mooncake import MooncakeConfig, MooncakeMaster, MooncakeTier
+from kvbm_fs.tiers.mooncake.client import key_strings
+
+NB = LAYOUT.block_nbytes
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def master() -> Iterator[MooncakeMaster]:
+    """One master for the module, and one tier held open on it: the tiers the tests open join the pool
+    through the same client (leaving the pool takes Mooncake about 2 s, paid once here)."""
+    with MooncakeMaster(lease_ms=200, extra=["--client_ttl=2"]) as m:
+        keeper = open_mc(m)
+        yield m
+        keeper.close()
+
+
+def open_mc(m: MooncakeMaster, events: EventBus | None = None, **opts: Any) -> MooncakeTier:
+    """A tier on ``m`` under a prefix of its own (tests share the master, never each other's keys)."""
+    q = {"prefix": f"t{next(_prefixes)}", "segment": "16MiB", "local_buffer": "4MiB", "staging": 16 * (NB + 128),
+         "breaker_cooldown": "0.2", **opts}  # fmt: skip
+    url = m.url + "".join(f"&{k}={v}" for k, v in q.items())
+    t = open_tier(url, block_nbytes=NB, block_size=LAYOUT.block_size, events=events)
+    assert isinstance(t, MooncakeTier)
+    return t
+
+
+class TestMooncakeConformance(TierTests):
+    state_machine_examples = 10
+
+    @pytest.fixture(autouse=True)
+    def _master(self, master: MooncakeMaster) -> None:
+        self.master = master
+
+    def make_tier(self, capacity_blocks: int, block_nbytes: int, events: EventBus) -> MooncakeTier:
+        assert block_nbytes == NB
+        return open_mc(self.master, events, capacity=capacity_blocks * (block_nbytes + codec.HEADER_SIZE))
+
+
+def test_keys_are_built_per_batch_and_parse_back() -> None:
+    hs = np.array([0, 1, 0xFFFFFFFFFFFFFFFF], np.uint64)
+    assert key_strings("p", 0xAB, hs) == [f"p/{0xAB:016x}/{h:016x}" for h in hs.tolist()]
+    assert key_strings("p", 1, hs[:0]) == []
+
+
+def test_urls_and_options_are_checked(master: MooncakeMaster) -> None:
+    c = MooncakeConfig.parse("10.0.0.5", {})
+    assert (c.master, c.metadata, c.admin, c.protocol, c.replicas) == (
+        "10.0.0.5:50051", "http://10.0.0.5:8080/metadata", "10.0.0.5:9003", "tcp", 1)  # fmt: skip
+    c = MooncakeConfig.parse(
+        "h:1", {"protocol": "RDMA", "segment": "1GiB", "replicas": "2", "metadata": "P2PHANDSHAKE"}
+    )
+    assert (c.protocol, c.segment, c.replicas, c.metadata) == ("rdma", 1 << 30, 2, "P2PHANDSHAKE")
+    for loc, opts in [("h:1", {"protocol": "udp"}), ("h:1", {"replicas": "0"}), ("h:1", {"replicas": "x"}),
+                      ("h:1", {"segment": "lots"}), ("h:1", {"prefix": "a/b"}), ("h:1", {"bogus": "1"}),
+                      ("h:99999", {}), ("", {}), ("h:1", {"metadata": "nowhere"})]:  # fmt: skip
+        with pytest.raises(ConfigError):
+            MooncakeConfig.parse(loc, opts)
+    with pytest.raises(UnknownSchemeError):
+        open_tier("mooncak://h:1", block_nbytes=NB)
+    with pytest.raises(ConfigError):
+        open_tier("mooncake://127.0.0.1:1?protocol=smoke", block_nbytes=NB)
+
+
+def test_an_unreachable_master_is_a_typed_error_at_open() -> None:
+    from kvbm_fs.tiers.mooncake.master import free_ports
+
+    rpc, meta = free_ports(2)
+    with pytest.raises(KvbmError) as e:
+        open_tier(f"mooncake://127.0.0.1:{rpc}?metadata=http://127.0.0.1:{meta}/metadata&segment=0",
+                  block_nbytes=NB)  # fmt: skip
+    assert isinstance(e.value, ConnectionError)
+
+
+def test_damaged_and_foreign_blocks_are_counted_misses(master: MooncakeMaster) -> None:
+    rec = EventRecorder()
+    t = open_mc(master, rec.bus)
+    try:
+        keys = chain(NS_A, 4)
+        assert t.put(keys, blocks_for(keys, NB)).all()
+        raw = t.client.store
+        names = key_strings(t.cfg.prefix, keys.ns, keys.hashes)
+        # block 1: a flipped payload byte; block 2: block 3's object under block 2's name; block 3: truncated
+        obj = np.zeros(t.object_bytes, np.uint8)
+        assert raw.get_into(names[1], obj.ctypes.data, obj.nbytes) == t.object_bytes
+        obj[codec.HEADER_SIZE + 7] ^= 0xFF
+        other = np.zeros(t.object_bytes, np.uint8)
+        assert raw.get_into(names[3], other.ctypes.data, other.nbytes) == t.object_bytes
+        assert raw.remove(names[1], True) == 0 and raw.put(names[1], obj.tobytes()) == 0
+        assert raw.remove(names[2], True) == 0 and raw.put(names[2], other.tobytes()) == 0
+        assert raw.remove(names[3], True) == 0 and raw.put(names[3], other[:1000].tobytes()) == 0
+        out = np.full((4, NB), 0xAB, np.uint8)
+        found = t.get(keys, out)
+        assert found.tolist() == [True, False, False, False]
+        assert (out[1:] == 0xAB).all()
+        assert np.array_equal(out[0], blocks_for(keys[:1], NB)[0])
+        failed = [e for e in rec.events if e.kind is EventKind.LOAD_FAILED and e.data == VERIFY]
+        assert sum(len(e.keys) for e in failed) == 3
+        assert t.stats()["load_failures"] == 3
+        assert t.contains(keys).tolist() == [True, False, False, False]  # the damaged objects are removed
+    finally:
+        t.close()
+
+
+def test_a_block_mooncake_dropped_is_a_miss_and_an_evicted_event(master: MooncakeMaster) -> None:
+    rec = EventRecorder()
+    t = open_mc(master, rec.bus)
+    try:
+        keys = chain(NS_A, 3)
+        t.put(keys, blocks_for(keys, NB))
+        t.client.store.remove(key_strings(t.cfg.prefix, keys.ns, keys.hashes[1:2])[0], True)  # as its eviction would
+        out = np.zeros((3, NB), np.uint8)
+        assert t.get(keys, out).tolist() == [True, False, True]
+        assert rec.keys(EventKind.EVICTED) == keyset(keys[1:2])
+    finally:
+        t.close()
+
+
+SHARER = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from kvbm_fs.nixl_api import available
+    print("nixl", available(), flush=True)  # NIXL's UCX and Mooncake's libibverbs in one process
+    from kvbm_fs.registry import open_tier
+    from kvbm_fs.testing import LAYOUT, NS_A, blocks_for, chain
+    t = open_tier(sys.argv[1], block_nbytes=LAYOUT.block_nbytes, block_size=LAYOUT.block_size)
+    keys = chain(NS_A, 6, start=int(sys.argv[2]))
+    if sys.argv[3] == "put":
+        assert t.put(keys, blocks_for(keys, LAYOUT.block_nbytes)).all()
+        print("stored", flush=True)
+        sys.stdin.readline()  # hold the segment until told
+    else:
+        out = np.zeros((6, LAYOUT.block_nbytes), np.uint8)
+        found = t.get(keys, out)
+        assert found.all(), found
+        assert np.array_equal(out, blocks_for(keys, LAYOUT.block_nbytes))
+        print("loaded", flush=True)
+        sys.exit(0)  # leaves the pool at exit, without close()
+    t.close()
+    """
+)
+
+
+def _url(m: MooncakeMaster, prefix: str) -> str:
+    return m.url + f"&prefix={prefix}&segment=16MiB&local_buffer=4MiB&breaker_cooldown=0.2"
+
+
+def test_two_processes_share_blocks_through_one_master(master: MooncakeMaster) -> None:
+    """One process stores, another loads them bit-exact; both exit 0 with NIXL loaded beside Mooncake
+    (the writer closes its tier, the reader just exits)."""
+    url = _url(master, f"share{next(_prefixes)}")
+    writer = subprocess.Popen([sys.executable, "-c", SHARER, url, "7", "put"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert writer.stdout is not None and writer.stdout.readline().startswith("nixl")
+        assert writer.stdout.readline().strip() == "stored"
+        reader = subprocess.run([sys.executable, "-c", SHARER, url, "7", "get"], capture_output=True, text=True,
+                                timeout=60)  # fmt: skip
+        assert reader.returncode == 0, reader.stderr[-2000:]
+        assert "loaded" in reader.stdout and "nixl True" in reader.stdout
+    finally:
+        assert writer.stdin is not None
+        writer.stdin.write("\n")
+        writer.stdin.flush()
+        assert writer.wait(60) == 0
+
+
+def test_a_dead_segment_holder_gives_misses_not_errors(master: MooncakeMaster) -> None:
+    """Blocks on the segment of a client killed with SIGKILL are misses (failed transfers, then gone
+    once the master drops the client after its TTL), never an exception; puts that Mooncake placed on
+    the dead segment are refused (False) until then, and every put succeeds again after."""
+    prefix = f"seg{next(_prefixes)}"
+    holder = subprocess.Popen([sys.executable, "-c", SHARER, _url(master, prefix), "40", "put"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout is not None and holder.stdout.readline().startswith("nixl")
+    assert holder.stdout.readline().strip() == "stored"
+    rec = EventRecorder()
+    t = open_mc(master, rec.bus, prefix=prefix)
+    try:
+        keys = chain(NS_A, 6, start=40)
+        out = np.zeros((6, NB), np.uint8)
+        assert t.get(keys, out).all()  # the holder's segment serves them
+        holder.kill()
+        holder.wait()
+        out[:] = 0xAB
+        assert not t.get(keys, out).any()
+        assert (out == 0xAB).all()
+        deadline = time.monotonic() + 30
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            mine = chain(NS_A, 4, start=1000 * n)
+            if t.put(mine, blocks_for(mine, NB)).all():
+                break
+            time.sleep(0.2)
+        else:
+            raise AssertionError(f"puts did not recover after the holder died: {t.stats()}")
+        assert t.get(mine, np.zeros((4, NB), np.uint8)).all()
+        assert not t.contains(keys).any()  # the master dropped the dead client's segment
+        assert t.breaker.state == "closed"  # the master answered all along
+    finally:
+        t.close()
+
+
+def test_a_killed_master_gives_misses_and_refused_puts_then_recovers() -> None:
+    with MooncakeMaster(lease_ms=200) as m:
+        rec = EventRecorder()
+        t = open_mc(m, rec.bus, breaker_threshold=2)
+        try:
+            keys = chain(NS_A, 4)
+            assert t.put(keys, blocks_for(keys, NB)).all()
+            m.kill()
+            out = np.full((4, NB), 0xAB, np.uint8)
+            for _ in range(3):  # answered at once (RPC fails), and the breaker opens
+                assert not t.get(keys, out).any()
+                assert not t.contains(keys).any()
+            assert (out == 0xAB).all()
+            assert t.breaker.state != "closed"
+            assert not t.put(keys, blocks_for(keys, NB)).any()  # refused without waiting on the master
+            assert rec.keys(EventKind.STORE_FAILED) >= keyset(keys)
+            m.start()
+            deadline = time.monotonic() + 30
+            again = chain(NS_A, 4, start=500)
+            while time.monotonic() < deadline:
+                if t.put(again, blocks_for(again, NB)).all():
+                    break
+                time.sleep(0.3)
+            else:
+                raise AssertionError(f"the tier did not recover: {t.stats()}")
+            assert t.breaker.state == "closed"
+            assert t.get(again, np.zeros((4, NB), np.uint8)).all()
+            assert not t.get(keys, out).any()  # a restarted master holds nothing: misses
+        finally:
+            t.close()
