@@ -20,6 +20,7 @@ import pytest
 from kvbm_fs import mount
 from kvbm_fs.config import resolve
 from kvbm_fs.errors import ConfigError
+from kvbm_fs.keys import Namespace
 from kvbm_fs.testing import LAYOUT, blocks_for, require_nixl
 
 require_nixl()
@@ -96,6 +97,24 @@ def _healthz(url: str) -> tuple[int, dict[str, Any]]:
         return e.code, json.loads(e.read())
 
 
+def _tokens(b: int) -> np.ndarray:
+    return np.arange(b * 1000, b * 1000 + 16 * BATCH, dtype=np.int64)
+
+
+def _stored_events(replay_endpoint: str) -> list[Any]:
+    """The BlockStored events the sidecar's publisher still holds (its replay buffer)."""
+    import zmq
+
+    from kvbm_fs.kv_events import BlockStored, decoder, replay
+
+    ctx = zmq.Context()
+    try:
+        evs = [e for _, payload in replay(ctx, replay_endpoint, 0) for e in decoder().decode(payload).events]
+    finally:
+        ctx.destroy(linger=0)
+    return [e for e in evs if isinstance(e, BlockStored) and e.ownership == "kvbm_fs:host"]
+
+
 def _kvbm(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "kvbm_fs", *args], cwd=ROOT, env=_env(), capture_output=True,
                           text=True, timeout=120)  # fmt: skip
@@ -103,7 +122,7 @@ def _kvbm(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_engine_killed_under_load_a_fresh_engine_loads_every_block_the_sidecar_acknowledged(tmp_path: Path) -> None:
     disk = f"file://{tmp_path / 'nvme'}?capacity=64MiB"
-    events = json.dumps({"endpoint": "tcp://127.0.0.1:0", "bind": True})
+    events = json.dumps({"endpoint": "tcp://127.0.0.1:0", "bind": True, "replay_endpoint": "tcp://127.0.0.1:0"})
     cmd = [sys.executable, "-m", "kvbm_fs", "serve", "--tiers", "host://?capacity=512KiB", disk,  # 64 blocks
            "--peer-port", "0", "--metrics-port", "0", "--events", events]  # fmt: skip
     sidecar = subprocess.Popen(cmd, cwd=ROOT, env={**_env(), "KVBM_FS_MODEL": "sidecar"}, text=True,
@@ -151,10 +170,16 @@ def test_engine_killed_under_load_a_fresh_engine_loads_every_block_the_sidecar_a
         by_tier = docs[-1]["by_tier"]
         assert by_tier.get("disk", 0) > 0, by_tier  # demoted by the sidecar's daemon, loaded from the disk
         assert _healthz(ready["health"])[0] == 200  # the sidecar outlived an engine and served another
+        # its KV events announce the engine's blocks, with the engine's block size (its namespace joined)
+        ns = Namespace("engine-model", LAYOUT)
+        written = {h for b in range(n) for h in ns.keys_for_tokens(_tokens(b)).hashes.tolist()}
+        stored = _stored_events(ready["replay_endpoint"])
+        assert stored and all(e.block_size == 16 and set(e.block_hashes) <= written for e in stored)
 
         sidecar.send_signal(signal.SIGTERM)
         out, err = sidecar.communicate(timeout=120)
         assert sidecar.returncode == 0, err[-3000:]
+        assert "Traceback" not in err, err[-3000:]  # nothing failed in its threads, the daemon's included
         stopped = json.loads(out.strip().splitlines()[-1])
         assert stopped["stopped"] is True and stopped["persisted_blocks"] > 0
     finally:
@@ -167,7 +192,7 @@ def test_engine_killed_under_load_a_fresh_engine_loads_every_block_the_sidecar_a
     # engine's namespace, which the sidecar learned when the engine bound it
     with mount(disk, layout=LAYOUT, model="engine-model", env={}) as store:
         for b, ack in acked.items():
-            k = store.keys(np.arange(b * 1000, b * 1000 + 16 * BATCH, dtype=np.int64))
+            k = store.keys(_tokens(b))
             idx = np.flatnonzero(ack)
             rows = np.zeros((idx.size, LAYOUT.block_nbytes), np.uint8)
             assert store.get(k[idx], rows).all()
@@ -191,3 +216,23 @@ def test_serve_needs_a_host_tier_to_serve(tmp_path: Path) -> None:
     cfg = resolve(tiers=[f"file://{tmp_path}"], layout=LAYOUT, metrics_port=0, env={})
     with pytest.raises(ConfigError, match="no host tier"):
         Sidecar(cfg, peer_port=0)
+
+
+def test_a_restarted_sidecar_knows_the_engine_namespaces_its_disk_holds(tmp_path: Path) -> None:
+    from kvbm_fs.serve import Sidecar
+
+    disk = f"file://{tmp_path}/nvme"
+    with mount(disk, layout=LAYOUT, model="engine-x", env={}) as engine:  # an engine served before the restart
+        k = engine.keys(_tokens(0))
+        assert engine.put(k, blocks_for(k, LAYOUT.block_nbytes)).all()
+        ns = engine.default_namespace
+    assert ns is not None
+    cfg = resolve(tiers=["host://?capacity=1MiB", disk], layout=LAYOUT, model="sidecar", metrics_port=0, env={})
+    node = Sidecar(cfg, peer_port=0)
+    try:
+        assert ns.id in node.store.namespaces  # so its daemon, persist and events handle those blocks
+        ok, doc = node.health()
+        assert ok and doc["peer"]["ok"] and doc["peer"]["capacity_bytes"] == 1 << 20
+    finally:
+        node.close()
+    assert node.health()[0] is False  # stopping (and its peer port closed)
