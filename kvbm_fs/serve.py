@@ -82,6 +82,7 @@ class Sidecar:
         self.peer: PeerServer | None = None
         self._http: WSGIServer | None = None
         self.stopping = False
+        self.persisted: int | None = None  # set by close()
         try:
             self._known_namespaces()
             t = store.tier(peer_tier) if peer_tier else next((x for x in store.tiers if x.medium is Medium.HOST), None)
@@ -175,6 +176,8 @@ class Sidecar:
 
     def close(self) -> int:
         """Stop taking writes, stop the daemon, persist the host tier's blocks, close. Returns blocks persisted."""
+        if self.persisted is not None:
+            return self.persisted
         self.stopping = True
         if self.peer is not None:
             self.peer.close()  # engines see misses and refused puts from here on, never half a block
@@ -184,6 +187,7 @@ class Sidecar:
             self._http.shutdown()
             self._http.server_close()
         self.store.close(persist=False)
+        self.persisted = persisted
         return persisted
 
 
@@ -222,7 +226,10 @@ def _serve(args: argparse.Namespace) -> int:
     if args.metrics_host is not None:
         cfg.metrics_host = args.metrics_host
     done = stop_event()  # before the tiers open: a SIGTERM during start-up still ends in close()
-    node = Sidecar(cfg, args.peer_host, args.peer_port, args.peer_tier)
+    try:
+        node = Sidecar(cfg, args.peer_host, args.peer_port, args.peer_tier)
+    except OSError as e:  # a port in use, an unwritable disk: one line, not a traceback
+        raise ConfigError(f"serve: {e}") from None
     say(node.ready())
     done.wait()
     persisted = node.close()

@@ -236,3 +236,4 @@ def test_a_restarted_sidecar_knows_the_engine_namespaces_its_disk_holds(tmp_path
     finally:
         node.close()
     assert node.health()[0] is False  # stopping (and its peer port closed)
+    assert node.close() == node.persisted == 0  # twice is fine; nothing was in its host tier
