@@ -23,6 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_disk.py", ["write_ratio", "read_ratio", "naive_write_ratio", "lookup_hit_p50_us_per_key"]),
         ("bench_remote.py", ["get_speedup", "put_speedup"]),
         ("bench_peer.py", ["get_vs_tcp_batch", "get_fraction_of_raw_ucx", "put_fraction_of_raw_ucx"]),
+        ("bench_mooncake.py", ["get_fraction_of_raw", "put_fraction_of_raw", "get_vs_pool", "put_vs_pool"]),
         ("bench_policies.py", ["default_ratio_5pct", "lru_ratio_5pct", "distinct_blocks"]),
         ("bench_policy_refs.py", ["distinct_blocks", "references"]),
         ("bench_sglang.py", []),  # {"skipped"} here; .ci/run-sglang has SGLang
