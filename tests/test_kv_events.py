@@ -64,11 +64,15 @@ def recv(sub: Any) -> tuple[str, int, KVEventBatch]:
     return topic.decode(), int.from_bytes(seq, "big"), DEC.decode(payload)
 
 
-def received(sub: Any, pub: KVEventPublisher) -> list[tuple[str, int, KVEventBatch]]:
-    """Everything published so far (the publisher flushed first, so a short wait suffices)."""
-    assert pub.flush()
-    out = []
-    while sub.poll(200):
+def received(sub: Any, pub: KVEventPublisher, flush: bool = True) -> list[tuple[str, int, KVEventBatch]]:
+    """Everything published so far: the publisher flushes (unless it is closed), then batches are read
+    until its last one arrived (sequence numbers count its batches), not until the socket stays quiet
+    for a while, which a busy machine breaks."""
+    if flush:
+        assert pub.flush()
+    last = int(pub.stats()["batches"]) - 1
+    out: list[tuple[str, int, KVEventBatch]] = []
+    while last >= 0 and not (out and out[-1][1] >= last):
         out.append(recv(sub))
     return out
 
@@ -283,9 +287,7 @@ def persisted_at_close(ctx: Any, tmp_path: Path, clear: bool | str) -> tuple[Any
     assert store.put(keys, np.zeros((4, NB), np.uint8)).all()  # on the host tier only
     assert pub.flush()
     store.close()  # persist writes the 4 blocks to disk, then the publisher announces them and closes
-    evs = []
-    while sub.poll(2000):
-        evs += recv(sub)[2].events
+    evs = [e for _, _, b in received(sub, pub, flush=False) for e in b.events]
     return keys, evs
 
 
