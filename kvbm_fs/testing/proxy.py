@@ -3,7 +3,7 @@
 It adds latency to every request (real S3 takes tens of ms to the first byte) and,
 on demand, injects faults into the next requests: connection resets, stalls, and
 5xx responses (``503 SlowDown`` is S3's throttling answer).  Each connection
-carries one request: the upstream (moto) answers ``Connection: close``.
+carries one request: the proxy asks the upstream for ``Connection: close``.
 
 It also counts what it sees (``requests``, ``methods``, ``max_in_flight``), so tests
 can show that a batch went out concurrently, or that an open breaker sent nothing.
@@ -167,6 +167,9 @@ def _read_request(sock: socket.socket) -> tuple[bytes | None, memoryview]:
     if fields.get(b"expect", b"").lower() == b"100-continue":  # the client waits for this before the body
         sock.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
         lines = [ln for ln in lines if not ln.lower().startswith(b"expect:")]
+    # one request per upstream connection: ask for the close that ends the relay (moto closes anyway;
+    # SeaweedFS, like S3, would keep the connection open and the relay would never finish)
+    lines = [ln for ln in lines if not ln.lower().startswith(b"connection:")] + [b"Connection: close"]
     head = b"\r\n".join(lines) + b"\r\n\r\n"
     if fields.get(b"transfer-encoding", b"").lower() == b"chunked":
         parts, tail = [rest], rest[-5:]
