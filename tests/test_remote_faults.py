@@ -47,20 +47,20 @@ def open_s3(moto_s3: Any, url: str, endpoint: str, events: EventBus | None = Non
 # ---- transient and persistent faults ---------------------------------------------------------------
 @pytest.mark.parametrize("fault", FAULTS)
 def test_transient_fault_is_absorbed_by_retries(
-    fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+    fault: str, s3_server: Any, s3_bucket: str, prefix: str, s3_proxy: FaultProxy
 ) -> None:
     rec = EventRecorder()
-    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=fault_timeout(fault, 1.0))
+    t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_proxy.endpoint, rec.bus, timeout=fault_timeout(fault, 1.0))
     keys = chain(NS_A, 4)
-    proxy.inject(fault, 2, method="PUT")
+    s3_proxy.inject(fault, 2, method="PUT")
     assert t.put(keys, blocks_for(keys, BN)).all()
-    proxy.inject(fault, 2, method="GET")
+    s3_proxy.inject(fault, 2, method="GET")
     assert untouched_misses(t, keys).all()
-    proxy.inject(fault, 2, method="HEAD")
+    s3_proxy.inject(fault, 2, method="HEAD")
     held = t.contains(keys)
     # a timed-out existence check is final (the scheduler waits on it): two misses, not two retries
     assert held.sum() == (2 if fault == "stall" else 4)
-    assert proxy.injected[fault] == 6, "every planned fault hit a request"
+    assert s3_proxy.injected[fault] == 6, "every planned fault hit a request"
     assert not rec.keys(EventKind.LOAD_FAILED) and not rec.keys(EventKind.STORE_FAILED)
     s = t.stats()
     assert s["get_errors"] == s["put_errors"] == 0 and s["head_errors"] == (2 if fault == "stall" else 0)
@@ -69,20 +69,20 @@ def test_transient_fault_is_absorbed_by_retries(
 
 @pytest.mark.parametrize("fault", FAULTS)
 def test_persistent_fault_gives_misses_and_dropped_puts(
-    fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+    fault: str, s3_server: Any, s3_bucket: str, prefix: str, s3_proxy: FaultProxy
 ) -> None:
     rec = EventRecorder()
     # the breaker has its own test; here it must not open and turn the last reads into skips
-    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, rec.bus, timeout=fault_timeout(fault, 0.3),
+    t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_proxy.endpoint, rec.bus, timeout=fault_timeout(fault, 0.3),
                 retries=1, breaker_threshold=1000)  # fmt: skip
     stored, new = chain(NS_A, 3), chain(NS_A, 2, start=100)
     assert t.put(stored, blocks_for(stored, BN)).all()
 
-    proxy.fail_always(fault)
-    proxy.reset_counts()
+    s3_proxy.fail_always(fault)
+    s3_proxy.reset_counts()
     assert not untouched_misses(t, stored).any()
     if fault != "reset":  # (aiohttp itself resends once on a reset connection)
-        assert proxy.methods["GET"] == 3 * 2, "one layer of retries: 1 + retries tries per block, no more"
+        assert s3_proxy.methods["GET"] == 3 * 2, "one layer of retries: 1 + retries tries per block, no more"
     assert not t.put(new, blocks_for(new, BN)).any()
     assert not t.contains(stored).any()
     assert t.prefix_len(stored) == 0
@@ -93,43 +93,44 @@ def test_persistent_fault_gives_misses_and_dropped_puts(
     assert rec.keys(EventKind.LOAD_FAILED) == keyset(stored)
     assert rec.keys(EventKind.STORE_FAILED) == keyset(new)
 
-    proxy.fail_always(None)  # the endpoint is back: what was stored is intact, what was dropped is absent
+    s3_proxy.fail_always(None)  # the endpoint is back: what was stored is intact, what was dropped is absent
     assert untouched_misses(t, stored).all()
     assert not t.contains(new).any()
 
 
 def test_a_stalled_endpoint_costs_existence_checks_and_probes_one_try(
-    moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+    s3_server: Any, s3_bucket: str, prefix: str, s3_proxy: FaultProxy
 ) -> None:
     """The scheduler waits on existence checks, and a caller on a probe: neither retries a stall."""
-    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=2, breaker_threshold=4,
-                breaker_cooldown=0.3, timeout=0.3)  # fmt: skip
+    t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_proxy.endpoint, retries=2, breaker_threshold=4,
+                breaker_cooldown=0.3)  # fmt: skip
+    t.timeout = t.head_timeout = 0.3  # after the open: on a loaded box its manifest reads may take longer
     keys = chain(NS_A, 4)
     assert t.put(keys, blocks_for(keys, BN)).all()
-    proxy.fail_always("stall")
-    proxy.reset_counts()
+    s3_proxy.fail_always("stall")
+    s3_proxy.reset_counts()
     assert not t.contains(keys).any()
-    assert proxy.methods["HEAD"] == 4, "one try per key, no retries of a timeout"
+    assert s3_proxy.methods["HEAD"] == 4, "one try per key, no retries of a timeout"
     assert t.breaker.state == "open"
 
     time.sleep(0.35)
-    proxy.reset_counts()
+    s3_proxy.reset_counts()
     assert not untouched_misses(t, keys).any()
-    assert proxy.requests == 1, "the half-open probe is one request, not 1 + retries"
-    proxy.fail_always(None)
+    assert s3_proxy.requests == 1, "the half-open probe is one request, not 1 + retries"
+    s3_proxy.fail_always(None)
     time.sleep(0.35)
     assert untouched_misses(t, keys)[0] and t.breaker.state == "closed"
 
 
 def test_existence_checks_give_up_after_head_timeout_while_reads_keep_the_long_timeout(
-    moto_s3: Any, bucket: str, prefix: str
+    s3_server: Any, s3_bucket: str, prefix: str
 ) -> None:
     """``head_timeout`` bounds what the scheduler waits on a stalled endpoint.  The proxy holds
     each request 30 s and the tier's ``timeout`` is 20 s, so only ``head_timeout`` can end
     ``contains`` while the proxy still holds its HEADs (beyond the test's own 5 s limit otherwise)."""
-    proxy = FaultProxy(moto_s3.port, stall_seconds=30)
+    proxy = FaultProxy(s3_server.port, stall_seconds=30)
     try:
-        t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, timeout=20, head_timeout=0.3)
+        t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", proxy.endpoint, timeout=20, head_timeout=0.3)
         keys = chain(NS_A, 3)
         assert t.put(keys, blocks_for(keys, BN)).all()
         proxy.fail_always("stall")
@@ -142,54 +143,54 @@ def test_existence_checks_give_up_after_head_timeout_while_reads_keep_the_long_t
 
 @pytest.mark.parametrize("fault", ["503", "stall"])
 def test_breaker_opens_stops_requests_probes_and_closes(
-    fault: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+    fault: str, s3_server: Any, s3_bucket: str, prefix: str, s3_proxy: FaultProxy
 ) -> None:
     cooldown = 1.0  # the "open" checks below must finish well inside it, also on a loaded machine
-    t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", proxy.endpoint, retries=0, breaker_threshold=3,
+    t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_proxy.endpoint, retries=0, breaker_threshold=3,
                 breaker_cooldown=cooldown, timeout=fault_timeout(fault, 0.5))  # fmt: skip
     keys = chain(NS_A, 8)
     assert t.put(keys, blocks_for(keys, BN)).all()
 
-    proxy.fail_always(fault)
+    s3_proxy.fail_always(fault)
     for _ in range(3):  # three final failures in a row
         assert not untouched_misses(t, keys[:1]).any()
     assert t.breaker.state == "open" and t.stats()["breaker_trips"] == 1
 
-    proxy.reset_counts()  # open: nothing is sent, everything is a miss or a dropped put
+    s3_proxy.reset_counts()  # open: nothing is sent, everything is a miss or a dropped put
     assert not untouched_misses(t, keys).any()
     assert not t.contains(keys).any() and t.prefix_len(keys) == 0
     assert not t.put(chain(NS_A, 2, start=50), blocks_for(chain(NS_A, 2, start=50), BN)).any()
-    assert proxy.requests == 0
+    assert s3_proxy.requests == 0
     assert t.stats()["skipped_open_breaker"] >= 8 + 8 + 2
 
     time.sleep(cooldown * 1.1)
     assert t.breaker.state == "half-open"
-    proxy.reset_counts()
+    s3_proxy.reset_counts()
     assert not untouched_misses(t, keys).any()
-    assert proxy.requests == 1, "after the cool-down exactly one probe goes out"
+    assert s3_proxy.requests == 1, "after the cool-down exactly one probe goes out"
     assert t.breaker.state == "open", "a failed probe re-opens for another cool-down"
 
-    proxy.fail_always(None)
+    s3_proxy.fail_always(None)
     time.sleep(cooldown * 1.1)
-    proxy.reset_counts()
+    s3_proxy.reset_counts()
     assert untouched_misses(t, keys).tolist() == [True] + [False] * 7  # the probe itself is served
-    assert proxy.requests == 1
+    assert s3_proxy.requests == 1
     assert t.breaker.state == "closed"
     assert untouched_misses(t, keys).all()
 
 
-def test_dead_endpoint_at_open_is_a_clear_config_error(moto_s3: Any, bucket: str) -> None:
+def test_dead_endpoint_at_open_is_a_clear_config_error(s3_server: Any, s3_bucket: str) -> None:
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     with pytest.raises(ConfigError) as ei:
-        RemoteTier(f"s3://{bucket}/x", BN, storage_options=moto_s3.storage_options(dead), **{**FAST, "retries": 0})
+        RemoteTier(f"s3://{s3_bucket}/x", BN, storage_options=s3_server.storage_options(dead), **{**FAST, "retries": 0})
     msg = str(ei.value)
-    assert f"s3://{bucket}/x" in msg and "endpoint" in msg
+    assert f"s3://{s3_bucket}/x" in msg and "endpoint" in msg
 
 
-def test_endpoint_dying_after_open_gives_misses_through_the_store(moto_s3: Any, bucket: str, prefix: str) -> None:
-    proxy = FaultProxy(moto_s3.port)
-    so = moto_s3.storage_options(proxy.endpoint)
-    tier = {"url": f"s3://{bucket}/{prefix}", "storage_options": so, "timeout": 0.3, "retries": 1,
+def test_endpoint_dying_after_open_gives_misses_through_the_store(s3_server: Any, s3_bucket: str, prefix: str) -> None:
+    proxy = FaultProxy(s3_server.port)
+    so = s3_server.storage_options(proxy.endpoint)
+    tier = {"url": f"s3://{s3_bucket}/{prefix}", "storage_options": so, "timeout": 0.3, "retries": 1,
             "backoff": 0.01, "breaker_threshold": 4, "breaker_cooldown": 60}  # fmt: skip
     store = mount(tier, layout=LAYOUT, model="conformance-model", tenant="a", env={})
     try:
@@ -239,19 +240,23 @@ class FileObjects:
         return Path(name).exists()
 
 
-@pytest.mark.parametrize("backend", ["s3", "file"])
 def test_damaged_or_swapped_objects_are_detected_missed_and_removed(
-    backend: str, moto_s3: Any, bucket: str, prefix: str, tmp_path: Path
+    s3_server: Any, s3_bucket: str, prefix: str
 ) -> None:
     rec = EventRecorder()
-    objs: S3Objects | FileObjects
-    if backend == "s3":
-        objs = S3Objects(moto_s3, bucket, prefix)
-        t = open_s3(moto_s3, f"s3://{bucket}/{prefix}", moto_s3.endpoint, rec.bus)
-    else:
-        objs = FileObjects(tmp_path / "remote")
-        t = RemoteTier(f"file://{objs.root}", BN, events=rec.bus, **FAST)
-        t.bind_namespace(NS_A)
+    t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_server.endpoint, rec.bus)
+    _damaged_objects_are_missed_and_removed(t, S3Objects(s3_server, s3_bucket, prefix), rec)
+
+
+def test_damaged_or_swapped_files_are_detected_missed_and_removed(tmp_path: Path) -> None:
+    rec = EventRecorder()
+    objs = FileObjects(tmp_path / "remote")
+    t = RemoteTier(f"file://{objs.root}", BN, events=rec.bus, **FAST)
+    t.bind_namespace(NS_A)
+    _damaged_objects_are_missed_and_removed(t, objs, rec)
+
+
+def _damaged_objects_are_missed_and_removed(t: RemoteTier, objs: S3Objects | FileObjects, rec: EventRecorder) -> None:
     n_bad = len(DAMAGE) + 1  # every kind of damage, plus one object holding another key's block
     keys = chain(NS_A, n_bad + 1)
     assert t.put(keys, blocks_for(keys, BN)).all()
@@ -276,49 +281,70 @@ def test_damaged_or_swapped_objects_are_detected_missed_and_removed(
 
 @pytest.mark.parametrize("io", ["s3fs", "nixl"])
 def test_an_upload_damaged_in_flight_is_never_served(
-    io: str, moto_s3: Any, bucket: str, prefix: str, proxy: FaultProxy
+    io: str, s3_server: Any, s3_bucket: str, prefix: str, s3_proxy: FaultProxy
 ) -> None:
-    """Neither data path sends a SHA-256 of the body, and moto (unlike S3) does not check the CRC32
-    header that s3fs still sends, so here a body damaged on the way is stored.  The block's own
-    checksum catches it at the first read: a miss, the object removed, its neighbours intact."""
+    """Neither data path sends a SHA-256 of the body; s3fs still sends a CRC32 header, NIXL none.
+    SeaweedFS (like S3) checks that CRC32 and refuses the damaged PUT: a dropped block, stored whole
+    by the retry.  moto does not check it and NIXL sends none, so there the damaged body is stored and
+    the block's own checksum catches it at the first read: a miss, the object removed, the rest intact."""
     if io == "nixl":
         require_nixl()
+    refused = s3_server.checks_request_checksum and io == "s3fs"
     rec = EventRecorder()
-    t = RemoteTier(f"s3://{bucket}/{prefix}", BN, events=rec.bus, io=io,
-                   storage_options=moto_s3.storage_options(proxy.endpoint), **{**FAST, "retries": 0})  # fmt: skip
+    t = RemoteTier(f"s3://{s3_bucket}/{prefix}", BN, events=rec.bus, io=io,
+                   storage_options=s3_server.storage_options(s3_proxy.endpoint), **{**FAST, "retries": 0})  # fmt: skip
     t.bind_namespace(NS_A)
     keys = chain(NS_A, 3)
-    proxy.inject("flip", method="PUT")
-    t.put(keys, blocks_for(keys, BN))
-    assert proxy.injected["flip"] == 1
+    s3_proxy.inject("flip", method="PUT")
+    stored = t.put(keys, blocks_for(keys, BN))
+    assert s3_proxy.injected["flip"] == 1
+    assert stored.sum() == (2 if refused else 3)
     found = untouched_misses(t, keys)
     assert found.sum() == 2, "the damaged block is a miss, the other two read whole"
-    assert rec.keys(EventKind.LOAD_FAILED) == keyset(keys[~found])
-    assert t.stats()["corrupt_removed"] == 1 and t.contains(keys).tolist() == found.tolist()
+    if refused:
+        assert found.tolist() == stored.tolist() and t.stats()["put_errors"] == 1
+        assert rec.keys(EventKind.STORE_FAILED) == keyset(keys[~found]) and not rec.keys(EventKind.LOAD_FAILED)
+        retried = RemoteTier(f"s3://{s3_bucket}/{prefix}", BN, storage_options=s3_server.storage_options(s3_proxy.endpoint),
+                             **{**FAST, "retries": 1})  # fmt: skip
+        s3_proxy.inject("flip", method="PUT")
+        assert retried.put(keys, blocks_for(keys, BN)).all() and retried.stats()["retries"] == 1
+        assert untouched_misses(t, keys).all(), "the retry sent the block whole"
+        retried.close()
+    else:
+        assert rec.keys(EventKind.LOAD_FAILED) == keyset(keys[~found])
+        assert t.stats()["corrupt_removed"] == 1 and t.contains(keys).tolist() == found.tolist()
     t.close()
 
 
-def test_puts_skip_payload_signing_unless_the_config_asks_for_it(moto_s3: Any, bucket: str, prefix: str) -> None:
+def test_puts_skip_payload_signing_unless_the_config_asks_for_it(s3_server: Any, s3_bucket: str, prefix: str) -> None:
     seen: list[dict[str, str]] = []
 
     def capture(request: Any, **_: Any) -> None:
         seen.append({k.lower(): v.decode() if isinstance(v, bytes) else str(v) for k, v in request.headers.items()})
 
-    for so, signed in [({}, False), ({"config_kwargs": {"s3": {"payload_signing_enabled": True}}}, True)]:
-        t = RemoteTier(f"s3://{bucket}/{prefix}", BN, storage_options={**moto_s3.storage_options(), **so}, **FAST)
+    cases: list[tuple[dict[str, Any], bool]] = [
+        ({}, False),
+        ({"config_kwargs": {"s3": {"payload_signing_enabled": True}}}, True),
+        # another s3 setting (path-style addressing, as MinIO and SeaweedFS guides set) keeps the default
+        ({"config_kwargs": {"s3": {"addressing_style": "path"}}}, False),
+    ]
+    for n, (so, signed) in enumerate(cases):
+        t = RemoteTier(f"s3://{s3_bucket}/{prefix}", BN, storage_options={**s3_server.storage_options(), **so}, **FAST)
         t.bind_namespace(NS_A)
         t.fs.s3.meta.events.register("before-send.s3.PutObject", capture)
-        keys = chain(NS_A, 1, start=10 + int(signed))
+        keys = chain(NS_A, 1, start=10 + n)
         assert t.put(keys, blocks_for(keys, BN)).all()
         head = seen[-1]
         assert (head["x-amz-content-sha256"] != "UNSIGNED-PAYLOAD") == signed
         assert "x-amz-checksum-crc32" in head, "the request checksum stays either way"
+        asked = so.get("config_kwargs", {}).get("s3", {})
+        assert {k: t.fs.s3.meta.config.s3.get(k) for k in asked} == asked, "the caller's s3 settings apply"
         t.close()
 
 
 # ---- manifests ------------------------------------------------------------------------------------
-def test_tier_written_for_another_block_size_is_refused(moto_s3: Any, bucket: str, prefix: str) -> None:
-    url, so = f"s3://{bucket}/{prefix}", moto_s3.storage_options()
+def test_tier_written_for_another_block_size_is_refused(s3_server: Any, s3_bucket: str, prefix: str) -> None:
+    url, so = f"s3://{s3_bucket}/{prefix}", s3_server.storage_options()
     RemoteTier(url, BN, storage_options=so, **FAST).close()
     with pytest.raises(LayoutMismatchError, match=f"{BN}-byte"):
         RemoteTier(url, BN // 2, storage_options=so, **FAST)
@@ -339,23 +365,23 @@ def test_tier_written_for_another_block_size_is_refused(moto_s3: Any, bucket: st
     ],
     ids=["other-format", "no-format", "not-json", "json-list", "binary"],
 )
-def test_foreign_tier_manifest_is_refused(doc: bytes, moto_s3: Any, bucket: str, prefix: str) -> None:
-    moto_s3.client().put_object(Bucket=bucket, Key=f"{prefix}/kvbm_fs.remote.json", Body=doc)
+def test_foreign_tier_manifest_is_refused(doc: bytes, s3_server: Any, s3_bucket: str, prefix: str) -> None:
+    s3_server.client().put_object(Bucket=s3_bucket, Key=f"{prefix}/kvbm_fs.remote.json", Body=doc)
     with pytest.raises(FormatVersionError):
-        RemoteTier(f"s3://{bucket}/{prefix}", BN, storage_options=moto_s3.storage_options(), **FAST)
+        RemoteTier(f"s3://{s3_bucket}/{prefix}", BN, storage_options=s3_server.storage_options(), **FAST)
 
 
-def test_conflicting_or_foreign_namespace_manifest_is_refused(moto_s3: Any, bucket: str, prefix: str) -> None:
-    t = RemoteTier(f"s3://{bucket}/{prefix}", BN, storage_options=moto_s3.storage_options(), **FAST)
-    c, name = moto_s3.client(), f"{prefix}/{NS_A.short_id}/manifest.json"
-    c.put_object(Bucket=bucket, Key=name, Body=json.dumps(NS_B.to_dict()).encode())  # another namespace's record
+def test_conflicting_or_foreign_namespace_manifest_is_refused(s3_server: Any, s3_bucket: str, prefix: str) -> None:
+    t = RemoteTier(f"s3://{s3_bucket}/{prefix}", BN, storage_options=s3_server.storage_options(), **FAST)
+    c, name = s3_server.client(), f"{prefix}/{NS_A.short_id}/manifest.json"
+    c.put_object(Bucket=s3_bucket, Key=name, Body=json.dumps(NS_B.to_dict()).encode())  # another namespace's record
     with pytest.raises(LayoutMismatchError, match=NS_A.short_id):
         t.bind_namespace(NS_A)
     for junk in (b'{"format": "not-a-namespace"}', b"<xml/>"):
-        c.put_object(Bucket=bucket, Key=name, Body=junk)
+        c.put_object(Bucket=s3_bucket, Key=name, Body=junk)
         with pytest.raises(FormatVersionError):
             t.bind_namespace(NS_A)
-    c.put_object(Bucket=bucket, Key=name, Body=json.dumps(NS_A.to_dict()).encode())
+    c.put_object(Bucket=s3_bucket, Key=name, Body=json.dumps(NS_A.to_dict()).encode())
     t.bind_namespace(NS_A)  # its own record is accepted
 
 

@@ -30,14 +30,16 @@ pytest.importorskip("s3fs")
 N_SHARED = 12
 
 
-@pytest.mark.parametrize("backend", ["s3", "file"])
-def test_process_b_matches_and_reads_what_process_a_put(
-    backend: str, moto_s3: Any, bucket: str, tmp_path: Path
-) -> None:
-    if backend == "s3":
-        tier = {"url": f"s3://{bucket}/shared-{uuid.uuid4().hex[:6]}", "storage_options": moto_s3.storage_options()}
-    else:
-        tier = {"url": f"remote+file://{tmp_path}/shared"}
+def test_process_b_matches_and_reads_what_process_a_put(s3_server: Any, s3_bucket: str, tmp_path: Path) -> None:
+    tier = {"url": f"s3://{s3_bucket}/shared-{uuid.uuid4().hex[:6]}", "storage_options": s3_server.storage_options()}
+    _process_b_reads_process_a(tier, tmp_path)
+
+
+def test_process_b_matches_and_reads_what_process_a_put_on_a_shared_filesystem(tmp_path: Path) -> None:
+    _process_b_reads_process_a({"url": f"remote+file://{tmp_path}/shared"}, tmp_path)
+
+
+def _process_b_reads_process_a(tier: dict[str, Any], tmp_path: Path) -> None:
     cfg = write_config(tmp_path / "kvbm.toml", tier)
     seed = 7
     report = writer_report(cfg, N_SHARED, seed)
@@ -58,11 +60,11 @@ def test_process_b_matches_and_reads_what_process_a_put(
 
 
 # ---- batched existence checks ---------------------------------------------------------------------
-def test_prefix_checks_are_concurrent_heads_that_stop_at_the_first_miss(moto_s3: Any, bucket: str) -> None:
-    proxy = FaultProxy(moto_s3.port, latency=0.02)  # like S3's time to first byte
+def test_prefix_checks_are_concurrent_heads_that_stop_at_the_first_miss(s3_server: Any, s3_bucket: str) -> None:
+    proxy = FaultProxy(s3_server.port, latency=0.02)  # like S3's time to first byte
     try:
-        t = RemoteTier(f"s3://{bucket}/batch-{uuid.uuid4().hex[:6]}", BN,
-                       storage_options=moto_s3.storage_options(proxy.endpoint))  # fmt: skip
+        t = RemoteTier(f"s3://{s3_bucket}/batch-{uuid.uuid4().hex[:6]}", BN,
+                       storage_options=s3_server.storage_options(proxy.endpoint))  # fmt: skip
         t.bind_namespace(NS_A)
         keys = chain(NS_A, 256)
         assert t.put(keys[:64], blocks_for(keys[:64], BN)).all()
@@ -86,13 +88,13 @@ def test_prefix_checks_are_concurrent_heads_that_stop_at_the_first_miss(moto_s3:
         proxy.close()
 
 
-def test_puts_are_one_whole_object_each(moto_s3: Any, bucket: str) -> None:
+def test_puts_are_one_whole_object_each(s3_server: Any, s3_bucket: str) -> None:
     """S3 PUTs are atomic: a reader sees a whole object or none; so each block is exactly one PUT
     (not a multipart upload, nor a write-then-rename that readers could catch half-way)."""
-    proxy = FaultProxy(moto_s3.port)
+    proxy = FaultProxy(s3_server.port)
     try:
-        t = RemoteTier(f"s3://{bucket}/whole-{uuid.uuid4().hex[:6]}", BN,
-                       storage_options=moto_s3.storage_options(proxy.endpoint))  # fmt: skip
+        t = RemoteTier(f"s3://{s3_bucket}/whole-{uuid.uuid4().hex[:6]}", BN,
+                       storage_options=s3_server.storage_options(proxy.endpoint))  # fmt: skip
         keys = chain(NS_A, 16)
         proxy.reset_counts()
         assert t.put(keys, blocks_for(keys, BN)).all()
@@ -101,34 +103,53 @@ def test_puts_are_one_whole_object_each(moto_s3: Any, bucket: str) -> None:
         proxy.close()
 
 
+def _signed_put_head(port: int, bucket: str, name: str, body: bytes) -> bytes:
+    """The head of a PUT of ``body`` signed as the tier's user (SeaweedFS checks signatures)."""
+    from botocore.auth import S3SigV4Auth
+    from botocore.awsrequest import AWSRequest
+    from botocore.credentials import Credentials
+
+    from kvbm_fs.testing.s3 import ACCESS_KEY, REGION, SECRET_KEY
+
+    req = AWSRequest("PUT", f"http://127.0.0.1:{port}/{bucket}/{name}", data=body)
+    S3SigV4Auth(Credentials(ACCESS_KEY, SECRET_KEY), "s3", REGION).add_auth(req)
+    fields = {"Host": f"127.0.0.1:{port}", "Content-Length": str(len(body)), **dict(req.headers.items())}
+    return (
+        f"PUT /{bucket}/{name} HTTP/1.1\r\n" + "".join(f"{k}: {v}\r\n" for k, v in fields.items()) + "\r\n"
+    ).encode()
+
+
 @pytest.mark.parametrize("via", ["direct", "proxy"])
-def test_torn_s3_upload_is_never_visible(via: str, moto_s3: Any, bucket: str) -> None:
+def test_torn_s3_upload_is_never_visible(via: str, s3_server: Any, s3_bucket: str) -> None:
     """A client that dies half-way through a PUT body leaves no object at all (and the test proxy
-    does not forward the torn request)."""
+    does not forward the torn request); the same request sent whole is stored."""
     import socket
 
-    proxy = FaultProxy(moto_s3.port)
-    port = proxy.port if via == "proxy" else moto_s3.port
+    proxy = FaultProxy(s3_server.port)
+    port = proxy.port if via == "proxy" else s3_server.port
     prefix = f"torn-{uuid.uuid4().hex[:6]}"
     events = EventBus()
     failed: list[Any] = []
     events.subscribe(lambda e: failed.append(e) if e.kind is EventKind.LOAD_FAILED else None)
-    t = RemoteTier(f"s3://{bucket}/{prefix}", BN, events=events, storage_options=moto_s3.storage_options())
+    t = RemoteTier(f"s3://{s3_bucket}/{prefix}", BN, events=events, storage_options=s3_server.storage_options())
     t.bind_namespace(NS_A)
-    keys = chain(NS_A, 1)
-    h = int(keys.hashes[0])
-    name = f"{prefix}/{NS_A.id:016x}/{h >> 56:02x}/{h:016x}"
+    keys = chain(NS_A, 2)
+    names = [f"{prefix}/{NS_A.id:016x}/{h >> 56:02x}/{h:016x}" for h in keys.hashes.tolist()]
+    body = b"\x00" * (HEADER_SIZE + BN)
     try:
         with socket.create_connection(("127.0.0.1", port)) as s:
-            s.sendall(
-                f"PUT /{bucket}/{name} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {HEADER_SIZE + BN}\r\n\r\n".encode()
-            )
-            s.sendall(b"\x00" * (BN // 2))
-        assert moto_s3.client().list_objects_v2(Bucket=bucket, Prefix=name)["KeyCount"] == 0
+            s.sendall(_signed_put_head(port, s3_bucket, names[0], body))
+            s.sendall(body[: BN // 2])
+        assert s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix=names[0])["KeyCount"] == 0
         out = np.full((1, BN), 0xAB, np.uint8)
-        assert not t.contains(keys).any() and not t.get(keys, out).any() and (out == 0xAB).all()
+        assert not t.contains(keys[:1]).any() and not t.get(keys[:1], out).any() and (out == 0xAB).all()
         assert not failed
         assert proxy.requests == 0
+
+        with socket.create_connection(("127.0.0.1", port)) as s:  # control: the whole request is accepted
+            s.sendall(_signed_put_head(port, s3_bucket, names[1], body) + body)
+            assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert s3_server.client().list_objects_v2(Bucket=s3_bucket, Prefix=names[1])["KeyCount"] == 1
     finally:
         proxy.close()
 

@@ -106,16 +106,13 @@ class TestRemoteTierMemory(_RemoteTests):
 
 
 class TestRemoteTierS3(_RemoteTests):
-    """Against a real S3 protocol server (moto on 127.0.0.1) through s3fs."""
+    """Against each real S3 server on 127.0.0.1 (moto, SeaweedFS) through s3fs."""
 
     state_machine_examples = 10
-    bucket = ""
 
     @pytest.fixture(autouse=True)
-    def _s3(self, moto_s3: Any) -> None:
-        self.s3 = moto_s3
-        if not getattr(type(self), "bucket", None):
-            type(self).bucket = moto_s3.create_bucket(f"conf-{uuid.uuid4().hex[:8]}")
+    def _s3(self, s3_server: Any, s3_bucket: str) -> None:
+        self.s3, self.bucket = s3_server, s3_bucket
 
     def base_url(self) -> str:
         return f"s3://{self.bucket}"

@@ -127,9 +127,14 @@ def open_fs(url: str, storage_options: dict[str, Any], max_concurrency: int = 32
         # Over plain http botocore SHA-256-signs every PUT body (a CPU pass over each block); over
         # https it already doesn't. Blocks carry their own checksum, verified on every read, and
         # the request's CRC32 header still lets the server reject a damaged upload.
+        # The caller's config_kwargs win key by key, also inside "s3": a user who sets only
+        # addressing_style (as MinIO and SeaweedFS guides say) keeps unsigned payloads.
+        ck = dict(opts.get("config_kwargs") or {})
+        s3 = ck.pop("s3", None) or {}
+        if isinstance(s3, dict):  # anything else is botocore's to refuse
+            s3 = {"payload_signing_enabled": False, **s3}
         opts["config_kwargs"] = {"max_pool_connections": max_concurrency, "retries": {"total_max_attempts": 1},
-                                 "s3": {"payload_signing_enabled": False},
-                                 **opts.get("config_kwargs", {})}  # fmt: skip
+                                 **ck, "s3": s3}  # fmt: skip
     if proto in ("file", "local"):
         opts.setdefault("auto_mkdir", True)
     try:
