@@ -169,7 +169,7 @@ def test_daemon_demotions_promotions_and_prefetches(tmp_path: Path) -> None:
 
 
 def test_breaker_state_of_a_remote_tier(tmp_path: Path) -> None:
-    store = mount(f"host://?capacity={4 * NB}", f"remote+file://{tmp_path}/r?breaker_threshold=2",
+    store = mount(f"host://?capacity={4 * NB}", f"remote+file://{tmp_path}/r?breaker_threshold=2&breaker_cooldown=600",
                   layout=LAYOUT, model="m", env={}, metrics_port=0)  # fmt: skip
     s = scrape(port_of(store))
     assert ("kvbm_fs_breaker_state", frozenset({("tier", "remote")})) in s

@@ -159,7 +159,9 @@ def test_unpin_of_what_this_client_did_not_pin_is_misuse_even_if_another_did(pee
 
 
 def test_a_dead_peer_is_misses_and_dropped_puts_then_the_breaker_probes_a_restarted_one() -> None:
-    t = served(16, breaker_threshold=2, breaker_cooldown=0.2, timeout=2.0)
+    from remote_helpers import cool_down
+
+    t = served(16, breaker_threshold=2, breaker_cooldown=600, timeout=2.0)  # open until cool_down()
     t.bind_namespace(NS_A)
     rec = EventRecorder(t.events)
     keys = chain(NS_A, 4, start=700)
@@ -174,7 +176,7 @@ def test_a_dead_peer_is_misses_and_dropped_puts_then_the_breaker_probes_a_restar
         assert (out == 0xAB).all() and t.breaker.state == "open" and t.stats()["skipped_open_breaker"] > 0
         assert rec.keys(EventKind.STORE_FAILED)
         t.server = PeerServer(tier, port=port)  # it comes back on the same port, with new NIXL metadata
-        time.sleep(0.25)
+        cool_down(t.breaker)
         assert t.get(keys, out).all() and np.array_equal(out, blocks_for(keys, BN))
         assert t.stats()["reconnects"] >= 1 and t.breaker.state == "closed"
     finally:
