@@ -15,6 +15,8 @@ import copy
 import importlib.util
 import inspect
 import json
+import re
+import subprocess
 import sys
 import tomllib
 from collections.abc import Iterator
@@ -194,6 +196,24 @@ def test_kvbm_fs_commands_and_flags_exist_and_probes_call_real_routes() -> None:
             for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
                 assert c[probe]["httpGet"] == {"path": HEALTH_PATH, "port": "metrics"}
     assert seen == 1
+
+
+def test_the_mooncake_master_takes_the_flags_the_manifest_gives_it() -> None:
+    pytest.importorskip("mooncake", reason="the mooncake extra is not installed")
+    from kvbm_fs.tiers.mooncake.master import master_binary
+
+    (dep,) = [d for d in _of("Deployment") if d["metadata"]["name"] == "kvbm-mooncake-master"]
+    (c,) = _containers(dep)
+    assert c["command"] == ["mooncake_master"]  # the mooncake wheel's console script
+    r = subprocess.run([master_binary(), "--help"], capture_output=True, text=True, timeout=60)
+    known = set(re.findall(r"^\s+-(\w+) \(", r.stdout + r.stderr, re.M))
+    assert {"rpc_port", "metrics_port"} <= known  # the help was read
+    used = {a.removeprefix("--").split("=", 1)[0] for a in c["args"]}
+    assert used <= known, used - known
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    flags = dict(a.removeprefix("--").split("=", 1) for a in c["args"])
+    given = [int(flags[f]) for f in ("rpc_port", "http_metadata_server_port", "metrics_port")]
+    assert given == [ports["rpc"], ports["metadata"], ports["admin"]]
 
 
 def _tier_urls(cfg_text: str) -> list[str]:
