@@ -195,7 +195,8 @@ def test_meta_page_checks(pristine: Path, tmp_path: Path) -> None:
 
 
 # A reader process: opens the tier while another process rebuilds its index, and keeps reading
-# and writing; every delivered row is checked. Prints how many blocks it saw, over time.
+# and writing; every delivered row is checked. Prints how many blocks it saw, over time. It touches
+# <go>.read once its first read is done, which the rebuild waits for (see below).
 READER = """
 import sys, time
 import numpy as np
@@ -215,6 +216,8 @@ while time.monotonic() < end:
     more = chain(NS_A, 2, start=10 * n + len(seen))
     t.put(more, blocks_for(more, NS_A.block_nbytes))
     seen.append(int(got.sum()))
+    if len(seen) == 1:
+        open(go + ".read", "w").close()
     if seen[-1] == n and min(seen) < n:
         break
     time.sleep(0.02)
@@ -225,9 +228,11 @@ print("SEEN", min(seen), seen[-1], flush=True)
 
 @pytest.mark.parametrize("when", ["opened-before", "opens-during"])
 def test_a_second_process_waits_or_misses_during_a_rebuild(pristine: Path, tmp_path: Path, when: str) -> None:
-    """The rebuild is slowed (its progress callback sleeps per segment) so the reader overlaps it.
-    A reader that had the tier open keeps serving verified blocks and then finds its index replaced;
-    one that opens during the rebuild waits 0.2 s, serves misses, and picks the new index up."""
+    """The rebuild is slowed (its progress callback sleeps per segment) so the reader overlaps it, and
+    it goes on only once the reader has read (a reader process that starts slowly on a busy machine
+    would otherwise open after the rebuild and never see it). A reader that had the tier open keeps
+    serving verified blocks and then finds its index replaced; one that opens during the rebuild
+    waits 0.2 s, serves misses, and picks the new index up."""
     root = tmp_path / "tier"
     shutil.copytree(pristine, root)
     go = tmp_path / "go"
@@ -238,11 +243,14 @@ def test_a_second_process_waits_or_misses_during_a_rebuild(pristine: Path, tmp_p
         _wait_for(go)
     started = tmp_path / "started"
     rebuild = (
-        "import sys, time\nfrom kvbm_fs.tiers.disk.rebuild import rebuild_index\n"
-        "def slow(done, total):\n    open(sys.argv[2], 'w').close()\n    time.sleep(2.0)\n"
+        "import os, sys, time\nfrom kvbm_fs.tiers.disk.rebuild import rebuild_index\n"
+        "def slow(done, total):\n    open(sys.argv[2], 'w').close()\n"
+        "    end = time.monotonic() + 60\n"
+        "    while not os.path.exists(sys.argv[3]) and time.monotonic() < end:\n        time.sleep(0.01)\n"
+        "    time.sleep(2.0)\n"
         "print(rebuild_index(sys.argv[1], progress=slow)['blocks'])\n"
     )
-    rb = subprocess.Popen([sys.executable, "-c", rebuild, str(root), str(started)],
+    rb = subprocess.Popen([sys.executable, "-c", rebuild, str(root), str(started), f"{go}.read"],
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
     _wait_for(started)
     if reader is None:
