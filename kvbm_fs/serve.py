@@ -181,14 +181,15 @@ class Sidecar:
         self.stopping = True
         if self.peer is not None:
             self.peer.close()  # engines see misses and refused puts from here on, never half a block
-        self.store.stop_daemon()
-        persisted = self.store.persist()
-        if self._http is not None:
-            self._http.shutdown()
-            self._http.server_close()
-        self.store.close(persist=False)
-        self.persisted = persisted
-        return persisted
+        try:
+            self.store.stop_daemon()
+            self.persisted = self.store.persist()  # a failure propagates (exit 1), after the rest closes
+        finally:
+            if self._http is not None:
+                self._http.shutdown()
+                self._http.server_close()
+            self.store.close(persist=False)
+        return self.persisted
 
 
 # ---- the commands -----------------------------------------------------------------------------
