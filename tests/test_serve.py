@@ -97,6 +97,18 @@ def _healthz(url: str) -> tuple[int, dict[str, Any]]:
         return e.code, json.loads(e.read())
 
 
+def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=30) as r:
+        text = r.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
+
+
 def _tokens(b: int) -> np.ndarray:
     return np.arange(b * 1000, b * 1000 + 16 * BATCH, dtype=np.int64)
 
@@ -170,6 +182,10 @@ def test_engine_killed_under_load_a_fresh_engine_loads_every_block_the_sidecar_a
         by_tier = docs[-1]["by_tier"]
         assert by_tier.get("disk", 0) > 0, by_tier  # demoted by the sidecar's daemon, loaded from the disk
         assert _healthz(ready["health"])[0] == 200  # the sidecar outlived an engine and served another
+        # its /metrics counts what its daemon demoted to make room for the engine's puts
+        metrics = _scrape(ready["health"].replace("/healthz", "/metrics"))
+        assert metrics[("kvbm_fs_daemon_blocks_total", (("action", "demote"),))] > 0
+        assert ("kvbm_fs_tier_blocks", (("tier", "host"),)) in metrics
         # its KV events announce the engine's blocks, with the engine's block size (its namespace joined)
         ns = Namespace("engine-model", LAYOUT)
         written = {h for b in range(n) for h in ns.keys_for_tokens(_tokens(b)).hashes.tolist()}
