@@ -4,7 +4,6 @@ verified loads and reported saves."""
 from __future__ import annotations
 
 import logging
-import os
 import subprocess
 import sys
 import textwrap
@@ -15,6 +14,7 @@ from typing import Any
 import numpy as np
 import pytest
 from conftest import LAYOUT, kv_blocks, tokens
+from disk_helpers import corrupt_payload
 
 from kvbm_fs import BlockKeys, Namespace, Store, mount
 from kvbm_fs.engine import (
@@ -30,6 +30,7 @@ from kvbm_fs.engine import (
 )
 from kvbm_fs.events import VERIFY, BlockEvent, EventKind
 from kvbm_fs.tier import Medium
+from kvbm_fs.tiers.disk import DiskTier
 
 
 @pytest.fixture
@@ -168,24 +169,6 @@ def test_close_store_accepts_none() -> None:
 # ---- load and save --------------------------------------------------------------------------------------
 
 
-def _corrupt_disk_block(store: Store, tier: str, keys: BlockKeys) -> None:
-    """Flip payload bytes of the one block ``keys`` names in a disk tier, behind the tier's back."""
-    from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
-
-    t = store.tier(tier)
-    assert isinstance(t, DiskTier)
-    (rec,) = t.index.records(keys.ns, keys.hashes)
-    assert rec is not None
-    seg, off = t._locate(rec.slot)
-    fd = os.open(t._segment_path(seg), os.O_RDWR)
-    try:
-        for pos in (7, 300, 1500):
-            at = off + HEADER_PAGE + pos
-            os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
-    finally:
-        os.close(fd)
-
-
 def test_leading_is_the_run_of_true_before_the_first_false() -> None:
     assert leading(np.array([True, True, False, True])) == 2
     assert leading([True, True]) == 2 and leading([False, True]) == 0 and leading(np.zeros(0, bool)) == 0
@@ -199,7 +182,9 @@ def test_load_of_a_corrupted_block_is_a_counted_miss_and_cuts_the_prefix(
     keys = tiered.keys(tokens(5))
     data = kv_blocks(5)
     assert tiered.put(keys, data, tier="disk_a", spill=False).all()
-    _corrupt_disk_block(tiered, "disk_a", keys[2:3])
+    disk = tiered.tier("disk_a")
+    assert isinstance(disk, DiskTier)
+    corrupt_payload(disk, keys[2:3])
     seen: list[BlockEvent] = []
     tiered.events.subscribe(seen.append)
     out = torch.zeros_like(data)

@@ -200,21 +200,14 @@ def disk_options(root: Path, **extra: Any) -> dict[str, Any]:
 
 def corrupt(root: Path, ns: Any, tokens: list[int], b: int) -> None:
     """Flip payload bytes of block ``b`` of ``tokens`` in the disk tier at ``root``."""
-    from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
+    from disk_helpers import corrupt_payload
+
+    from kvbm_fs.tiers.disk import DiskTier
 
     keys = ns.keys_for_tokens(np.asarray(tokens, np.int64))
     tier = DiskTier(root, ns.block_nbytes, CAP)
     try:
-        (rec,) = tier.index.records(keys.ns, keys.hashes[b : b + 1])
-        assert rec is not None
-        seg, off = tier._locate(rec.slot)
-        fd = os.open(tier._segment_path(seg), os.O_RDWR)
-        try:
-            for pos in (7, 300, 1500):
-                at = off + HEADER_PAGE + pos
-                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
-        finally:
-            os.close(fd)
+        corrupt_payload(tier, keys[b : b + 1])
     finally:
         tier.close()
 
