@@ -69,6 +69,7 @@ class PDProxy(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     server: PDProxy
     protocol_version = "HTTP/1.0"  # one response per connection: a stream simply ends with it
+    disable_nagle_algorithm = True  # else each streamed token waits for the client's delayed ACK (~40 ms)
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s " + format, self.address_string(), *args)
