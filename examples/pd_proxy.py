@@ -9,8 +9,11 @@ Four processes on 127.0.0.1:
   block holding the last prompt token, and generates;
 - ``kvbm-fs pd-proxy``: sends each request to prefill with ``max_tokens=1``, then to decode.
 
-Run in vLLM's venv: ``.venv-vllm/bin/python examples/pd_proxy.py [--model DIR]`` (default: a tiny
-random-weight Llama written locally).  The helpers here are what tests/test_vllm_pd.py and
+``--via mooncake`` hands the KV over through a Mooncake Store pool instead (a ``mooncake_master``;
+the prefill engine lends DRAM to the pool, the decode engine reads from it).
+
+Run in vLLM's venv: ``.venv-vllm/bin/python examples/pd_proxy.py [--model DIR] [--via mooncake]``
+(default: a tiny random-weight Llama written locally).  The helpers here are what tests/test_vllm_pd.py and
 benchmarks/bench_pd.py start their servers with.
 """
 
@@ -71,6 +74,28 @@ def start_peer(block_bytes: int, blocks: int, log: Any = None) -> tuple[subproce
     if not line.startswith("{"):
         raise RuntimeError(f"peer-serve did not start (exit {proc.wait(30)})")
     return proc, json.loads(line)["url"]
+
+
+def start_store(via: str, block_bytes: int, blocks: int) -> tuple[Any, dict[str, list[str]]]:
+    """The hand-over store, and each role's tiers: a peer that both engines mount, or a Mooncake master
+    (a service of its own in a cluster) where the prefill engine lends DRAM to the pool and the
+    decode engine joins as a pure client (``segment=0``)."""
+    if via == "peer":
+        proc, url = start_peer(block_bytes, blocks)
+        return proc, {"prefill": [url], "decode": [url]}
+    from kvbm_fs.tiers.mooncake import MooncakeMaster
+
+    master = MooncakeMaster().start()
+    lend = blocks * (block_bytes + 4096)  # room for each block and its header
+    return master, {"prefill": [f"{master.url}&segment={lend}"], "decode": [f"{master.url}&segment=0"]}
+
+
+def stop_store(store: Any) -> int:
+    """Stop what :func:`start_store` started: the peer's exit status (a master's is 0 once stopped)."""
+    if isinstance(store, subprocess.Popen):
+        return stop(store)
+    store.stop()
+    return 0
 
 
 def start_engine(model: Path, kv: dict[str, Any] | None, log: Any, port: int = 0) -> tuple[subprocess.Popen[str], str]:
@@ -174,15 +199,16 @@ def tiny_model(d: Path) -> Path:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", type=Path, help="a local model folder (default: a tiny random Llama)")
+    ap.add_argument("--via", choices=("peer", "mooncake"), default="peer", help="the hand-over store (default peer)")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="kvbm-pd-"))
     model = args.model or tiny_model(tmp / "model")
-    peer, url = start_peer(block_nbytes(model), 1024)
+    store, tiers = start_store(args.via, block_nbytes(model), 1024)
     procs: dict[str, tuple[subprocess.Popen[str], str]] = {}
     try:
         for role in ROLES:
             with open(tmp / f"{role}.log", "w") as log:  # the child keeps its own copy of the file
-                procs[role] = start_engine(model, kv_config(role, [url]), log)
+                procs[role] = start_engine(model, kv_config(role, tiers[role]), log)
         wait_ready(procs)
         procs["proxy"] = start_proxy([procs["prefill"][1]], [procs["decode"][1]])
         prompt = list(range(3, 203))  # 200 tokens: 6 full blocks, the 7th holds the last token
@@ -191,12 +217,12 @@ def main() -> None:
         m = metrics(procs["decode"][1])
         print("P/D output:", via_pd)
         print("equals a single engine's:", via_pd == alone)
-        print(f"decode engine: {m['vllm:kvbm_fs_loaded_blocks_total']:.0f} blocks loaded from the peer,",
+        print(f"decode engine: {m['vllm:kvbm_fs_loaded_blocks_total']:.0f} blocks loaded from the {args.via},",
               f"{m['vllm:prompt_tokens_by_source_total[local_compute]']:.0f} of 200 prompt tokens computed")  # fmt: skip
     finally:
         for name in reversed(list(procs)):
             print(f"{name} exited with", stop(procs[name][0]))
-        print("peer exited with", stop(peer))
+        print(f"{args.via} exited with", stop_store(store))
 
 
 if __name__ == "__main__":

