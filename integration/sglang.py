@@ -64,7 +64,7 @@ import xxhash
 
 from kvbm_fs import BlockKeys, ConfigError, IllegalTransitionError, KVLayout, LayoutMismatchError, Namespace, Store
 from kvbm_fs.config import DEFAULT_TIERS, StoreConfig, resolve
-from kvbm_fs.engine import delete_namespace, load, present, write_targets
+from kvbm_fs.engine import delete_namespace, fill, load, present
 from kvbm_fs.events import BlockEvent, EventKind
 from kvbm_fs.keys import engine_hash_to_u64
 from kvbm_fs.layout import dtype_name
@@ -527,29 +527,13 @@ class KvbmFsHiCacheStorage(_Base):
         through); ``rows_of(selection)`` copies out only those. Mask of pages now stored."""
         store, pages, _ = self._ready()
         t0 = time.perf_counter()
-        targets = write_targets(store, self.write_through)
-        lacks = [~t.contains(keys) for t in targets]
-        ok = ~np.logical_and.reduce(lacks)  # already in some target tier
-        todo = np.flatnonzero(np.logical_or.reduce(lacks))
-        written = 0
-        if todo.size:
-            sub, rows = keys[todo], rows_of(torch.from_numpy(todo))
-            for t, lack in zip(targets, lacks):
-                sel = np.flatnonzero(lack[todo])
-                if not sel.size:
-                    continue
-                every = sel.size == todo.size
-                part = rows if every else rows[torch.from_numpy(sel)]
-                spill = len(targets) == 1  # without write-through, what the first tier refuses goes down a tier
-                put = store.put(sub if every else sub[sel], part, t.name, spill)
-                ok[todo[sel]] |= put
-                written = max(written, int(put.sum()))
+        res = fill(store, keys, lambda sel: rows_of(torch.from_numpy(sel)), write_through=self.write_through)
         dt = time.perf_counter() - t0
-        nbytes = written * pages.layout.block_nbytes
-        self._count(set_pages=len(keys), present_pages=len(keys) - int(todo.size), written_pages=written)
+        nbytes = res.saved * pages.layout.block_nbytes
+        self._count(set_pages=len(keys), present_pages=res.skipped, written_pages=res.saved)
         self._count(written_bytes=nbytes, write_s=dt)
         self._metric("backup", len(keys), nbytes, dt)
-        return ok
+        return res.stored
 
     # ---- observability --------------------------------------------------------------------------------
     def _count(self, **delta: float) -> None:

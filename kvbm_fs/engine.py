@@ -206,8 +206,8 @@ def load(
 
 @dataclass(frozen=True)
 class SaveResult:
-    """What :func:`save` did with each key; the counts add up to ``len(keys)``:
-    ``skipped + saved + failed``."""
+    """What :func:`save` (or :func:`fill`) did with each key; for ``save`` the counts add up to
+    ``len(keys)``: ``skipped + saved + failed``."""
 
     stored: np.ndarray  # mask: the block is in the store now (held before, or put by this call)
     skipped: int = 0  # already held by some tier (not written again)
@@ -369,3 +369,40 @@ def warn_layout_siblings(store: Store, ns: Namespace, what: str = "kvbm_fs") -> 
 
 
 __all__ += ["layout_difference", "layout_siblings", "model_family", "warn_layout_siblings"]
+
+
+# ---- fill: each write target gets the blocks it lacks ------------------------------------------------------
+
+
+def fill(store: Store, keys: BlockKeys, rows: Any, *, write_through: bool = False) -> SaveResult:
+    """Put into each of ``write_targets(store, write_through)`` the blocks it lacks, which ``save`` does
+    not: a block held on disk but gone from the first tier goes into the first tier again, and one in
+    the first tier but not on disk is written through (an L3 backend must be on disk). Without
+    write-through what the first tier refuses spills down. ``rows`` as for :func:`save`. ``skipped``:
+    blocks every target held; ``saved``: the most blocks one target took; ``failed``: blocks no
+    target holds after the call; ``dropped``: blocks some target refused."""
+    targets = write_targets(store, write_through)
+    lacks = [~np.asarray(t.contains(keys), bool) for t in targets]
+    stored = ~np.logical_and.reduce(lacks)  # already in some target tier
+    todo = np.flatnonzero(np.logical_or.reduce(lacks))
+    saved = dropped = 0
+    if todo.size:
+        sub = keys if todo.size == len(keys) else keys[todo]
+        data = rows(todo) if callable(rows) else rows if todo.size == len(keys) else rows[todo]
+        refused = np.zeros(len(keys), bool)
+        for t, lack in zip(targets, lacks):
+            sel = np.flatnonzero(lack[todo])
+            if not sel.size:
+                continue
+            every = sel.size == todo.size
+            put = np.asarray(
+                store.put(sub if every else sub[sel], data if every else data[sel], t.name, len(targets) == 1)
+            )
+            stored[todo[sel]] |= put
+            refused[todo[sel[~put]]] = True
+            saved = max(saved, int(np.count_nonzero(put)))
+        dropped = int(np.count_nonzero(refused & stored))
+    return SaveResult(stored, len(keys) - int(todo.size), saved, int(np.count_nonzero(~stored)), dropped)
+
+
+__all__ += ["fill"]

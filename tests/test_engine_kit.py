@@ -21,6 +21,7 @@ from kvbm_fs.engine import (
     Registry,
     close_store,
     delete_namespace,
+    fill,
     leading,
     load,
     present,
@@ -298,3 +299,35 @@ def test_save_notes_the_new_blocks_tokens_before_their_put(tiered: Store) -> Non
     assert kinds == [EventKind.TOKENS, EventKind.SAVED]
     (noted,) = [e for e in seen if e.kind is EventKind.TOKENS]
     assert noted.keys == keys[1:] and np.array_equal(noted.data, toks[1:].reshape(-1))
+
+
+def test_fill_puts_into_each_target_what_it_lacks_and_spills_only_without_write_through(
+    tiered: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    keys = tiered.keys(tokens(4))
+    data = kv_blocks(4)
+    assert tiered.put(keys[:1], data[:1], tier="gpu", spill=False).all()  # in the first tier only
+    assert tiered.put(keys[1:2], data[1:2], tier="disk_a", spill=False).all()  # on one disk only
+    for name in ("gpu", "disk_a", "disk_b"):
+        assert tiered.put(keys[2:3], data[2:3], tier=name, spill=False).all()  # in every target
+    asked: list[list[int]] = []
+
+    def rows(idx: np.ndarray) -> Any:
+        asked.append(idx.tolist())
+        return data[idx]
+
+    res = fill(tiered, keys, rows, write_through=True)
+    assert asked == [[0, 1, 3]]  # block 2 is in every target: not copied out
+    for name in ("gpu", "disk_a", "disk_b"):  # every target holds every block now
+        assert tiered.tier(name).contains(keys).all(), name
+    assert (res.skipped, res.saved, res.failed, res.dropped, res.stored.all()) == (1, 3, 0, 0, True)
+
+    more = tiered.keys(tokens(3, seed=1))
+    monkeypatch.setattr(tiered.tier("gpu"), "put", _refuse_all)
+    res = fill(tiered, more, kv_blocks(3, seed=1))  # no write-through: the first tier refuses, host takes them
+    assert res.stored.all() and tiered.tier("host").contains(more).all() and res.saved == 3
+    monkeypatch.setattr(tiered.tier("disk_b"), "put", _refuse_all)
+    last = tiered.keys(tokens(2, seed=2))
+    res = fill(tiered, last, kv_blocks(2, seed=2), write_through=True)  # no spill: gpu and disk_b refuse
+    assert res.stored.all() and (res.saved, res.failed, res.dropped) == (2, 0, 2)
+    assert tiered.tier("disk_a").contains(last).all() and not tiered.tier("host").contains(last).any()
