@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -7,6 +8,10 @@ import numpy as np
 import pytest
 
 from kvbm_fs import KVLayout, Namespace, Store, mount
+
+# NIXL's OBJ backend (the AWS SDK for C++) otherwise asks the EC2 instance metadata service
+# (169.254.169.254) for a region and credentials: tests send traffic only to 127.0.0.1.
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 LAYOUT = KVLayout(num_layers=2, num_kv_heads=2, head_dim=32, block_size=16, dtype="float16")  # 8 KiB blocks
 

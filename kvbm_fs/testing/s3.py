@@ -132,7 +132,7 @@ class SeaweedS3(MotoS3):
         return p.read_text(errors="replace")[-n:] if p.exists() else ""
 
 
-def start_seaweedfs(timeout: float = 60.0) -> SeaweedS3:
+def start_seaweedfs(timeout: float = 60.0, volume_growth: int | None = None) -> SeaweedS3:
     """Start SeaweedFS on 127.0.0.1 (free ports; no telemetry, Iceberg or Lance listeners); return once
     a PUT into a scratch bucket succeeds (the S3 port answers before a volume is writable)."""
     import json
@@ -147,8 +147,8 @@ def start_seaweedfs(timeout: float = 60.0) -> SeaweedS3:
     d = Path(tempfile.mkdtemp(prefix="kvbm-seaweedfs-"))
     (d / "data").mkdir()
     (d / "s3.json").write_text(json.dumps(S3_IDENTITY))
-    # master.toml is read from the cwd: grow one volume per new bucket (collection), not 7
-    (d / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
+    if volume_growth is not None:  # volumes a new bucket (collection) starts with; SeaweedFS's default 7
+        (d / "master.toml").write_text(f"[master.volume_growth]\ncopy_1 = {volume_growth}\n")  # read from the cwd
     master, volume, filer, s3 = (free_port_pair() for _ in range(4))
     cmd = [weed, "server", f"-dir={d / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
            f"-master.port={master}", "-master.telemetry=false", "-master.volumeSizeLimitMB=256",
