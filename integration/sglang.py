@@ -7,42 +7,9 @@ Load it with SGLang's own flags::
         "class_name": "KvbmFsHiCacheStorage", "interface_v1": 1,
         "tiers": ["host://?capacity=8GiB", "file:///var/cache/kvbm?capacity=200GiB"]}'
 
-SGLang hands that whole JSON object to the backend as ``storage_config.extra_config``; besides SGLang's
-own keys it takes (all optional; the rest comes from ``KVBM_FS_*`` like any :func:`kvbm_fs.mount`):
-
-``tiers``            tier URLs or ``{url=..., ...}`` tables, fastest first (default: a 1 GiB host tier
-                     and a 10 GiB disk tier under ``$KVBM_FS_SGLANG_DIR`` or ``~/.cache/kvbm_fs/sglang``)
-``config``           a kvbm_fs TOML/YAML/JSON file (same keys as ``mount(config=...)``)
-``model``            the model name in the namespace (default: SGLang's ``model_name``)
-``tenant``, ``policy``, ``daemon``, ``cost``   as for ``mount``
-``write_through``    also write every page to the persistent tiers at once (default true: L3 is what
-                     other ranks, other engines and the next restart read, so it must be on disk)
-
-How it works:
-
-- Names: SGLang's keys are opaque page hashes (64 hex digits; any other string is folded as UTF-8).
-  They live in a :class:`~kvbm_fs.Namespace` with ``hash_scheme="sglang"`` built from the model, the
-  page's byte layout as the host pool holds it (layers, KV heads, head dim, page size, dtype, axis order
-  of the page layout, MLA or not) and the parallel rank (TP x attention-CP x PP). An MLA page is the
-  same on every TP rank, so its namespace leaves TP out: only the storage writer (rank 0) stores, and
-  every rank reads what it stored.
-- Bytes: ``batch_set_v1``/``batch_get_v1`` (``"interface_v1": 1``) gather and scatter whole pages
-  between the host pool's ``kv_buffer`` and one kvbm_fs row per page with one slice copy per run of
-  consecutive host pages (one ``index_select`` / ``index_copy_`` per batch when runs are short),
-  whatever the layout; the row holds exactly the bytes SGLang's own
-  ``get_data_page(flat=True)`` would, so the legacy ``get``/``set`` path (flat page tensors) names
-  and reads the same blocks.
-- Batching: one store call per SGLang batch (``batch_exists`` is one ``Store.match``, after a probe of
-  its first page so that a prompt never seen costs one lookup, not a whole batch).
-- Failures: every page read is verified by the store; a page that fails verification or vanished is
-  ``False`` in the returned list (``None`` for ``get``) and its host slot is left untouched.
-- Observability: :meth:`KvbmFsHiCacheStorage.stats` (pages and bytes read, written, hit, missed,
-  failed, seconds), :meth:`~KvbmFsHiCacheStorage.take_events` (kvbm_fs block events) and SGLang's
-  ``get_stats`` (``StorageMetrics``, for ``--enable-storage-metrics``).
-- KV events: ``"events"`` in the extra config (as ``mount(events=...)``) publishes the store's block events
-  for routers. HiCache hands over opaque page hashes, never tokens, so ``BlockStored.token_ids`` stays
-  empty here; routers that key by these hashes (the events' ``block_hashes``) still work, routers that
-  recompute hashes from tokens cannot use them (docs/architecture.md 1.16).
+SGLang hands that whole JSON object to the backend as ``storage_config.extra_config``; the keys
+kvbm_fs reads besides SGLang's own (``tiers``, ``write_through``, ...), how pages are named and
+copied, and what it measured: docs/sglang.md; design: docs/architecture.md 1.13.
 """
 
 from __future__ import annotations
