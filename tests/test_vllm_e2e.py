@@ -34,6 +34,8 @@ from vllm.inputs import TokensPrompt
 
 from kvbm_fs import LayoutMismatchError, Namespace, mount
 from kvbm_fs.integration import vllm as kvc
+from kvbm_fs.integration.vllm import layout as kvc_layout
+from kvbm_fs.integration.vllm import options as kvc_options
 
 BLOCK = 32  # CPU block sizes must be multiples of 32
 DISK_CAP = "64MiB"
@@ -432,7 +434,7 @@ def test_chunked_prefill_saves_blocks_as_steps_complete_them(
     prefilled over several steps, loads happen in its first step before the forward, and each block is
     saved in the step that completes it. Staging is cut to 4 blocks per copy, so loads and saves also go
     through several batches."""
-    monkeypatch.setattr(kvc, "STAGE_BYTES", 4 * stored["namespace"].block_nbytes)
+    monkeypatch.setattr(kvc_options, "STAGE_BYTES", 4 * stored["namespace"].block_nbytes)
     root = copy_store(stored, tmp_path)
     kv = kv_config(root, async_load=False, async_save=False)
     llm = new_engine(model, kv, max_num_batched_tokens=64, max_num_seqs=8)
@@ -440,7 +442,8 @@ def test_chunked_prefill_saves_blocks_as_steps_complete_them(
         outs = generate(llm, ENGINE2)
         worker = connectors(llm)["WORKER"]
         w = dict(worker.totals.reduce())
-        in_flight = len(worker._saving) + len(worker._loading)
+        assert worker.worker is not None
+        in_flight = len(worker.worker._saving) + len(worker.worker._loading)
     finally:
         stop(llm)
     assert outs == baseline["engine2"]
@@ -905,7 +908,7 @@ def test_mla_loads_are_bit_exact_with_vllms_own_prefix_cache(
         vllm_config.cache_config.enable_prefix_caching = True
 
     monkeypatch.setattr(cpu_platform.CpuPlatform, "check_and_update_config", classmethod(keep_prefix_caching))
-    monkeypatch.setattr(kvc, "NO_CONTEXT_BACKENDS", frozenset())
+    monkeypatch.setattr(kvc_layout, "NO_CONTEXT_BACKENDS", frozenset())
     params = SamplingParams(max_tokens=8, temperature=0.0, logprobs=0)
 
     def serve(llm: LLM) -> tuple[list[int], list[float]]:
