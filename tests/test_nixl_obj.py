@@ -93,14 +93,15 @@ def test_empty_and_bad_inputs(client: Any) -> None:
 
 def test_refused_endpoint_fails_fast(bucket: str) -> None:
     c = _client(f"http://127.0.0.1:{free_port()}", bucket, timeout=10.0)
-    t0 = time.monotonic()
     (perr,) = c.put([("k", b"data")])
     got = c.get([("k", 4)])
     there = c.exists(["k"])
     c.close()
-    assert time.monotonic() - t0 < 8  # waiting out the timeouts would take 30 s: a refusal is answered at once
-    assert isinstance(perr, OSError)
-    assert isinstance(got[0], OSError) and not isinstance(got[0], FileNotFoundError)  # unknown, not missing
+    # a refusal is answered at once, not by waiting out the 10 s timeouts (counted, not clocked: a
+    # busy machine makes a clock bound flaky)
+    assert c.counters["timeouts"] == 0 and c.counters["query_timeouts"] == 0, c.counters
+    assert isinstance(perr, OSError) and not isinstance(perr, TimeoutError)
+    assert isinstance(got[0], OSError) and not isinstance(got[0], (FileNotFoundError, TimeoutError))  # unknown
     assert there == [None]
 
 
