@@ -99,7 +99,7 @@ class KvbmFsTrtllmWorker(WorkerBase, _Side):
             tuple(kv_cache_tensor.shape),
             kv_cache_tensor.dtype,
             self.namespace.short_id,
-            [t.name for t in self.store.tiers],
+            engine_kit.tier_names(self.store),
         )
 
     def _meta(self) -> KvbmFsTrtllmMeta | None:
