@@ -116,16 +116,3 @@ WorkerBase: Any
 RequestData: Any
 SchedulerOutput: Any
 SchedulerBase, WorkerBase, RequestData, SchedulerOutput, HAVE_TRTLLM = _trtllm_api()
-
-
-__all__ = [
-    "HAVE_TRTLLM",
-    "RequestData",
-    "SchedulerBase",
-    "SchedulerOutput",
-    "StandInRequestData",
-    "StandInScheduler",
-    "StandInSchedulerOutput",
-    "StandInWorker",
-    "WorkerBase",
-]

@@ -103,16 +103,3 @@ def pool_layout(kv: torch.Tensor, block_size: int, pinned: KVLayout | None) -> K
 def namespaces(model: str, layout: KVLayout, world: int, tenant: str) -> tuple[Namespace, ...]:
     """One namespace per tensor-parallel rank: each rank holds its own heads' KV."""
     return tuple(Namespace(f"{model}@trtllm", layout, r, world, tenant) for r in range(world))
-
-
-__all__ = [
-    "ENV_OPTIONS",
-    "OPTION_KEYS",
-    "STORE_KEYS",
-    "connector_options",
-    "namespaces",
-    "parallel_rank",
-    "pool_layout",
-    "store_config",
-    "tokens_per_block",
-]
