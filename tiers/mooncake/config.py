@@ -42,6 +42,7 @@ class MooncakeConfig:
     capacity: int | None = None  # bound on this prefix's blocks (the tier evicts); None: Mooncake evicts
     breaker_threshold: int = 3
     breaker_cooldown: float = 5.0
+    policy: str | None = None  # only its admission filter (+tinylfu, +count2) applies; eviction is Mooncake's
 
     @classmethod
     def parse(cls, location: str, options: dict[str, Any]) -> MooncakeConfig:
@@ -82,9 +83,11 @@ class MooncakeConfig:
         if nums.get("replicas", 1) < 1 or nums.get("breaker_threshold", 1) < 1 or nums.get("breaker_cooldown", 0) < 0:
             raise ConfigError("mooncake tier: replicas and breaker_threshold must be >= 1, breaker_cooldown >= 0")
         rdma_devices = str(opts.pop("rdma_devices", ""))
+        policy = opts.pop("policy", None)
         assert not opts, opts
         return cls(f"{host}:{port}", metadata, f"{ahost}:{aport}", hostname, protocol, rdma_devices,
-                   prefix=prefix, capacity=capacity, **sizes, **nums)  # fmt: skip
+                   prefix=prefix, capacity=capacity, policy=None if policy is None else str(policy), **sizes,
+                   **nums)  # fmt: skip
 
     @property
     def url(self) -> str:

@@ -30,9 +30,10 @@ from kvbm_fs.errors import ConfigError, IllegalTransitionError, PinnedError, Tie
 from kvbm_fs.events import VERIFY, EventBus, EventKind
 from kvbm_fs.index import KeyIndex
 from kvbm_fs.keys import BlockKeys
+from kvbm_fs.policy import make_policy
 from kvbm_fs.resilience import CircuitBreaker
 from kvbm_fs.rows import copy_rows, host_rows
-from kvbm_fs.tier import Medium, Tier
+from kvbm_fs.tier import Admission, Medium, Tier
 from kvbm_fs.tiers.mooncake.client import (
     OBJECT_ALREADY_EXISTS,
     OBJECT_NOT_FOUND,
@@ -75,6 +76,9 @@ class MooncakeTier(Tier):
 
             raise CapacityError(f"mooncake capacity {cfg.capacity} B is smaller than one {self.object_bytes} B block")
         self.breaker = CircuitBreaker(cfg.breaker_threshold, cfg.breaker_cooldown)
+        self.policy = make_policy(cfg.policy)
+        cap_blocks = None if cfg.capacity is None else cfg.capacity // self.object_bytes
+        self.admission = Admission(self.policy, cap_blocks)  # a filter in front of the pool (policy=...+tinylfu)
         self.counters = dict(get_errors=0, put_errors=0, exist_errors=0, load_failures=0, corrupt_removed=0,
                              evicted_seen=0, evictions=0, skipped_open_breaker=0, list_errors=0,
                              staging_retired=0)  # fmt: skip
@@ -176,19 +180,27 @@ class MooncakeTier(Tier):
         if n == 0:
             return np.zeros(0, bool)
         rows = host_rows(data, n)
+        self.admission.seen(keys)
         _, first = np.unique(keys.hashes, return_index=True)
         todo = np.sort(first)
         have = np.zeros(n, bool)
-        if self._count >= 0:  # bounded: count only new blocks, and make room for them first
+        if self._count >= 0 or self.admission.filter is not None:  # count (and filter) only new blocks
             have = self.contains(keys)
             todo = todo[~have[todo]]
+        if self.admission.filter is not None:
+            cap = self.capacity_bytes // self.object_bytes
+            todo = self.admission.trim(self, keys, todo, cap - self._count if self._count >= 0 else todo.size)
+        if self._count >= 0:  # bounded: make room for the new blocks first
             with self._room:
                 room = self._make_room(todo.size, keys[np.flatnonzero(have)])
                 todo = todo[:room]
                 with self._lock:
                     self._count += todo.size
         stored = np.zeros(todo.size, bool)
-        if todo.size and self._allow():
+        why = "mooncake put refused"
+        if todo.size and not self._allow():
+            why = "mooncake master unreachable"
+        elif todo.size:
             stage = self.client.put_rows
             for a in range(0, todo.size, stage.rows):
                 idx = todo[a : a + stage.rows]
@@ -199,9 +211,7 @@ class MooncakeTier(Tier):
                 stored[a : a + idx.size] = (codes == 0) | (codes == OBJECT_ALREADY_EXISTS)
                 if not up:
                     break
-        elif todo.size:
-            self.events.publish(EventKind.STORE_FAILED, self.name, keys[todo], "mooncake master unreachable")
-        self._account_puts(keys, todo, stored)
+        self._account_puts(keys, todo, stored, why)
         out = have.copy()
         out[todo[stored]] = True
         out |= np.isin(keys.hashes, keys.hashes[out])  # repeated keys in the batch
@@ -220,7 +230,7 @@ class MooncakeTier(Tier):
         )
         buf[:m, : codec.HEADER_SIZE] = np.frombuffer(heads, np.uint8).reshape(m, codec.HEADER_SIZE)
 
-    def _account_puts(self, keys: BlockKeys, todo: np.ndarray, stored: np.ndarray) -> None:
+    def _account_puts(self, keys: BlockKeys, todo: np.ndarray, stored: np.ndarray, why: str) -> None:
         if self._count >= 0 and not stored.all():
             with self._lock:
                 self._count -= int((~stored).sum())  # give back what was reserved but not written
@@ -230,7 +240,7 @@ class MooncakeTier(Tier):
             self.events.publish(EventKind.STORED, self.name, done)
         if not stored.all():
             self.counters["put_errors"] += int((~stored).sum())
-            self.events.publish(EventKind.STORE_FAILED, self.name, keys[todo[~stored]], "mooncake put refused")
+            self.events.publish(EventKind.STORE_FAILED, self.name, keys[todo[~stored]], why)
 
     def get(self, keys: BlockKeys, out: Any) -> np.ndarray:
         self._check_rows(keys, out, "get")
@@ -239,6 +249,7 @@ class MooncakeTier(Tier):
         found = np.zeros(n, bool)
         if n == 0:
             return found
+        self.admission.seen(keys)
         if not self._allow():
             self.events.publish(EventKind.LOAD_FAILED, self.name, keys, "mooncake master unreachable")
             return found
