@@ -214,13 +214,9 @@ class WorkerSide:
 
     def _read(self, keys: BlockKeys, ids: np.ndarray) -> _Staged:
         """One staging buffer's worth: read and verify, keep only the blocks that verified."""
-        assert self.store is not None
         stage = self._stage(len(ids))
-        try:
-            got = np.asarray(self.store.get(keys, _u8_rows(stage)), bool)
-        except Exception:  # never into the engine: whatever did not load is recomputed
-            log.exception("kvbm_fs: load failed; vLLM recomputes the blocks")
-            got = np.zeros(len(ids), bool)
+        # recover: a read that raises is a miss of every block, never an error in the engine
+        got = engine_kit.load(self.store, keys, _u8_rows(stage), recover=True).got
         ok = np.flatnonzero(got)
         if ok.size != len(ids):
             stage = stage[torch.from_numpy(ok)]
@@ -310,7 +306,6 @@ class WorkerSide:
                 np.concatenate([t.parents for t in todo]),
             )
             ids = np.asarray([b for t in todo for b in t.block_ids], dtype=np.int64)
-            assert self.store is not None
             # local tiers only: this runs inside the forward, and a remote HEAD round trip there would
             # stall it (PUTs are idempotent)
             present = engine_kit.present(self.store, keys, skip=(Medium.REMOTE,))
@@ -375,20 +370,18 @@ class WorkerSide:
 
     def _put(self, keys: BlockKeys, rows: torch.Tensor) -> None:
         t0 = time.perf_counter()
-        assert self.store is not None
-        dropped = 0
-        try:
-            saved = int(np.asarray(self.store.put(keys, rows)).sum())
-            if self.options.write_through:  # a dead or full tier drops blocks (counted) instead of raising
-                dropped = engine_kit.write_through(self.store, keys, rows)
-        except Exception:  # a dropped save only costs a future recompute; never fail the engine
-            log.exception("kvbm_fs: saving %d blocks failed; they are dropped", len(keys))
+        # planned as new in _plan_saves; a dead or full write-through tier drops blocks (counted), and a
+        # put that raises only costs a future recompute (recover): never an error in the engine
+        res = engine_kit.save(
+            self.store, keys, rows, write_through=self.options.write_through, skip_present=False, recover=True
+        )
+        if res.error is not None:
             self.stats.count(save_failed_blocks=len(keys))
             return
         self.stats.count(
-            saved_blocks=saved,
-            saved_bytes=saved * self.layout.block_nbytes,
-            write_through_failed_blocks=dropped,
+            saved_blocks=res.saved,
+            saved_bytes=res.saved * self.layout.block_nbytes,
+            write_through_failed_blocks=res.dropped,
             save_s=time.perf_counter() - t0,
         )
 
