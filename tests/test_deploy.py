@@ -297,6 +297,10 @@ def test_the_vllm_kv_transfer_config_names_the_real_connector() -> None:
     (dep,) = [d for d in _of("Deployment") if d["metadata"]["name"] == "vllm"]
     engine = next(c for c in _containers(dep) if c["name"] == "vllm")
     assert "$(KV_TRANSFER_CONFIG)" in engine["args"]
+    # the sidecar's layout only sizes blocks; given to the engine it would pin the engine to it, and the
+    # page order differs by attention backend (the CPU one's is LHKTD): vLLM refuses to start
+    assert "layout" not in tomllib.loads(data["engine.toml"]) and "layout" not in extra
+    assert "KVBM_FS_LAYOUT" not in {e["name"] for e in engine.get("env", [])}
     assert _mounted(engine, extra["config"]) == data["engine.toml"]
 
 
