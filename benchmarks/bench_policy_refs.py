@@ -42,14 +42,17 @@ requests).  About a minute.
 from __future__ import annotations
 
 import argparse
+import heapq
 from collections import Counter, OrderedDict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from _common import add_output_args, emit, results_path
 
-from kvbm_fs.replay import Trace, belady, load_trace
+from kvbm_fs.replay import Trace, belady, load_trace, saved_seconds
+from kvbm_fs.testing.traces import SYNTHETIC
 
 NAME = "bench_policy_refs"
 TRACE = Path(__file__).resolve().parent.parent.parent / "shared" / "traces" / "synthetic_trace.jsonl"
@@ -64,15 +67,23 @@ class Sim(Protocol):
 
 def hit_ratio(requests: list[list[int]], sim: Sim) -> float:
     """Prefix hits over references; every block of a request is then touched or brought in, in order."""
+    return hits_and_saved(requests, sim)[0]
+
+
+def hits_and_saved(requests: list[list[int]], sim: Sim) -> tuple[float, float]:
+    """(hit ratio, prefill seconds saved): each request's hit prefix loaded from host memory instead
+    of recomputed, by :func:`kvbm_fs.replay.saved_seconds` (the replay's cost model)."""
     hits = refs = 0
+    ks = []
     for req in requests:
         k = 0
         while k < len(req) and sim.has(req[k]):
             k += 1
         hits, refs = hits + k, refs + len(req)
+        ks.append(k)
         for h in req:
             sim.hit(h) if sim.has(h) else sim.miss(h)
-    return hits / max(refs, 1)
+    return hits / max(refs, 1), saved_seconds(np.asarray(ks))
 
 
 class LRU:
@@ -259,6 +270,126 @@ class LIRS:
         self._prune()
 
 
+class LRU2:
+    """LRU-2 (O'Neil et al.): evict the block whose second-to-last reference is oldest; blocks seen once
+    go first, least recent first.  Reference history survives eviction for ``cap`` further blocks."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.t = cap, 0
+        self.res: dict[int, tuple[int, int]] = {}  # resident: (penultimate, last); -1 = none
+        self.hist = OrderedDict[int, tuple[int, int]]()  # evicted blocks' history
+        self.heap: list[tuple[int, int, int]] = []
+
+    def has(self, h: int) -> bool:
+        return h in self.res
+
+    def _ref(self, h: int, prev: tuple[int, int]) -> None:
+        self.t += 1
+        k = (prev[1], self.t)
+        self.res[h] = k
+        heapq.heappush(self.heap, (k[0], k[1], h))
+
+    def hit(self, h: int) -> None:
+        self._ref(h, self.res[h])
+
+    def miss(self, h: int) -> None:
+        if len(self.res) >= self.cap:
+            while True:
+                a, b, x = heapq.heappop(self.heap)
+                if self.res.get(x) == (a, b):
+                    break
+            self.hist[x] = self.res.pop(x)
+            if len(self.hist) > self.cap:
+                self.hist.popitem(last=False)
+        self._ref(h, self.hist.pop(h, (-1, -1)))
+
+
+class ARC:
+    """ARC (Megiddo and Modha, FAST 2003): T1/T2 with ghosts B1/B2 of one cache's worth, self-tuning ``p``."""
+
+    def __init__(self, cap: int) -> None:
+        self.c, self.p = cap, 0.0
+        self.t1, self.t2 = OrderedDict[int, None](), OrderedDict[int, None]()
+        self.b1, self.b2 = OrderedDict[int, None](), OrderedDict[int, None]()
+
+    def has(self, h: int) -> bool:
+        return h in self.t1 or h in self.t2
+
+    def hit(self, h: int) -> None:
+        self.t1.pop(h, None)
+        self.t2[h] = None
+        self.t2.move_to_end(h)
+
+    def _replace(self, in_b2: bool) -> None:
+        if self.t1 and (len(self.t1) > self.p or (in_b2 and len(self.t1) == int(self.p))):
+            x, _ = self.t1.popitem(last=False)
+            self.b1[x] = None
+        elif self.t2:
+            x, _ = self.t2.popitem(last=False)
+            self.b2[x] = None
+        else:
+            x, _ = self.t1.popitem(last=False)
+            self.b1[x] = None
+
+    def miss(self, h: int) -> None:
+        c = self.c
+        if h in self.b1:
+            self.p = min(c, self.p + max(len(self.b2) / len(self.b1), 1))
+            del self.b1[h]
+            self._replace(False)
+            self.t2[h] = None
+            return
+        if h in self.b2:
+            self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1))
+            del self.b2[h]
+            self._replace(True)
+            self.t2[h] = None
+            return
+        l1 = len(self.t1) + len(self.b1)
+        if l1 == c:
+            if len(self.t1) < c:
+                self.b1.popitem(last=False)
+                self._replace(False)
+            else:
+                self.t1.popitem(last=False)
+        elif l1 < c and l1 + len(self.t2) + len(self.b2) >= c:
+            if l1 + len(self.t2) + len(self.b2) >= 2 * c and self.b2:
+                self.b2.popitem(last=False)
+            self._replace(False)
+        self.t1[h] = None
+
+
+class LFUAging:
+    """LFU with dynamic aging (GDSF with unit size and cost): priority = clock + frequency; the clock
+    rises to each evicted block's priority, so old frequency counts fade; ties go least recent first."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap, self.clock, self.t = cap, 0, 0
+        self.res: dict[int, tuple[int, int]] = {}  # (frequency, priority)
+        self.heap: list[tuple[int, int, int]] = []
+
+    def has(self, h: int) -> bool:
+        return h in self.res
+
+    def _set(self, h: int, f: int) -> None:
+        self.t += 1
+        self.res[h] = (f, self.clock + f)
+        heapq.heappush(self.heap, (self.clock + f, self.t, h))
+
+    def hit(self, h: int) -> None:
+        self._set(h, self.res[h][0] + 1)
+
+    def miss(self, h: int) -> None:
+        if len(self.res) >= self.cap:
+            while True:
+                pr, _, x = heapq.heappop(self.heap)
+                if x in self.res and self.res[x][1] == pr:
+                    break
+            del self.res[x]
+            self.clock = pr
+        self._set(h, 1)
+
+
 class OracleBypassLRU(LRU):
     """LRU that is told, at each miss, whether the block is referenced again (the future)."""
 
@@ -301,6 +432,9 @@ ORACLES: dict[str, Callable[[int, dict[int, int]], Sim]] = {
 
 POLICIES: dict[str, Callable[[int], Sim]] = {
     "lru": LRU,
+    "lru2": LRU2,
+    "arc": ARC,
+    "lfu_aging": LFUAging,
     "s3fifo": lambda c: S3FIFO(c, 0.1, 1),
     "s3fifo_threshold2": lambda c: S3FIFO(c, 0.1, 2),
     "wtinylfu_window1pct": lambda c: WTinyLFU(c, 0.01),
@@ -316,16 +450,18 @@ def run(trace: Trace) -> dict[str, Any]:
     out: dict[str, Any] = {"requests": len(requests), "references": trace.references, "distinct_blocks": trace.distinct}
     ratios: dict[str, dict[str, float]] = {}
     hit: dict[str, dict[str, float]] = {}
+    saved: dict[str, dict[str, float]] = {}
     best: dict[str, Any] = {}
     hints: dict[str, dict[str, dict[str, float]]] = {}
     counts = Counter(h for r in requests for h in r)
     for frac in CAPACITIES:
-        cap = max(1, int(trace.distinct * frac))
+        cap = max(1, round(trace.distinct * frac))  # as the replay sizes its tier
         opt = belady(trace, cap)
         out.setdefault("belady", {})[str(frac)] = round(opt, 4)
         for name, make in POLICIES.items():
-            hr = hit_ratio(requests, make(cap))
+            hr, sv = hits_and_saved(requests, make(cap))
             hit.setdefault(name, {})[str(frac)] = round(hr, 4)
+            saved.setdefault(name, {})[str(frac)] = round(sv, 1)
             ratios.setdefault(name, {})[str(frac)] = round(hr / opt, 3) if opt else 0.0
         name = max(POLICIES, key=lambda n: ratios[n][str(frac)])
         best[str(frac)] = {"policy": name, "ratio_to_belady": ratios[name][str(frac)]}
@@ -335,7 +471,7 @@ def run(trace: Trace) -> dict[str, Any]:
                 "hit_ratio": round(hr, 4),
                 "ratio_to_belady": round(hr / opt, 3) if opt else 0.0,
             }
-    out.update(hit_ratio=hit, ratio_to_belady=ratios, best=best, oracle_hints=hints)
+    out.update(hit_ratio=hit, prefill_s_saved=saved, ratio_to_belady=ratios, best=best, oracle_hints=hints)
     return out
 
 
@@ -347,6 +483,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.out = args.out or results_path(NAME, args.quick)
     trace = load_trace(args.trace, limit=400 if args.quick else None)
     res = {"benchmark": NAME, "quick": args.quick, "trace": args.trace.name, **run(trace)}
+    scale = 0.05 if args.quick else 1.0  # every generator of kvbm_fs.testing.traces, as bench_policies
+    res["synthetic"] = {"scale": scale, "traces": {n: run(make(scale)) for n, make in SYNTHETIC.items()}}
     res["method"] = ("single-tier simulators over the block reference stream; hit = longest resident prefix; "
                      "Belady = kvbm_fs.replay.belady at the same capacity")  # fmt: skip
     emit(res, args.out)

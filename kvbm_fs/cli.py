@@ -83,6 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         default=131_072,
         help="KV bytes per token for the cost model (default: Llama-3-8B fp16)",
     )
+    r.add_argument(
+        "--recompute",
+        type=float,
+        nargs=2,
+        metavar=("A", "B"),
+        help="recomputing block i costs A + B*i seconds (default: from --prefill-tps and attention cost)",
+    )
     r.add_argument("--bandwidth", nargs="+", help="tier bandwidths for the cost model, NAME=BYTES_PER_S (host=12e9)")
     r.add_argument("--latency", nargs="+", help="tier latencies for the cost model, NAME=SECONDS (remote=0.03)")
     r.add_argument("--out", help="folder for replay.json and replay.png")
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 block_bytes=args.block_bytes,
                 prefill_tps=args.prefill_tps,
                 kv_bytes_per_token=args.kv_bytes_per_token,
+                recompute=args.recompute,
                 bandwidth=args.bandwidth,
                 latency=args.latency,
                 out_dir=args.out,

@@ -47,11 +47,12 @@ from urllib.parse import quote
 
 import numpy as np
 
-from .cost import CostModel
+from .cost import DEFAULTS, CostModel
 from .errors import ConfigError
 from .keys import BlockKeys
 from .layout import KVLayout
 from .policy import SHIPPED
+from .tier import Medium
 
 BLOCK_TOKENS = 512
 TINY_BLOCK_BYTES = 1024
@@ -177,6 +178,20 @@ def belady(trace: Trace, capacity: int) -> float:
     return hits / total
 
 
+def saved_seconds(
+    hit_lengths: np.ndarray, cost: CostModel | None = None, block_nbytes: int = KV_BYTES_PER_TOKEN * BLOCK_TOKENS
+) -> float:
+    """Prefill seconds saved when each request's first ``hit_lengths[j]`` blocks load from host memory
+    (one request latency, then bandwidth) instead of being recomputed at ``a + b*i`` each."""
+    cost = cost or CostModel(PREFILL_TPS)
+    k = np.asarray(hit_lengths, np.float64)
+    a, b = cost.recompute_ab(BLOCK_TOKENS)
+    lat, bw = DEFAULTS[Medium.HOST]
+    recompute = a * k + b * k * (k - 1) / 2
+    load = k * block_nbytes / bw + np.where(k > 0, lat, 0.0)
+    return float(np.sum(recompute - load))
+
+
 def infinite_hit_ratio(trace: Trace) -> float:
     return 1.0 - trace.distinct / max(1, trace.references)
 
@@ -220,6 +235,7 @@ class ReplayConfig:
     bandwidth: dict[str, float] = field(default_factory=dict)
     latency: dict[str, float] = field(default_factory=dict)
     placement: str = "auto"  # daemon | spill | auto (daemon when there is more than one tier)
+    recompute: dict[str, float] = field(default_factory=dict)  # CostModel recompute_a / recompute_b overrides
     workdir: str | None = None
 
 
@@ -322,7 +338,7 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
         for t in tiers[:-1]:  # as PlacementDaemon.start(), but rounds run here, between requests
             t.evict_on_put = False
         store.daemon = daemon
-    cost = CostModel(cfg.prefill_tps, dict(cfg.latency), dict(cfg.bandwidth))
+    cost = _cost(cfg)
     lat_bw = np.array([cost.tier_cost(t) for t in tiers])
     longest = max(r.size for r in trace.requests)
     rng = np.random.default_rng(0)
@@ -347,10 +363,10 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
             w = cost.worth(where, tiers, real_nb, BLOCK_TOKENS)
             worth_blocks += w
             t_cache += _load_time(where[:w], lat_bw, real_nb)
-            t_cache += (n - w) * BLOCK_TOKENS / cfg.prefill_tps
+            t_cache += float(cost.recompute_s(w, n - w, BLOCK_TOKENS).sum())
         else:
-            t_cache += n * BLOCK_TOKENS / cfg.prefill_tps
-        t_none += n * BLOCK_TOKENS / cfg.prefill_tps
+            t_cache += float(cost.recompute_s(0, n, BLOCK_TOKENS).sum())
+        t_none += float(cost.recompute_s(0, n, BLOCK_TOKENS).sum())
         if length < n:
             store.put(keys[length:], data[: n - length])
         if daemon is not None:
@@ -361,6 +377,7 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
         "hit_blocks": hits,
         "hit_ratio": hits / max(1, refs),
         "tier_hit_ratio": {t.name: int(c) / max(1, refs) for t, c in zip(tiers, by_tier)},
+        "prefill_s_saved": round(t_none - t_cache, 3),
         "worth_loading_ratio": worth_blocks / max(1, refs),
         "est_prefill_s": round(t_cache, 3),
         "est_prefill_s_no_cache": round(t_none, 3),
@@ -377,6 +394,12 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
     else:
         res["placement"] = "spill"
     return res
+
+
+def _cost(cfg: ReplayConfig) -> CostModel:
+    r = cfg.recompute
+    return CostModel(cfg.prefill_tps, dict(cfg.latency), dict(cfg.bandwidth),
+                     recompute_a=r.get("recompute_a"), recompute_b=r.get("recompute_b"))  # fmt: skip
 
 
 def _load_time(where: np.ndarray, lat_bw: np.ndarray, block_nbytes: int) -> float:
@@ -447,6 +470,7 @@ def compare(
         "single_tier": rows,
         "cost_model": {
             "prefill_tokens_per_s": base.prefill_tps,
+            "recompute_a_b_s": list(_cost(base).recompute_ab(BLOCK_TOKENS)),
             "kv_bytes_per_token": base.kv_bytes_per_token,
             "block_bytes": base.kv_bytes_per_token * BLOCK_TOKENS,
             "latency_s_and_bandwidth_Bps": _cost_table(base),
@@ -483,10 +507,10 @@ def format_table(res: dict[str, Any]) -> str:
         f"trace {res['trace']}: {res['requests']} requests, {res['references']} block references, "
         f"{res['distinct_blocks']} distinct blocks; infinite cache hits {res['infinite_cache_hit_ratio']:.3f}",
         "",
-        "single tier (host), hit ratio and [ratio to Belady]:",
+        "single tier (host), prefill seconds saved, hit ratio and [ratio to Belady]:",
     ]
     pols = res["policies"]
-    w = max(12, *(len(p) for p in pols))
+    w = max(22, *(len(p) for p in pols))
     head = f"{'capacity':>10} {'blocks':>7} {'belady':>7}  " + "  ".join(f"{p:>{w}}" for p in pols)
     lines += [head, "-" * len(head)]
     for row in res["single_tier"]:
@@ -494,7 +518,8 @@ def format_table(res: dict[str, Any]) -> str:
         for p in pols:
             r = row["policies"][p]
             ratio = r["ratio_to_belady"]
-            cells.append(f"{r['hit_ratio']:.3f} [{ratio:.2f}]".rjust(w) if ratio is not None else "-".rjust(w))
+            b = f"[{ratio:.2f}]" if ratio is not None else "[-]"
+            cells.append(f"{r['prefill_s_saved']:.0f}s {r['hit_ratio']:.3f} {b}".rjust(w))
         lines.append(f"{row['capacity']:>10g} {row['capacity_blocks']:>7} {row['belady']:>7.3f}  " + "  ".join(cells))
     lines.append("")
     lines.append("estimated prefill time with the cache / without (cost model), per policy:")
@@ -512,7 +537,7 @@ def format_table(res: dict[str, Any]) -> str:
                     f"; promoted {r['promoted_bytes_est'] / 1e9:.1f} GB, demoted {r['demoted_bytes_est'] / 1e9:.1f} GB"
                 )
             lines.append(
-                f"  {p:<{w}} hit {r['hit_ratio']:.3f} [{r['ratio_to_belady']:.2f}] ({per}); "
+                f"  {p:<{w}} saved {r['prefill_s_saved']:.0f}s, hit {r['hit_ratio']:.3f} [{r['ratio_to_belady']:.2f}] ({per}); "
                 f"worth loading {r['worth_loading_ratio']:.3f}; est. speedup {r['est_speedup']}x{moved}"
             )
     return "\n".join(lines)
@@ -568,6 +593,7 @@ def run_cli(
     limit: int | None,
     jobs: int,
     json_only: bool,
+    recompute: Sequence[float] | None = None,
 ) -> int:
     trace = load_trace(trace_path, limit)
     if prefill_tps <= 0 or not math.isfinite(prefill_tps):
@@ -580,7 +606,9 @@ def run_cli(
         bandwidth=_pairs(bandwidth, "--bandwidth"),
         latency=_pairs(latency, "--latency"),
         placement=placement,
+        recompute=dict(zip(("recompute_a", "recompute_b"), recompute)) if recompute else {},
     )
+    _cost(base)  # bad --recompute values fail before any replay
     _layout(base.block_bytes if real_bytes else TINY_BLOCK_BYTES)
     res = compare(
         trace,

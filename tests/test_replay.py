@@ -20,6 +20,7 @@ from kvbm_fs.replay import (
     infinite_hit_ratio,
     load_trace,
     replay_one,
+    saved_seconds,
     trace_from_lists,
 )
 from kvbm_fs.testing.traces import SYNTHETIC
@@ -139,6 +140,31 @@ def test_replay_reports_costs_and_ratios() -> None:
         assert r["est_prefill_s"] <= r["est_prefill_s_no_cache"] and r["est_speedup"] >= 1
         assert r["worth_loading_ratio"] <= r["hit_ratio"] + 1e-12
     assert res["cost_model"]["prefill_tokens_per_s"] == 10_000
+
+
+def test_replay_reports_prefill_seconds_saved_by_position() -> None:
+    """Two identical 10-block requests, room for all: the second loads 10 blocks from host memory
+    instead of recomputing them at a + b*i each (saved_seconds, the closed form)."""
+    t = trace_from_lists([list(range(10)), list(range(10))])
+    r = replay_one(t, ReplayConfig(policy="lru", tiers=[TierSpec("host", 1.0)]))
+    assert r["hit_blocks"] == 10
+    assert r["prefill_s_saved"] == pytest.approx(saved_seconds(np.array([0, 10])), abs=2e-3)
+    assert r["prefill_s_saved"] == pytest.approx(r["est_prefill_s_no_cache"] - r["est_prefill_s"], abs=2e-3)
+    flat = replay_one(t, ReplayConfig(policy="lru", tiers=[TierSpec("host", 1.0)], recompute={"recompute_b": 0.0}))
+    assert 0 < flat["prefill_s_saved"] < r["prefill_s_saved"]  # deeper blocks are worth more
+
+
+def test_cli_replay_recompute_flag_and_saved_column(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = write_jsonl(tmp_path / "trace.jsonl", [[1, 2, 3], [1, 2, 3]])
+    assert main(["replay", str(p), "--capacities", "1", "--policies", "lru", "--recompute", "0.5", "0", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["cost_model"]["recompute_a_b_s"] == [0.5, 0.0]
+    r = res["single_tier"][0]["policies"]["lru"]
+    assert r["prefill_s_saved"] == pytest.approx(3 * (0.5 - 64 * 2**20 / 12e9) - 10e-6, abs=2e-3)
+    assert main(["replay", str(p), "--capacities", "1", "--policies", "lru"]) == 0
+    assert "prefill seconds saved" in capsys.readouterr().out
+    assert main(["replay", str(p), "--recompute", "-1", "0"]) == 2
+    assert "recompute_a" in capsys.readouterr().err
 
 
 def test_recompute_is_chosen_when_loading_is_slower() -> None:
