@@ -257,3 +257,28 @@ def test_a_killed_master_gives_misses_and_refused_puts_then_recovers() -> None:
             assert not t.get(keys, out).any()  # a restarted master holds nothing: misses
         finally:
             t.close()
+
+
+def test_a_store_spills_into_mooncake_and_a_fresh_store_loads_from_it(master: MooncakeMaster) -> None:
+    """Through ``mount``, with the tier as a config table (sizes as ints): a store saves a 10-block prompt
+    into Mooncake (and a batch larger than its 4-block host tier spills there); a fresh store (its host
+    tier empty) matches all 10 in Mooncake and loads them bit-exact."""
+    from kvbm_fs import mount
+
+    table = {"url": master.url, "prefix": f"store{next(_prefixes)}", "segment": 16 << 20, "local_buffer": 4 << 20}
+    host = f"host://?capacity={4 * NB}"
+    keys = chain(NS_A, 10)
+    data = blocks_for(keys, NB)
+    with mount(host, table, layout=LAYOUT, model=NS_A.model, tenant=NS_A.tenant, env={}) as one:
+        assert one.default_namespace == NS_A
+        assert [t.name for t in one.tiers] == ["host", "mooncake"]
+        assert one.put(keys, data, tier="mooncake").all()
+        more = chain(NS_A, 6, start=500)
+        assert one.put(more, blocks_for(more, NB)).all()
+        assert one.tier("mooncake").contains(more).any()  # what the host tier could not take
+    with mount(host, table, layout=LAYOUT, model=NS_A.model, tenant=NS_A.tenant, env={}) as two:
+        m = two.match(keys)
+        assert m.length == 10 and m.runs == (("mooncake", 0, 10),)
+        out = np.zeros_like(data)
+        assert two.get(keys, out, m).all()
+        assert np.array_equal(out, data)
