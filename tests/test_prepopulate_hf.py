@@ -100,3 +100,55 @@ def test_two_shards_store_what_one_run_stores(
     rc, lines = prepopulate(capsys, model_dir, corpus, "--tiers", whole)
     assert rc == 0 and lines[-1]["blocks_stored"] == BLOCKS
     assert blocks_in(sharded) == blocks_in(whole) and len(blocks_in(whole)) == BLOCKS
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A word-level tokenizer (w0 .. w199) with a chat template, saved locally."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel({"[UNK]": 0, **{f"w{i}": i + 3 for i in range(200)}}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = hf.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+    fast.chat_template = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    d = tmp_path_factory.mktemp("tok")
+    fast.save_pretrained(d)
+    return d
+
+
+def words(n: int, seed: int) -> str:
+    return " ".join(f"w{i}" for i in np.random.default_rng(seed).integers(0, 200, n))
+
+
+def test_text_chat_system_prompts_and_trace_inputs(
+    capsys: pytest.CaptureFixture[str], model_dir: Path, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    system = words(40, 1)
+    src, sys_file = tmp_path / "c.jsonl", tmp_path / "system.jsonl"
+    msgs = [{"role": "system", "content": system}, {"role": "user", "content": words(30, 2)}]
+    src.write_text(json.dumps({"prompt": system + " " + words(25, 3)}) + "\n" + json.dumps({"messages": msgs}) + "\n")
+    sys_file.write_text(json.dumps({"prompt": system}) + "\n")
+    tier = f"file://{tmp_path}/kv?capacity=4MiB"
+    report = tmp_path / "r.json"
+    rc = cli_main(["prepopulate", str(src), "--engine", "hf", "--model", str(model_dir), "--tokenizer",
+                   str(tokenizer_dir), "--system-prompts", str(sys_file), "--tiers", tier, "--name", "tiny",
+                   "--report", str(report)])  # fmt: skip
+    out = capsys.readouterr().out
+    rep = json.loads(report.read_text())
+    assert rc == 0 and "blocks_stored" in out and rep["prompts"] == 3 and rep["bad_lines"] == []
+    assert (
+        rep["prefilled"] == 3 and rep["blocks_stored"] == 2 + 2 + 4
+    )  # system (40 tokens), the text's tail, all 72 chat tokens
+    tok = hf.AutoTokenizer.from_pretrained(tokenizer_dir)
+    chat = tok.apply_chat_template(msgs, tokenize=True, add_generation_prompt=True)
+    chat = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
+    model = hf.AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    with kt.mount_model(model, tier, name="tiny") as store:
+        assert kt.load_prefix(store, chat)[1] == (len(chat) - 1) // BS * BS > 0  # the chat template's tokens
+        assert kt.load_prefix(store, tok(system + " " + words(25, 3))["input_ids"])[1] == 64
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"hash_ids": [0, 1], "input_length": 40}\n{"hash_ids": [0, 2], "input_length": 40}\n')
+    tier2 = f"file://{tmp_path}/kv2?capacity=4MiB"
+    rc, lines = prepopulate(capsys, model_dir, trace, "--synthesize", "--trace-block-tokens", "16", "--vocab-size",
+                            "256", "--tiers", tier2)  # fmt: skip
+    assert rc == 0 and lines[-1]["prompts"] == 2 and lines[-1]["blocks_stored"] == 3  # hash id 0's block once
