@@ -511,8 +511,8 @@ def test_multiprocess_engine_scheduler_mirrors_the_workers_host_tier(
     baseline: dict[str, Any], model: Path, tmp_path: Path
 ) -> None:
     """vLLM's default mode (VLLM_ENABLE_V1_MULTIPROCESSING=1): on CPU the worker runs in its own process,
-    so the scheduler cannot open the worker's host tier. It matches against the mirror it keeps from the
-    worker's shipped block events, plus the disk tier it opens itself."""
+    so the scheduler cannot open the worker's host tier. It matches against the BlockDirectory it keeps
+    from the worker's shipped block events, plus the disk tier it opens itself."""
     root = tmp_path / "disk"
     one = run_child(tmp_path, model, root, phase=1)
     assert one["engine1"] == baseline["engine1"]
