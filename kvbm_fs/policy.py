@@ -20,6 +20,8 @@ Eviction policies
     ``parc``        the default: prefix-aware adaptive replacement.  ARC's two lists (blocks seen
                     once, blocks seen again) with a self-tuning split and ghost lists of recently
                     evicted keys, plus the leaf-first rule of ``prefix-lru``.  See :class:`PARC`.
+    ``lfu``         LFU with dynamic aging (GDSF-style: priority = clock + frequency, the clock
+                    rising to each evicted block's priority), leaf-first.  See :class:`LFUAging`.
 
 Admission policies
     ``tinylfu``     TinyLFU: a count-min sketch of recent accesses (halved every ``sample`` x
@@ -378,6 +380,65 @@ class PARC(PrefixLRU):
         return _take(self.tree, order, cand.size, n)
 
 
+class LFUAging(PrefixLRU):
+    """LFU with dynamic aging (GDSF with unit size and cost), with whole-prefix eviction.
+
+    Each resident block has a priority ``clock + frequency`` (frequency counts its accesses since
+    it entered); the lowest goes first, ties least recently used first, and never before its cached
+    descendants (as :class:`PrefixLRU`).  The clock rises to each evicted block's priority, so a
+    block must keep being used to stay ahead of newcomers: old counts age out without any window
+    or halving constant.  Per slot: a frequency, a priority and the LRU stamp (arrays, no objects).
+
+    ``rank`` (disk and remote tiers) is the last access plus ``boost_s`` seconds per hit (off by
+    default, as ``parc``'s: the right length depends on the request rate).
+    """
+
+    name = "lfu"
+    uses_parents = True
+
+    def __init__(self, boost_s: float = 0.0) -> None:
+        super().__init__()
+        if not (isinstance(boost_s, (int, float)) and 0 <= boost_s < 1e9):
+            raise ConfigError(f"policy 'lfu': boost_s must be a number of seconds >= 0, got {boost_s!r}")
+        self.boost_us = int(boost_s * 1e6)
+        self.freq = np.zeros(0, np.int64)
+        self.prio = np.zeros(0, np.int64)
+        self.clock = 0
+
+    def bind(self, num_slots: int) -> None:
+        super().bind(num_slots)
+        self.freq = np.zeros(num_slots, np.int64)
+        self.prio = np.zeros(num_slots, np.int64)
+        self.clock = 0
+
+    def on_insert(self, slots: np.ndarray, parents: np.ndarray | None = None) -> None:
+        super().on_insert(slots, parents)
+        self.freq[slots] = 1
+        self.prio[slots] = self.clock + 1
+
+    def on_access(self, slots: np.ndarray) -> None:
+        super().on_access(slots)
+        np.add.at(self.freq, slots, 1)
+        self.prio[slots] = self.clock + self.freq[slots]
+
+    def on_remove(self, slots: np.ndarray) -> None:
+        if slots.size:
+            self.clock = max(self.clock, int(self.prio[slots].max()))
+        self.freq[slots] = 0
+        self.prio[slots] = 0
+        super().on_remove(slots)
+
+    def rank(self, last_access_us: int, hits: int) -> int:
+        return last_access_us + self.boost_us * min(hits, 1000)
+
+    def victims(self, evictable: np.ndarray, n: int) -> np.ndarray:
+        cand = np.flatnonzero(evictable)
+        if n <= 0 or cand.size == 0:
+            return cand[:0]
+        keys = self.prio[cand] + self.stamp[cand] / float(self.tick + 1)  # priority, then recency
+        return _take(self.tree, lambda m: cand[_smallest(keys, m)], cand.size, min(n, cand.size))
+
+
 # ---- admission policies -------------------------------------------------------------------------
 class CountMinSketch:
     """Approximate access counts of 64-bit keys: ``depth`` rows of saturating uint8 counters.
@@ -495,9 +556,14 @@ class CountN(_SketchAdmission):
 
 
 # ---- registry -----------------------------------------------------------------------------------
-POLICIES: dict[str, Callable[..., EvictionPolicy]] = {"lru": LRU, "prefix-lru": PrefixLRU, "parc": PARC}
+POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
+    "lru": LRU,
+    "prefix-lru": PrefixLRU,
+    "parc": PARC,
+    "lfu": LFUAging,
+}
 ADMISSIONS: dict[str, Callable[..., AdmissionPolicy]] = {"tinylfu": TinyLFU, "count2": CountN}
-SHIPPED = ("lru", "prefix-lru", "lru+tinylfu", "lru+count2", "parc")  # what replay compares by default
+SHIPPED = ("lru", "prefix-lru", "lru+tinylfu", "lru+count2", "lfu", "parc")  # what replay compares by default
 
 
 def _value(s: str) -> Any:

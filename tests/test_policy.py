@@ -28,7 +28,7 @@ from kvbm_fs.policy import (
 from kvbm_fs.tiers.host import HostTier
 
 NS = 0x5151
-EVICTION = ["lru", "prefix-lru", "parc"]
+EVICTION = ["lru", "prefix-lru", "parc", "lfu"]
 
 
 def chain(*hashes: int, parent: int = 0) -> BlockKeys:
@@ -68,7 +68,7 @@ def test_plain_lru_can_orphan_a_leaf_prefix_lru_takes_the_leaf() -> None:
         assert present(pool, 1, 2, 3, 9) == expect, policy
 
 
-@pytest.mark.parametrize("policy", ["prefix-lru", "parc"])
+@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu"])
 def test_shared_system_prompt_outlives_the_chains_below_it(policy: str) -> None:
     pool = pool_with(policy, 8)
     store(pool, chain(1, 2))  # system prompt: 2 blocks
@@ -91,7 +91,7 @@ def _assert_prefix_closed(pool: SlotPool) -> None:
         assert p == 0 or p in have, f"block {int(pool.slot_hash[s])} cached without its parent {p}"
 
 
-@pytest.mark.parametrize("policy", ["prefix-lru", "parc"])
+@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu"])
 def test_chains_are_trimmed_from_their_ends(policy: str) -> None:
     pool = pool_with(policy, 6)
     store(pool, chain(1, 2, 3, 4, 5, 6))
@@ -100,7 +100,7 @@ def test_chains_are_trimmed_from_their_ends(policy: str) -> None:
     assert present(pool, 1, 2, 3, 4, 5, 6) == [True, True, True, True, False, False]
 
 
-@pytest.mark.parametrize("policy", ["prefix-lru", "parc"])
+@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu"])
 def test_parent_of_a_pinned_child_goes_only_as_a_last_resort(policy: str) -> None:
     pool = pool_with(policy, 4)
     store(pool, chain(1, 2))
@@ -166,6 +166,38 @@ def test_parc_refuses_a_bad_ghost_size(bad: str) -> None:
         make_policy(f"parc:ghost={bad}")
 
 
+def test_lfu_keeps_a_frequent_block_until_aging_catches_up() -> None:
+    """LFU with dynamic aging: a block used 4 times outlives blocks used once, but the clock rises
+    to each evicted block's priority, so once newcomers enter above it, it goes too."""
+    pool = pool_with("lfu", 4)
+    store(pool, chain(1))
+    for _ in range(3):
+        touch(pool, chain(1))
+    for h in (2, 3, 4):
+        store(pool, chain(h))
+    store(pool, chain(5))  # evicts 2: frequency 1, least recent
+    assert present(pool, 1, 2, 3, 4, 5) == [True, False, True, True, True]
+    gone_at = next(h for h in range(6, 40) if (store(pool, chain(h)), not present(pool, 1)[0])[1])
+    assert gone_at > 7  # it survived several rounds of newcomers
+    assert pool.policy.clock >= 4  # type: ignore[attr-defined]
+
+
+def test_lfu_state_is_arrays_and_forgets_removed_blocks() -> None:
+    pool = pool_with("lfu", 3)
+    s = store(pool, chain(1, 2))
+    touch(pool, chain(1))
+    pol: Any = pool.policy
+    assert pol.freq[s].tolist() == [2, 1] and pol.prio[s].tolist() == [2, 1]
+    assert pool.evict(1) == 1 and present(pool, 1, 2) == [True, False]  # the leaf, lower priority
+    assert pol.freq[s[1]] == 0 and pol.clock == 1
+
+
+@pytest.mark.parametrize("bad", ["-1", "'x'"])
+def test_lfu_refuses_a_bad_boost(bad: str) -> None:
+    with pytest.raises(ConfigError, match="lfu"):
+        make_policy(f"lfu:boost_s={bad}")
+
+
 def test_parc_rank_prefers_blocks_that_were_hit() -> None:
     p = make_policy("parc:boost_s=10")
     assert p.rank(1_000, 0) == 1_000
@@ -190,9 +222,9 @@ def _state(pool: SlotPool) -> dict[str, Any]:
         "free": pool.num_free,
         "index": sorted(pool.index.items()[1].tolist()),
     }
-    for attr in ("stamp", "in_t2"):
+    for attr in ("stamp", "in_t2", "freq", "prio", "clock"):
         if hasattr(pol, attr):
-            out[attr] = getattr(pol, attr).copy()
+            out[attr] = np.copy(getattr(pol, attr))
     if hasattr(pol, "tree"):
         out["tree"] = (pol.tree.parent.copy(), pol.tree.nchild.copy())
     if isinstance(pol, PARC):
