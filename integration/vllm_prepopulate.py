@@ -80,6 +80,7 @@ class VllmEngine:
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> VllmEngine:
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the connector's store in this process
+        os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout: the report / --json lines
         from vllm import LLM
 
         return cls(LLM(**engine_args(args), kv_transfer_config=kv_transfer_config(args)))

@@ -101,7 +101,9 @@ def prepopulated(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
     before = stored_blocks(work)
     run2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, run2.stderr[-3000:]
-    report = json.loads(run2.stdout.splitlines()[-1])
+    lines = [json.loads(x) for x in run2.stdout.splitlines()]  # stdout holds nothing but --json lines
+    report = lines[-1]
+    assert [x["event"] for x in lines] == ["progress"] * (len(lines) - 1) + ["report"]
     return {"work": work, "before": before, "report": report, "killed_at": seen[-1]}
 
 
