@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import logging
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -29,6 +30,7 @@ from .keys import BlockKeys, Namespace
 from .store import Store
 from .units import parse_size
 
+log = logging.getLogger("kvbm_fs")
 PRIORITY_DEPTH = 64  # leading blocks whose sharing counts decide the order (bounds the sort's work)
 
 
@@ -340,9 +342,15 @@ def run(
     now = held_before.copy()
     try:
         for batch in plan:
-            engine.prefill([prompts[i].tokens for i in batch])
-            rep.prefilled += len(batch)
-            rep.tokens += int(sum(prompts[i].tokens.size for i in batch))
+            err = ""
+            try:
+                engine.prefill([prompts[i].tokens for i in batch])
+            except Exception as e:  # e.g. a prompt longer than the engine takes: the batch fails, the run goes on
+                log.warning("prepopulate: a batch of %d prompts failed: %s", len(batch), e)
+                err = f"{type(e).__name__}: {e}"
+            else:
+                rep.prefilled += len(batch)
+                rep.tokens += int(sum(prompts[i].tokens.size for i in batch))
             bu = np.unique(np.concatenate([uidx[i] for i in batch]))
             todo = bu[~now[bu]]
             if todo.size:
@@ -350,7 +358,7 @@ def run(
             for i in batch:
                 missing = int((~now[uidx[i]]).sum())
                 if missing:
-                    rep.failures.append({"where": prompts[i].where, "error": f"{missing} blocks not stored"})
+                    rep.failures.append({"where": prompts[i].where, "error": err or f"{missing} blocks not stored"})
             if progress is not None:
                 progress(_progress(rep, total, time.perf_counter() - t0, int((now & ~held_before).sum())))
     finally:

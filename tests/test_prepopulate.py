@@ -224,3 +224,21 @@ def test_layout_siblings_name_the_same_model_stored_under_another_layout(
     with mount(url, layout=other, model=model, env={}) as store:  # from the other side: the one mounted above
         assert store.default_namespace is not None
         assert [s.model for s in layout_siblings(store, store.default_namespace)] == ["/models/tiny@vllm/TORCH_SDPA"]
+
+
+class Picky(FakeEngine):
+    """Refuses a batch holding a prompt longer than it takes (as vLLM refuses one over max_model_len)."""
+
+    def prefill(self, batch: list[np.ndarray]) -> None:
+        if any(p.size > 5 * BS for p in batch):
+            raise ValueError("prompt too long")
+        super().prefill(batch)
+
+
+def test_a_batch_the_engine_refuses_is_reported_and_the_run_goes_on(tmp_path: Path) -> None:
+    rng = np.random.default_rng(3)
+    long, short = rng.integers(0, 99, 8 * BS).tolist(), rng.integers(0, 99, 2 * BS).tolist()
+    with disk(tmp_path) as store:
+        rep = pp.run(Picky(store), corpus(long, short), batch_size=1)
+        assert rep.prefilled == 1 and rep.blocks_stored == 2 and rep.blocks_failed == 8
+        assert rep.failures == [{"where": "c:1", "error": "ValueError: prompt too long"}]
