@@ -274,6 +274,19 @@ class _TierCounts:
         d["bytes"] += len(ev.keys) * self.nbytes.get(ev.keys.ns, 0)
 
 
+def _prefill(engine: Engine, batch: list[np.ndarray]) -> list[str]:
+    """Prefill a batch; the error of each prompt ("" when it went through). A batch the engine refuses
+    (e.g. one prompt over its maximum length) is retried prompt by prompt, so only the bad one fails."""
+    try:
+        engine.prefill(batch)
+        return [""] * len(batch)
+    except Exception as e:
+        if len(batch) > 1:
+            return [err for p in batch for err in _prefill(engine, [p])]
+        log.warning("prepopulate: a prompt of %d tokens failed: %s", batch[0].size, e)
+        return [f"{type(e).__name__}: {e}"]
+
+
 def _progress(rep: Report, total: int, seconds: float, stored: int) -> dict[str, Any]:
     dt = max(seconds, 1e-9)
     rate = rep.prefilled / dt
@@ -342,20 +355,14 @@ def run(
     now = held_before.copy()
     try:
         for batch in plan:
-            err = ""
-            try:
-                engine.prefill([prompts[i].tokens for i in batch])
-            except Exception as e:  # e.g. a prompt longer than the engine takes: the batch fails, the run goes on
-                log.warning("prepopulate: a batch of %d prompts failed: %s", len(batch), e)
-                err = f"{type(e).__name__}: {e}"
-            else:
-                rep.prefilled += len(batch)
-                rep.tokens += int(sum(prompts[i].tokens.size for i in batch))
+            errors = _prefill(engine, [prompts[i].tokens for i in batch])
+            rep.prefilled += sum(not e for e in errors)
+            rep.tokens += int(sum(prompts[i].tokens.size for i, e in zip(batch, errors) if not e))
             bu = np.unique(np.concatenate([uidx[i] for i in batch]))
             todo = bu[~now[bu]]
             if todo.size:
                 now[todo] = _present_all(engine, uniq[todo], all_p[first[todo]])
-            for i in batch:
+            for i, err in zip(batch, errors):
                 missing = int((~now[uidx[i]]).sum())
                 if missing:
                     rep.failures.append({"where": prompts[i].where, "error": err or f"{missing} blocks not stored"})
