@@ -1,5 +1,6 @@
 """``kvbm-fs`` command line: ``demo`` (the main job on embedded defaults), ``info``, ``check``, ``gds``, ``replay``, ``daemon``, ``serve``,
-``hf-prepopulate`` (offline warm-cache prepopulation with a local transformers model)."""
+``prepopulate`` (offline warm-cache prepopulation driving the serving engine; ``hf-prepopulate`` is its
+transformers alias)."""
 
 from __future__ import annotations
 
