@@ -26,7 +26,7 @@ Why
     TCP (its RDMA path needs RDMA NICs); UCX picks shared memory between the peers.
 
 Run ``python benchmarks/bench_mooncake.py [--quick]``; prints one JSON object and writes it to
-``benchmarks/results/bench_mooncake.json`` (``--quick``: 8 blocks, 2 rounds).  About 30 s.
+``benchmarks/results/bench_mooncake.json`` (``--quick``: 8 blocks, 2 rounds, about 20 s).  About 1-2 minutes.
 """
 
 from __future__ import annotations
