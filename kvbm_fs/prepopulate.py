@@ -466,10 +466,11 @@ class _Bar:
     """A rich progress bar on stderr: prompts done, prompts/s, tokens/s, ETA."""
 
     def __init__(self) -> None:
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.p = Progress(TextColumn("prefill"), BarColumn(), MofNCompleteColumn(),
-                          TextColumn("{task.fields[rate]}"), TimeRemainingColumn(), transient=False)  # fmt: skip
+        columns = (TextColumn("prefill"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"))
+        self.p = Progress(*columns, TimeRemainingColumn(), console=Console(stderr=True))  # stdout: the table
         self.task: Any = None
 
     def __call__(self, d: dict[str, Any]) -> None:

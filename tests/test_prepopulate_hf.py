@@ -136,6 +136,7 @@ def test_text_chat_system_prompts_and_trace_inputs(
     out = capsys.readouterr().out
     rep = json.loads(report.read_text())
     assert rc == 0 and "blocks_stored" in out and rep["prompts"] == 3 and rep["bad_lines"] == []
+    assert "prompts/s" not in out  # the progress bar goes to stderr, the table to stdout
     assert (
         rep["prefilled"] == 3 and rep["blocks_stored"] == 2 + 2 + 4
     )  # system (40 tokens), the text's tail, all 72 chat tokens
