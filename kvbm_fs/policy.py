@@ -298,8 +298,14 @@ class PARC(PrefixLRU):
     name = "parc"
     uses_parents = True
 
-    def __init__(self, boost_s: float = 0.0, ghost: float = 2.0) -> None:
+    def __init__(self, boost_s: float = 0.0, ghost: float = 2.0, t2: str = "lru") -> None:
         super().__init__()
+        if t2 not in ("lru", "lfu"):
+            raise ConfigError(f"policy 'parc': t2 must be lru or lfu, got {t2!r}")
+        self.t2_lfu = t2 == "lfu"
+        self.freq = np.zeros(0, np.int64)
+        self.prio = np.zeros(0, np.int64)
+        self.clock = 0
         if not (isinstance(boost_s, (int, float)) and 0 <= boost_s < 1e9):
             raise ConfigError(f"policy 'parc': boost_s must be a number of seconds >= 0, got {boost_s!r}")
         if not (isinstance(ghost, (int, float)) and 0 < ghost <= 64):
@@ -310,8 +316,8 @@ class PARC(PrefixLRU):
         self.in_t2 = np.zeros(0, bool)
         self.p = 0.0
         self.c = 0
-        self.b1: OrderedDict[tuple[int, int], None] = OrderedDict()
-        self.b2: OrderedDict[tuple[int, int], None] = OrderedDict()
+        self.b1: OrderedDict[int, int] = OrderedDict()  # ghost key (_keys) -> its frequency when evicted
+        self.b2: OrderedDict[int, int] = OrderedDict()
 
     def attach(self, pool: SlotPool) -> None:
         """The pool this policy serves: its ``slot_ns``/``slot_hash`` name the blocks for the ghost lists."""
@@ -320,40 +326,62 @@ class PARC(PrefixLRU):
     def bind(self, num_slots: int) -> None:
         super().bind(num_slots)
         self.in_t2 = np.zeros(num_slots, bool)
+        if self.t2_lfu:
+            self.freq = np.zeros(num_slots, np.int64)
+            self.prio = np.zeros(num_slots, np.int64)
         self.c = num_slots
         self.p = 0.0
         self.b1.clear()
         self.b2.clear()
 
-    def _keys(self, slots: np.ndarray) -> list[tuple[int, int]]:
+    def _keys(self, slots: np.ndarray) -> list[int]:
+        """One 64-bit int per block (namespace mixed into the hash): a ghost entry costs an int, not a
+        tuple of two; a collision (2**-64 a pair) would only misreport one ghost hit."""
         if self.pool is None:
             return []
-        return list(zip(self.pool.slot_ns[slots].tolist(), self.pool.slot_hash[slots].tolist()))
+        with np.errstate(over="ignore"):
+            mixed = self.pool.slot_hash[slots] ^ (self.pool.slot_ns[slots] * np.uint64(0x9E3779B97F4A7C15))
+        out: list[int] = mixed.tolist()
+        return out
 
     def on_insert(self, slots: np.ndarray, parents: np.ndarray | None = None) -> None:
         self.tree.link(slots, parents)
         t2 = np.zeros(slots.size, bool)
+        f = np.ones(slots.size, np.int64)
         for i, k in enumerate(self._keys(slots)):
             if k in self.b1:  # came back soon after leaving T1: give recency more room
                 self.p = min(float(self.c), self.p + max(len(self.b2) / len(self.b1), 1.0))
-                del self.b1[k]
+                f[i] += self.b1.pop(k)
                 t2[i] = True
             elif k in self.b2:  # came back after leaving T2: give frequency more room
                 self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
-                del self.b2[k]
+                f[i] += self.b2.pop(k)
                 t2[i] = True
         self.in_t2[slots] = t2
+        if self.t2_lfu:  # a ghost brings back the frequency it left with
+            self.freq[slots] = f
+            self.prio[slots] = self.clock + f
         self._touch(slots)
 
     def on_access(self, slots: np.ndarray) -> None:
         self.in_t2[slots] = True
+        if self.t2_lfu:
+            np.add.at(self.freq, slots, 1)
+            self.prio[slots] = self.clock + self.freq[slots]
         self._touch(slots)
 
     def on_remove(self, slots: np.ndarray) -> None:
-        for k, t2 in zip(self._keys(slots), self.in_t2[slots].tolist()):
-            (self.b2 if t2 else self.b1)[k] = None
+        freq = self.freq[slots].tolist() if self.t2_lfu else [1] * slots.size
+        for k, t2, f in zip(self._keys(slots), self.in_t2[slots].tolist(), freq):
+            (self.b2 if t2 else self.b1)[k] = f
         while len(self.b1) + len(self.b2) > self.ghost * self.c:  # ghosts cover `ghost` caches' worth of keys
             (self.b1 if len(self.b1) >= len(self.b2) else self.b2).popitem(last=False)
+        if self.t2_lfu and slots.size:
+            t2 = slots[self.in_t2[slots]]
+            if t2.size:
+                self.clock = max(self.clock, int(self.prio[t2].max()))
+            self.freq[slots] = 0
+            self.prio[slots] = 0
         self.in_t2[slots] = False
         super().on_remove(slots)
 
@@ -371,10 +399,13 @@ class PARC(PrefixLRU):
         # Order: the first from_t1 of T1, then T2, then the rest of T1; each by recency.
         stamp = self.stamp[cand]
         i1, i2 = np.flatnonzero(~t2), np.flatnonzero(t2)
+        k2: np.ndarray = stamp[i2]
+        if self.t2_lfu:  # T2 by priority (clock + frequency), then recency
+            k2 = self.prio[cand[i2]] + k2 / float(self.tick + 1)
 
         def order(m: int) -> np.ndarray:
             o1 = i1[_smallest(stamp[i1], min(m, i1.size))]
-            o2 = i2[_smallest(stamp[i2], min(m, i2.size))]
+            o2 = i2[_smallest(k2, min(m, i2.size))]
             return cand[np.concatenate((o1[:from_t1], o2, o1[from_t1:]))][:m]
 
         return _take(self.tree, order, cand.size, n)

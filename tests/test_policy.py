@@ -136,15 +136,21 @@ def test_parc_keeps_a_reused_block_through_a_scan_lru_does_not() -> None:
         assert present(pool, 1, 2) == [survives, survives], policy
 
 
+def ghost_key(h: int) -> int:
+    """PARC's ghost key of block hash ``h`` in namespace NS (one int: the namespace mixed in)."""
+    with np.errstate(over="ignore"):
+        return int(np.uint64(h) ^ (np.uint64(NS) * np.uint64(0x9E3779B97F4A7C15)))
+
+
 def test_parc_ghost_hit_enters_t2_and_moves_the_split() -> None:
     pol = PARC()
     pool = pool_with(pol, 2)
     store(pool, chain(1))
     store(pool, chain(2))
     store(pool, chain(3))  # evicts 1 from T1 into ghost list B1
-    assert (NS, 1) in pol.b1 and pol.p == 0
+    assert ghost_key(1) in pol.b1 and pol.p == 0
     store(pool, chain(1))  # back from B1: recency deserved more room
-    assert pol.p > 0 and (NS, 1) not in pol.b1
+    assert pol.p > 0 and ghost_key(1) not in pol.b1
     assert bool(pol.in_t2[int(pool.lookup(BlockKeys(NS, [1]))[0])])
     assert len(pol.b1) + len(pol.b2) <= 2 * pool.num_slots
 
@@ -157,7 +163,7 @@ def test_parc_remembers_ghost_times_its_capacity_of_evicted_keys(ghost: int) -> 
     for i in range(40):  # one-off blocks: every one is evicted into B1 in turn
         store(pool, chain(1000 + i))
     assert len(pol.b1) + len(pol.b2) == ghost * 4
-    assert list(pol.b1)[-1] == (NS, 1000 + 40 - 4 - 1), "the most recently evicted key is kept"
+    assert list(pol.b1)[-1] == ghost_key(1000 + 40 - 4 - 1), "the most recently evicted key is kept"
 
 
 @pytest.mark.parametrize("bad", ["0", "-1", "65", "'x'"])
@@ -196,6 +202,37 @@ def test_lfu_state_is_arrays_and_forgets_removed_blocks() -> None:
 def test_lfu_refuses_a_bad_boost(bad: str) -> None:
     with pytest.raises(ConfigError, match="lfu"):
         make_policy(f"lfu:boost_s={bad}")
+
+
+@pytest.mark.parametrize(("t2", "victim"), [("lru", 1), ("lfu", 2)])
+def test_parc_t2_order_by_recency_or_by_aged_frequency(t2: str, victim: int) -> None:
+    """Every block in T2: ``t2=lru`` evicts the least recent (1, used 4 times but long ago), ``t2=lfu``
+    the lowest clock + frequency (2: used twice), as LFU with aging does."""
+    pool = pool_with(f"parc:t2={t2}", 4)
+    for h in (1, 2, 3, 4):
+        store(pool, chain(h))
+    for h in (1, 1, 1, 2, 3, 4):
+        touch(pool, chain(h))
+    assert pool.evict(1) == 1
+    assert present(pool, 1, 2, 3, 4) == [h != victim for h in (1, 2, 3, 4)]
+
+
+def test_parc_ghost_remembers_the_frequency_a_block_left_with() -> None:
+    pol: Any = make_policy("parc:t2=lfu")
+    pool = pool_with(pol, 2)
+    store(pool, chain(1))
+    for _ in range(3):
+        touch(pool, chain(1))
+    store(pool, chain(2))
+    assert pool.evict(2) == 2  # 1 leaves T2 with frequency 4, 2 leaves T1 with 1
+    assert pol.b2.get(ghost_key(1)) == 4 and pol.b1.get(ghost_key(2)) == 1
+    s = store(pool, chain(1))
+    assert pol.freq[s].tolist() == [5] and bool(pol.in_t2[s[0]])
+
+
+def test_parc_refuses_a_bad_t2_order() -> None:
+    with pytest.raises(ConfigError, match="t2 must be lru or lfu"):
+        make_policy("parc:t2=lirs")
 
 
 def test_parc_rank_prefers_blocks_that_were_hit() -> None:
