@@ -83,7 +83,8 @@ class MooncakeMaster:
                f"--metrics_port={self.admin_port}", f"--default_kv_lease_ttl={self.lease_ms}",
                "--rpc_thread_num=2", *self.extra]  # fmt: skip
         out: Any = open(self.log, "ab") if self.log else subprocess.DEVNULL  # noqa: SIM115 - the child owns it
-        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent)  # fmt: skip
         if out is not subprocess.DEVNULL:
             out.close()
         deadline = time.monotonic() + timeout
@@ -121,6 +122,17 @@ class MooncakeMaster:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL when the parent dies (Linux PR_SET_PDEATHSIG), so that a test run killed
+    by a timeout leaves no master behind."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).prctl(1, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _port_open(port: int) -> bool:
