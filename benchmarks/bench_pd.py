@@ -21,9 +21,12 @@ What it measures
 
 Why
     P/D moves the prompt's KV between engines instead of computing it where it decodes; this says
-    what that hand-over costs in first-token latency and whether decode steps get cheaper. Here every
-    engine shares the same 2 cores, so P/D cannot isolate decode from prefill as it does on separate
-    GPUs: read ``tpot`` as "no worse", not as the gain a real deployment gets.
+    what that hand-over costs in first-token latency and whether decode steps get cheaper. On one
+    small CPU machine P/D cannot isolate decode from prefill as separate GPUs do. Threads are bound explicitly (``VLLM_CPU_OMP_THREADS_BIND``; vLLM would otherwise reserve a
+    core for a connector and give the plain engine one core fewer than the P/D engines): with
+    ``--cores shared`` (default) every engine on every core; with ``--cores split`` the prefill and
+    decode engines on half the cores each and the single engine on all of them, as a P/D deployment
+    splits its hardware.
 
 Run ``.venv-vllm/bin/python benchmarks/bench_pd.py [--quick]``; prints one JSON object and writes it to
 ``benchmarks/results/bench_pd.json`` (``bench_pd.quick.json`` with ``--quick``: the tests' 2-layer model,
@@ -111,6 +114,15 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     prompts = {c: [[rng.integers(3, 1000, args.tokens).tolist() for _ in range(args.requests)]
                    for _ in range(args.rounds + 1)] for c in cases}  # fmt: skip
     blocks = (args.rounds + 1) * args.requests * (args.tokens // ex.BLOCK + 1) + 16
+    # vLLM reserves a core for a KV connector, so left to itself the plain engine would compute on one
+    # core and the P/D engines on all: bind threads explicitly. "shared": every engine on every core;
+    # "split": the machine's cores halved between prefill and decode, the single engine on all of them
+    last = (os.cpu_count() or 2) - 1
+    every = f"0-{last}"
+    half = last // 2
+    binds = {"single": every, "prefill": every, "decode": every}
+    if args.cores == "split":
+        binds.update(prefill=f"0-{half}", decode=f"{half + 1}-{last}")
     procs: dict[str, Any] = {}
     store = None
     t_start = time.perf_counter()
@@ -119,7 +131,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
         for name, kv in (("single", None), ("prefill", ex.kv_config("prefill", tiers["prefill"])),
                          ("decode", ex.kv_config("decode", tiers["decode"]))):  # fmt: skip
             with open(scratch / f"{name}.log", "w") as log:
-                procs[name] = ex.start_engine(model, kv, log)
+                procs[name] = ex.start_engine(model, kv, log, env={"VLLM_CPU_OMP_THREADS_BIND": binds[name]})
         ex.wait_ready({k: procs[k] for k in ("single", "prefill", "decode")})
         procs["proxy"] = ex.start_proxy([procs["prefill"][1]], [procs["decode"][1]])
         started_s = time.perf_counter() - t_start
@@ -164,6 +176,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
             "prompt_tokens": d("vllm:prompt_tokens_total"),
         },
         "via": args.via,
+        "cores": binds,
         "config": {
             "requests": args.requests,
             "tokens": args.tokens,
@@ -180,15 +193,26 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=(__doc__ or NAME).splitlines()[0])
     ap.add_argument("--requests", type=int, default=4, help="requests per round (default 4)")
-    ap.add_argument("--tokens", type=int, default=1024, help="prompt tokens per request (default 1024)")
+    ap.add_argument(
+        "--tokens", type=int, default=960, help="prompt tokens per request (default 960; with --output, at most 1024)"
+    )
     ap.add_argument("--output", type=int, default=32, help="output tokens per request (default 32)")
     ap.add_argument("--layers", type=int, default=8, help="model layers (default 8)")
     ap.add_argument("--rounds", type=int, default=3, help="timed rounds (default 3)")
     ap.add_argument("--via", choices=("peer", "mooncake"), default="peer", help="the hand-over store (default peer)")
+    ap.add_argument(
+        "--cores",
+        choices=("shared", "split"),
+        default="shared",
+        help="engines' cores: all on all (default), or prefill and decode on half each",
+    )
     add_scratch_arg(ap)
     add_output_args(ap, "small run: the tests' 2-layer model, 2 requests of 256 tokens, 1 round")
     args = ap.parse_args(argv)
-    args.out = args.out or results_path(NAME, args.quick, "" if args.via == "peer" else f"_{args.via}")
+    if args.tokens + args.output > 1024:  # the engines' --max-model-len (examples/pd_proxy.py ENGINE_ARGS)
+        ap.error("--tokens + --output must be at most 1024")
+    suffix = ("" if args.via == "peer" else f"_{args.via}") + ("" if args.cores == "shared" else f"_{args.cores}")
+    args.out = args.out or results_path(NAME, args.quick, suffix)
     if args.quick:
         args.requests, args.tokens, args.output, args.rounds = 2, 256, 8, 1
     why = unusable()

