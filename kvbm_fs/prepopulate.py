@@ -232,6 +232,7 @@ class Report:
     seconds: float = 0.0
     tokens_per_s: float = 0.0
     stopped: str | None = None  # "max_blocks" | "max_bytes" when a budget ended the run
+    verified: dict[str, dict[str, int]] = field(default_factory=dict)  # --verify: per persistent tier
     bad_lines: list[dict[str, str]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     engine_counters: dict[str, float] = field(default_factory=dict)
@@ -287,6 +288,26 @@ def _prefill(engine: Engine, batch: list[np.ndarray]) -> list[str]:
         return [f"{type(e).__name__}: {e}"]
 
 
+def verify_blocks(engine: Engine, hashes: np.ndarray, parents: np.ndarray) -> dict[str, dict[str, int]]:
+    """Read ``hashes`` back from each persistent tier of the engine's store (each tier verifies what
+    it reads: header, key echo, checksum) and count per tier the blocks verified and failed (missing
+    or corrupt). Chunks of about 64 MiB keep the buffer bounded."""
+    out: dict[str, dict[str, int]] = {}
+    for tier in engine.store.tiers:
+        if not tier.persistent:
+            continue
+        ok = failed = 0
+        for ns in engine.namespaces:
+            step = max(1, (64 << 20) // ns.layout.block_nbytes)
+            for a in range(0, hashes.size, step):
+                keys = BlockKeys(ns.id, hashes[a : a + step], parents[a : a + step])
+                rows = np.empty((len(keys), ns.layout.block_nbytes), np.uint8)
+                got = int(np.count_nonzero(tier.get(keys, rows)))
+                ok, failed = ok + got, failed + len(keys) - got
+        out[tier.name] = {"blocks": ok, "failed": failed}
+    return out
+
+
 def _progress(rep: Report, total: int, seconds: float, stored: int) -> dict[str, Any]:
     dt = max(seconds, 1e-9)
     rate = rep.prefilled / dt
@@ -304,6 +325,7 @@ def run(
     max_blocks: int | None = None,
     max_bytes: int | None = None,
     progress: Progress | None = None,
+    verify: bool = False,
 ) -> Report:
     """Prefill the shard's prompts not yet stored, most shared prefixes first, within the budget."""
     if batch_size < 1:
@@ -371,6 +393,14 @@ def run(
     finally:
         tally.stop()
     rep.blocks_stored = int((now & ~held_before).sum())
+    if verify:
+        new = np.flatnonzero(now & ~held_before)
+        rep.verified = verify_blocks(engine, uniq[new], all_p[first[new]])
+        bad = max((d["failed"] for d in rep.verified.values()), default=0)
+        if not rep.verified:
+            rep.failures.append({"where": "verify", "error": "the store has no persistent tier to read back"})
+        elif bad:
+            rep.failures.append({"where": "verify", "error": f"{bad} stored blocks did not read back verified"})
     rep.blocks_failed = int((stored & ~now).sum())
     rep.bytes_stored = rep.blocks_stored * block_bytes
     rep.tiers = tally.tiers
@@ -413,6 +443,7 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--strict", action="store_true", help="a malformed line is fatal")
     p.add_argument("--json", action="store_true", help="JSON progress lines and a JSON report on stdout")
     p.add_argument("--report", help="also write the JSON report to this file")
+    p.add_argument("--verify", action="store_true", help="read the stored blocks back from each persistent tier")
     return p
 
 
@@ -500,7 +531,7 @@ def prepopulate_cli(args: argparse.Namespace) -> int:
 
     try:
         rep = run(engine, corpus, batch_size=args.batch_size, shard_spec=spec, max_blocks=args.max_blocks,
-                  max_bytes=args.max_bytes, progress=json_line if bar is None else bar)  # fmt: skip
+                  max_bytes=args.max_bytes, progress=json_line if bar is None else bar, verify=args.verify)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

@@ -242,3 +242,28 @@ def test_a_batch_the_engine_refuses_is_reported_and_the_run_goes_on(tmp_path: Pa
         rep = pp.run(Picky(store), corpus(long, short), batch_size=2)  # retried one by one: only one fails
         assert rep.prefilled == 1 and rep.blocks_stored == 2 and rep.blocks_failed == 8
         assert rep.failures == [{"where": "c:1", "error": "ValueError: prompt too long"}]
+
+
+def test_verify_reads_stored_blocks_back_from_persistent_tiers(tmp_path: Path) -> None:
+    with disk(tmp_path) as store:
+        rep = pp.run(FakeEngine(store), corpus(SYS), verify=True)
+        assert rep.verified == {"disk": {"blocks": 3, "failed": 0}} and rep.failures == []
+    with disk(tmp_path / "bad") as store:
+        eng = Corrupting(store)
+        rep = pp.run(eng, corpus(SYS), verify=True)  # present, so stored; but it does not read back
+        assert rep.blocks_stored == 3 and rep.verified == {"disk": {"blocks": 2, "failed": 1}}
+        assert rep.failures == [{"where": "verify", "error": "1 stored blocks did not read back verified"}]
+    with mount("host://?capacity=64KiB", layout=LAYOUT, model="fake", env={}) as store:
+        rep = pp.run(FakeEngine(store), corpus(SYS), verify=True)
+        assert rep.verified == {} and rep.failures[0]["where"] == "verify"
+
+
+class Corrupting(FakeEngine):
+    """Stores each prompt, then flips payload bytes of its first block on disk behind the tier's back."""
+
+    def prefill(self, batch: list[np.ndarray]) -> None:
+        from disk_helpers import corrupt_payload
+
+        super().prefill(batch)
+        for p in batch:
+            corrupt_payload(self.store.tier("disk"), self.namespaces[0].keys_for_tokens(p)[:1])  # type: ignore[arg-type]

@@ -62,8 +62,9 @@ def test_report_resume_and_serving(capsys: pytest.CaptureFixture[str], model_dir
         {"where": f"{corpus}:4", "error": "token ids must be a list of non-negative integers"}
     ]
     assert lines[0]["done"] <= lines[0]["total"] and lines[-2]["done"] == first["prefilled"] > 0
-    rc, lines = prepopulate(capsys, model_dir, corpus, "--tiers", tier)
+    rc, lines = prepopulate(capsys, model_dir, corpus, "--tiers", tier, "--verify")
     rep = lines[-1]
+    assert rep["verified"] == {"disk": {"blocks": rep["blocks_stored"], "failed": 0}}
     assert rc == 0 and rep["stopped"] is None and rep["failures"] == []
     assert rep["already_present"] == first["prefilled"] and rep["prefilled"] == len(PROMPTS) - first["prefilled"]
     assert rep["blocks_already_present"] == first["blocks_stored"]
