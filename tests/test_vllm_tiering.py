@@ -57,16 +57,18 @@ def tier_config(root: Path, **opts: Any) -> dict[str, Any]:
     }
 
 
-def offloading_config(tier: dict[str, Any], primary_chunks: int, events: bool = False) -> OffloadingConfig:
+def offloading_config(
+    tier: dict[str, Any], primary_chunks: int, events: bool = False, chunk: int = CHUNK, tokens: int = 16
+) -> OffloadingConfig:
     """What vLLM's OffloadingConnector hands its spec for a one-group, single-rank engine."""
     return OffloadingConfig(
-        groups=(OffloadingGroupConfig(tokens_per_block=16, layer_names=("layers.0", "layers.1"), group_id=0),),
-        worker_kv_bytes_per_block=CHUNK,
+        groups=(OffloadingGroupConfig(tokens_per_block=tokens, layer_names=("layers.0", "layers.1"), group_id=0),),
+        worker_kv_bytes_per_block=chunk,
         enable_kv_cache_events=events,
-        extra_config={"cpu_bytes_to_use": primary_chunks * CHUNK, "secondary_tiers": [tier]},
+        extra_config={"cpu_bytes_to_use": primary_chunks * chunk, "secondary_tiers": [tier]},
         engine_id=f"kvbmfs-test-{uuid.uuid4().hex[:8]}",
         model=OffloadingModelConfig(name="tiny-llama", dtype="float16"),
-        cache=OffloadingCacheConfig(tokens_per_hash=16, blocks_per_chunk=1),
+        cache=OffloadingCacheConfig(tokens_per_hash=tokens, blocks_per_chunk=1),
         parallel=OffloadingParallelConfig(
             rank=0,
             world_size=1,
@@ -85,8 +87,8 @@ def offloading_config(tier: dict[str, Any], primary_chunks: int, events: bool = 
 class Engine:
     """The connector's scheduler and CUDA worker, stood in for (see the module docstring)."""
 
-    def __init__(self, tier: dict[str, Any], primary_chunks: int = 4, events: bool = False) -> None:
-        self.spec = TieringOffloadingSpec(offloading_config(tier, primary_chunks, events))
+    def __init__(self, tier: dict[str, Any], primary_chunks: int = 4, events: bool = False, **cfg: Any) -> None:
+        self.spec = TieringOffloadingSpec(offloading_config(tier, primary_chunks, events, **cfg))
         mgr = self.spec.get_manager()
         assert isinstance(mgr, TieringOffloadingManager)
         self.mgr = mgr
@@ -141,7 +143,9 @@ class Engine:
             defer |= r is LookupResult.HIT_PENDING
         return None if defer else hits
 
-    def restore(self, req: str, keys: list[bytes], max_steps: int = 200) -> tuple[np.ndarray, list[str]]:
+    def restore(
+        self, req: str, keys: list[bytes], max_steps: int = 200, pause: float = 0.002
+    ) -> tuple[np.ndarray, list[str]]:
         """Look the prefix up step by step until it resolves, then the CPU->GPU copy of its hits."""
         ctx = ReqContext(req)
         self.mgr.on_new_request(ctx)
@@ -151,10 +155,10 @@ class Engine:
             if n is not None:
                 break
             self.step()
-            time.sleep(0.002)
+            time.sleep(pause)
         else:
             raise AssertionError(f"lookups never resolved: {trace[-10:]}")
-        got = np.empty((n, CHUNK), np.uint8)
+        got = np.empty((n, self.tier.block_size_bytes), np.uint8)
         if n:
             spec = self.mgr.prepare_load(keys[:n], ctx)
             rows = self.rows()
