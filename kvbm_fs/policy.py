@@ -288,6 +288,11 @@ class PARC(PrefixLRU):
     workload (the ghost length and the adaptation step are relative to capacity).
     The whole-prefix rule keeps what remains cached matchable, because a hit is a prefix.
 
+    ``t2=lfu`` orders ``T2`` by LFU with aging (clock + frequency, a ghost bringing back the
+    frequency it left with) instead of recency: +1.4% / +1.9% hits on Zipf document QA at 5% / 10%
+    but -1.0% / -2.3% on multi-turn chat (docs/architecture.md 1.12), so it is an option, not the
+    default.
+
     ``rank`` (disk and remote tiers, which only know last access and hit count) is the last
     access, as LRU, unless ``boost_s`` is set: then blocks hit at least once rank ``boost_s``
     seconds later, so a block seen twice outlives a block seen once by that long (the disk
