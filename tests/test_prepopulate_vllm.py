@@ -99,7 +99,7 @@ def prepopulated(model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[
                 break
     assert run1.wait(60) == -signal.SIGKILL and seen[-1]["event"] == "progress" and seen[-1]["total"] == 20
     before = stored_blocks(work)
-    run2 = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    run2 = subprocess.run([*cmd, "--verify"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run2.returncode == 0, run2.stderr[-3000:]
     lines = [json.loads(x) for x in run2.stdout.splitlines()]  # stdout holds nothing but --json lines
     report = lines[-1]
@@ -119,6 +119,7 @@ def test_a_killed_run_resumes_without_prefilling_twice(prepopulated: dict[str, A
     assert rep["blocks_already_present"] >= sum(before[15:]) + max(before[:15]) > 0  # what run 1 left
     c = rep["engine_counters"]  # the connector saved exactly the missing blocks: none twice
     assert c["saved_blocks"] == rep["blocks_stored"] == rep["tiers"]["disk"]["blocks"] and c["save_failed_blocks"] == 0
+    assert rep["verified"] == {"disk": {"blocks": rep["blocks_stored"], "failed": 0}}  # read back from disk
     # prompts half-stored by run 1 (the SIGKILL can land between a batch's saves) loaded their stored prefix
     # (SYSTEM's 2 blocks count once: a batch's other prompts find them in vLLM's own prefix cache)
     usable = [min(b, (len(p) - 1) // BS) for b, f, p in zip(before, full, PROMPTS)]
