@@ -107,8 +107,8 @@ def start_engine(
            "--host", "127.0.0.1", "--port", str(port), *ENGINE_ARGS]  # fmt: skip
     if kv is not None:
         cmd += ["--kv-transfer-config", json.dumps(kv)]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # a server always runs its engine core in a child
+    base = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}  # vLLM's default
+    env = {**base, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"), **(env or {})}
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, text=True)
     return proc, f"http://127.0.0.1:{port}"
 
