@@ -24,9 +24,10 @@ Why
     what that hand-over costs in first-token latency and whether decode steps get cheaper. On one
     small CPU machine P/D cannot isolate decode from prefill as separate GPUs do. Threads are bound explicitly (``VLLM_CPU_OMP_THREADS_BIND``; vLLM would otherwise reserve a
     core for a connector and give the plain engine one core fewer than the P/D engines): with
-    ``--cores shared`` (default) every engine on every core; with ``--cores split`` the prefill and
-    decode engines on half the cores each and the single engine on all of them, as a P/D deployment
-    splits its hardware.
+    ``--cores split`` (default) the prefill and decode engines on half the cores each and the single
+    engine on all of them, as a P/D deployment splits its hardware; with ``--cores shared`` every
+    engine on every core, where three engines' OpenMP threads contend for the same cores and slow
+    everything several-fold (results/bench_pd_shared.json), so read it as a stress case.
 
 Run ``.venv-vllm/bin/python benchmarks/bench_pd.py [--quick]``; prints one JSON object and writes it to
 ``benchmarks/results/bench_pd.json`` (``bench_pd.quick.json`` with ``--quick``: the tests' 2-layer model,
@@ -116,7 +117,7 @@ def run(args: argparse.Namespace, scratch: Path) -> dict[str, Any]:
     blocks = (args.rounds + 1) * args.requests * (args.tokens // ex.BLOCK + 1) + 16
     # vLLM reserves a core for a KV connector, so left to itself the plain engine would compute on one
     # core and the P/D engines on all: bind threads explicitly. "shared": every engine on every core;
-    # "split": the machine's cores halved between prefill and decode, the single engine on all of them
+    # "split" (default): the cores halved between prefill and decode, the single engine on all of them
     last = (os.cpu_count() or 2) - 1
     every = f"0-{last}"
     half = last // 2
@@ -202,16 +203,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--via", choices=("peer", "mooncake"), default="peer", help="the hand-over store (default peer)")
     ap.add_argument(
         "--cores",
-        choices=("shared", "split"),
-        default="shared",
-        help="engines' cores: all on all (default), or prefill and decode on half each",
+        choices=("split", "shared"),
+        default="split",
+        help="engines' cores: prefill and decode on half each (default), or every engine on all",
     )
     add_scratch_arg(ap)
     add_output_args(ap, "small run: the tests' 2-layer model, 2 requests of 256 tokens, 1 round")
     args = ap.parse_args(argv)
     if args.tokens + args.output > 1024:  # the engines' --max-model-len (examples/pd_proxy.py ENGINE_ARGS)
         ap.error("--tokens + --output must be at most 1024")
-    suffix = ("" if args.via == "peer" else f"_{args.via}") + ("" if args.cores == "shared" else f"_{args.cores}")
+    suffix = ("" if args.via == "peer" else f"_{args.via}") + ("" if args.cores == "split" else f"_{args.cores}")
     args.out = args.out or results_path(NAME, args.quick, suffix)
     if args.quick:
         args.requests, args.tokens, args.output, args.rounds = 2, 256, 8, 1
