@@ -104,9 +104,9 @@ def test_a_stalled_endpoint_costs_existence_checks_and_probes_one_try(
     """The scheduler waits on existence checks, and a caller on a probe: neither retries a stall."""
     t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_proxy.endpoint, retries=2, breaker_threshold=4,
                 breaker_cooldown=0.3)  # fmt: skip
-    t.timeout = t.head_timeout = 0.3  # after the open: on a loaded box its manifest reads may take longer
     keys = chain(NS_A, 4)
     assert t.put(keys, blocks_for(keys, BN)).all()
+    t.timeout = t.head_timeout = 0.3  # only now: on a busy box healthy requests may take longer
     s3_proxy.fail_always("stall")
     s3_proxy.reset_counts()
     assert not t.contains(keys).any()
@@ -118,6 +118,7 @@ def test_a_stalled_endpoint_costs_existence_checks_and_probes_one_try(
     assert not untouched_misses(t, keys).any()
     assert s3_proxy.requests == 1, "the half-open probe is one request, not 1 + retries"
     s3_proxy.fail_always(None)
+    t.timeout = t.head_timeout = float(FAST["timeout"])  # the recovery probe must not time out on a busy box
     time.sleep(0.35)
     assert untouched_misses(t, keys)[0] and t.breaker.state == "closed"
 
@@ -190,7 +191,8 @@ def test_dead_endpoint_at_open_is_a_clear_config_error(s3_server: Any, s3_bucket
 def test_endpoint_dying_after_open_gives_misses_through_the_store(s3_server: Any, s3_bucket: str, prefix: str) -> None:
     proxy = FaultProxy(s3_server.port)
     so = s3_server.storage_options(proxy.endpoint)
-    tier = {"url": f"s3://{s3_bucket}/{prefix}", "storage_options": so, "timeout": 0.3, "retries": 1,
+    # a refused connection fails at once: no short timeout needed (one would fail healthy HEADs on a busy box)
+    tier = {"url": f"s3://{s3_bucket}/{prefix}", "storage_options": so, "timeout": FAST["timeout"], "retries": 1,
             "backoff": 0.01, "breaker_threshold": 4, "breaker_cooldown": 60}  # fmt: skip
     store = mount(tier, layout=LAYOUT, model="conformance-model", tenant="a", env={})
     try:
