@@ -18,6 +18,7 @@ recomputes; it is never data. See docs/vllm.md ("vLLM offloading tier").
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import queue
@@ -146,7 +147,7 @@ class KvbmFsSecondaryTier(SecondaryTierManager):
             config=config,
             **mount_options,
         )
-        self._lease: engine.Lease[Store] | None = _STORES.acquire(id(self), lambda: self.store)
+        self._lease: engine.Lease[Store] | None = _STORES.acquire(next(_SERIAL), lambda: self.store)
         engine.warn_layout_siblings(self.store, self.namespace, "vllm_tiering")
         self._write_through = bool(write_through)
         self._max_bytes = int(max_inflight_mib * _MiB)
@@ -306,5 +307,6 @@ class KvbmFsSecondaryTier(SecondaryTierManager):
 
 
 _STORES: engine.Registry[Store] = engine.Registry(engine.close_store, "vllm_tiering")  # closes at exit too
+_SERIAL = itertools.count()  # one lease per tier object (an id() can be reused once its owner is gone)
 
 __all__ = ["MODEL_SUFFIX", "KvbmFsSecondaryTier", "chunk_keys", "offload_namespace"]

@@ -1,8 +1,8 @@
 """kvbm_fs as a secondary tier of vLLM 0.32's native offloading, driven through vLLM's real classes.
 
-Real: ``TieringOffloadingSpec`` (the spec vLLM builds from ``kv_connector_extra_config``), its
-``get_manager()`` with the ``SharedOffloadRegion`` mmap, ``CPUPrimaryTierOffloadingManager`` and
-``TieringOffloadingManager`` (tiering/manager.py), ``SecondaryTierFactory`` loading
+Real: ``OffloadingSpecFactory`` building ``TieringOffloadingSpec`` from the ``kv_connector_extra_config``
+a user writes (docs/vllm.md), its ``get_manager()`` with the ``SharedOffloadRegion`` mmap,
+``CPUPrimaryTierOffloadingManager`` and ``TieringOffloadingManager`` (tiering/manager.py), ``SecondaryTierFactory`` loading
 ``KvbmFsSecondaryTier`` out of tree by ``module_path``, vLLM's ``AsyncLookupManager``, and the kvbm_fs
 store with a real disk tier. Stand-in: :class:`Engine`, for the ``OffloadingConnector`` scheduler and
 its ``CPUOffloadingWorker`` (which needs CUDA): it calls the manager in the connector's order
@@ -35,6 +35,7 @@ from vllm.v1.kv_offload.config import (
     OffloadingModelConfig,
     OffloadingParallelConfig,
 )
+from vllm.v1.kv_offload.factory import OffloadingSpecFactory
 from vllm.v1.kv_offload.tiering.factory import SecondaryTierFactory
 from vllm.v1.kv_offload.tiering.manager import TieringOffloadingManager
 from vllm.v1.kv_offload.tiering.spec import TieringOffloadingSpec
@@ -65,7 +66,11 @@ def offloading_config(
         groups=(OffloadingGroupConfig(tokens_per_block=tokens, layer_names=("layers.0", "layers.1"), group_id=0),),
         worker_kv_bytes_per_block=chunk,
         enable_kv_cache_events=events,
-        extra_config={"cpu_bytes_to_use": primary_chunks * chunk, "secondary_tiers": [tier]},
+        extra_config={
+            "spec_name": "TieringOffloadingSpec",
+            "cpu_bytes_to_use": primary_chunks * chunk,
+            "secondary_tiers": [tier],
+        },
         engine_id=f"kvbmfs-test-{uuid.uuid4().hex[:8]}",
         model=OffloadingModelConfig(name="tiny-llama", dtype="float16"),
         cache=OffloadingCacheConfig(tokens_per_hash=tokens, blocks_per_chunk=1),
@@ -88,7 +93,9 @@ class Engine:
     """The connector's scheduler and CUDA worker, stood in for (see the module docstring)."""
 
     def __init__(self, tier: dict[str, Any], primary_chunks: int = 4, events: bool = False, **cfg: Any) -> None:
-        self.spec = TieringOffloadingSpec(offloading_config(tier, primary_chunks, events, **cfg))
+        spec = OffloadingSpecFactory.create_spec(offloading_config(tier, primary_chunks, events, **cfg))
+        assert isinstance(spec, TieringOffloadingSpec)  # what spec_name picks, as in the user's config
+        self.spec = spec
         mgr = self.spec.get_manager()
         assert isinstance(mgr, TieringOffloadingManager)
         self.mgr = mgr
