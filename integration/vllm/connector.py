@@ -16,13 +16,15 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorBase_V1,
     KVConnectorMetadata,
     KVConnectorRole,
+    KVConnectorTransferResults,
+    SupportsHMA,
 )
 
 from kvbm_fs import Store
 from kvbm_fs import engine as engine_kit
 
 from . import layout as vllm_layout
-from .layout import attention_backend, namespaces, worker_rank
+from .layout import attention_backend, group_namespaces, worker_rank
 from .metadata import Counters, KvbmFsMetadata, KvbmFsStats, KvbmFsWorkerMeta
 from .options import Options, store_config
 from .scheduler import SchedulerSide
@@ -49,8 +51,11 @@ def live_connectors() -> list[KvbmFsConnector]:
     return list(_live)
 
 
-class KvbmFsConnector(KVConnectorBase_V1):
-    """kvbm_fs as a vLLM V1 KV connector (kv_both; kv_consumer only loads, kv_producer only saves)."""
+class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
+    """kvbm_fs as a vLLM V1 KV connector (kv_both; kv_consumer only loads, kv_producer only saves).
+
+    SupportsHMA: a hybrid model (full + sliding-window attention) keeps vLLM's hybrid KV-cache manager;
+    each KV-cache group is stored in its own namespace (docs/vllm.md, Hybrid models)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -65,8 +70,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
                 " set kv_load_failure_policy='recompute' to recompute it instead",
                 tc.kv_load_failure_policy,
             )
-        group = kv_cache_config.kv_cache_groups[0] if kv_cache_config.kv_cache_groups else None
-        self.layer_names: list[str] = list(group.layer_names) if group is not None else []
+        self.layer_names: list[str] = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         self.backend = attention_backend(vllm_config, self.layer_names)
         if self.loads_enabled and not vllm_layout.loads_on_context(self.backend):
             log.warning(
@@ -75,7 +79,8 @@ class KvbmFsConnector(KVConnectorBase_V1):
                 self.backend,
             )
             self.loads_enabled = False
-        self.namespaces = namespaces(vllm_config, kv_cache_config, self.extra, self.backend)
+        self.groups, group_ns = group_namespaces(vllm_config, kv_cache_config, self.extra, self.backend)
+        self.namespaces = group_ns[0]
         self.layout = self.namespaces[0].layout
         self.block_size = self.layout.block_size
         is_worker = role == KVConnectorRole.WORKER
@@ -86,7 +91,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
             self.engine_id,
             "worker" if is_worker else "scheduler",
             self.extra,
-            [self.namespace] if is_worker else list(self.namespaces),
+            [nss[self.rank] for nss in group_ns] if is_worker else [ns for nss in group_ns for ns in nss],
         )
         self.store: Store | None = store
         # the scheduler sees the worker's own store (same process), or keeps a directory of its process-local tiers
@@ -98,7 +103,14 @@ class KvbmFsConnector(KVConnectorBase_V1):
         if is_worker:
             assert store is not None
             self.worker = WorkerSide(
-                self.namespace, self.rank, self.layer_names, kv_cache_config, store, self.stats, self.options
+                self.namespace,
+                self.rank,
+                self.layer_names,
+                kv_cache_config,
+                store,
+                self.stats,
+                self.options,
+                groups=[(nss[self.rank], list(g.layer_names)) for g, nss in zip(self.groups, group_ns)],
             )
         else:
             self.scheduler = SchedulerSide(
@@ -110,6 +122,7 @@ class KvbmFsConnector(KVConnectorBase_V1):
                 saves=self.saves_enabled,
                 async_load=self.options.async_load,
                 save_tokens=store_config(self.extra).events is not None,
+                groups=[(g.window_blocks, nss) for g, nss in zip(self.groups, group_ns)],
             )
         _live.add(self)
         log.info(
@@ -183,6 +196,13 @@ class KvbmFsConnector(KVConnectorBase_V1):
             return False, None
         return self.scheduler.request_finished(request, block_ids)
 
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        if self.scheduler is None:
+            return False, None
+        return self.scheduler.request_finished_all_groups(request, block_ids)
+
     def take_events(self) -> Iterable[Any]:
         return () if self.scheduler is None else self.scheduler.take_events()
 
@@ -226,6 +246,12 @@ class KvbmFsConnector(KVConnectorBase_V1):
         if self.worker is None:
             return None, None
         return self.worker.get_finished(finished_req_ids)
+
+    def get_transfer_results(self, finished_req_ids: set[str]) -> KVConnectorTransferResults:
+        out = super().get_transfer_results(finished_req_ids)
+        if self.worker is not None:  # a hybrid model's failed loads: vLLM recomputes the whole request
+            out.failed_recving = self.worker.take_failed_requests()
+        return out
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return set() if self.worker is None else self.worker.get_block_ids_with_load_errors()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from kvbm_fs import ConfigError, KVLayout, LayoutMismatchError, Namespace
@@ -80,21 +81,69 @@ def attention_backend(vllm_config: VllmConfig, layer_names: Iterable[str] = ()) 
     return f"auto-{current_platform.device_type}"
 
 
-def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> KVLayout:
-    """The KVLayout of the engine's KV cache, from the scheduler's own KV cache spec."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec
+@dataclass(frozen=True)
+class GroupSpec:
+    """One vLLM KV-cache group: its layers, its KVLayout, and (for sliding-window groups) how many
+    trailing blocks a prefix needs (``window_blocks``, 0 for full attention; docs/vllm.md, Hybrid models)."""
+
+    index: int
+    layer_names: tuple[str, ...]
+    layout: KVLayout
+    kind: str  # "full" | "swa"
+    window: int = 0  # sliding window in tokens
+    window_blocks: int = 0  # blocks vLLM needs at a prefix's end: cdiv(window - 1, block_size)
+
+    @property
+    def tag(self) -> str:
+        """What goes into the namespace: group index, kind, window (a group never matches another's)."""
+        return f"g{self.index}/{self.kind}" + (f"{self.window}" if self.window else "")
+
+
+def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> list[GroupSpec]:
+    """The engine's KV-cache groups, each with the KVLayout of its layers. Mamba / linear-attention
+    state and chunked local attention are refused here, before any block is named."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
 
     groups = kv_cache_config.kv_cache_groups
-    if len(groups) != 1:
-        raise ConfigError(
-            f"kvbm_fs: the engine has {len(groups)} KV cache groups (a hybrid model); this connector supports one"
-        )
-    spec = groups[0].kv_cache_spec
-    if not isinstance(spec, FullAttentionSpec):
-        raise ConfigError(f"kvbm_fs: KV cache spec {type(spec).__name__} is not supported (full attention only)")
+    if not groups:
+        raise ConfigError("kvbm_fs: the engine has no KV cache groups")
+    out = []
+    for i, g in enumerate(groups):
+        spec = g.kv_cache_spec
+        kind = type(spec).__name__
+        if "Mamba" in kind or "Linear" in kind or "ShortConv" in kind:
+            raise ConfigError(
+                f"kvbm_fs: {kind} (Mamba / linear-attention state) is not supported: it holds state per request,"
+                " not per block; serve this model without the kvbm_fs connector"
+            )
+        if getattr(spec, "attention_chunk_size", None):
+            raise ConfigError("kvbm_fs: chunked local attention KV is not supported")
+        window = int(getattr(spec, "sliding_window", 0) or 0)
+        if isinstance(spec, SlidingWindowSpec) and window and not isinstance(spec, MLAAttentionSpec):
+            if int(getattr(spec, "extra_retained_tokens", 0) or 0):
+                raise ConfigError("kvbm_fs: sliding windows with extra retained tokens (MTP) are not supported")
+            kind_s = "swa"
+        elif isinstance(spec, FullAttentionSpec) and not window:
+            kind_s = "full"
+        else:
+            raise ConfigError(f"kvbm_fs: KV cache spec {kind} is not supported (full or sliding-window attention)")
+        layout = _spec_layout(vllm_config, spec, len(g.layer_names), backend)
+        blocks = -(-(window - 1) // layout.block_size) if window else 0
+        out.append(GroupSpec(i, tuple(g.layer_names), layout, kind_s, window, blocks))
+    if len({g.layout.block_size for g in out}) > 1:
+        raise ConfigError("kvbm_fs: KV cache groups with different block sizes are not supported")
+    return out
+
+
+def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> KVLayout:
+    """The KVLayout of the engine's first KV-cache group (the only one of a non-hybrid model)."""
+    return kv_groups(vllm_config, kv_cache_config, backend)[0].layout
+
+
+def _spec_layout(vllm_config: VllmConfig, spec: Any, num_layers: int, backend: str) -> KVLayout:
+    from vllm.v1.kv_cache_interface import MLAAttentionSpec
+
     mla = isinstance(spec, MLAAttentionSpec)  # one latent vector per token (kv_lora_rank + rope dims), no K/V split
-    if getattr(spec, "sliding_window", None) or getattr(spec, "attention_chunk_size", None):
-        raise ConfigError("kvbm_fs: sliding-window / chunked attention KV is not supported")
     if not mla and spec.head_size_v not in (None, spec.head_size):
         raise ConfigError(f"kvbm_fs: K head size {spec.head_size} != V head size {spec.head_size_v} is not supported")
     if int(getattr(spec, "kv_quant_mode", 0) or 0):
@@ -104,7 +153,7 @@ def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backe
     if dtype is None:
         raise ConfigError(f"kvbm_fs: KV cache dtype {spec.dtype} (cache_dtype={cache_dtype!r}) is not supported")
     return KVLayout(
-        num_layers=len(groups[0].layer_names),
+        num_layers=num_layers,
         num_kv_heads=1 if mla else int(spec.num_kv_heads),
         head_dim=int(spec.head_size),
         block_size=int(spec.block_size),
@@ -136,9 +185,19 @@ def worker_rank(vllm_config: VllmConfig) -> int:
 def namespaces(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, extra: Mapping[str, Any], backend: str
 ) -> tuple[Namespace, ...]:
-    """One namespace per worker rank: model, engine KV layout, rank, tenant. A ``layout`` pinned in the
-    connector config (or its config file) that the engine does not have is refused here."""
-    layout = engine_layout(vllm_config, kv_cache_config, backend)
+    """One namespace per worker rank for the first KV-cache group (see ``group_namespaces``)."""
+    return group_namespaces(vllm_config, kv_cache_config, extra, backend)[1][0]
+
+
+def group_namespaces(
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, extra: Mapping[str, Any], backend: str
+) -> tuple[list[GroupSpec], list[tuple[Namespace, ...]]]:
+    """The KV-cache groups and, per group, one namespace per worker rank: model, engine KV layout, rank,
+    tenant, and for a hybrid or sliding-window model the group's tag (index, kind, window) in the model
+    name. A ``layout`` pinned in the connector config (or its config file) that the engine does not
+    have is refused here (it names the first group's layout)."""
+    groups = kv_groups(vllm_config, kv_cache_config, backend)
+    layout = groups[0].layout
     cfg = store_config(extra)
     pinned = cfg.layout
     if pinned is not None and pinned != layout:
@@ -153,11 +212,19 @@ def namespaces(
         # every TP rank holds the same latent KV: keying it per TP rank would store it TP times, and one
         # writer per block needs the per-process (host) tiers of the other ranks filled some other way
         raise ConfigError("kvbm_fs: MLA models with tensor parallelism > 1 are not supported yet (TP=1, any PP)")
-    return tuple(Namespace(f"{model}@vllm/{backend}", layout, r, world, tenant) for r in range(world))
+    plain = len(groups) == 1 and groups[0].kind == "full"  # a plain model keeps the names it always had
+    out = []
+    for g in groups:
+        name = f"{model}@vllm/{backend}" + ("" if plain else f"#{g.tag}")
+        out.append(tuple(Namespace(name, g.layout, r, world, tenant) for r in range(world)))
+    return groups, out
 
 
 __all__ = [
     "BACKEND_ORDER",
+    "GroupSpec",
+    "group_namespaces",
+    "kv_groups",
     "NO_CONTEXT_BACKENDS",
     "attention_backend",
     "engine_layout",

@@ -24,6 +24,7 @@ class Transfer:
     block_ids: list[int]
     background: bool = False  # an async load: the request waits off the step path, get_finished reports it
     tokens: np.ndarray | None = None  # a save's token ids (uint32, len(hashes) * block_size), for KV events
+    group: int = 0  # the KV-cache group (hybrid models): its namespace, layers and block table
 
 
 @dataclass

@@ -42,6 +42,7 @@ class _Req:
     load_start: int = 0
     load_cap: int | None = None  # leading blocks it may still load: capped at its first failed load
     load_ids: list[int] = field(default_factory=list)  # engine blocks of the last load
+    load_groups: list[tuple[int, int, int, list[int]]] = field(default_factory=list)  # (group, a, b, ids)
     load_async: bool = False  # the planned load runs in the background (load_kv_async)
     by_tier: dict[str, int] = field(default_factory=dict)
 
@@ -60,8 +61,14 @@ class SchedulerSide:
         saves: bool,
         async_load: bool | str,
         save_tokens: bool,
+        groups: list[tuple[int, tuple[Namespace, ...]]] | None = None,
     ) -> None:
         self.namespaces, self.store, self.shared, self.stats = namespaces, store, shared, stats
+        # KV-cache groups: (window blocks, per-rank namespaces); window 0 is full attention. A hybrid
+        # model's loads all run in the background: vLLM maps a failed load of a multi-group request
+        # back through failed_recving only (whole request recomputed), never through block ids
+        self.groups = groups or [(0, namespaces)]
+        self.hybrid = len(self.groups) > 1
         self.loads_enabled, self.saves_enabled, self.async_load = loads, saves, async_load
         self.save_tokens = save_tokens  # the worker's store publishes KV events: saves carry their token ids
         self.block_size = namespaces[0].layout.block_size
@@ -99,9 +106,31 @@ class SchedulerSide:
         return st
 
     def _locate(self, st: _Req, n: int) -> tuple[int, np.ndarray]:
+        """The longest prefix of ``st`` (at most ``n`` blocks) that every group can serve: all its blocks
+        for a full-attention group, the ``window`` blocks before its end for a sliding-window one; and
+        the tier of each block (rank 0 of the first full-attention group)."""
+        full = [ns for w, ns in self.groups if w == 0]
+        length, names = self._locate_prefix(st, n, full[0]) if full else (n, np.full(n, "", object))
+        for nss in full[1:]:
+            length = min(length, self._locate_prefix(st, length, nss)[0])
+        windowed = [(w, nss) for w, nss in self.groups if w > 0]
+        if windowed and length > 0:
+            good = np.ones(length + 1, bool)  # good[m]: every windowed group holds its window ending at m
+            ends = np.arange(length + 1)
+            for w, nss in windowed:
+                miss = np.zeros(length, bool)
+                for ns in nss:
+                    miss |= self._where(BlockKeys(ns.id, st.hashes[:length], st.parents[:length])) == ""
+                c = np.concatenate([[0], np.cumsum(miss)])
+                good &= (c[ends] - c[np.maximum(0, ends - w)]) == 0
+            good[0] = True
+            length = int(np.flatnonzero(good)[-1])
+        return length, names[:length]
+
+    def _locate_prefix(self, st: _Req, n: int, nss: tuple[Namespace, ...]) -> tuple[int, np.ndarray]:
         """Leading blocks of ``st`` (at most ``n``) present for every rank, and the tier of each (rank 0)."""
         length, names0 = n, np.full(n, "", object)
-        for r, ns in enumerate(self.namespaces):
+        for r, ns in enumerate(nss):
             keys = BlockKeys(ns.id, st.hashes[:length], st.parents[:length])
             if self.shared and self.store is not None:
                 m = self.store.match(keys)
@@ -165,7 +194,7 @@ class SchedulerSide:
         tiers, counts = np.unique(names[start:n], return_counts=True)
         st.by_tier = dict(zip(tiers.tolist(), counts.tolist()))
         slow = any(self._medium(name) in SLOW_MEDIA for name in st.by_tier)
-        st.load_async = self.async_load is True or (self.async_load == "auto" and slow)
+        st.load_async = self.hybrid or self.async_load is True or (self.async_load == "auto" and slow)
         return ext, st.load_async
 
     def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
@@ -204,13 +233,28 @@ class SchedulerSide:
         ids = blocks.get_block_ids()[0]
         st.load, st.load_start = (start, stop), start
         st.load_ids = list(ids[start:stop])
+        st.load_groups = []
+        if self.hybrid or self.groups[0][0]:
+            # per group: all planned blocks of a full-attention group, only the window before the
+            # prefix's end of a sliding-window one (vLLM holds null blocks below it)
+            for g, (w, _) in enumerate(self.groups):
+                a = start if w == 0 else max(start, stop - w)
+                row = blocks.blocks[g]
+                keep = [i for i in range(a, stop) if not getattr(row[i], "is_null", False)]
+                if keep:
+                    st.load_groups.append((g, keep[0], keep[-1] + 1, [row[i].block_id for i in keep]))
         self.stats.count(hit_tokens=num_external_tokens)
 
     # ---- planning ------------------------------------------------------------------------------------
     def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KvbmFsMetadata:
         meta = KvbmFsMetadata(ns_ids=tuple(ns.id for ns in self.namespaces))
         for p in self._reqs.values():
-            if p.load is not None and p.load_ids:
+            if p.load is not None and p.load_groups:
+                for g, a, b, ids in p.load_groups:
+                    rid = p.request.request_id
+                    meta.loads.append(Transfer(rid, p.hashes[a:b], p.parents[a:b], ids, p.load_async, group=g))
+                p.load, p.load_groups = None, []
+            elif p.load is not None and p.load_ids:
                 a, b = p.load
                 t = Transfer(p.request.request_id, p.hashes[a:b], p.parents[a:b], list(p.load_ids), p.load_async)
                 meta.loads.append(t)
@@ -230,27 +274,43 @@ class SchedulerSide:
             hi = min(after // self.block_size, len(st.hashes))
             if hi <= lo:
                 continue
-            ids = self._block_ids(rid)
-            if ids is None or len(ids) < hi:
+            all_ids = self._block_ids(rid)
+            if all_ids is None or any(len(ids) < hi for ids in all_ids):
                 continue
-            toks = None
-            if self.save_tokens:  # the worker's store publishes KV events: they carry the blocks' tokens
-                toks = np.asarray(st.request.prompt_token_ids[lo * self.block_size : hi * self.block_size], np.uint32)
-            meta.saves.append(Transfer(rid, st.hashes[lo:hi], st.parents[lo:hi], list(ids[lo:hi]), tokens=toks))
+            # a sliding-window group keeps only the windows that end at the prompt's usable end and at
+            # its last full block: the prefixes a later request can load (docs/vllm.md, Hybrid models)
+            usable = (len(st.request.prompt_token_ids) - 1) // self.block_size
+            for g, (w, _) in enumerate(self.groups):
+                a = lo if w == 0 else max(lo, usable - w)
+                if a >= hi:
+                    continue
+                toks = None
+                if self.save_tokens and g == 0:  # the store publishes KV events: they carry the blocks' tokens
+                    toks = np.asarray(
+                        st.request.prompt_token_ids[a * self.block_size : hi * self.block_size], np.uint32
+                    )
+                ids = list(all_ids[g][a:hi])
+                meta.saves.append(Transfer(rid, st.hashes[a:hi], st.parents[a:hi], ids, tokens=toks, group=g))
             st.stored = hi
             self._remember_tokens(st, lo, hi)
         return meta
 
-    def _block_ids(self, req_id: str) -> list[int] | None:
+    def _block_ids(self, req_id: str) -> tuple[list[int], ...] | None:
+        """The request's engine block ids, one list per KV-cache group."""
         mgr = self.kv_cache_manager
         if mgr is None:
             return None
-        return list(mgr.get_block_ids(req_id)[0])
+        return tuple(mgr.get_block_ids(req_id))
 
     def update_connector_output(self, connector_output: KVConnectorOutput) -> None:
         shipped = getattr(connector_output, "kv_connector_worker_meta", None)
         if isinstance(shipped, KvbmFsWorkerMeta) and shipped.events:
             self._apply_worker_events(shipped.events)
+        for rid in getattr(connector_output, "failed_recving", None) or ():
+            st = self._reqs.get(rid)  # a hybrid load that failed: vLLM recomputes the whole request
+            if st is not None:
+                st.stored = min(st.stored, st.load_start)
+                st.load_cap = st.load_start if st.load_cap is None else min(st.load_cap, st.load_start)
         bad = connector_output.invalid_block_ids
         if bad:
             for st in self._reqs.values():  # blocks that failed to load are recomputed: save them again then
@@ -273,6 +333,11 @@ class SchedulerSide:
         self._reqs.pop(request.request_id, None)
         self._refused.discard(request.request_id)
         return False, None  # saves complete inside the step that computes the blocks: nothing in flight
+
+    def request_finished_all_groups(
+        self, request: Request, block_ids: tuple[list[int], ...]
+    ) -> tuple[bool, dict[str, Any] | None]:
+        return self.request_finished(request, list(block_ids[0]) if block_ids else [])
 
     # ---- KV events -------------------------------------------------------------------------------------
     def _remember_tokens(self, st: _Req, lo: int, hi: int) -> None:

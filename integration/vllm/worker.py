@@ -46,6 +46,7 @@ class _Staged:
     idx: torch.Tensor
     failed: list[int]  # engine block ids that did not load
     scattered: int = 0  # leading layers already in the KV cache
+    group: int = 0  # the KV-cache group whose layers these are
 
 
 @dataclass
@@ -56,7 +57,8 @@ class _SavePlan:
     ids: np.ndarray | None = None  # their engine block ids
     stage: torch.Tensor | None = None  # [n, layers, page] for the leading n blocks, filled layer by layer
     idx: torch.Tensor | None = None  # engine block ids of those n
-    copied: set[int] = field(default_factory=set)  # layers already staged
+    copied: set[int] = field(default_factory=set)  # layers already staged (the group's own indices)
+    group: int = 0
 
 
 class WorkerSide:
@@ -71,8 +73,14 @@ class WorkerSide:
         store: Store,
         stats: Counters,
         options: Options,
+        groups: list[tuple[Namespace, list[str]]] | None = None,
     ) -> None:
         self.namespace, self.rank, self.layer_names = namespace, rank, layer_names
+        # KV-cache groups (hybrid models): each its namespace and layers; a plain model has one
+        self.groups = groups or [(namespace, layer_names)]
+        self.hybrid = len(self.groups) > 1
+        self._group_layers: list[list[int]] = []  # per group: indices into self._layers
+        self._failed_reqs: set[str] = set()  # hybrid: requests whose background load failed
         self.layout = namespace.layout
         self.block_size = self.layout.block_size
         self.store, self.stats, self.options = store, stats, options
@@ -92,7 +100,7 @@ class WorkerSide:
         self._save_pool: ThreadPoolExecutor | None = None
         self._loading: dict[str, Future[list[int]]] = {}  # async loads in flight, by request
         self._saving: list[tuple[Future[None], int]] = []  # (put, staged bytes) in flight
-        self._save_plan: _SavePlan | None = None  # this step's saves, once planned
+        self._save_plan: list[_SavePlan] | None = None  # this step's saves (one plan a group), once planned
         self._layer_load: Future[_Staged] | None = None  # this step's sync load, placed layer by layer
         self._idle_step = False
         self._layer_staged: tuple[Future[_Staged], _Staged] | None = None
@@ -102,11 +110,17 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         """Check every KV layer against the namespace layout and keep a ``[num_blocks, *page]`` view of it."""
         num_blocks = int(self.kv_cache_config.num_blocks)
-        names = [n for n in self.layer_names if n in kv_caches] or sorted(kv_caches, key=_natural)
-        if len(names) != self.layout.num_layers:
-            raise LayoutMismatchError(
-                f"kvbm_fs: {len(names)} KV layers registered, the namespace layout has {self.layout.num_layers}"
-            )
+        if self.hybrid:
+            names = [n for _, group in self.groups for n in group]
+            missing = [n for n in names if n not in kv_caches]
+            if missing:
+                raise LayoutMismatchError(f"kvbm_fs: KV layers {missing} of the KV cache groups were not registered")
+        else:
+            names = [n for n in self.layer_names if n in kv_caches] or sorted(kv_caches, key=_natural)
+        want = sum(ns.layout.num_layers for ns, _ in self.groups)
+        if len(names) != want:
+            raise LayoutMismatchError(f"kvbm_fs: {len(names)} KV layers registered, the namespace layouts have {want}")
+        layer_nbytes = [ns.layout.layer_nbytes for ns, group in self.groups for _ in range(ns.layout.num_layers)]
         layers: list[tuple[str, torch.Tensor]] = []
         shape = None
         for name in names:
@@ -117,10 +131,10 @@ class WorkerSide:
                 )
             view = kv.unflatten(0, (num_blocks, kv.shape[0] // num_blocks))  # kernel blocks of one engine block
             nbytes = view[0].numel() * view.element_size()
-            if nbytes != self.layout.layer_nbytes:
+            if nbytes != layer_nbytes[len(layers)]:
                 raise LayoutMismatchError(
                     f"kvbm_fs: layer {name} holds {nbytes} bytes per block (shape {tuple(kv.shape)}, {kv.dtype});"
-                    f" the namespace layout {self.layout.to_dict()} needs {self.layout.layer_nbytes}"
+                    f" the namespace layout {self.layout.to_dict()} needs {layer_nbytes[len(layers)]}"
                 )
             if shape is not None and (tuple(view.shape[1:]) != shape or view.dtype != self._kv_dtype):
                 raise LayoutMismatchError(f"kvbm_fs: layer {name} differs in shape or dtype from the first KV layer")
@@ -128,6 +142,12 @@ class WorkerSide:
             layers.append((name, view))
         self._layers, self._page_shape = layers, shape or ()
         self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
+        first = 0
+        self._group_layers = []
+        for ns, _ in self.groups:
+            self._group_layers.append(list(range(first, first + ns.layout.num_layers)))
+            first += ns.layout.num_layers
+        self._layer_group = {gi: (g, j) for g, idx in enumerate(self._group_layers) for j, gi in enumerate(idx)}
         log.info(
             "kvbm_fs: registered %d KV layers, page %s %s (%d B per block)",
             len(layers),
@@ -148,10 +168,10 @@ class WorkerSide:
             )
         self._checked_ns = True
 
-    def _stage(self, n: int) -> torch.Tensor:
+    def _stage(self, n: int, group: int = 0) -> torch.Tensor:
         assert self._kv_dtype is not None
         page = int(np.prod(self._page_shape))
-        return torch.empty((n, len(self._layers), page), dtype=self._kv_dtype)
+        return torch.empty((n, len(self._group_layers[group]), page), dtype=self._kv_dtype)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self.meta
@@ -166,13 +186,16 @@ class WorkerSide:
         if self._load_pool is None:  # one thread each: a sync read never queues behind async loads
             self._load_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-load")
             self._read_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-read")
-        for t in meta.loads:  # one job a request, so each request is reported as soon as its blocks are in
+        by_req: dict[str, list[Transfer]] = {}
+        for t in meta.loads:  # one job a request (all its groups), so each is reported once its blocks are in
             if t.background:
-                self._loading[t.req_id] = self._load_pool.submit(self._load, [t])
+                by_req.setdefault(t.req_id, []).append(t)
+        for rid, ts in by_req.items():
+            self._loading[rid] = self._load_pool.submit(self._load, ts)
         now = [t for t in meta.loads if not t.background]
         if not now:
             return
-        if sum(len(t.block_ids) for t in now) <= self._chunk:
+        if not self.hybrid and sum(len(t.block_ids) for t in now) <= self._chunk:
             # layer-wise: read and verify in the background while the forward starts; each layer's pages
             # go into the KV cache in wait_for_layer_load, just before that layer's attention needs them
             assert self._read_pool is not None
@@ -189,49 +212,52 @@ class WorkerSide:
     def _load(self, transfers: list[Transfer]) -> list[int]:
         """Read, verify and scatter the transfers' blocks into the engine's KV cache, one staging buffer
         at a time; returns the engine block ids that failed (missing or failed verification)."""
-        t0 = time.perf_counter()
-        keys, ids = self._transfer_keys(transfers)
         failed: list[int] = []
-        for a in range(0, len(ids), self._chunk):  # bounded staging memory
-            st = self._read(keys[a : a + self._chunk], ids[a : a + self._chunk])
-            self._scatter(st, len(self._layers))
-            failed += st.failed
-        self._account_load(len(ids), failed, t0)
+        for g in sorted({t.group for t in transfers}):
+            t0 = time.perf_counter()
+            keys, ids = self._transfer_keys([t for t in transfers if t.group == g])
+            gfailed: list[int] = []
+            for a in range(0, len(ids), self._chunk):  # bounded staging memory
+                st = self._read(keys[a : a + self._chunk], ids[a : a + self._chunk], g)
+                self._scatter(st, len(self._group_layers[g]))
+                gfailed += st.failed
+            self._account_load(len(ids), gfailed, t0, self.groups[g][0].layout.block_nbytes)
+            failed += gfailed
         return failed
 
     def _read_all(self, transfers: list[Transfer]) -> _Staged:
         t0 = time.perf_counter()
         keys, ids = self._transfer_keys(transfers)
         st = self._read(keys, ids)
-        self._account_load(len(ids), st.failed, t0)
+        self._account_load(len(ids), st.failed, t0, self.layout.block_nbytes)
         return st
 
     def _transfer_keys(self, transfers: list[Transfer]) -> tuple[BlockKeys, np.ndarray]:
         hashes = np.concatenate([t.hashes for t in transfers])
         parents = np.concatenate([t.parents for t in transfers])
         ids = np.concatenate([np.asarray(t.block_ids, np.int64) for t in transfers])
-        return BlockKeys(self.namespace.id, hashes, parents), ids
+        return BlockKeys(self.groups[transfers[0].group][0].id, hashes, parents), ids
 
-    def _read(self, keys: BlockKeys, ids: np.ndarray) -> _Staged:
+    def _read(self, keys: BlockKeys, ids: np.ndarray, group: int = 0) -> _Staged:
         """One staging buffer's worth: read and verify, keep only the blocks that verified."""
-        stage = self._stage(len(ids))
+        stage = self._stage(len(ids), group)
         # recover: a read that raises is a miss of every block, never an error in the engine
         got = engine_kit.load(self.store, keys, _u8_rows(stage), recover=True).got
         ok = np.flatnonzero(got)
         if ok.size != len(ids):
             stage = stage[torch.from_numpy(ok)]
-        return _Staged(stage, torch.from_numpy(ids[ok]), ids[~got].tolist())
+        return _Staged(stage, torch.from_numpy(ids[ok]), ids[~got].tolist(), group=group)
 
     def _scatter(self, st: _Staged, upto: int) -> None:
         """Put layers ``[st.scattered, upto)`` of the verified blocks into the engine's KV cache."""
         n = st.idx.numel()
         for li in range(st.scattered, upto):
-            view = self._layers[li][1]
+            view = self._layers[self._group_layers[st.group][li]][1]
             if n:
                 view[st.idx.to(view.device)] = st.stage[:, li].reshape(n, *self._page_shape).to(view.device)
         st.scattered = max(st.scattered, upto)
 
-    def _account_load(self, n: int, failed: list[int], t0: float) -> None:
+    def _account_load(self, n: int, failed: list[int], t0: float, block_nbytes: int) -> None:
         if failed:
             log.warning(
                 "kvbm_fs: %d of %d blocks failed to load (missing or failed verification); vLLM recomputes them",
@@ -242,7 +268,7 @@ class WorkerSide:
         self.stats.count(
             loaded_blocks=ok,
             load_failed_blocks=len(failed),
-            loaded_bytes=ok * self.layout.block_nbytes,
+            loaded_bytes=ok * block_nbytes,
             load_s=time.perf_counter() - t0,
         )
 
@@ -276,32 +302,38 @@ class WorkerSide:
         """Stage this layer's pages of the step's new blocks as soon as its attention has written them,
         so the copy-out is spread over the forward (on a GPU, overlapped with the next layers' compute)
         instead of all landing in ``wait_for_save``."""
-        li = self._layer_index.get(layer_name)
-        if li is None:
+        gi = self._layer_index.get(layer_name)
+        if gi is None:
             return
-        plan = self._save_plan if self._save_plan is not None else self._plan_saves()
+        plans = self._save_plan if self._save_plan is not None else self._plan_saves()
+        g, li = self._layer_group[gi]
+        plan = plans[g]
         if plan.stage is None or li in plan.copied:
             return
         self._stage_layer(plan, li)
         self.stats.count(layerwise_saved_layers=1)
 
-    def _plan_saves(self) -> _SavePlan:
-        """This step's blocks to save: those not stored yet, minus requests whose load failed (their KV
-        attended to garbage). The leading ones (up to ``max_inflight_save_bytes``) get a staging buffer
-        that ``save_kv_layer`` fills layer by layer."""
+    def _plan_saves(self) -> list[_SavePlan]:
+        """This step's blocks to save, one plan a KV-cache group: those not stored yet, minus requests
+        whose load failed (their KV attended to garbage). The leading ones (up to
+        ``max_inflight_save_bytes``) get a staging buffer that ``save_kv_layer`` fills layer by layer."""
         meta = self.meta
         if self._layer_load is not None:
             self._staged()  # this step's failed loads taint their requests' saves
-        plan = _SavePlan()
-        self._save_plan = plan
+        plans = [_SavePlan(group=g) for g in range(len(self.groups))]
+        self._save_plan = plans
         if not isinstance(meta, KvbmFsMetadata) or not meta.saves or not self._layers:
-            return plan
+            return plans
         t0 = time.perf_counter()
-        todo = [t for t in meta.saves if t.req_id not in self._tainted]
-        skipped = sum(len(t.block_ids) for t in meta.saves) - sum(len(t.block_ids) for t in todo)
-        if todo:
+        todo_all = [t for t in meta.saves if t.req_id not in self._tainted]
+        skipped = sum(len(t.block_ids) for t in meta.saves) - sum(len(t.block_ids) for t in todo_all)
+        for g, plan in enumerate(plans):
+            todo = [t for t in todo_all if t.group == g]
+            if not todo:
+                continue
+            ns = self.groups[g][0]
             keys = BlockKeys(
-                self.namespace.id,
+                ns.id,
                 np.concatenate([t.hashes for t in todo]),
                 np.concatenate([t.parents for t in todo]),
             )
@@ -316,16 +348,16 @@ class WorkerSide:
                 # before the put: the KV-event publisher fills these blocks' token_ids from it
                 toks = np.concatenate([t.tokens for t in todo if t.tokens is not None])
                 self.store.note_tokens(plan.keys, toks.reshape(len(keys), self.block_size)[new])
-            n = min(new.size, max(1, self.options.max_inflight_save_bytes // self.layout.block_nbytes))
+            n = min(new.size, max(1, self.options.max_inflight_save_bytes // ns.layout.block_nbytes))
             if n:
-                plan.stage = self._stage(n)
+                plan.stage = self._stage(n, g)
                 plan.idx = torch.as_tensor(plan.ids[:n], dtype=torch.long)
         self.stats.count(save_skipped_blocks=skipped, save_s=time.perf_counter() - t0)
-        return plan
+        return plans
 
     def _stage_layer(self, plan: _SavePlan, li: int) -> None:
         assert plan.stage is not None and plan.idx is not None
-        view = self._layers[li][1]
+        view = self._layers[self._group_layers[plan.group][li]][1]
         n = plan.stage.shape[0]
         plan.stage[:, li].view(n, *self._page_shape).copy_(view[plan.idx.to(view.device)])
         plan.copied.add(li)
@@ -334,41 +366,48 @@ class WorkerSide:
         self._drain_saves()  # the previous step's puts: their events ship with this step
         if self._layer_load is not None:  # layers the engine never waited for still go into the cache
             self._scatter(self._staged(), len(self._layers))
-        plan = self._save_plan if self._save_plan is not None else self._plan_saves()
+        plans = self._save_plan if self._save_plan is not None else self._plan_saves()
         self._save_plan, self._tainted = None, set()
+        for plan in plans:
+            self._save_group(plan)
+
+    def _save_group(self, plan: _SavePlan) -> None:
         if plan.keys is None or not len(plan.keys):
             return
+        layers = self._group_layers[plan.group]
+        nbytes = self.groups[plan.group][0].layout.block_nbytes
         staged = 0
         if plan.stage is not None:  # layers the engine did not hand to save_kv_layer are copied now
-            for li in range(len(self._layers)):
+            for li in range(len(layers)):
                 if li not in plan.copied:
                     self._stage_layer(plan, li)
             staged = plan.stage.shape[0]
-            self._submit_save(plan.keys[:staged], _u8_rows(plan.stage))
+            self._submit_save(plan.keys[:staged], _u8_rows(plan.stage), nbytes)
         ids = plan.ids
         assert ids is not None
         for a in range(staged, len(plan.keys), self._chunk):  # the rest: bounded staging, chunk by chunk
             b = min(len(plan.keys), a + self._chunk)
             idx = torch.as_tensor(ids[a:b], dtype=torch.long)
-            stage = self._stage(b - a)
-            for li, (_, view) in enumerate(self._layers):
+            stage = self._stage(b - a, plan.group)
+            for li, gi in enumerate(layers):
+                view = self._layers[gi][1]
                 stage[:, li].view(b - a, *self._page_shape).copy_(view[idx.to(view.device)])
-            self._submit_save(plan.keys[a:b], _u8_rows(stage))
+            self._submit_save(plan.keys[a:b], _u8_rows(stage), nbytes)
 
-    def _submit_save(self, keys: BlockKeys, rows: torch.Tensor) -> None:
+    def _submit_save(self, keys: BlockKeys, rows: torch.Tensor, block_nbytes: int) -> None:
         """Hand staged rows to the save thread; the engine's own blocks are free to change from here on."""
         nbytes = int(rows.numel())
         if not self.options.async_save:
-            self._put(keys, rows)
+            self._put(keys, rows, block_nbytes)
             return
         while self._saving and sum(n for _, n in self._saving) + nbytes > self.options.max_inflight_save_bytes:
             fut, _ = self._saving.pop(0)
             fut.result()
         if self._save_pool is None:
             self._save_pool = ThreadPoolExecutor(1, thread_name_prefix="kvbm-fs-save")
-        self._saving.append((self._save_pool.submit(self._put, keys, rows), nbytes))
+        self._saving.append((self._save_pool.submit(self._put, keys, rows, block_nbytes), nbytes))
 
-    def _put(self, keys: BlockKeys, rows: torch.Tensor) -> None:
+    def _put(self, keys: BlockKeys, rows: torch.Tensor, block_nbytes: int) -> None:
         t0 = time.perf_counter()
         # planned as new in _plan_saves; a dead or full write-through tier drops blocks (counted), and a
         # put that raises only costs a future recompute (recover): never an error in the engine
@@ -380,7 +419,7 @@ class WorkerSide:
             return
         self.stats.count(
             saved_blocks=res.saved,
-            saved_bytes=res.saved * self.layout.block_nbytes,
+            saved_bytes=res.saved * block_nbytes,
             write_through_failed_blocks=res.dropped,
             save_s=time.perf_counter() - t0,
         )
@@ -420,10 +459,19 @@ class WorkerSide:
             wait_futures(list(self._loading.values()), timeout=IDLE_WAIT_S, return_when=FIRST_COMPLETED)
         done = [rid for rid, fut in self._loading.items() if fut.done()]
         for rid in done:
-            self._load_errors.update(self._loading.pop(rid).result())
+            failed = self._loading.pop(rid).result()
+            if self.hybrid and failed:  # vLLM takes a multi-group request's failure only as a whole
+                self._failed_reqs.add(rid)
+            else:
+                self._load_errors.update(failed)
         if done:
             self.stats.count(async_load_requests=len(done))
         return None, set(done) or None
+
+    def take_failed_requests(self) -> set[str]:
+        """Requests whose background load failed (hybrid models): vLLM recomputes each whole."""
+        out, self._failed_reqs = self._failed_reqs, set()
+        return out
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         out, self._load_errors = self._load_errors, set()

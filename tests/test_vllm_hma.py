@@ -1,0 +1,195 @@
+"""Hybrid models through the KvbmFsConnector (SupportsHMA): a tiny Gemma-3-style model (3 sliding-window
+layers, 1 global) under real vllm-cpu 0.32 keeps vLLM's hybrid KV-cache manager on with the connector,
+stores each KV-cache group in its own namespace (sliding-window groups: only the window before the
+prompt's end), and a fresh engine loads it from disk with greedy outputs identical to connector-off.
+Mamba / linear-attention groups are refused at start-up. Run with ``.ci/run-vllm``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+pytest.importorskip("vllm", reason="vLLM is not installed here; .ci/run-vllm runs these tests in .venv-vllm")
+
+from test_vllm_e2e import BLOCK, DISK_CAP, connectors, generate, kv_config, new_engine, stop
+
+from kvbm_fs import ConfigError, Namespace
+from kvbm_fs.integration.vllm import layout as kvc_layout
+
+pytestmark = pytest.mark.slow
+
+WINDOW = 128  # tokens; prompts are longer
+TINY_GEMMA3: dict[str, Any] = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=4,
+    layer_types=["sliding_attention"] * 3 + ["full_attention"],
+    sliding_window=WINDOW,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    query_pre_attn_scalar=64,
+    vocab_size=1000,
+    max_position_embeddings=2048,
+    initializer_range=0.2,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+WINDOW_BLOCKS = -(-(WINDOW - 1) // BLOCK)  # blocks vLLM needs before a prefix's end: 4
+
+_rng = np.random.default_rng(4321)
+P: list[int] = _rng.integers(3, 1000, 600).tolist()  # 18 full blocks, 18 usable
+Q: list[int] = _rng.integers(3, 1000, 400).tolist()  # 12 full blocks, 12 usable
+TAIL: list[int] = _rng.integers(3, 1000, 50).tolist()
+ENGINE1: list[tuple[list[int], str | None]] = [(P, None), (Q, None)]
+ENGINE2: list[tuple[list[int], str | None]] = [(P + TAIL, None), (Q, None), (P, None)]
+HIT_BLOCKS = 18 + 12 + 18  # per group; a windowed group loads only its last WINDOW_BLOCKS of each
+
+
+def _layer_block_bytes() -> int:
+    c = TINY_GEMMA3
+    return BLOCK * 2 * c["num_key_value_heads"] * c["head_dim"] * 4  # K and V, float32
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    d = tmp_path_factory.mktemp("tiny-gemma3")
+    torch.manual_seed(0)
+    Gemma3ForCausalLM(Gemma3TextConfig(**TINY_GEMMA3)).float().save_pretrained(d, safe_serialization=True)
+    return d
+
+
+def _hybrid_on(llm: Any) -> int:
+    """The number of KV-cache groups vLLM runs with; asserts the hybrid manager stayed on."""
+    cfg = llm.llm_engine.vllm_config
+    assert not cfg.scheduler_config.disable_hybrid_kv_cache_manager, "vLLM turned the hybrid KV manager off"
+    return len(connectors(llm)["SCHEDULER"].groups) if cfg.kv_transfer_config else 0
+
+
+@pytest.fixture(scope="module")
+def runs(gemma: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Connector off (the reference), then engine 1 stores through kvbm_fs and shuts down."""
+    llm = new_engine(gemma)
+    try:
+        assert not llm.llm_engine.vllm_config.scheduler_config.disable_hybrid_kv_cache_manager
+        ref = {"engine1": generate(llm, ENGINE1), "engine2": generate(llm, ENGINE2)}
+    finally:
+        stop(llm)
+    root = tmp_path_factory.mktemp("kvbm-hma") / "disk"
+    llm = new_engine(gemma, kv_config(root))
+    try:
+        groups = _hybrid_on(llm)
+        outs = generate(llm, ENGINE1)
+        c = connectors(llm)
+        c["WORKER"].flush()
+        sched = c["SCHEDULER"]
+        spec = [(g.kind, g.window, g.window_blocks, len(g.layer_names)) for g in sched.groups]
+        assert sched.scheduler is not None
+        ns = [sched.scheduler.groups[g][1][0] for g in range(groups)]  # rank 0 of each group
+        w = dict(c["WORKER"].totals.reduce())
+    finally:
+        stop(llm)
+    return {"ref": ref, "outs": outs, "root": root, "groups": groups, "spec": spec, "ns": ns, "worker": w}
+
+
+def test_hybrid_manager_stays_on_and_each_group_is_stored_in_its_own_namespace(runs: dict[str, Any]) -> None:
+    assert runs["outs"] == runs["ref"]["engine1"]
+    assert runs["groups"] > 1
+    kinds = [k for k, *_ in runs["spec"]]
+    assert "full" in kinds and "swa" in kinds
+    assert all(win == WINDOW and wb == WINDOW_BLOCKS for k, win, wb, _ in runs["spec"] if k == "swa")
+    ns: list[Namespace] = runs["ns"]
+    assert len({n.id for n in ns}) == len(ns)  # a group's blocks never match another group's
+    assert all(f"/swa{WINDOW}" in n.model or n.model.endswith("/full") for n in ns)
+    # bytes stored: every full-attention block, only the window before the prompt's end of a windowed group
+    layers = {k: sum(n for kk, _, _, n in runs["spec"] if kk == k) for k in ("full", "swa")}
+    blocks = [len(t) // BLOCK for t, _ in ENGINE1]
+    usable = [(len(t) - 1) // BLOCK for t, _ in ENGINE1]
+    want = sum(layers["full"] * b + layers["swa"] * (b - max(0, u - WINDOW_BLOCKS)) for b, u in zip(blocks, usable))
+    stored = runs["worker"]["saved_bytes"]
+    full_kv = sum(blocks) * TINY_GEMMA3["num_hidden_layers"] * _layer_block_bytes()
+    assert stored == want * _layer_block_bytes()
+    assert stored < full_kv
+    print(f"\nGemma-3-style: stored {stored} B for {len(ENGINE1)} prompts; full-length KV would be {full_kv} B")
+
+
+def _engine2(gemma: Path, root: Path) -> tuple[list[list[int]], dict[str, Any], dict[str, Any]]:
+    llm = new_engine(gemma, kv_config(root))
+    try:
+        assert _hybrid_on(llm) > 1
+        outs = generate(llm, ENGINE2)
+        c = connectors(llm)
+        c["WORKER"].flush()
+        return outs, dict(c["SCHEDULER"].totals.reduce()), dict(c["WORKER"].totals.reduce())
+    finally:
+        stop(llm)
+
+
+def test_fresh_engine_loads_each_groups_blocks_from_disk(runs: dict[str, Any], gemma: Path, tmp_path: Path) -> None:
+    root = tmp_path / "disk"
+    shutil.copytree(runs["root"], root)
+    outs, s, w = _engine2(gemma, root)
+    assert outs == runs["ref"]["engine2"], "loaded hybrid KV changed the greedy outputs"
+    assert s["hit_tokens"] == HIT_BLOCKS * BLOCK
+    layers = {k: sum(n for kk, _, _, n in runs["spec"] if kk == k) for k in ("full", "swa")}
+    per_group = {k: sum(1 for kk, *_ in runs["spec"] if kk == k) for k in ("full", "swa")}
+    want = per_group["full"] * HIT_BLOCKS + per_group["swa"] * 3 * WINDOW_BLOCKS
+    assert w["loaded_blocks"] == want and w["load_failed_blocks"] == 0
+    assert w["loaded_bytes"] == (layers["full"] * HIT_BLOCKS + layers["swa"] * 3 * WINDOW_BLOCKS) * _layer_block_bytes()
+    assert w["async_load_requests"] == 3  # a hybrid load runs in the background: vLLM can then fail it whole
+
+
+def test_corrupt_windowed_blocks_are_recomputed(runs: dict[str, Any], gemma: Path, tmp_path: Path) -> None:
+    from kvbm_fs.tiers.disk import HEADER_PAGE, DiskTier
+
+    root = tmp_path / "disk"
+    shutil.copytree(runs["root"], root)
+    swa = next(i for i, (k, *_) in enumerate(runs["spec"]) if k == "swa")
+    ns: Namespace = runs["ns"][swa]
+    keys = ns.keys_for_tokens(np.asarray(Q))[-2:-1]  # inside the window before Q's end
+    tier = DiskTier(root, ns.block_nbytes, DISK_CAP)
+    try:
+        (rec,) = tier.index.records(keys.ns, keys.hashes)
+        assert rec is not None
+        seg, off = tier._locate(rec.slot)
+        fd = os.open(tier._segment_path(seg), os.O_RDWR)
+        try:
+            for pos in np.random.default_rng(7).integers(0, ns.block_nbytes, 4).tolist():
+                at = off + HEADER_PAGE + int(pos)
+                os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
+        finally:
+            os.close(fd)
+    finally:
+        tier.close()
+    outs, s, w = _engine2(gemma, root)
+    assert outs == runs["ref"]["engine2"], "a corrupt windowed block was served instead of recomputed"
+    assert w["load_failed_blocks"] == 1, w
+    assert s["hit_tokens"] == HIT_BLOCKS * BLOCK  # offered once; Q was then recomputed whole
+
+
+def _fake_config(spec: Any) -> Any:
+    return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["model.layers.0"])])
+
+
+def test_mamba_groups_are_refused_at_start_up() -> None:
+    import torch
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    spec = MambaSpec(block_size=BLOCK, shapes=((4, 8),), dtypes=(torch.float32,))
+    with pytest.raises(ConfigError, match="Mamba / linear-attention"):
+        kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")
