@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import time
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -214,12 +215,18 @@ def test_factory_loads_the_tier_out_of_tree(tmp_path: Path) -> None:
 
 
 def test_stores_cascade_into_kvbm_fs_and_evicted_chunks_load_back(tmp_path: Path, engines: list[Engine]) -> None:
-    e = start(engines, tier_config(tmp_path, enable_kv_events=True), primary_chunks=4, events=True)
+    tier = tier_config(tmp_path, enable_kv_events=True, metrics_port=0)  # the store serves /metrics
+    e = start(engines, tier, primary_chunks=4, events=True)
     keys, data = chunks(8, 1)
     store_all(e, keys, data)
     st, ns = e.tier.store, e.tier.namespace
     assert st.match(chunk_keys(ns, keys)).length == 8  # every chunk cascaded into the disk tier
     assert e.tier.counters["stored_chunks"] == 8
+    assert st.metrics is not None and st.metrics.port
+    with urllib.request.urlopen(f"http://127.0.0.1:{st.metrics.port}/metrics", timeout=10) as r:
+        text = r.read().decode()
+    written = [ln for ln in text.splitlines() if ln.startswith('kvbm_fs_written_bytes_total{tier="disk"}')]
+    assert written and float(written[0].split()[-1]) == 8 * CHUNK
     stored_events = [k for ev in e.mgr.take_events() if not ev.removed and ev.medium.name == "STORAGE" for k in ev.keys]
     assert sorted(stored_events) == sorted(keys)
     # the primary holds 4 chunks: the first 4 were evicted there and come back from kvbm_fs
