@@ -267,13 +267,16 @@ def test_namespace_says_vllm_offloading_chunk_and_never_matches_the_connectors(
     assert offload_namespace(TieringOffloadingSpec(cfg), CHUNK).id != ns.id
 
 
-def test_a_restarted_engine_finds_the_chunks_on_disk(tmp_path: Path, engines: list[Engine]) -> None:
+@pytest.mark.parametrize("medium", ["disk", "remote"])
+def test_a_restarted_engine_finds_the_chunks(tmp_path: Path, engines: list[Engine], medium: str) -> None:
     tier = tier_config(tmp_path)
+    if medium == "remote":  # any kvbm_fs tier list: here a remote tier over a shared filesystem
+        tier["tiers"] = [f"remote+file://{tmp_path}/objects"]
     e = start(engines, tier, primary_chunks=16)
     keys, data = chunks(10, 3)
     store_all(e, keys, data, batch=5)
     e.close()
-    # a new manager, new primary tier (empty) and new store on the same disk folder
+    # a new manager, new primary tier (empty) and new store on the same tiers
     e2 = start(engines, tier, primary_chunks=16)
     got, trace = e2.restore("again", keys)
     assert np.array_equal(got, data)
