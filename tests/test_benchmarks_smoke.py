@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_vllm.py", []),  # {"skipped"} here; .venv-vllm (.ci/run-vllm) has vLLM
         ("bench_prepopulate.py", []),  # {"skipped"} here, as bench_vllm
         ("bench_pd.py", []),  # {"skipped"} here, as bench_vllm
+        ("bench_vllm_tiering.py", []),  # {"skipped"} here, as bench_vllm
         ("gpu_check.py", []),
         ("bench_gds.py", []),  # {"skipped"} without CUDA; test below runs its CPU dry run
     ],
