@@ -173,6 +173,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 p: {
                     "hit_ratio": round(r["hit_ratio"], 4),
                     "tier_hit_ratio": {k: round(v, 4) for k, v in r["tier_hit_ratio"].items()},
+                    "host_share_of_hits": round(r["first_tier_share_of_hits"], 4),
+                    "prefill_s_saved": r["prefill_s_saved"],
                     "worth_loading_ratio": round(r["worth_loading_ratio"], 4),
                     "est_speedup": r["est_speedup"],
                     "promoted_bytes_est": r.get("promoted_bytes_est", 0),

@@ -377,6 +377,7 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
         "hit_blocks": hits,
         "hit_ratio": hits / max(1, refs),
         "tier_hit_ratio": {t.name: int(c) / max(1, refs) for t, c in zip(tiers, by_tier)},
+        "first_tier_share_of_hits": int(by_tier[0]) / max(1, hits),  # what decides TTFT once hits are cheap
         "prefill_s_saved": round(t_none - t_cache, 3),
         "worth_loading_ratio": worth_blocks / max(1, refs),
         "est_prefill_s": round(t_cache, 3),
@@ -537,7 +538,8 @@ def format_table(res: dict[str, Any]) -> str:
                     f"; promoted {r['promoted_bytes_est'] / 1e9:.1f} GB, demoted {r['demoted_bytes_est'] / 1e9:.1f} GB"
                 )
             lines.append(
-                f"  {p:<{w}} saved {r['prefill_s_saved']:.0f}s, hit {r['hit_ratio']:.3f} [{r['ratio_to_belady']:.2f}] ({per}); "
+                f"  {p:<{w}} saved {r['prefill_s_saved']:.0f}s, hit {r['hit_ratio']:.3f} [{r['ratio_to_belady']:.2f}] ({per}; "
+                f"{r['first_tier_share_of_hits']:.0%} of hits from {next(iter(r['tier_hit_ratio']))}); "
                 f"worth loading {r['worth_loading_ratio']:.3f}; est. speedup {r['est_speedup']}x{moved}"
             )
     return "\n".join(lines)

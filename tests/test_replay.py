@@ -194,6 +194,7 @@ def test_multi_tier_replay_with_the_daemon(tmp_path: Path) -> None:
     for r in mt["policies"].values():
         assert r["placement"] == "daemon"
         assert sum(r["tier_hit_ratio"].values()) == pytest.approx(r["hit_ratio"])
+        assert r["first_tier_share_of_hits"] == pytest.approx(r["tier_hit_ratio"]["host"] / r["hit_ratio"])
         assert r["hit_ratio"] == pytest.approx(infinite_hit_ratio(t))  # nothing is ever lost
         assert r["daemon"]["demoted_blocks"] > 0 and r["demoted_bytes_est"] > 0
         assert r["tier_blocks"]["host"] <= round(0.05 * t.distinct)
