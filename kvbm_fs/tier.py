@@ -40,7 +40,7 @@ class Tier(abc.ABC):
     persistent: bool = False
     # Other processes can open this tier at once and see the same blocks (persistent tiers, and
     # peers, whose blocks live in another process): a store neither persists it at close nor does a
-    # vLLM scheduler mirror it from its worker's events.
+    # vLLM scheduler track it in its BlockDirectory from its worker's events.
     shareable: bool = False
     block_nbytes: int
     events: EventBus
