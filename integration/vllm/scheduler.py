@@ -69,6 +69,8 @@ class SchedulerSide:
         # back through failed_recving only (whole request recomputed), never through block ids
         self.groups = groups or [(0, namespaces)]
         self.hybrid = len(self.groups) > 1
+        # the group whose blocks become vLLM KV events (with their tokens): the first full-attention one
+        self.primary = next((g for g, (w, _) in enumerate(self.groups) if w == 0), 0)
         self.loads_enabled, self.saves_enabled, self.async_load = loads, saves, async_load
         self.save_tokens = save_tokens  # the worker's store publishes KV events: saves carry their token ids
         self.block_size = namespaces[0].layout.block_size
@@ -285,7 +287,8 @@ class SchedulerSide:
                 if a >= hi:
                     continue
                 toks = None
-                if self.save_tokens and g == 0:  # the store publishes KV events: they carry the blocks' tokens
+                # the store publishes KV events: they carry the blocks' tokens
+                if self.save_tokens and g == self.primary:
                     toks = np.asarray(
                         st.request.prompt_token_ids[a * self.block_size : hi * self.block_size], np.uint32
                     )
@@ -327,7 +330,7 @@ class SchedulerSide:
                 if not shareable_tier:
                     self.directory.record(kind, tier, BlockKeys(ns_id, hashes), medium)
         with self._lock:
-            self._events.extend(e for e in events if e[4] == self.namespaces[0].id)
+            self._events.extend(e for e in events if e[4] == self.groups[self.primary][1][0].id)
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         self._reqs.pop(request.request_id, None)
