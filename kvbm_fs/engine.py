@@ -28,17 +28,7 @@ T = TypeVar("T")
 def present(store: Store, keys: BlockKeys, *, skip: Collection[Medium] = ()) -> np.ndarray:
     """Mask of ``keys`` held by some tier whose medium is not in ``skip``. Each tier is asked only
     about keys the faster tiers lack, and the walk stops once every key is found."""
-    have = np.zeros(len(keys), bool)
-    todo = np.arange(len(keys))
-    for tier in store.tiers:
-        if not todo.size:
-            break
-        if tier.medium in skip:
-            continue
-        hit = np.asarray(tier.contains(keys if todo.size == len(keys) else keys[todo]), bool)
-        have[todo[hit]] = True
-        todo = todo[~hit]
-    return have
+    return locate(store, keys, skip=skip) >= 0
 
 
 def write_targets(store: Store, write_through: bool) -> list[Tier]:

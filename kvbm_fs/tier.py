@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import LayoutMismatchError, TierClosedError
+from .errors import IllegalTransitionError, LayoutMismatchError, TierClosedError
 from .events import EventBus, EventKind
 from .keys import BlockKey, BlockKeys, Namespace
 from .lifecycle import SlotPool
@@ -155,6 +155,27 @@ class Tier(abc.ABC):
         dt = str(rows.dtype).removeprefix("torch.")
         if dt != "uint8":
             raise LayoutMismatchError(f"{self.name}.{what}: buffer dtype {dt}, need uint8 rows")
+
+
+class KeyPins(dict[tuple[int, int], int]):
+    """Pin counts by (namespace, hash) for tiers whose blocks live outside this process (remote,
+    Mooncake): the pins are this process's own, so its eviction skips them. Callers hold their lock."""
+
+    def add(self, keys: BlockKeys, mask: np.ndarray) -> None:
+        for h in keys.hashes[mask].tolist():
+            self[(keys.ns, h)] = self.get((keys.ns, h), 0) + 1
+
+    def release(self, keys: BlockKeys, tier: str) -> None:
+        ks = [(keys.ns, h) for h in keys.hashes.tolist()]
+        if any(k not in self for k in ks):
+            raise IllegalTransitionError(f"{tier}: unpin of blocks that are not pinned")
+        for k in ks:
+            self[k] -= 1
+            if not self[k]:
+                del self[k]
+
+    def mask(self, keys: BlockKeys) -> np.ndarray:
+        return np.array([(keys.ns, h) in self for h in keys.hashes.tolist()], bool)
 
 
 class Admission:

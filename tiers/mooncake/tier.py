@@ -26,14 +26,14 @@ from typing import Any
 import numpy as np
 
 from kvbm_fs import codec
-from kvbm_fs.errors import ConfigError, IllegalTransitionError, PinnedError, TierClosedError
+from kvbm_fs.errors import ConfigError, PinnedError, TierClosedError
 from kvbm_fs.events import VERIFY, EventBus, EventKind
 from kvbm_fs.index import KeyIndex
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.policy import make_policy
 from kvbm_fs.resilience import CircuitBreaker
 from kvbm_fs.rows import copy_rows, host_rows
-from kvbm_fs.tier import Admission, Medium, Tier
+from kvbm_fs.tier import Admission, KeyPins, Medium, Tier
 from kvbm_fs.tiers.mooncake.client import (
     OBJECT_ALREADY_EXISTS,
     OBJECT_NOT_FOUND,
@@ -84,7 +84,7 @@ class MooncakeTier(Tier):
                              staging_retired=0)  # fmt: skip
         self._lock = threading.Lock()
         self._room = threading.Lock()
-        self._pins: dict[tuple[int, int], int] = {}
+        self._pins = KeyPins()
         self._written = KeyIndex()  # (ns, hash) -> write sequence, for this process's writes
         self._seq = 0
         self._closed = False
@@ -333,23 +333,16 @@ class MooncakeTier(Tier):
         """Pins are this process's: its own eviction (``capacity=``) skips them; Mooncake's does not know them."""
         have = self.contains(keys)
         with self._lock:
-            for h in keys.hashes[have].tolist():
-                self._pins[(keys.ns, h)] = self._pins.get((keys.ns, h), 0) + 1
+            self._pins.add(keys, have)
         return have
 
     def unpin(self, keys: BlockKeys) -> None:
         with self._lock:
-            ks = [(keys.ns, h) for h in keys.hashes.tolist()]
-            if any(k not in self._pins for k in ks):
-                raise IllegalTransitionError(f"{self.name}: unpin of blocks that are not pinned")
-            for k in ks:
-                self._pins[k] -= 1
-                if not self._pins[k]:
-                    del self._pins[k]
+            self._pins.release(keys, self.name)
 
     def pinned(self, keys: BlockKeys) -> np.ndarray:
         with self._lock:
-            return np.array([(keys.ns, h) in self._pins for h in keys.hashes.tolist()], bool)
+            return self._pins.mask(keys)
 
     # ---- listing, capacity and eviction ---------------------------------------------------
     def _listed(self) -> dict[int, np.ndarray]:

@@ -45,7 +45,7 @@ from kvbm_fs.policy import EvictionPolicy, make_policy
 from kvbm_fs.registry import TierSpec
 from kvbm_fs.resilience import CircuitBreaker, backoff_delay
 from kvbm_fs.rows import host_rows, is_torch
-from kvbm_fs.tier import Admission, Medium, Tier
+from kvbm_fs.tier import Admission, KeyPins, Medium, Tier
 from kvbm_fs.tiers.remote.fs import (
     check_knobs,
     loop_for,
@@ -137,7 +137,7 @@ class RemoteTier(Tier):
         self._sem: asyncio.Semaphore | None = None
         self._lock = threading.Lock()
         self._room = threading.Lock()
-        self._pins: dict[tuple[int, int], int] = {}
+        self._pins = KeyPins()
         self._namespaces: set[int] = set()
         self.counters = dict(get_errors=0, put_errors=0, head_errors=0, load_failures=0, corrupt_removed=0,
                              retries=0, skipped_open_breaker=0, evictions=0)  # fmt: skip
@@ -502,25 +502,16 @@ class RemoteTier(Tier):
     def pin(self, keys: BlockKeys) -> np.ndarray:
         have = self.contains(keys)
         with self._lock:
-            for h in keys.hashes[have].tolist():
-                self._pins[(keys.ns, h)] = self._pins.get((keys.ns, h), 0) + 1
+            self._pins.add(keys, have)
         return have
 
     def unpin(self, keys: BlockKeys) -> None:
         with self._lock:
-            ks = [(keys.ns, h) for h in keys.hashes.tolist()]
-            if any(k not in self._pins for k in ks):
-                from kvbm_fs.errors import IllegalTransitionError
-
-                raise IllegalTransitionError(f"{self.name}: unpin of blocks that are not pinned")
-            for k in ks:
-                self._pins[k] -= 1
-                if not self._pins[k]:
-                    del self._pins[k]
+            self._pins.release(keys, self.name)
 
     def pinned(self, keys: BlockKeys) -> np.ndarray:
         with self._lock:
-            return np.array([(keys.ns, h) in self._pins for h in keys.hashes.tolist()], bool)
+            return self._pins.mask(keys)
 
     # ---- listing, capacity and eviction --------------------------------------------------
     def list_blocks(self) -> list[tuple[int, int, float]]:
