@@ -187,15 +187,16 @@ def test_serving_with_another_block_size_gets_no_hits_and_is_told_why(
 ) -> None:
     # 64-token bfloat16 blocks have the bytes of 32-token float32 ones, so the disk tier opens (another
     # byte size is refused at start-up outright); the layouts differ, so nothing may match
-    llm = engine(model, kv(prepopulated["work"]), block_size=2 * BS, dtype="bfloat16", enable_prefix_caching=False)
+    with caplog.at_level("WARNING", logger="kvbm_fs"):  # the connector warns at start-up
+        llm = engine(model, kv(prepopulated["work"]), block_size=2 * BS, dtype="bfloat16", enable_prefix_caching=False)
     try:
+        assert "kvbm_fs connector: the tiers hold model" in caplog.text
+        assert "block_size 32 != 64" in caplog.text and "dtype float32 != bfloat16" in caplog.text
         _, cached = serve(llm)
         sched = connectors(llm)["SCHEDULER"]
         assert cached == [0] * len(PROMPTS) and dict(sched.totals.reduce())["hit_tokens"] == 0
-        with caplog.at_level("WARNING", logger="kvbm_fs"):
-            sib = warn_layout_siblings(sched.store, sched.namespace, "kvbm_fs connector")
+        sib = warn_layout_siblings(sched.store, sched.namespace, "kvbm_fs connector")
         assert [s.short_id for s in sib] == [prepopulated["report"]["namespace"]]
-        assert "block_size 32 != 64" in caplog.text and "dtype float32 != bfloat16" in caplog.text
         assert layout_siblings(sched.store, sib[0]) == [sched.namespace]  # and the other way round
     finally:
         stop(llm)

@@ -936,3 +936,12 @@ def test_mla_loads_are_bit_exact_with_vllms_own_prefix_cache(
     assert got[0] == full, "storing does not change the outputs"
     assert got[1] == from_vllm_cache, "loaded latent KV behaves exactly like vLLM's own cached KV"
     assert from_vllm_cache != full, "on this backend a prefill on cached context drifts (why loads are off)"
+
+
+def test_a_producer_saves_synchronously_unless_told_otherwise() -> None:
+    """A P/D producer answers after one token; a background save would race the decode engine's lookup."""
+    from kvbm_fs.integration.vllm.options import Options
+
+    assert Options.parse({}, producer=True).async_save is False
+    assert Options.parse({"async_save": True}, producer=True).async_save is True
+    assert Options.parse({}).async_save is True

@@ -63,7 +63,7 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
         self.extra: dict[str, Any] = dict(tc.kv_connector_extra_config or {})
         self.loads_enabled = tc.kv_role in ("kv_both", "kv_consumer")
         self.saves_enabled = tc.kv_role in ("kv_both", "kv_producer")
-        self.options = Options.parse(self.extra)
+        self.options = Options.parse(self.extra, producer=tc.kv_role == "kv_producer")
         if self.loads_enabled and tc.kv_load_failure_policy != "recompute":
             log.warning(
                 "kvbm_fs: kv_load_failure_policy=%r: a block that fails verification fails its request;"
@@ -95,6 +95,9 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
             [nss[self.rank] for nss in group_ns] if is_worker else [ns for nss in group_ns for ns in nss],
         )
         self.store: Store | None = store
+        if not is_worker and self.loads_enabled and store is not None:
+            # a prepopulation under another block size or dtype would otherwise show up only as zero hits
+            engine_kit.warn_layout_siblings(store, self.namespace, "kvbm_fs connector")
         # the scheduler sees the worker's own store (same process), or keeps a directory of its process-local tiers
         self.shared = is_worker or self._store_lease.key == (self.engine_id, "worker")
         self._closed = False

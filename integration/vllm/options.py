@@ -51,11 +51,13 @@ class Options:
     stage_bytes: int = STAGE_BYTES
 
     @classmethod
-    def parse(cls, extra: Mapping[str, Any]) -> Options:
+    def parse(cls, extra: Mapping[str, Any], *, producer: bool = False) -> Options:
+        # a P/D producer answers after one token: a save still in the background then races the
+        # decode engine's lookup, so a producer saves synchronously unless told otherwise
         return cls(
             write_through=bool(extra.get("write_through", False)),
             async_load=_auto_flag(extra, "async_load"),
-            async_save=_flag(extra, "async_save", True),
+            async_save=_flag(extra, "async_save", not producer),
             max_inflight_save_bytes=_size(extra, "max_inflight_save_bytes", STAGE_BYTES),
             stage_bytes=STAGE_BYTES,
         )
