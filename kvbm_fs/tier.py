@@ -12,6 +12,7 @@ verify every block they read (see :mod:`kvbm_fs.codec`) and report failures as m
 from __future__ import annotations
 
 import abc
+import threading
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
@@ -176,6 +177,28 @@ class KeyPins(dict[tuple[int, int], int]):
 
     def mask(self, keys: BlockKeys) -> np.ndarray:
         return np.array([(keys.ns, h) in self for h in keys.hashes.tolist()], bool)
+
+
+class KeyPinnedTier(Tier):
+    """A tier whose blocks live outside this process and whose pins are this process's own
+    (:class:`KeyPins` under the tier's ``_lock``): its eviction skips them, the server's does not."""
+
+    _pins: KeyPins
+    _lock: threading.Lock
+
+    def pin(self, keys: BlockKeys) -> np.ndarray:
+        have = self.contains(keys)
+        with self._lock:
+            self._pins.add(keys, have)
+        return have
+
+    def unpin(self, keys: BlockKeys) -> None:
+        with self._lock:
+            self._pins.release(keys, self.name)
+
+    def pinned(self, keys: BlockKeys) -> np.ndarray:
+        with self._lock:
+            return self._pins.mask(keys)
 
 
 class Admission:

@@ -33,7 +33,7 @@ from kvbm_fs.keys import BlockKeys
 from kvbm_fs.policy import make_policy
 from kvbm_fs.resilience import CircuitBreaker
 from kvbm_fs.rows import copy_rows, host_rows
-from kvbm_fs.tier import Admission, KeyPins, Medium, Tier
+from kvbm_fs.tier import Admission, KeyPinnedTier, KeyPins, Medium
 from kvbm_fs.tiers.mooncake.client import (
     OBJECT_ALREADY_EXISTS,
     OBJECT_NOT_FOUND,
@@ -53,7 +53,7 @@ UNBOUNDED = 1 << 62
 LOG_MAX = 1 << 22  # keys of this process's writes remembered (eviction order, EVICTED events)
 
 
-class MooncakeTier(Tier):
+class MooncakeTier(KeyPinnedTier):
     medium = Medium.PEER  # other machines' DRAM, as peers: the cost model's latency and bandwidth
     persistent = False
     shareable = True
@@ -328,21 +328,6 @@ class MooncakeTier(Tier):
                 self._count = max(0, self._count - gone.size)
         self.events.publish(EventKind.REMOVED, self.name, keys[gone])
         return np.isin(keys.hashes, keys.hashes[gone])
-
-    def pin(self, keys: BlockKeys) -> np.ndarray:
-        """Pins are this process's: its own eviction (``capacity=``) skips them; Mooncake's does not know them."""
-        have = self.contains(keys)
-        with self._lock:
-            self._pins.add(keys, have)
-        return have
-
-    def unpin(self, keys: BlockKeys) -> None:
-        with self._lock:
-            self._pins.release(keys, self.name)
-
-    def pinned(self, keys: BlockKeys) -> np.ndarray:
-        with self._lock:
-            return self._pins.mask(keys)
 
     # ---- listing, capacity and eviction ---------------------------------------------------
     def _listed(self) -> dict[int, np.ndarray]:

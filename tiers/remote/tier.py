@@ -45,7 +45,7 @@ from kvbm_fs.policy import EvictionPolicy, make_policy
 from kvbm_fs.registry import TierSpec
 from kvbm_fs.resilience import CircuitBreaker, backoff_delay
 from kvbm_fs.rows import host_rows, is_torch
-from kvbm_fs.tier import Admission, KeyPins, Medium, Tier
+from kvbm_fs.tier import Admission, KeyPinnedTier, KeyPins, Medium
 from kvbm_fs.tiers.remote.fs import (
     check_knobs,
     loop_for,
@@ -82,7 +82,7 @@ def _stored_checksum_errors() -> tuple[type[BaseException], ...]:
 _STORED_CHECKSUM_ERRORS = _stored_checksum_errors()
 
 
-class RemoteTier(Tier):
+class RemoteTier(KeyPinnedTier):
     medium = Medium.REMOTE
     persistent = True
     shareable = True
@@ -498,20 +498,6 @@ class RemoteTier(Tier):
     def _delete_paths(self, paths: list[str]) -> list[bool]:
         res = self._run(self._gather([partial(self.fs._rm_file, p) for p in paths]))
         return [not isinstance(r, BaseException) or isinstance(r, FileNotFoundError) for r in res]
-
-    def pin(self, keys: BlockKeys) -> np.ndarray:
-        have = self.contains(keys)
-        with self._lock:
-            self._pins.add(keys, have)
-        return have
-
-    def unpin(self, keys: BlockKeys) -> None:
-        with self._lock:
-            self._pins.release(keys, self.name)
-
-    def pinned(self, keys: BlockKeys) -> np.ndarray:
-        with self._lock:
-            return self._pins.mask(keys)
 
     # ---- listing, capacity and eviction --------------------------------------------------
     def list_blocks(self) -> list[tuple[int, int, float]]:
