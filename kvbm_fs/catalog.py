@@ -235,6 +235,8 @@ class Catalog:
             if not dry_run:
                 for a in range(0, idx.size, 4096):
                     n += int(t.delete(b.keys(idx[a : a + 4096])).sum())
+                if mask.all() and _is_disk(t):  # the whole namespace went: its retain mark goes too
+                    t.retain(b.ns, None)
             rows.append(dict(tier=t.name, namespace=f"{b.ns:016x}", blocks=int(idx.size), removed=n,
                              bytes=int(idx.size) * stored_bytes(t)))  # fmt: skip
             total += int(idx.size)

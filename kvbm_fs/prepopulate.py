@@ -251,6 +251,22 @@ def _priority(uidx: list[np.ndarray], counts: np.ndarray, prompts: Sequence[Prom
     return [k[2] for k in sorted(keys)]
 
 
+def set_retain(
+    store: Store, namespaces: Sequence[Namespace], retain: bool, share: float | None = None
+) -> dict[str, int]:
+    """Mark (``share``: default 0.3) or unmark the namespaces retained on every tier that keeps marks
+    (disk tiers); {tier: blocks re-ranked}. Other tiers rely on their own lifecycle."""
+    from .tiers.disk.tier import DEFAULT_RETAIN_SHARE, check_share
+
+    share = check_share(DEFAULT_RETAIN_SHARE if share is None else share) if retain else None
+    out: dict[str, int] = {}
+    for tier in store.tiers:
+        mark = getattr(tier, "retain", None)
+        if callable(mark):
+            out[tier.name] = sum(int(mark(ns.id, share)) for ns in namespaces)
+    return out
+
+
 def _present_all(engine: Engine, hashes: np.ndarray, parents: np.ndarray) -> np.ndarray:
     have = np.ones(hashes.size, bool)
     for ns in engine.namespaces:
@@ -326,10 +342,16 @@ def run(
     max_bytes: int | None = None,
     progress: Progress | None = None,
     verify: bool = False,
+    retain: bool | None = None,
+    retain_share: float | None = None,
 ) -> Report:
-    """Prefill the shard's prompts not yet stored, most shared prefixes first, within the budget."""
+    """Prefill the shard's prompts not yet stored, most shared prefixes first, within the budget.
+    ``retain`` True marks the namespaces retained on the disk tiers first (so the run's blocks are
+    kept too), False unmarks them, None leaves marks alone."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
+    if retain is not None:
+        set_retain(engine.store, engine.namespaces, retain, retain_share)
     t0 = time.perf_counter()
     ns0 = engine.namespaces[0]
     rep = Report(engine.name, ns0.short_id, ns0.model, f"{shard_spec[0]}/{shard_spec[1]}", bad_lines=list(corpus.bad))
@@ -444,6 +466,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="JSON progress lines and a JSON report on stdout")
     p.add_argument("--report", help="also write the JSON report to this file")
     p.add_argument("--verify", action="store_true", help="read the stored blocks back from each persistent tier")
+    p.add_argument("--retain", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep the namespace on disk tiers against everyday eviction (--no-retain: undo)")  # fmt: skip
+    p.add_argument("--retain-share", type=float, help="most of each disk tier retained blocks keep (default 0.3)")
     return p
 
 
@@ -520,6 +545,10 @@ def prepopulate_cli(args: argparse.Namespace) -> int:
     if args.max_bytes is not None:
         args.max_bytes = parse_size(args.max_bytes)
     spec = parse_shard(args.shard)
+    if args.retain_share is not None:
+        from .tiers.disk.tier import check_share
+
+        check_share(args.retain_share)
     corpus = read_inputs(args)
     for b in corpus.bad:
         print(f"kvbm-fs prepopulate: skipped {b['where']}: {b['error']}", file=sys.stderr)
@@ -531,7 +560,8 @@ def prepopulate_cli(args: argparse.Namespace) -> int:
 
     try:
         rep = run(engine, corpus, batch_size=args.batch_size, shard_spec=spec, max_blocks=args.max_blocks,
-                  max_bytes=args.max_bytes, progress=json_line if bar is None else bar, verify=args.verify)  # fmt: skip
+                  max_bytes=args.max_bytes, progress=json_line if bar is None else bar, verify=args.verify,
+                  retain=args.retain, retain_share=args.retain_share)  # fmt: skip
     finally:
         if bar is not None:
             bar.close()

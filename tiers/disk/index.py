@@ -13,6 +13,10 @@ Databases:
   free     slot BE                  -> ''                       freed slots below the high-water mark
   pending  slot BE                  -> owner (pid, start time)  slots being written, not yet visible
   meta     b"hwm" | b"ns/<id>"      -> u64 | namespace JSON
+           b"retain/<id>" | b"retained" -> share (f64) of a retained namespace | its blocks (u64)
+
+Blocks of a retained namespace carry :data:`PRIORITY` in their rank, so they sort after every
+ordinary block and eviction reaches them only past the share (docs/operations.md).
 
 LMDB has no page checksums and trusts its file: a truncated or damaged ``data.mdb`` can
 crash the process (SIGBUS, heap corruption) before any error is raised. So an index is
@@ -44,7 +48,18 @@ SLOT = struct.Struct(">Q")
 VAL = struct.Struct("<QQQQQII")  # slot, parent, csum lo, csum hi, rank, payload_len, hits
 OWNER = struct.Struct("<QQ")
 U64 = struct.Struct("<Q")
+F64 = struct.Struct("<d")
 T = TypeVar("T")
+PRIORITY = 1 << 63  # rank bit of retained blocks (policies rank below 2**63)
+RETAINED = b"retained"
+
+
+def retain_key(ns: int) -> bytes:
+    return b"retain/%016x" % ns
+
+
+class _Short(Exception):
+    """Aborts an eviction transaction that found fewer victims than asked for."""
 
 
 @dataclass(slots=True)
@@ -400,7 +415,7 @@ class DiskIndex:
             txn.put(b"hwm", U64.pack(hwm + fresh), db=self.meta)
         if len(got) < n and self.reclaim_pending(txn):  # a writer died mid-put: its slots come first
             got.extend(self._take_free(txn, n - len(got)))
-        evicted = self._evict(txn, n - len(got), protect, got) if len(got) < n and evict else []
+        evicted = self._evict(txn, n - len(got), protect, got, num_slots) if len(got) < n and evict else []
         mine = OWNER.pack(*self.owner)
         for s in got:  # a slot handed out twice would overwrite a block: the index is damaged
             k = SLOT.pack(s)
@@ -421,19 +436,89 @@ class DiskIndex:
             ok = cur.delete() and bool(cur.key())  # deleting the last item leaves the cursor unpositioned
         return out
 
-    def _evict(self, txn: Any, n: int, protect: set[int], into: list[int]) -> list[tuple[int, int, int]]:
+    def _evict(
+        self, txn: Any, n: int, protect: set[int], into: list[int], num_slots: int
+    ) -> list[tuple[int, int, int]]:
+        """Evict up to ``n`` unprotected blocks, lowest rank first. Retained blocks (ranked after all
+        others) are skipped while they hold at most their share; past it the oldest of them go first."""
         evicted: list[tuple[int, int, int]] = []
+        held = self.retained(txn)
+        over = held - self.budget(txn, num_slots) if held else 0
         cur = txn.cursor(self.order)
-        ok = cur.first()
+        dropped = 0
+        if over > 0:
+            dropped += self._walk(txn, cur, cur.set_range(KEY.pack(PRIORITY, 0)), min(n, over), protect, into, evicted)
+        dropped += self._walk(txn, cur, cur.first(), n, protect, into, evicted, PRIORITY if held else None)
+        if dropped:
+            txn.put(RETAINED, U64.pack(held - dropped), db=self.meta)
+        return evicted
+
+    def _walk(
+        self, txn: Any, cur: Any, ok: bool, n: int, protect: set[int], into: list[int],
+        evicted: list[tuple[int, int, int]], stop: int | None = None,
+    ) -> int:  # fmt: skip
+        """Evict from the cursor on until ``evicted`` holds ``n`` (or a rank reaches ``stop``); returns
+        how many retained blocks went."""
+        dropped = 0
         while ok and len(evicted) < n:
-            _, slot = KEY.unpack(cur.key())
+            rank, slot = KEY.unpack(cur.key())
+            if stop is not None and rank >= stop:
+                break
             if slot in protect:
                 ok = cur.next()
                 continue
             ok = cur.delete() and bool(cur.key())
             evicted.append(self._drop_slot(txn, slot))
             into.append(slot)
-        return evicted
+            dropped += rank >= PRIORITY
+        return dropped
+
+    # ---- retained namespaces -------------------------------------------------------------
+    def retained(self, txn: Any) -> int:
+        v = txn.get(RETAINED, db=self.meta)
+        return U64.unpack(v)[0] if v else 0
+
+    def marks(self, txn: Any) -> dict[int, float]:
+        """{namespace id: share} of the retained namespaces."""
+        out: dict[int, float] = {}
+        cur = txn.cursor(self.meta)
+        if cur.set_range(b"retain/"):
+            for k, v in cur:
+                if not k.startswith(b"retain/"):
+                    break
+                out[int(k[7:], 16)] = F64.unpack(v)[0]
+        return out
+
+    def budget(self, txn: Any, num_slots: int) -> int:
+        """How many retained blocks eviction skips: the largest share among the marks."""
+        return int(max(self.marks(txn).values(), default=0.0) * num_slots)
+
+    def set_retain(self, txn: Any, ns: int, share: float | None) -> int:
+        """Mark ``ns`` retained with ``share`` (re-ranking its blocks above every ordinary block), or
+        unmark it (None: its blocks rank as before). Returns how many blocks changed."""
+        if share is None:
+            txn.delete(retain_key(ns), db=self.meta)
+        else:
+            txn.put(retain_key(ns), F64.pack(share), db=self.meta)
+        want = 0 if share is None else PRIORITY
+        todo: list[tuple[bytes, Record]] = []
+        cur = txn.cursor(self.blocks)
+        prefix = KEY.pack(ns, 0)[:8]
+        if cur.set_range(prefix):
+            for k, v in cur:
+                if k[:8] != prefix:
+                    break
+                rec = Record.unpack(v)
+                if rec.rank & PRIORITY != want:
+                    todo.append((bytes(k), rec))
+        for k, rec in todo:
+            txn.delete(KEY.pack(rec.rank, rec.slot), db=self.order)
+            rec.rank = (rec.rank & ~PRIORITY) | want
+            txn.put(KEY.pack(rec.rank, rec.slot), b"", db=self.order)
+            txn.put(k, rec.pack(), db=self.blocks)
+        held = self.retained(txn) + (len(todo) if want else -len(todo))
+        txn.put(RETAINED, U64.pack(max(held, 0)), db=self.meta)
+        return len(todo)
 
     def _drop_slot(self, txn: Any, slot: int) -> tuple[int, int, int]:
         """Remove the entry in ``slot`` from blocks/slots (the caller handles order and free)."""
@@ -455,7 +540,9 @@ class DiskIndex:
                 for k, _ in cur:
                     if len(out) >= n:
                         break
-                    slot = KEY.unpack(k)[1]
+                    rank, slot = KEY.unpack(k)
+                    if rank >= PRIORITY:  # retained blocks are not demoted out of their tier
+                        break
                     kb = txn.get(SLOT.pack(slot), db=self.slots) if slot not in protect else None
                     raw = txn.get(kb, db=self.blocks) if kb else None
                     if kb is not None and raw is not None:
@@ -465,26 +552,31 @@ class DiskIndex:
             self._guard(e)
         return out
 
-    def evict(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
+    def evict(self, n: int, protect: set[int], num_slots: int = 0) -> list[tuple[int, int, int]]:
         """Evict exactly ``n`` blocks (or none) and free their slots."""
 
         def fn(txn: Any) -> list[tuple[int, int, int]]:
             if txn.stat(self.order)["entries"] - len(protect) < n:
                 return []
             slots: list[int] = []
-            gone = self._evict(txn, n, protect, slots)  # the count check above guarantees n victims
-            assert len(gone) == n
+            gone = self._evict(txn, n, protect, slots, num_slots)
+            if len(gone) < n:  # retained blocks within their share: abort, evicting none
+                raise _Short
             for s in slots:
                 txn.put(SLOT.pack(s), b"", db=self.free)
             return gone
 
-        return self.write(fn)
+        try:
+            return self.write(fn)
+        except _Short:
+            return []
 
     # ---- commit / removal ----------------------------------------------------------------
     def commit(self, txn: Any, ns: int, entries: list[tuple[int, int, int, Record]], failed: list[int]) -> list[bool]:
         """Publish written slots (hash, slot, parent, record); a key another writer committed first
         keeps its copy and our slot is freed. Failed slots go back to the free list."""
         out = []
+        pri = PRIORITY if entries and txn.get(retain_key(ns), db=self.meta) is not None else 0
         for h, slot, _parent, rec in entries:
             k = KEY.pack(ns, h)
             txn.delete(SLOT.pack(slot), db=self.pending)
@@ -492,10 +584,13 @@ class DiskIndex:
                 txn.put(SLOT.pack(slot), b"", db=self.free)
                 out.append(False)
                 continue
+            rec.rank |= pri
             txn.put(k, rec.pack(), db=self.blocks)
             txn.put(SLOT.pack(slot), k, db=self.slots)
             txn.put(KEY.pack(rec.rank, slot), b"", db=self.order)
             out.append(True)
+        if pri and any(out):
+            txn.put(RETAINED, U64.pack(self.retained(txn) + sum(out)), db=self.meta)
         for slot in failed:
             txn.delete(SLOT.pack(slot), db=self.pending)
             txn.put(SLOT.pack(slot), b"", db=self.free)
@@ -514,6 +609,8 @@ class DiskIndex:
         txn.delete(k, db=self.blocks)
         txn.delete(SLOT.pack(rec.slot), db=self.slots)
         txn.delete(KEY.pack(rec.rank, rec.slot), db=self.order)
+        if rec.rank >= PRIORITY:
+            txn.put(RETAINED, U64.pack(max(self.retained(txn) - 1, 0)), db=self.meta)
         if hold:
             txn.put(SLOT.pack(rec.slot), OWNER.pack(*self.owner), db=self.pending)
         else:
@@ -533,7 +630,7 @@ class DiskIndex:
                 continue
             txn.delete(KEY.pack(rec.rank, slot), db=self.order)
             rec.hits = min(rec.hits + count, 0xFFFFFFFF)
-            rec.rank = rank_of(last, rec.hits)
+            rec.rank = rank_of(last, rec.hits) | (rec.rank & PRIORITY)
             txn.put(KEY.pack(rec.rank, slot), b"", db=self.order)
             txn.put(kb, rec.pack(), db=self.blocks)
 
@@ -576,7 +673,7 @@ class NullIndex(DiskIndex):
     def coldest(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
         return []
 
-    def evict(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
+    def evict(self, n: int, protect: set[int], num_slots: int = 0) -> list[tuple[int, int, int]]:
         return []
 
     def reclaim_pending(self, txn: Any) -> int:

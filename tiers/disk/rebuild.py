@@ -73,6 +73,42 @@ def read_namespaces(root: str) -> dict[int, Namespace]:
     return out
 
 
+def retain_path(root: str, ns_id: int) -> str:
+    return os.path.join(root, "namespaces", f"{ns_id:016x}.retain")
+
+
+def write_retain(root: str, ns_id: int, share: float | None) -> None:
+    """``namespaces/<id>.retain`` ({"share": ...}), or none (``share`` None): the retain mark kept
+    beside the description (not in it: a build that does not know the field would skip the namespace),
+    and what a reopened or rebuilt index takes its marks from."""
+    path = retain_path(root, ns_id)
+    if share is None:
+        if os.path.exists(path):
+            os.unlink(path)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"share": share}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_retains(root: str) -> dict[int, float]:
+    """{namespace id: share} of the retain marks in ``root/namespaces``; unreadable ones are skipped."""
+    out: dict[int, float] = {}
+    folder = os.path.join(root, "namespaces")
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if name.endswith(".retain"):
+            try:
+                with open(os.path.join(folder, name)) as f:
+                    out[int(name[:-7], 16)] = float(json.load(f)["share"])
+            except (OSError, ValueError, TypeError, KeyError):
+                continue
+    return out
+
+
 # ---- open ------------------------------------------------------------------------------------
 def inspect(root: str) -> str | None:
     """Why the index of the tier at ``root`` must be rebuilt before it is opened, or None.
@@ -338,6 +374,8 @@ __all__ = [
     "inspect",
     "open_index",
     "read_namespaces",
+    "read_retains",
     "rebuild_index",
     "write_namespace",
+    "write_retain",
 ]

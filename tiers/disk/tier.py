@@ -40,10 +40,26 @@ from kvbm_fs.tiers.disk.blockio import ALIGN, BlockIO, IoOp, aligned_buffer, is_
 from kvbm_fs.tiers.disk.device import DevicePath, dest_rows
 from kvbm_fs.tiers.disk.files import FORMAT, HEADER_PAGE, SEGMENT_TARGET, Segments, open_dir, round_up
 from kvbm_fs.tiers.disk.index import DiskIndex, NullIndex, Record
-from kvbm_fs.tiers.disk.rebuild import INDEX_WAIT_S, backfill_namespaces, open_index, read_namespaces, write_namespace
+from kvbm_fs.tiers.disk.rebuild import (
+    INDEX_WAIT_S,
+    backfill_namespaces,
+    open_index,
+    read_namespaces,
+    read_retains,
+    write_namespace,
+    write_retain,
+)
 from kvbm_fs.units import parse_size
 
-__all__ = ["FORMAT", "HEADER_PAGE", "ALIGN", "DiskTier", "round_up"]
+__all__ = ["FORMAT", "HEADER_PAGE", "ALIGN", "DEFAULT_RETAIN_SHARE", "DiskTier", "check_share", "round_up"]
+DEFAULT_RETAIN_SHARE = 0.3
+
+
+def check_share(share: Any) -> float:
+    """A retain share: a number strictly between 0 and 1 (a share of 1 would leave new blocks no room)."""
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+        raise ConfigError(f"retain share must be a number between 0 and 1 (exclusive), got {share!r}")
+    return float(share)
 
 
 class DiskTier(Tier):
@@ -118,6 +134,7 @@ class DiskTier(Tier):
             raise FormatVersionError(f"disk tier index {path} cannot be read: {e}") from None
         if not isinstance(index, NullIndex):  # a NullIndex is broken: the first operation heals it
             backfill_namespaces(self.root, index)
+            _restore_marks(self.root, index)
         return index
 
     def _heal(self, why: str) -> None:
@@ -175,6 +192,23 @@ class DiskTier(Tier):
                 continue
             out.setdefault(ns.id, ns)
         return out
+
+    def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE) -> int:
+        """Mark namespace ``ns`` retained: eviction and demotion skip its blocks while retained blocks
+        hold at most ``share`` of the slots (past it the oldest go first). ``None`` unmarks it. The mark
+        persists (``namespaces/<id>.retain`` and the index). Returns how many blocks changed rank."""
+        self._live()
+        if share is not None:
+            share = check_share(share)
+        write_retain(self.root, ns, share)
+        return self.index.write(lambda txn: self.index.set_retain(txn, ns, share))
+
+    def retained(self) -> dict[str, Any]:
+        """The retain marks ({namespace id: share}), how many blocks they hold and may hold."""
+        with self.index.read() as txn:
+            marks = self.index.marks(txn)
+            return {"marks": marks, "blocks": self.index.retained(txn),
+                    "budget": self.index.budget(txn, self.num_slots)}  # fmt: skip
 
     def _segment_path(self, seg: int) -> str:
         return self.segs.path(seg)
@@ -498,7 +532,7 @@ class DiskTier(Tier):
         """Evict exactly ``n`` blocks (coldest first), or none."""
         try:
             with self._claim:
-                gone = self.index.evict(n, self._protected())
+                gone = self.index.evict(n, self._protected(), self.num_slots)
         except IndexCorruptError:
             return 0
         self._publish_evicted(gone)
@@ -627,6 +661,26 @@ class DiskTier(Tier):
         if "index_wait" in options:
             options["index_wait"] = float(options["index_wait"])
         return cls(location, capacity=options.pop("capacity", "10GiB"), **common, **options)
+
+
+def _restore_marks(root: str, index: DiskIndex) -> None:
+    """Apply retain marks kept beside the data that the index lacks (it was rebuilt, or the index
+    write failed after the file was written)."""
+    want = read_retains(root)
+    if not want:
+        return
+    try:
+        with index.read() as txn:
+            have = index.marks(txn)
+        for ns, share in want.items():
+            if have.get(ns) != share:
+
+                def mark(txn: Any, ns: int = ns, share: float = share) -> int:
+                    return index.set_retain(txn, ns, share)
+
+                index.write(mark)
+    except (OSError, lmdb.Error):
+        pass  # applied at the next open
 
 
 def _keys_of(batch: list[tuple[int, int, int]]) -> BlockKeys:

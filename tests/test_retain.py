@@ -1,0 +1,148 @@
+"""Retained namespaces on a disk tier: a prepopulation's blocks outlive everyday traffic within a share."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from kvbm_fs import ConfigError, Store, mount
+from kvbm_fs import prepopulate as pp
+from kvbm_fs.catalog import Catalog
+from kvbm_fs.keys import BlockKeys
+from kvbm_fs.testing import NS_A, NS_B, blocks_for, chain
+from kvbm_fs.tiers.disk import DiskTier
+
+NB = NS_A.block_nbytes
+SLOT = 4096 + -(-NB // 4096) * 4096
+SLOTS = 20
+
+
+def _tier(path: Path) -> DiskTier:
+    t = DiskTier(path, NB, SLOTS * SLOT)
+    t.bind_namespace(NS_A)
+    t.bind_namespace(NS_B)
+    return t
+
+
+def _put(t: DiskTier, keys: BlockKeys) -> np.ndarray:
+    return t.put(keys, blocks_for(keys, NB))
+
+
+def _churn(t: DiskTier, n: int = 3 * SLOTS, seed: int = 1) -> BlockKeys:
+    """Everyday traffic: ``n`` single-block puts of another namespace; returns its keys."""
+    keys = chain(NS_A, n, start=1000 * seed)
+    for i in range(n):
+        assert _put(t, keys[i : i + 1]).all()  # the tier keeps taking new blocks
+    return keys
+
+
+def test_retained_blocks_survive_churn_within_the_share(tmp_path: Path) -> None:
+    t = _tier(tmp_path / "d")
+    warm = chain(NS_B, 5)
+    _put(t, warm)
+    assert t.retain(NS_B.id, 0.3) == 5  # budget: 6 of 20 slots
+    more = chain(NS_B, 1, start=100)
+    _put(t, more)  # stored after the mark: retained too
+    everyday = _churn(t)
+    assert t.contains(warm).all() and t.contains(more).all()
+    assert len(t) == SLOTS
+    assert t.contains(everyday[-(SLOTS - 6) :]).all()  # the rest of the tier serves everyday traffic
+    assert t.retained()["blocks"] == 6
+    cold = [b.ns for b in t.coldest(SLOTS)]
+    assert NS_B.id not in cold  # the placement daemon does not demote them
+    assert t.evict(SLOTS) == 0  # nor can it evict that many: exactly n or none
+    t.close()
+
+
+def test_beyond_the_share_the_oldest_retained_blocks_go_first(tmp_path: Path) -> None:
+    t = _tier(tmp_path / "d")
+    warm = chain(NS_B, 10)
+    for i in range(10):  # in chain order: block 0 is the oldest
+        _put(t, warm[i : i + 1])
+    t.retain(NS_B.id, 0.3)
+    _churn(t)
+    assert t.contains(warm).tolist() == [False] * 4 + [True] * 6
+    assert t.retained()["blocks"] == 6
+    t.close()
+
+
+def test_unmarking_makes_them_ordinary(tmp_path: Path) -> None:
+    t = _tier(tmp_path / "d")
+    warm = chain(NS_B, 5)
+    _put(t, warm)
+    t.retain(NS_B.id, 0.3)
+    assert t.retain(NS_B.id, None) == 5
+    _churn(t)
+    assert not t.contains(warm).any()
+    assert t.retained() == {"marks": {}, "blocks": 0, "budget": 0}
+    t.close()
+
+
+def test_the_mark_survives_reopen_and_an_index_rebuild(tmp_path: Path) -> None:
+    from kvbm_fs.tiers.disk.rebuild import rebuild_index
+
+    t = _tier(tmp_path / "d")
+    warm = chain(NS_B, 5)
+    _put(t, warm)
+    t.retain(NS_B.id, 0.25)
+    t.close()
+    t = _tier(tmp_path / "d")
+    assert t.retained()["marks"] == {NS_B.id: 0.25}
+    _churn(t)
+    assert t.contains(warm).all()
+    t.close()
+    rebuild_index(str(tmp_path / "d"))  # the index forgets ranks and marks; namespaces/<id>.retain restores them
+    t = _tier(tmp_path / "d")
+    assert t.retained()["blocks"] == 5
+    _churn(t, seed=2)
+    assert t.contains(warm).all()
+    t.close()
+
+
+def test_rm_of_the_namespace_removes_the_mark(tmp_path: Path) -> None:
+    t = _tier(tmp_path / "d")
+    _put(t, chain(NS_B, 5))
+    t.retain(NS_B.id, 0.3)
+    t.close()
+    with Catalog.open(f"file://{tmp_path / 'd'}") as cat:
+        assert cat.remove(cat.select(NS_B.short_id, None, None))["removed"] == 5
+    t = _tier(tmp_path / "d")
+    assert t.retained() == {"marks": {}, "blocks": 0, "budget": 0}
+    assert not (tmp_path / "d" / "namespaces" / f"{NS_B.id:016x}.retain").exists()
+    t.close()
+
+
+@pytest.mark.parametrize("share", [0, 1, 1.5, -0.1, math.nan, True, "0.3"])
+def test_bad_shares_are_config_errors(tmp_path: Path, share: object) -> None:
+    t = _tier(tmp_path / "d")
+    with pytest.raises(ConfigError, match="retain share"):
+        t.retain(NS_B.id, share)  # type: ignore[arg-type]
+    assert t.retained()["marks"] == {}
+    t.close()
+    rc = pp.main(["x.jsonl", "--retain", "--retain-share", "1.5"])
+    assert rc == 2  # refused before reading the corpus or starting an engine
+
+
+def test_prepopulate_retain_marks_and_no_retain_unmarks(tmp_path: Path) -> None:
+    from test_prepopulate import LAYOUT, FakeEngine, corpus
+
+    def store() -> Store:
+        return mount(f"file://{tmp_path / 'p'}?capacity=1MiB", layout=LAYOUT, model="fake", env={})
+
+    eng = FakeEngine(store())
+    pp.run(eng, corpus(list(range(40))), retain=True, retain_share=0.2)
+    disk = eng.store.tiers[-1]
+    assert isinstance(disk, DiskTier)
+    ns = eng.namespaces[0].id
+    assert disk.retained()["marks"] == {ns: 0.2}
+    assert disk.retained()["blocks"] == 10  # the run's blocks were stored under the mark
+    eng.close()
+    eng = FakeEngine(store())
+    pp.run(eng, corpus(list(range(40))), retain=False)
+    disk = eng.store.tiers[-1]
+    assert isinstance(disk, DiskTier)
+    assert disk.retained() == {"marks": {}, "blocks": 0, "budget": 0}
+    eng.close()
