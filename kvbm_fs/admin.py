@@ -78,6 +78,7 @@ def _ls(args: argparse.Namespace) -> int:
     for r in rows:
         rank = f"{r['rank']}/{r['world_size']}" if r["rank"] is not None else "-"
         tiers = " ".join(f"{k}:{v['blocks']}" for k, v in r["tiers"].items())
+        tiers += "".join(f" (retained on {k}, share {s:g})" for k, s in r["retained"].items())
         t.add_row(r["namespace"], r["model"] or "?", _layout(r["layout"]), r["tenant"] or "-", rank,
                   str(r["blocks"]), fmt_size(r["bytes"]), _when(r["oldest"]), _when(r["newest"]), tiers)  # fmt: skip
     return _print(t, f"{len(rows)} namespaces, {sum(r['blocks'] for r in rows)} blocks")

@@ -139,8 +139,10 @@ class Catalog:
     def ls(self) -> list[dict[str, Any]]:
         """One row per namespace: its description, and blocks, bytes and write times over all tiers."""
         rows = []
+        marks = {t.name: t.retained()["marks"] for t in self.tiers if _is_disk(t)}
         for ns in self.namespace_ids():
             row: dict[str, Any] = {"namespace": f"{ns:016x}", **_describe(self.namespace(ns))}
+            row["retained"] = {name: m[ns] for name, m in marks.items() if ns in m}  # tier -> share
             per: dict[str, dict[str, int]] = {}
             times: list[np.ndarray] = []
             for t in self.tiers:

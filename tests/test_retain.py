@@ -108,6 +108,8 @@ def test_rm_of_the_namespace_removes_the_mark(tmp_path: Path) -> None:
     t.retain(NS_B.id, 0.3)
     t.close()
     with Catalog.open(f"file://{tmp_path / 'd'}") as cat:
+        row = next(r for r in cat.ls() if r["namespace"] == f"{NS_B.id:016x}")
+        assert list(row["retained"].values()) == [0.3]  # what `kvbm-fs ls` shows
         assert cat.remove(cat.select(NS_B.short_id, None, None))["removed"] == 5
     t = _tier(tmp_path / "d")
     assert t.retained() == {"marks": {}, "blocks": 0, "budget": 0}

@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -157,6 +158,7 @@ class DiskTier(Tier):
                 ix = NullIndex("reopen failed")
                 time.sleep(delay)
             if not isinstance(ix, NullIndex):
+                _restore_marks(self.root, ix)
                 with self._lock:
                     if not self._closed:
                         self.index, self._healing = ix, False
@@ -204,11 +206,16 @@ class DiskTier(Tier):
         return self.index.write(lambda txn: self.index.set_retain(txn, ns, share))
 
     def retained(self) -> dict[str, Any]:
-        """The retain marks ({namespace id: share}), how many blocks they hold and may hold."""
-        with self.index.read() as txn:
-            marks = self.index.marks(txn)
-            return {"marks": marks, "blocks": self.index.retained(txn),
-                    "budget": self.index.budget(txn, self.num_slots)}  # fmt: skip
+        """The retain marks ({namespace id: share}), how many blocks they hold and may hold (none
+        while the index is unreadable)."""
+        self._live()
+        try:
+            with self.index.read() as txn:
+                marks = self.index.marks(txn)
+                return {"marks": marks, "blocks": self.index.retained(txn),
+                        "budget": self.index.budget(txn, self.num_slots)}  # fmt: skip
+        except (OSError, lmdb.Error, struct.error):
+            return {"marks": {}, "blocks": 0, "budget": 0}
 
     def _segment_path(self, seg: int) -> str:
         return self.segs.path(seg)
