@@ -233,6 +233,7 @@ class Report:
     tokens_per_s: float = 0.0
     stopped: str | None = None  # "max_blocks" | "max_bytes" when a budget ended the run
     verified: dict[str, dict[str, int]] = field(default_factory=dict)  # --verify: per persistent tier
+    retained: dict[str, int] = field(default_factory=dict)  # --retain/--no-retain: per disk tier, blocks re-ranked
     bad_lines: list[dict[str, str]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     engine_counters: dict[str, float] = field(default_factory=dict)
@@ -252,10 +253,12 @@ def _priority(uidx: list[np.ndarray], counts: np.ndarray, prompts: Sequence[Prom
 
 
 def set_retain(
-    store: Store, namespaces: Sequence[Namespace], retain: bool, share: float | None = None
-) -> dict[str, int]:
-    """Mark (``share``: default 0.3) or unmark the namespaces retained on every tier that keeps marks
-    (disk tiers); {tier: blocks re-ranked}. Other tiers rely on their own lifecycle."""
+    store: Store, namespaces: Sequence[Namespace], retain: bool, share: float | None = None,
+    hashes: np.ndarray | None = None,
+) -> dict[str, int]:  # fmt: skip
+    """Mark the blocks ``hashes`` (default: all held) of the namespaces retained (``share``: default
+    0.3), or unmark the namespaces, on every tier that keeps marks (disk tiers); {tier: blocks
+    re-ranked}. Other tiers rely on their own lifecycle."""
     from .tiers.disk.tier import DEFAULT_RETAIN_SHARE, check_share
 
     share = check_share(DEFAULT_RETAIN_SHARE if share is None else share) if retain else None
@@ -263,7 +266,7 @@ def set_retain(
     for tier in store.tiers:
         mark = getattr(tier, "retain", None)
         if callable(mark):
-            out[tier.name] = sum(int(mark(ns.id, share)) for ns in namespaces)
+            out[tier.name] = sum(int(mark(ns.id, share, hashes)) for ns in namespaces)
     return out
 
 
@@ -346,12 +349,14 @@ def run(
     retain_share: float | None = None,
 ) -> Report:
     """Prefill the shard's prompts not yet stored, most shared prefixes first, within the budget.
-    ``retain`` True marks the namespaces retained on the disk tiers first (so the run's blocks are
-    kept too), False unmarks them, None leaves marks alone."""
+    ``retain`` True then marks the corpus's blocks retained on the disk tiers, False unmarks the
+    namespaces, None leaves marks alone."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
-    if retain is not None:
-        set_retain(engine.store, engine.namespaces, retain, retain_share)
+    if retain and retain_share is not None:
+        from .tiers.disk.tier import check_share
+
+        check_share(retain_share)  # before the run, not after it
     t0 = time.perf_counter()
     ns0 = engine.namespaces[0]
     rep = Report(engine.name, ns0.short_id, ns0.model, f"{shard_spec[0]}/{shard_spec[1]}", bad_lines=list(corpus.bad))
@@ -415,6 +420,8 @@ def run(
     finally:
         tally.stop()
     rep.blocks_stored = int((now & ~held_before).sum())
+    if retain is not None:  # every block of the corpus held now, stored by this run or before
+        rep.retained = set_retain(engine.store, engine.namespaces, retain, retain_share, uniq[now])
     if verify:
         new = np.flatnonzero(now & ~held_before)
         rep.verified = verify_blocks(engine, uniq[new], all_p[first[new]])

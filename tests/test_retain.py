@@ -11,7 +11,7 @@ import pytest
 from kvbm_fs import ConfigError, Store, mount
 from kvbm_fs import prepopulate as pp
 from kvbm_fs.catalog import Catalog
-from kvbm_fs.keys import BlockKeys
+from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.testing import NS_A, NS_B, blocks_for, chain
 from kvbm_fs.tiers.disk import DiskTier
 
@@ -31,28 +31,29 @@ def _put(t: DiskTier, keys: BlockKeys) -> np.ndarray:
     return t.put(keys, blocks_for(keys, NB))
 
 
-def _churn(t: DiskTier, n: int = 3 * SLOTS, seed: int = 1) -> BlockKeys:
-    """Everyday traffic: ``n`` single-block puts of another namespace; returns its keys."""
-    keys = chain(NS_A, n, start=1000 * seed)
+def _churn(t: DiskTier, n: int = 3 * SLOTS, seed: int = 1, ns: Namespace = NS_A) -> BlockKeys:
+    """Everyday traffic: ``n`` single-block puts; returns their keys."""
+    keys = chain(ns, n, start=1000 * seed)
     for i in range(n):
         assert _put(t, keys[i : i + 1]).all()  # the tier keeps taking new blocks
     return keys
 
 
-def test_retained_blocks_survive_churn_within_the_share(tmp_path: Path) -> None:
+@pytest.mark.parametrize("ns", [NS_A, NS_B], ids=["other-namespace", "same-namespace"])
+def test_retained_blocks_survive_churn_within_the_share(tmp_path: Path, ns: Namespace) -> None:
     t = _tier(tmp_path / "d")
-    warm = chain(NS_B, 5)
+    warm = chain(NS_B, 6)
     _put(t, warm)
-    assert t.retain(NS_B.id, 0.3) == 5  # budget: 6 of 20 slots
-    more = chain(NS_B, 1, start=100)
-    _put(t, more)  # stored after the mark: retained too
-    everyday = _churn(t)
-    assert t.contains(warm).all() and t.contains(more).all()
+    assert t.retain(NS_B.id, 0.3, warm.hashes[:5]) == 5  # budget: 6 of 20 slots
+    assert t.get(warm[:5], np.empty((5, NB), np.uint8)).all()
+    t.flush()  # a hit re-ranks a block: it stays retained
+    everyday = _churn(t, ns=ns)  # the warmed model's own traffic is everyday traffic too
+    assert t.contains(warm).tolist() == [True] * 5 + [False]  # the unmarked block was ordinary
     assert len(t) == SLOTS
-    assert t.contains(everyday[-(SLOTS - 6) :]).all()  # the rest of the tier serves everyday traffic
-    assert t.retained()["blocks"] == 6
-    cold = [b.ns for b in t.coldest(SLOTS)]
-    assert NS_B.id not in cold  # the placement daemon does not demote them
+    assert t.contains(everyday[-(SLOTS - 5) :]).all()  # the rest of the tier serves everyday traffic
+    assert t.retained()["blocks"] == 5
+    cold = np.concatenate([b.hashes for b in t.coldest(SLOTS)])
+    assert cold.size == SLOTS - 5 and not np.isin(warm.hashes[:5], cold).any()  # the daemon does not demote them
     assert t.evict(SLOTS) == 0  # nor can it evict that many: exactly n or none
     t.close()
 
@@ -63,7 +64,7 @@ def test_beyond_the_share_the_oldest_retained_blocks_go_first(tmp_path: Path) ->
     for i in range(10):  # in chain order: block 0 is the oldest
         _put(t, warm[i : i + 1])
     t.retain(NS_B.id, 0.3)
-    _churn(t)
+    _churn(t, ns=NS_B)
     assert t.contains(warm).tolist() == [False] * 4 + [True] * 6
     assert t.retained()["blocks"] == 6
     t.close()
@@ -94,9 +95,10 @@ def test_the_mark_survives_reopen_and_an_index_rebuild(tmp_path: Path) -> None:
     _churn(t)
     assert t.contains(warm).all()
     t.close()
-    rebuild_index(str(tmp_path / "d"))  # the index forgets ranks and marks; namespaces/<id>.retain restores them
+    rebuild_index(str(tmp_path / "d"))  # the index forgets ranks; namespaces/<id>.retain keeps the share
     t = _tier(tmp_path / "d")
-    assert t.retained()["blocks"] == 5
+    assert t.retained() == {"marks": {NS_B.id: 0.25}, "blocks": 0, "budget": 5}
+    assert t.retain(NS_B.id, 0.25, warm.hashes) == 5  # what a rerun of prepopulate --retain does
     _churn(t, seed=2)
     assert t.contains(warm).all()
     t.close()
@@ -135,12 +137,14 @@ def test_prepopulate_retain_marks_and_no_retain_unmarks(tmp_path: Path) -> None:
         return mount(f"file://{tmp_path / 'p'}?capacity=1MiB", layout=LAYOUT, model="fake", env={})
 
     eng = FakeEngine(store())
-    pp.run(eng, corpus(list(range(40))), retain=True, retain_share=0.2)
+    rep = pp.run(eng, corpus(list(range(40))), retain=True, retain_share=0.2)
     disk = eng.store.tiers[-1]
     assert isinstance(disk, DiskTier)
-    ns = eng.namespaces[0].id
-    assert disk.retained()["marks"] == {ns: 0.2}
-    assert disk.retained()["blocks"] == 10  # the run's blocks were stored under the mark
+    ns = eng.namespaces[0]
+    assert rep.retained == {disk.name: 10} and disk.retained()["marks"] == {ns.id: 0.2}
+    eng.prefill([np.arange(100, 140)])  # serving traffic after the run: ordinary blocks
+    assert disk.retained()["blocks"] == 10
+    assert pp.run(eng, corpus(list(range(40))), retain=True).retained == {disk.name: 0}  # a rerun: marked already
     eng.close()
     eng = FakeEngine(store())
     pp.run(eng, corpus(list(range(40))), retain=False)

@@ -493,24 +493,32 @@ class DiskIndex:
         """How many retained blocks eviction skips: the largest share among the marks."""
         return int(max(self.marks(txn).values(), default=0.0) * num_slots)
 
-    def set_retain(self, txn: Any, ns: int, share: float | None) -> int:
-        """Mark ``ns`` retained with ``share`` (re-ranking its blocks above every ordinary block), or
-        unmark it (None: its blocks rank as before). Returns how many blocks changed."""
+    def set_retain(self, txn: Any, ns: int, share: float | None, hashes: np.ndarray | None = None) -> int:
+        """Mark ``ns`` retained with ``share``, re-ranking the blocks ``hashes`` (default: every block
+        it holds) above every ordinary block; or unmark it (``share`` None: all its blocks rank as
+        before). Blocks stored later are ordinary. Returns how many blocks changed."""
         if share is None:
             txn.delete(retain_key(ns), db=self.meta)
+            hashes = None
         else:
             txn.put(retain_key(ns), F64.pack(share), db=self.meta)
         want = 0 if share is None else PRIORITY
         todo: list[tuple[bytes, Record]] = []
-        cur = txn.cursor(self.blocks)
-        prefix = KEY.pack(ns, 0)[:8]
-        if cur.set_range(prefix):
-            for k, v in cur:
-                if k[:8] != prefix:
-                    break
-                rec = Record.unpack(v)
-                if rec.rank & PRIORITY != want:
-                    todo.append((bytes(k), rec))
+        if hashes is not None:
+            for k in _pack_keys(ns, hashes):
+                v = txn.get(k, db=self.blocks)
+                if v is not None and Record.unpack(v).rank & PRIORITY != want:
+                    todo.append((k, Record.unpack(v)))
+        else:
+            cur = txn.cursor(self.blocks)
+            prefix = KEY.pack(ns, 0)[:8]
+            if cur.set_range(prefix):
+                for k, v in cur:
+                    if k[:8] != prefix:
+                        break
+                    rec = Record.unpack(v)
+                    if rec.rank & PRIORITY != want:
+                        todo.append((bytes(k), rec))
         for k, rec in todo:
             txn.delete(KEY.pack(rec.rank, rec.slot), db=self.order)
             rec.rank = (rec.rank & ~PRIORITY) | want
@@ -576,7 +584,6 @@ class DiskIndex:
         """Publish written slots (hash, slot, parent, record); a key another writer committed first
         keeps its copy and our slot is freed. Failed slots go back to the free list."""
         out = []
-        pri = PRIORITY if entries and txn.get(retain_key(ns), db=self.meta) is not None else 0
         for h, slot, _parent, rec in entries:
             k = KEY.pack(ns, h)
             txn.delete(SLOT.pack(slot), db=self.pending)
@@ -584,13 +591,10 @@ class DiskIndex:
                 txn.put(SLOT.pack(slot), b"", db=self.free)
                 out.append(False)
                 continue
-            rec.rank |= pri
             txn.put(k, rec.pack(), db=self.blocks)
             txn.put(SLOT.pack(slot), k, db=self.slots)
             txn.put(KEY.pack(rec.rank, slot), b"", db=self.order)
             out.append(True)
-        if pri and any(out):
-            txn.put(RETAINED, U64.pack(self.retained(txn) + sum(out)), db=self.meta)
         for slot in failed:
             txn.delete(SLOT.pack(slot), db=self.pending)
             txn.put(SLOT.pack(slot), b"", db=self.free)

@@ -195,15 +195,17 @@ class DiskTier(Tier):
             out.setdefault(ns.id, ns)
         return out
 
-    def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE) -> int:
-        """Mark namespace ``ns`` retained: eviction and demotion skip its blocks while retained blocks
-        hold at most ``share`` of the slots (past it the oldest go first). ``None`` unmarks it. The mark
-        persists (``namespaces/<id>.retain`` and the index). Returns how many blocks changed rank."""
+    def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE, hashes: np.ndarray | None = None) -> int:
+        """Retain the blocks ``hashes`` of namespace ``ns`` (default: all it holds now; blocks stored
+        later are ordinary): eviction and demotion skip them while retained blocks hold at most
+        ``share`` of the slots (past it the oldest go first). ``None`` unmarks all of ``ns``. Marks
+        persist (the index; the share also in ``namespaces/<id>.retain``). Returns blocks re-ranked."""
         self._live()
         if share is not None:
             share = check_share(share)
         write_retain(self.root, ns, share)
-        return self.index.write(lambda txn: self.index.set_retain(txn, ns, share))
+        hs = None if hashes is None else np.asarray(hashes, np.uint64)
+        return self.index.write(lambda txn: self.index.set_retain(txn, ns, share, hs))
 
     def retained(self) -> dict[str, Any]:
         """The retain marks ({namespace id: share}), how many blocks they hold and may hold (none
@@ -671,8 +673,8 @@ class DiskTier(Tier):
 
 
 def _restore_marks(root: str, index: DiskIndex) -> None:
-    """Apply retain marks kept beside the data that the index lacks (it was rebuilt, or the index
-    write failed after the file was written)."""
+    """Restore retain shares kept beside the data that the index lacks (it was rebuilt: its blocks'
+    ranks, retained ones too, are lost; a rerun of ``prepopulate --retain`` marks them again)."""
     want = read_retains(root)
     if not want:
         return
@@ -683,7 +685,7 @@ def _restore_marks(root: str, index: DiskIndex) -> None:
             if have.get(ns) != share:
 
                 def mark(txn: Any, ns: int = ns, share: float = share) -> int:
-                    return index.set_retain(txn, ns, share)
+                    return index.set_retain(txn, ns, share, np.zeros(0, np.uint64))
 
                 index.write(mark)
     except (OSError, lmdb.Error):
