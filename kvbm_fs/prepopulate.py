@@ -422,6 +422,8 @@ def run(
     rep.blocks_stored = int((now & ~held_before).sum())
     if retain is not None:  # every block of the corpus held now, stored by this run or before
         rep.retained = set_retain(engine.store, engine.namespaces, retain, retain_share, uniq[now])
+        if not rep.retained:
+            log.warning("kvbm-fs prepopulate: --retain: no tier keeps retain marks (only disk tiers do)")
     if verify:
         new = np.flatnonzero(now & ~held_before)
         rep.verified = verify_blocks(engine, uniq[new], all_p[first[new]])
@@ -520,6 +522,8 @@ def print_table(rep: Report, file: Any = None) -> None:
         t.add_row(k, str(getattr(rep, k)))
     for name, d in rep.tiers.items():
         t.add_row(f"tier {name}", f"+{d['blocks']} blocks, +{d['bytes']} B")
+    for name, n in rep.retained.items():
+        t.add_row(f"retain {name}", f"{n} blocks re-ranked")
     t.add_row("stopped", rep.stopped or "-")
     t.add_row("bad lines / failures", f"{len(rep.bad_lines)} / {len(rep.failures)}")
     Console(file=file or sys.stdout).print(t)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 from pathlib import Path
 
@@ -147,6 +148,9 @@ def test_prepopulate_retain_marks_and_no_retain_unmarks(tmp_path: Path) -> None:
     assert pp.run(eng, corpus(list(range(40))), retain=True).retained == {disk.name: 0}  # a rerun: marked already
     eng.close()
     eng = FakeEngine(store())
+    out = io.StringIO()
+    pp.print_table(rep, out)
+    assert "10 blocks re-ranked" in out.getvalue()
     pp.run(eng, corpus(list(range(40))), retain=False)
     disk = eng.store.tiers[-1]
     assert isinstance(disk, DiskTier)

@@ -15,8 +15,8 @@ Databases:
   meta     b"hwm" | b"ns/<id>"      -> u64 | namespace JSON
            b"retain/<id>" | b"retained" -> share (f64) of a retained namespace | its blocks (u64)
 
-Blocks of a retained namespace carry :data:`PRIORITY` in their rank, so they sort after every
-ordinary block and eviction reaches them only past the share (docs/operations.md).
+Retained blocks (a prepopulation's) carry :data:`PRIORITY` in their rank, so they sort after every
+ordinary block and eviction reaches them only past their share (docs/operations.md).
 
 LMDB has no page checksums and trusts its file: a truncated or damaged ``data.mdb`` can
 crash the process (SIGBUS, heap corruption) before any error is raised. So an index is

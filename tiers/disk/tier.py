@@ -13,7 +13,8 @@ read with O_DIRECT straight into their destinations.  A put reserves slots
 reader verifies header, key echo and payload checksum before a block counts as
 found.  A crash leaves at most some pending slots, which the next open reclaims.
 Capacity is a hard number of slots; when it is full, the coldest blocks by the
-eviction policy's rank are evicted in the same transaction that hands out their slots.
+eviction policy's rank are evicted in the same transaction that hands out their slots
+(retained blocks last, within their share: :meth:`DiskTier.retain`).
 """
 
 from __future__ import annotations
