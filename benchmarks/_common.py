@@ -306,3 +306,17 @@ def bulk_load_index(
     finally:
         idx.close()
     return time.perf_counter() - t0
+
+
+def bench_blocks(name: str, blocks: int, block_mib: float) -> tuple[Any, Any, np.ndarray, np.ndarray]:
+    """A namespace of ~``block_mib`` MiB bfloat16 blocks, ``blocks`` chained keys in it, random rows
+    and a zeroed output buffer: the set-up the transport benchmarks (peer, Mooncake) share."""
+    from kvbm_fs import BlockKeys, KVLayout, Namespace
+
+    layout = KVLayout(
+        num_layers=32, num_kv_heads=8, head_dim=128, block_size=max(1, int(block_mib * 8)), dtype="bfloat16"
+    )
+    ns = Namespace(name, layout)
+    keys = BlockKeys.chain(ns.id, np.arange(1, blocks + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
+    data = np.random.default_rng(0).integers(0, 256, (blocks, ns.block_nbytes), np.uint8)
+    return ns, keys, data, np.zeros_like(data)

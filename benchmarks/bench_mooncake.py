@@ -38,15 +38,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import Case, add_output_args, emit, env, gbps, interleave, paired_ratio, results_path, skip
+from _common import Case, add_output_args, bench_blocks, emit, env, gbps, interleave, paired_ratio, results_path, skip
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from kvbm_fs.codec import HEADER_SIZE  # noqa: E402
-from kvbm_fs.keys import BlockKeys, Namespace  # noqa: E402
-from kvbm_fs.layout import KVLayout  # noqa: E402
 
 NAME = "bench_mooncake"
 
@@ -72,14 +70,8 @@ def run(blocks: int, block_mib: float, rounds: int) -> dict[str, Any]:
     from kvbm_fs.tiers.mooncake.client import key_strings
     from kvbm_fs.tiers.peer import PeerPool
 
-    layout = KVLayout(
-        num_layers=32, num_kv_heads=8, head_dim=128, block_size=max(1, int(block_mib * 8)), dtype="bfloat16"
-    )
-    ns = Namespace("bench-mooncake", layout)
+    ns, keys, data, out = bench_blocks("bench-mooncake", blocks, block_mib)
     bn = ns.block_nbytes
-    keys = BlockKeys.chain(ns.id, np.arange(1, blocks + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    data = np.random.default_rng(0).integers(0, 256, (blocks, bn), np.uint8)
-    out = np.zeros_like(data)
     with MooncakeMaster() as m:
         url = m.url + "&local_buffer=16MiB"
         proc = subprocess.Popen([sys.executable, __file__, "--hold", url, str(bn), str(blocks)],
@@ -90,7 +82,7 @@ def run(blocks: int, block_mib: float, rounds: int) -> dict[str, Any]:
             from kvbm_fs.registry import open_tier
 
             staging = blocks * (bn + HEADER_SIZE)
-            t = open_tier(f"{url}&segment=0&staging={staging}", block_nbytes=bn, block_size=layout.block_size)
+            t = open_tier(f"{url}&segment=0&staging={staging}", block_nbytes=bn, block_size=ns.layout.block_size)
             t.bind_namespace(ns)
             pool = PeerPool(line.split()[1].split(","), bn, staging=2 * blocks * (bn + 4096))
             pool.bind_namespace(ns)

@@ -45,14 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import Case, add_output_args, emit, env, gbps, interleave, paired_ratio, results_path, skip
+from _common import Case, add_output_args, bench_blocks, emit, env, gbps, interleave, paired_ratio, results_path, skip
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from kvbm_fs.keys import BlockKeys, Namespace  # noqa: E402
-from kvbm_fs.layout import KVLayout  # noqa: E402
 
 NAME = "bench_peer"
 MiB = 1 << 20
@@ -126,14 +124,8 @@ def _tcp_put(sock: socket.socket, data: np.ndarray, slots: np.ndarray) -> None:
 def run(blocks: int, block_mib: float, rounds: int) -> dict[str, Any]:
     from kvbm_fs.tiers.peer import PeerTier
 
-    layout = KVLayout(
-        num_layers=32, num_kv_heads=8, head_dim=128, block_size=max(1, int(block_mib * 8)), dtype="bfloat16"
-    )
-    ns = Namespace("bench-peer", layout)
+    ns, keys, data, out = bench_blocks("bench-peer", blocks, block_mib)
     bn = ns.block_nbytes
-    keys = BlockKeys.chain(ns.id, np.arange(1, blocks + 1, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15))
-    data = np.random.default_rng(0).integers(0, 256, (blocks, bn), np.uint8)
-    out = np.zeros_like(data)
     proc = subprocess.Popen([sys.executable, __file__, "--serve", str(4 * blocks * bn), str(bn)],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
     try:
