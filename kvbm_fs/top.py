@@ -359,11 +359,17 @@ def _run(url: str, interval: float, once: bool, as_json: bool) -> int:
                 if once:
                     return 0
                 prev = cur
+        import signal
+        import threading
+
         from rich.live import Live
 
+        # Ctrl-C sets a flag the loop checks, instead of raising wherever it lands (mid-render, it
+        # could leave the live display half torn down and the process hanging)
+        stop = threading.Event()
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         with Live(render(compute_view(None, prev)), console=console, auto_refresh=False) as live:
-            while True:
-                time.sleep(interval)
+            while not stop.wait(interval):
                 try:
                     cur = scrape(url)
                 except MetricsScrapeError as e:  # keep the last frame; the store may come back
@@ -371,5 +377,6 @@ def _run(url: str, interval: float, once: bool, as_json: bool) -> int:
                     continue
                 live.update(render(compute_view(prev, cur)), refresh=True)
                 prev = cur
+        return 0
     except KeyboardInterrupt:
         return 0
