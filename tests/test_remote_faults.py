@@ -147,7 +147,7 @@ def test_breaker_opens_stops_requests_probes_and_closes(
 ) -> None:
     cooldown = 600.0  # "open" holds however slow the machine is; cool_down() ends it where meant
     t = open_s3(s3_server, f"s3://{s3_bucket}/{prefix}", s3_proxy.endpoint, retries=0, breaker_threshold=3,
-                breaker_cooldown=cooldown, timeout=fault_timeout(fault, 0.5))  # fmt: skip
+                breaker_cooldown=cooldown, timeout=fault_timeout(fault, 2.0))  # fmt: skip
     keys = chain(NS_A, 8)
     assert t.put(keys, blocks_for(keys, BN)).all()
 
