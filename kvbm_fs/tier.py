@@ -405,3 +405,15 @@ class SlotTier(Tier):
     def _live(self) -> None:
         if self._closed:
             raise TierClosedError(f"tier {self.name!r} is closed")
+
+
+DEFAULT_RETAIN_SHARE = 0.3  # of a tier's capacity that retained (prepopulated) blocks may keep
+
+
+def check_share(share: Any) -> float:
+    """A retain share: a number strictly between 0 and 1 (a share of 1 would leave new blocks no room)."""
+    from .errors import ConfigError
+
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
+        raise ConfigError(f"retain share must be a number between 0 and 1 (exclusive), got {share!r}")
+    return float(share)

@@ -496,29 +496,39 @@ class DiskIndex:
     def set_retain(self, txn: Any, ns: int, share: float | None, hashes: np.ndarray | None = None) -> int:
         """Mark ``ns`` retained with ``share``, re-ranking the blocks ``hashes`` (default: every block
         it holds) above every ordinary block; or unmark it (``share`` None: all its blocks rank as
-        before). Blocks stored later are ordinary. Returns how many blocks changed."""
+        before). Blocks stored later are ordinary. Returns how many blocks changed. One transaction:
+        :meth:`DiskTier.retain` splits millions of blocks over several (:meth:`set_mark`, :meth:`rerank`)."""
+        self.set_mark(txn, ns, share)
+        if share is None or hashes is None:
+            hashes = self.namespace_hashes(txn, ns)
+        return self.rerank(txn, ns, hashes, share is not None)
+
+    def set_mark(self, txn: Any, ns: int, share: float | None) -> None:
         if share is None:
             txn.delete(retain_key(ns), db=self.meta)
-            hashes = None
         else:
             txn.put(retain_key(ns), F64.pack(share), db=self.meta)
-        want = 0 if share is None else PRIORITY
+
+    def namespace_hashes(self, txn: Any, ns: int) -> np.ndarray:
+        """Every block hash ``ns`` holds (8 bytes a block: millions fit)."""
+        out: list[int] = []
+        cur = txn.cursor(self.blocks)
+        prefix = KEY.pack(ns, 0)[:8]
+        if cur.set_range(prefix):
+            for k in cur.iternext(keys=True, values=False):
+                if k[:8] != prefix:
+                    break
+                out.append(KEY.unpack(k)[1])
+        return np.array(out, np.uint64)
+
+    def rerank(self, txn: Any, ns: int, hashes: np.ndarray, retained: bool) -> int:
+        """Give the held blocks ``hashes`` of ``ns`` the retained rank bit (or take it away); how many changed."""
+        want = PRIORITY if retained else 0
         todo: list[tuple[bytes, Record]] = []
-        if hashes is not None:
-            for k in _pack_keys(ns, hashes):
-                v = txn.get(k, db=self.blocks)
-                if v is not None and Record.unpack(v).rank & PRIORITY != want:
-                    todo.append((k, Record.unpack(v)))
-        else:
-            cur = txn.cursor(self.blocks)
-            prefix = KEY.pack(ns, 0)[:8]
-            if cur.set_range(prefix):
-                for k, v in cur:
-                    if k[:8] != prefix:
-                        break
-                    rec = Record.unpack(v)
-                    if rec.rank & PRIORITY != want:
-                        todo.append((bytes(k), rec))
+        for k in _pack_keys(ns, hashes):
+            v = txn.get(k, db=self.blocks)
+            if v is not None and Record.unpack(v).rank & PRIORITY != want:
+                todo.append((k, Record.unpack(v)))
         for k, rec in todo:
             txn.delete(KEY.pack(rec.rank, rec.slot), db=self.order)
             rec.rank = (rec.rank & ~PRIORITY) | want

@@ -36,7 +36,7 @@ from kvbm_fs.errors import ConfigError, FormatVersionError, IndexCorruptError, K
 from kvbm_fs.events import VERIFY, EventBus, EventKind
 from kvbm_fs.keys import BlockKeys, Namespace
 from kvbm_fs.policy import EvictionPolicy, make_policy
-from kvbm_fs.tier import Admission, Medium, Tier
+from kvbm_fs.tier import DEFAULT_RETAIN_SHARE, Admission, Medium, Tier, check_share
 from kvbm_fs.tiers.disk import check as disk_check
 from kvbm_fs.tiers.disk.blockio import ALIGN, BlockIO, IoOp, aligned_buffer, is_aligned, make_io, probe_direct_io
 from kvbm_fs.tiers.disk.device import DevicePath, dest_rows
@@ -54,14 +54,7 @@ from kvbm_fs.tiers.disk.rebuild import (
 from kvbm_fs.units import parse_size
 
 __all__ = ["FORMAT", "HEADER_PAGE", "ALIGN", "DEFAULT_RETAIN_SHARE", "DiskTier", "check_share", "round_up"]
-DEFAULT_RETAIN_SHARE = 0.3
-
-
-def check_share(share: Any) -> float:
-    """A retain share: a number strictly between 0 and 1 (a share of 1 would leave new blocks no room)."""
-    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
-        raise ConfigError(f"retain share must be a number between 0 and 1 (exclusive), got {share!r}")
-    return float(share)
+RETAIN_BATCH = 1 << 16  # blocks (re-)marked per LMDB write transaction: a writer waits at most one batch
 
 
 class DiskTier(Tier):
@@ -205,8 +198,16 @@ class DiskTier(Tier):
         if share is not None:
             share = check_share(share)
         write_retain(self.root, ns, share)
-        hs = None if hashes is None else np.asarray(hashes, np.uint64)
-        return self.index.write(lambda txn: self.index.set_retain(txn, ns, share, hs))
+        ix = self.index
+        ix.write(lambda txn: ix.set_mark(txn, ns, share))  # the share first: it bounds what follows
+        if share is None or hashes is None:
+            with ix.read() as txn:
+                hashes = ix.namespace_hashes(txn, ns)
+        hs = np.unique(np.asarray(hashes, np.uint64))
+        n = 0
+        for a in range(0, hs.size, RETAIN_BATCH):  # bounded transactions, however many blocks
+            n += ix.write(lambda txn, part=hs[a : a + RETAIN_BATCH]: ix.rerank(txn, ns, part, share is not None))
+        return n
 
     def retained(self) -> dict[str, Any]:
         """The retain marks ({namespace id: share}), how many blocks they hold and may hold (none
