@@ -139,7 +139,7 @@ class Catalog:
     def ls(self) -> list[dict[str, Any]]:
         """One row per namespace: its description, and blocks, bytes and write times over all tiers."""
         rows = []
-        marks = {t.name: t.retained()["marks"] for t in self.tiers if _is_disk(t)}
+        marks = {t.name: t.retained()["marks"] for t in self.tiers if hasattr(t, "retained")}
         for ns in self.namespace_ids():
             row: dict[str, Any] = {"namespace": f"{ns:016x}", **_describe(self.namespace(ns))}
             row["retained"] = {name: m[ns] for name, m in marks.items() if ns in m}  # tier -> share
@@ -237,7 +237,7 @@ class Catalog:
             if not dry_run:
                 for a in range(0, idx.size, 4096):
                     n += int(t.delete(b.keys(idx[a : a + 4096])).sum())
-                if mask.all() and _is_disk(t):  # the whole namespace went: its retain mark goes too
+                if mask.all() and hasattr(t, "retain"):  # the whole namespace went: its retain mark goes too
                     t.retain(b.ns, None)
             rows.append(dict(tier=t.name, namespace=f"{b.ns:016x}", blocks=int(idx.size), removed=n,
                              bytes=int(idx.size) * stored_bytes(t)))  # fmt: skip

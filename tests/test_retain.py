@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -156,3 +157,26 @@ def test_prepopulate_retain_marks_and_no_retain_unmarks(tmp_path: Path) -> None:
     assert isinstance(disk, DiskTier)
     assert disk.retained() == {"marks": {}, "blocks": 0, "budget": 0}
     eng.close()
+
+
+def test_marking_many_blocks_takes_bounded_transactions(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvbm_fs.tiers.disk.tier as dt
+
+    t = _tier(tmp_path / "d")
+    warm = chain(NS_B, 7)
+    _put(t, warm)
+    monkeypatch.setattr(dt, "RETAIN_BATCH", 2)
+    writes: list[object] = []
+    real = t.index.write
+
+    def write(fn: Any) -> Any:
+        writes.append(fn)
+        return real(fn)
+
+    monkeypatch.setattr(t.index, "write", write)
+    assert t.retain(NS_B.id, 0.4) == 7  # every block the namespace holds, two a transaction
+    assert len(writes) == 1 + 4 and t.retained()["blocks"] == 7  # the share, then 4 batches
+    writes.clear()
+    assert t.retain(NS_B.id, None) == 7 and len(writes) == 1 + 4
+    assert t.retained() == {"marks": {}, "blocks": 0, "budget": 0}
+    t.close()

@@ -26,6 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import lmdb
@@ -204,9 +205,10 @@ class DiskTier(Tier):
             with ix.read() as txn:
                 hashes = ix.namespace_hashes(txn, ns)
         hs = np.unique(np.asarray(hashes, np.uint64))
-        n = 0
+        keep, n = share is not None, 0
         for a in range(0, hs.size, RETAIN_BATCH):  # bounded transactions, however many blocks
-            n += ix.write(lambda txn, part=hs[a : a + RETAIN_BATCH]: ix.rerank(txn, ns, part, share is not None))
+            part = hs[a : a + RETAIN_BATCH]
+            n += ix.write(partial(ix.rerank, ns=ns, hashes=part, retained=keep))
         return n
 
     def retained(self) -> dict[str, Any]:

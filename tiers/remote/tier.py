@@ -45,7 +45,7 @@ from kvbm_fs.policy import EvictionPolicy, make_policy
 from kvbm_fs.registry import TierSpec
 from kvbm_fs.resilience import CircuitBreaker, backoff_delay
 from kvbm_fs.rows import host_rows, is_torch
-from kvbm_fs.tier import Admission, KeyPinnedTier, KeyPins, Medium
+from kvbm_fs.tier import DEFAULT_RETAIN_SHARE, Admission, KeyPinnedTier, KeyPins, Medium, check_share
 from kvbm_fs.tiers.remote.fs import (
     check_knobs,
     loop_for,
@@ -55,6 +55,7 @@ from kvbm_fs.tiers.remote.fs import (
     resolve_io,
     whole_read_kwargs,
 )
+from kvbm_fs.tiers.remote.retain import CHUNK, Marks, encode, mark_path, parse_path
 from kvbm_fs.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,7 @@ class RemoteTier(KeyPinnedTier):
         self._lock = threading.Lock()
         self._room = threading.Lock()
         self._pins = KeyPins()
+        self._marks = Marks()  # retain marks read from the bucket (.retain)
         self._namespaces: set[int] = set()
         self.counters = dict(get_errors=0, put_errors=0, head_errors=0, load_failures=0, corrupt_removed=0,
                              retries=0, skipped_open_breaker=0, evictions=0)  # fmt: skip
@@ -507,20 +509,26 @@ class RemoteTier(KeyPinnedTier):
 
     def _list(self) -> list[tuple[int, int, float]]:
         """(ns, hash, mtime) of every block object under the root."""
+        return self._scan()[0]
+
+    def _scan(self) -> tuple[list[tuple[int, int, float]], list[str]]:
+        """Every block object under the root (ns, hash, mtime) and every retain mark object's path."""
         try:
             found = self._run(self._call(lambda: self.fs._find(self.root, detail=True)))
         except FileNotFoundError:
-            return []
-        out = []
+            return [], []
+        out, marks = [], []
         for path, info in found.items():
             parts = path.rstrip("/").split("/")
             if len(parts) < 3 or len(parts[-1]) != 16 or len(parts[-3]) != 16:
+                if parse_path(path) is not None:
+                    marks.append(path)
                 continue
             try:
                 out.append((int(parts[-3], 16), int(parts[-1], 16), _mtime(info)))
             except ValueError:
                 continue
-        return out
+        return out, marks
 
     def _count_objects(self) -> int:
         return len(self._list())
@@ -536,10 +544,10 @@ class RemoteTier(KeyPinnedTier):
             return max(0, n - over)
         with self._lock:
             pinned = set(self._pins) | keep
-        objs = sorted((self.policy.rank(int(m * 1e6), 0), ns, h) for ns, h, m in self._list() if (ns, h) not in pinned)
-        victims = objs[:over]
-        gone = self._delete_paths([self._path(ns, h) for _, ns, h in victims])
-        evicted = [(ns, h) for (_, ns, h), g in zip(victims, gone) if g]
+        blocks, marks = self._scan()
+        victims = self._victims(blocks, marks, over, pinned)
+        gone = self._delete_paths([self._path(ns, h) for ns, h in victims])
+        evicted = [(ns, h) for (ns, h), g in zip(victims, gone) if g]
         with self._lock:
             self._count -= len(evicted)
             room = max(0, cap - self._count)
@@ -548,6 +556,92 @@ class RemoteTier(KeyPinnedTier):
             hs = np.array([h for n2, h in evicted if n2 == ns], np.uint64)
             self.events.publish(EventKind.EVICTED, self.name, BlockKeys(ns, hs))
         return min(n, room)
+
+    def _victims(
+        self, blocks: list[tuple[int, int, float]], marks: list[str], over: int, pinned: set[tuple[int, int]]
+    ) -> list[tuple[int, int]]:
+        """The ``over`` objects to evict, least recently written first, never a pinned one. Retained
+        objects (marked by a prepopulation, any instance) go after every ordinary one while they hold
+        at most their share of the capacity; past it the oldest of them go first."""
+        if not blocks:
+            return []
+        ns = np.array([b[0] for b in blocks], np.uint64)
+        hs = np.array([b[1] for b in blocks], np.uint64)
+        rank = np.array([self.policy.rank(int(b[2] * 1e6), 0) for b in blocks], np.int64)
+        free = np.ones(len(blocks), bool)
+        if pinned:
+            free = np.array([(int(n), int(h)) not in pinned for n, h in zip(ns.tolist(), hs.tolist())], bool)
+        kept = np.zeros(len(blocks), bool)
+        shares = self._load_marks(marks).shares()
+        for n, marked in self._marks.hashes().items():
+            at = np.flatnonzero(ns == np.uint64(n))
+            kept[at] = np.isin(hs[at], marked)
+        order = np.lexsort((hs, ns, rank))
+        budget = int(max(shares.values(), default=0.0) * (self.capacity // self.object_bytes))
+        first = order[kept[order] & free[order]][: max(0, min(over, int(kept.sum()) - budget))]
+        rest = order[~kept[order] & free[order]][: over - first.size]
+        pick = np.concatenate([first, rest])
+        return list(zip(ns[pick].tolist(), hs[pick].tolist()))
+
+    # ---- retain marks ----------------------------------------------------------------------
+    def _load_marks(self, paths: list[str]) -> Marks:
+        """Read the mark objects not read yet (concurrently); one that fails is read next time."""
+        todo = self._marks.missing(paths)
+        if todo:
+            for p, r in zip(todo, self._run(self._gather([partial(self._read_object, p) for p in todo]))):
+                if isinstance(r, BaseException):
+                    log.warning("%s: cannot read retain mark %s (%s)", self.url, p, type(r).__name__)
+                    continue
+                try:
+                    self._marks.add(p, bytes(r))
+                except ValueError:
+                    log.warning("%s: %s is not a retain mark object; ignored", self.url, p)
+        return self._marks
+
+    def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE, hashes: np.ndarray | None = None) -> int:
+        """Retain the blocks ``hashes`` of namespace ``ns`` the bucket holds (default: all it holds
+        now; blocks stored later are ordinary): a bounded tier, this instance or any other on the
+        bucket, evicts them after every ordinary object while retained objects hold at most ``share``
+        of its capacity (past it the oldest go first). ``None`` unmarks all of ``ns``. The marks are
+        objects in the bucket (:mod:`.retain`). Returns blocks newly marked (or unmarked)."""
+        if share is not None:
+            share = check_share(share)
+        blocks, paths = self._scan()
+        self._load_marks(paths)
+        held = np.unique(np.array([h for n, h, _ in blocks if n == ns], np.uint64))
+        marked = self._marks.hashes().get(ns, np.zeros(0, np.uint64))
+        if share is None:
+            mine = self._marks.paths(ns)
+            if not all(self._delete_paths(mine)):
+                raise ConfigError(f"cannot delete the retain marks of {ns:016x} at {self.url}; run it again")
+            self._marks.missing([p for p in paths if p not in mine])
+            return int(np.isin(held, marked).sum())
+        want = held if hashes is None else np.intersect1d(np.asarray(hashes, np.uint64), held)
+        new = np.setdiff1d(want, marked)
+        if new.size == 0 and self._marks.shares().get(ns) == share:
+            return 0
+        objs = [
+            (mark_path(self.root, ns), encode(share, new[a : a + CHUNK])) for a in range(0, max(new.size, 1), CHUNK)
+        ]
+        res = self._run(self._gather([partial(self._write_object, p, b) for p, b in objs]))
+        if any(isinstance(r, BaseException) for r in res):
+            raise ConfigError(f"cannot write retain marks to {self.url}; check the endpoint and run it again")
+        for p, b in objs:
+            self._marks.add(p, b)
+        return int(new.size)
+
+    def retained(self) -> dict[str, Any]:
+        """The retain marks ({namespace id: share}), how many held blocks they mark and how many a
+        bounded tier keeps (``budget``; None when unbounded: nothing is evicted)."""
+        blocks, paths = self._scan()
+        self._load_marks(paths)
+        shares = self._marks.shares()
+        n = 0
+        for ns, marked in self._marks.hashes().items():
+            n += int(np.isin(np.array([h for b, h, _ in blocks if b == ns], np.uint64), marked).sum())
+        cap = None if self._count < 0 else self.capacity // self.object_bytes
+        budget = None if cap is None else int(max(shares.values(), default=0.0) * cap)
+        return {"marks": shares, "blocks": n, "budget": budget}
 
     def iter_keys(self) -> Iterator[BlockKeys]:
         by_ns: dict[int, list[int]] = {}

@@ -1,0 +1,92 @@
+"""Retain marks of a remote tier: which blocks a prepopulation warmed, kept as objects beside them.
+
+    <root>/<ns id:016x>/retain/<time ns:020d>-<uuid:12>.retain   b"KVRETN01", share (f64), hashes (u64...)
+
+Plain objects, written whole and never changed, so every S3 server (moto, SeaweedFS, AWS) and
+every fsspec backend keeps them, every instance on the bucket reads them from the listing it
+makes anyway to evict, and they outlive restarts.  A marking writes new objects (at most
+:data:`CHUNK` hashes each), so concurrent markers (``--shard``) never overwrite each other; a
+namespace's share is that of its newest object; unmarking deletes them all.  Readers cache
+objects by name (immutable), so a listing costs GETs only for marks they have not seen.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+import uuid
+
+import numpy as np
+
+MAGIC = b"KVRETN01"
+HEAD = struct.Struct("<8sd")
+CHUNK = 1 << 20  # hashes per mark object (8 MiB)
+DIR = "retain"
+SUFFIX = ".retain"
+
+
+def mark_path(root: str, ns: int) -> str:
+    return f"{root}/{ns:016x}/{DIR}/{time.time_ns():020d}-{uuid.uuid4().hex[:12]}{SUFFIX}"
+
+
+def parse_path(path: str) -> int | None:
+    """The namespace of a mark object's path, or None when the path is not one."""
+    parts = path.rstrip("/").split("/")
+    if len(parts) < 3 or parts[-2] != DIR or not parts[-1].endswith(SUFFIX) or len(parts[-3]) != 16:
+        return None
+    try:
+        return int(parts[-3], 16)
+    except ValueError:
+        return None
+
+
+def encode(share: float, hashes: np.ndarray) -> bytes:
+    return HEAD.pack(MAGIC, share) + np.asarray(hashes, "<u8").tobytes()
+
+
+def decode(raw: bytes) -> tuple[float, np.ndarray]:
+    """(share, hashes) of a mark object; ValueError when it is not one."""
+    if len(raw) < HEAD.size or (len(raw) - HEAD.size) % 8:
+        raise ValueError("not a retain mark object")
+    magic, share = HEAD.unpack_from(raw)
+    if magic != MAGIC or not 0.0 < share < 1.0:
+        raise ValueError("not a retain mark object")
+    return share, np.frombuffer(raw, "<u8", offset=HEAD.size).astype(np.uint64)
+
+
+class Marks:
+    """The marks a tier has read, by object path (objects never change, so each is read once)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[int, float, np.ndarray]] = {}  # path -> (ns, share, hashes)
+
+    def missing(self, paths: list[str]) -> list[str]:
+        """Forget objects no longer listed; the listed ones not read yet."""
+        listed = set(paths)
+        for p in [p for p in self.objects if p not in listed]:
+            del self.objects[p]
+        return [p for p in paths if p not in self.objects]
+
+    def add(self, path: str, raw: bytes) -> None:
+        ns = parse_path(path)
+        if ns is not None:
+            share, hs = decode(raw)
+            self.objects[path] = (ns, share, hs)
+
+    def shares(self) -> dict[int, float]:
+        """{namespace: share of its newest mark object} (names sort by write time)."""
+        out: dict[int, float] = {}
+        for p in sorted(self.objects, key=lambda p: p.rsplit("/", 1)[-1]):
+            ns, share, _ = self.objects[p]
+            out[ns] = share
+        return out
+
+    def hashes(self) -> dict[int, np.ndarray]:
+        """{namespace: its marked hashes, sorted and unique}."""
+        parts: dict[int, list[np.ndarray]] = {}
+        for ns, _, hs in self.objects.values():
+            parts.setdefault(ns, []).append(hs)
+        return {ns: np.unique(np.concatenate(p)) for ns, p in parts.items()}
+
+    def paths(self, ns: int) -> list[str]:
+        return [p for p, (n, _, _) in self.objects.items() if n == ns]
