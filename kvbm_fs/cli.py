@@ -97,6 +97,23 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--limit", type=int, help="replay only the first N requests")
     r.add_argument("--jobs", type=int, default=1, help="replays to run in parallel processes (default 1)")
     r.add_argument("--json", action="store_true", help="print the JSON result instead of the table")
+    r.add_argument(
+        "--instances",
+        type=int,
+        nargs="+",
+        help="cluster replay: N instances (e.g. 1 4 16 64), each with its own host tier (the first of --tiers), "
+        "sharing the other tiers (default tiers: host:0.02 disk:0.1 remote)",
+    )
+    r.add_argument(
+        "--router",
+        nargs="+",
+        choices=("round-robin", "prefix-hash", "kv-aware"),
+        help="cluster replay: routers to compare (default: all three)",
+    )
+    r.add_argument(
+        "--load-weight", type=float, default=1.0, help="kv-aware: weight of queued prefill seconds (default 1)"
+    )
+    r.add_argument("--hash-blocks", type=int, default=1, help="prefix-hash: leading blocks hashed (default 1)")
     g = sub.add_parser("gds", help="say whether a disk tier in DIR would load into GPU memory by GDS, and why")
     g.add_argument("dir", nargs="?", default=".", help="folder a disk tier would live in (default: .)")
     g.add_argument("--no-trial", action="store_true", help="skip the put/get of GPU blocks through a scratch tier")
@@ -143,6 +160,10 @@ def main(argv: list[str] | None = None) -> int:
                 model_dir=os.path.join(root, "hf"),
                 model=not args.no_model,
             )
+        if args.cmd == "replay" and args.instances:
+            from .cluster import cli_main
+
+            return cli_main(args)
         if args.cmd == "replay":
             from .replay import run_cli
 
