@@ -62,6 +62,8 @@ class DaemonConfig:
     promote: bool = True
     prefetch: bool = True
     promote_to: str | None = None  # tier name; default: the fastest tier
+    first_sight: str | None = None  # "auto" or a tier name: puts land there, not in the first tier (placement.py)
+    make_room: bool = False  # promotions demote the target's coldest blocks to fit, so the target runs full
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DaemonConfig:
@@ -104,6 +106,10 @@ class PlacementDaemon:
         bottom tier may drop blocks to take a put; the others refuse, and puts spill down."""
         for t in self.store.tiers[:-1]:
             t.evict_on_put = False
+        if self.config.first_sight:
+            from .placement import FirstSight
+
+            self.store.placement = FirstSight(self.store, self.config.first_sight)
         return self
 
     def start(self) -> PlacementDaemon:
@@ -157,8 +163,15 @@ class PlacementDaemon:
                 break
         return moved
 
+    def _marks(self, tier: Tier) -> Watermarks:
+        """With ``make_room`` the promotion target makes room as it promotes: no watermark of its own
+        (unless configured), so it runs full rather than between the low and high marks."""
+        if self.config.make_room and tier is self.target and tier.name not in self.config.watermarks:
+            return Watermarks(1.0, 1.0)
+        return self.config.marks(tier.name)
+
     def _demote(self, upper: Tier, lower: Tier) -> int:
-        marks = self.config.marks(upper.name)
+        marks = self._marks(upper)
         cap = upper.capacity_bytes
         if upper.used_bytes <= marks.high * cap:
             return 0
@@ -256,6 +269,8 @@ class PlacementDaemon:
         if todo.size == 0:
             return 0
         self._yield_to_foreground(todo.size * src.block_nbytes)
+        if self.config.make_room:
+            self._make_room(todo.size)
         ok = transfer(keys[todo], src, self.target)
         n = int(ok.sum())
         self.counters["prefetched_blocks" if kind == "prefetch" else "promoted_blocks"] += n
@@ -264,6 +279,16 @@ class PlacementDaemon:
             move = Move(kind, src.name, n * src.block_nbytes)
             self.store.events.publish(EventKind.PROMOTED, self.target.name, keys[todo[ok]], data=move)
         return n
+
+    def _make_room(self, n: int) -> int:
+        """Demote the target's ``n - free`` coldest blocks (by its policy) to the tier below it."""
+        tiers = self.store.tiers
+        i = tiers.index(self.target)
+        t = self.target
+        need = n - (t.capacity_bytes - t.used_bytes) // t.block_nbytes
+        if need <= 0 or i + 1 >= len(tiers):
+            return 0
+        return sum(self._demote_batch(t, tiers[i + 1], b) for b in t.coldest(int(need)))
 
     # ---- pacing --------------------------------------------------------------------------
     def _yield_to_foreground(self, nbytes: int) -> None:

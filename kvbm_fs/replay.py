@@ -236,6 +236,7 @@ class ReplayConfig:
     latency: dict[str, float] = field(default_factory=dict)
     placement: str = "auto"  # daemon | spill | auto (daemon when there is more than one tier)
     recompute: dict[str, float] = field(default_factory=dict)  # CostModel recompute_a / recompute_b overrides
+    daemon: dict[str, Any] = field(default_factory=dict)  # DaemonConfig options (placement.py), e.g. first_sight
     workdir: str | None = None
 
 
@@ -334,9 +335,8 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
     daemon = None
     use_daemon = cfg.placement == "daemon" or (cfg.placement == "auto" and len(tiers) > 1)
     if use_daemon and len(tiers) > 1:
-        daemon = PlacementDaemon(store, DaemonConfig(batch=256))
-        for t in tiers[:-1]:  # as PlacementDaemon.start(), but rounds run here, between requests
-            t.evict_on_put = False
+        daemon = PlacementDaemon(store, DaemonConfig.from_dict({"batch": 256, **cfg.daemon}))
+        daemon.attach()  # as PlacementDaemon.start(), but rounds run here, between requests
         store.daemon = daemon
     cost = _cost(cfg)
     lat_bw = np.array([cost.tier_cost(t) for t in tiers])

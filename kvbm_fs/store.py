@@ -29,6 +29,7 @@ from .transfer import put_rows, transfer
 if TYPE_CHECKING:
     from .daemon import DaemonConfig, PlacementDaemon
     from .metrics import StoreMetrics
+    from .placement import FirstSight
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +91,7 @@ class Store:
         self._closed = False
         self.cost = cost or CostModel()
         self.daemon: PlacementDaemon | None = None
+        self.placement: FirstSight | None = None  # where puts naming no tier land (set by the daemon)
         self.metrics: StoreMetrics | None = None
         self._fg = 0  # foreground operations in flight (the daemon yields to them)
         self.exported: list[Any] = []  # PeerServers serving this store's tiers to peers
@@ -141,7 +143,7 @@ class Store:
         the next tier down when ``spill`` (``transfer.put_rows``). Returns the mask of keys now stored somewhere."""
         self._live()
         rows = self._rows(keys, data, "put")
-        start = self.tiers.index(self.tier(tier)) if tier else 0
+        start = self.tiers.index(self.tier(tier)) if tier else self.placement.start(keys) if self.placement else 0
         with self._foreground():
             placed = put_rows(keys, rows, self.tiers, start, spill)
         self._count(put_blocks=int(placed.ok.sum()))
