@@ -233,7 +233,7 @@ class Report:
     tokens_per_s: float = 0.0
     stopped: str | None = None  # "max_blocks" | "max_bytes" when a budget ended the run
     verified: dict[str, dict[str, int]] = field(default_factory=dict)  # --verify: per persistent tier
-    retained: dict[str, int] = field(default_factory=dict)  # --retain/--no-retain: per disk tier, blocks re-ranked
+    retained: dict[str, int] = field(default_factory=dict)  # --retain/--no-retain: per tier, blocks (re)marked
     bad_lines: list[dict[str, str]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
     engine_counters: dict[str, float] = field(default_factory=dict)
@@ -257,9 +257,9 @@ def set_retain(
     hashes: np.ndarray | None = None,
 ) -> dict[str, int]:  # fmt: skip
     """Mark the blocks ``hashes`` (default: all held) of the namespaces retained (``share``: default
-    0.3), or unmark the namespaces, on every tier that keeps marks (disk tiers); {tier: blocks
-    re-ranked}. Other tiers rely on their own lifecycle."""
-    from .tiers.disk.tier import DEFAULT_RETAIN_SHARE, check_share
+    0.3), or unmark them, on every tier that keeps marks (disk, remote, mooncake); {tier: blocks
+    re-ranked}. GPU and host tiers are process memory: nothing there outlives the run."""
+    from .tier import DEFAULT_RETAIN_SHARE, check_share
 
     share = check_share(DEFAULT_RETAIN_SHARE if share is None else share) if retain else None
     out: dict[str, int] = {}
@@ -349,12 +349,12 @@ def run(
     retain_share: float | None = None,
 ) -> Report:
     """Prefill the shard's prompts not yet stored, most shared prefixes first, within the budget.
-    ``retain`` True then marks the corpus's blocks retained on the disk tiers, False unmarks the
-    namespaces, None leaves marks alone."""
+    ``retain`` True then marks the corpus's blocks retained on the tiers that keep marks (disk, remote,
+    mooncake), False unmarks them, None leaves marks alone."""
     if batch_size < 1:
         raise ConfigError(f"batch size must be >= 1, got {batch_size}")
     if retain and retain_share is not None:
-        from .tiers.disk.tier import check_share
+        from .tier import check_share
 
         check_share(retain_share)  # before the run, not after it
     t0 = time.perf_counter()
@@ -420,10 +420,13 @@ def run(
     finally:
         tally.stop()
     rep.blocks_stored = int((now & ~held_before).sum())
-    if retain is not None:  # every block of the corpus held now, stored by this run or before
-        rep.retained = set_retain(engine.store, engine.namespaces, retain, retain_share, uniq[now])
+    if retain is not None:  # every block of the corpus held now, stored by this run or before, most shared
+        ranked = np.concatenate([uidx[i] for i in order]) if order else np.zeros(0, np.int64)  # first (a tier
+        _, at = np.unique(ranked, return_index=True)  # that keeps only part of them keeps those)
+        ranked = ranked[np.sort(at)]
+        rep.retained = set_retain(engine.store, engine.namespaces, retain, retain_share, uniq[ranked[now[ranked]]])
         if not rep.retained:
-            log.warning("kvbm-fs prepopulate: --retain: no tier keeps retain marks (only disk tiers do)")
+            log.warning("kvbm-fs prepopulate: --retain: no tier keeps retain marks (disk, remote and mooncake do)")
     if verify:
         new = np.flatnonzero(now & ~held_before)
         rep.verified = verify_blocks(engine, uniq[new], all_p[first[new]])
@@ -476,8 +479,9 @@ def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--report", help="also write the JSON report to this file")
     p.add_argument("--verify", action="store_true", help="read the stored blocks back from each persistent tier")
     p.add_argument("--retain", action=argparse.BooleanOptionalAction, default=None,
-                   help="keep the namespace on disk tiers against everyday eviction (--no-retain: undo)")  # fmt: skip
-    p.add_argument("--retain-share", type=float, help="most of each disk tier retained blocks keep (default 0.3)")
+                   help="keep the corpus's blocks on disk, remote and mooncake tiers against everyday eviction "
+                        "(--no-retain: undo)")  # fmt: skip
+    p.add_argument("--retain-share", type=float, help="most of each tier's capacity retained blocks keep (default 0.3)")
     return p
 
 
@@ -557,7 +561,7 @@ def prepopulate_cli(args: argparse.Namespace) -> int:
         args.max_bytes = parse_size(args.max_bytes)
     spec = parse_shard(args.shard)
     if args.retain_share is not None:
-        from .tiers.disk.tier import check_share
+        from .tier import check_share
 
         check_share(args.retain_share)
     corpus = read_inputs(args)

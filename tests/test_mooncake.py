@@ -284,3 +284,67 @@ def test_a_store_spills_into_mooncake_and_a_fresh_store_loads_from_it(master: Mo
         out = np.zeros_like(data)
         assert two.get(keys, out, m).all()
         assert np.array_equal(out, data)
+
+
+def soft_pinned(m: MooncakeMaster) -> int:
+    """How many keys the master holds soft-pinned (its metric)."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{m.admin_port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return int(next(ln.split()[-1] for ln in text.splitlines() if ln.startswith("master_soft_pin_key_count")))
+
+
+@pytest.fixture
+def own_master() -> Iterator[MooncakeMaster]:
+    """A master whose pool holds only this test's objects (the module's pool is fragmented by 8 KiB
+    objects of the other tests, where Mooncake then refuses 256 KiB puts instead of evicting)."""
+    with MooncakeMaster(lease_ms=200, extra=["--client_ttl=2"]) as m:
+        yield m
+
+
+def test_retained_blocks_are_soft_pinned_and_outlive_eviction_pressure(own_master: MooncakeMaster) -> None:
+    """prepopulate --retain on Mooncake: blocks written back soft-pinned, which the master evicts only
+    when nothing else can go (its default, --allow_evict_soft_pinned_objects=true); undo unpins them.
+    256 KiB blocks, so that twice the 16 MiB pool is a few puts."""
+    from kvbm_fs import KVLayout, Namespace
+
+    master = own_master
+    assert MooncakeConfig.parse("h:1", {"retain_ttl": "3600"}).retain_ttl == 3600.0
+    for bad in ("0", "-1", "inf", "x"):
+        with pytest.raises(ConfigError, match="retain_ttl"):
+            MooncakeConfig.parse("h:1", {"retain_ttl": bad})
+    big = Namespace("retain", KVLayout(num_layers=4, num_kv_heads=8, head_dim=128, block_size=16, dtype="float16"))
+    nb = big.block_nbytes
+    url = master.url + f"&prefix=r&segment=16MiB&local_buffer=4MiB&staging={16 * (nb + 128)}"
+    t = open_tier(url, block_nbytes=nb, block_size=16)
+    assert isinstance(t, MooncakeTier)
+
+    def churn(start: int) -> None:
+        for a in range(0, 128, 16):  # 32 MiB of everyday traffic
+            keys = chain(big, 16, start=start + a)
+            t.put(keys, blocks_for(keys, nb))
+
+    try:
+        warm, cold = chain(big, 6, start=1), chain(big, 6, start=100)
+        assert t.put(warm, blocks_for(warm, nb)).all() and t.put(cold, blocks_for(cold, nb)).all()
+        with pytest.raises(ConfigError, match="retain share"):
+            t.retain(big.id, 1.5)
+        assert t.retain(big.id, 0.25, warm.hashes[::-1]) == 6  # budget: 15 of the 63 blocks the segment holds
+        assert t.retained() == {"marks": {big.id: 0.25}, "blocks": None, "budget": 15}
+        for r in range(4):  # until Mooncake has evicted the ordinary blocks (it refuses some puts meanwhile)
+            churn(1000 + 200 * r)
+            if not t.contains(cold).any():
+                break
+        assert t.contains(warm).all() and not t.contains(cold).any()  # the ordinary ones went
+        out = np.zeros((6, nb), np.uint8)
+        assert t.get(warm, out).all() and np.array_equal(out, blocks_for(warm, nb))  # verified, intact
+        assert soft_pinned(master) == 6 + 1  # and the namespace's mark
+        assert t.retain(big.id, None, warm.hashes) == 6  # undo: written back unpinned
+        assert t.retained()["marks"] == {} and soft_pinned(master) == 0
+        assert t.retain(big.id, 0.01, warm.hashes) == 0  # budget: 0 of 63
+        t.retain(big.id, None)
+    finally:
+        for keys in t.iter_keys():
+            t.delete(keys)
+        t.close()

@@ -125,6 +125,25 @@ class Client:
             self.store.batch_put_from(keys, stage.ptrs(n), [self.object_bytes] * n, self.replicate), np.int64
         )
 
+    def upsert(self, keys: list[str], stage: Staging, n: int, config: Any) -> np.ndarray:
+        """Write the first ``n`` staging rows over the objects ``keys`` (with ``config``'s soft pin)."""
+        return np.asarray(self.store.batch_upsert_from(keys, stage.ptrs(n), [self.object_bytes] * n, config), np.int64)
+
+    def pin_config(self, pin: bool) -> Any:
+        """A ReplicateConfig that soft-pins (for ``retain_ttl`` after each use) or unpins what it writes.
+        Mooncake 0.3.13 says it with ``soft_pin_action``; older wheels with ``with_soft_pin``."""
+        rc = type(self.replicate)()
+        rc.replica_num = self.cfg.replicas
+        if hasattr(rc, "soft_pin_action"):
+            from mooncake.store import SoftPinAction
+
+            rc.soft_pin_action = SoftPinAction.ENABLE if pin else SoftPinAction.DISABLE
+            if pin:
+                rc.soft_pin_ttl_ms = max(1, int(self.cfg.retain_ttl * 1000))
+        else:
+            rc.with_soft_pin = pin
+        return rc
+
     def get(self, keys: list[str], stage: Staging, n: int) -> np.ndarray:
         return np.asarray(self.store.batch_get_into(keys, stage.ptrs(n), [self.object_bytes] * n), np.int64)
 

@@ -43,6 +43,7 @@ class MooncakeConfig:
     breaker_threshold: int = 3
     breaker_cooldown: float = 5.0
     policy: str | None = None  # only its admission filter (+tinylfu, +count2) applies; eviction is Mooncake's
+    retain_ttl: float = 86400.0  # s a retained block's soft pin lasts after its last use (the master caps it)
 
     @classmethod
     def parse(cls, location: str, options: dict[str, Any]) -> MooncakeConfig:
@@ -74,7 +75,8 @@ class MooncakeConfig:
         cap = opts.pop("capacity", None)
         capacity = None if cap in (None, "") else parse_size(cap, "mooncake capacity")
         nums: dict[str, Any] = {}
-        for k, conv in (("replicas", int), ("breaker_threshold", int), ("breaker_cooldown", float)):
+        for k, conv in (("replicas", int), ("breaker_threshold", int), ("breaker_cooldown", float),
+                        ("retain_ttl", float)):  # fmt: skip
             if k in opts:
                 try:
                     nums[k] = conv(opts.pop(k))
@@ -82,6 +84,8 @@ class MooncakeConfig:
                     raise ConfigError(f"mooncake tier option {k}={options[k]!r} is not a number") from None
         if nums.get("replicas", 1) < 1 or nums.get("breaker_threshold", 1) < 1 or nums.get("breaker_cooldown", 0) < 0:
             raise ConfigError("mooncake tier: replicas and breaker_threshold must be >= 1, breaker_cooldown >= 0")
+        if not 0.001 <= nums.get("retain_ttl", 1.0) < float("inf"):
+            raise ConfigError("mooncake tier: retain_ttl is seconds, at least 0.001")
         rdma_devices = str(opts.pop("rdma_devices", ""))
         policy = opts.pop("policy", None)
         assert not opts, opts

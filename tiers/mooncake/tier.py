@@ -33,7 +33,7 @@ from kvbm_fs.keys import BlockKeys
 from kvbm_fs.policy import make_policy
 from kvbm_fs.resilience import CircuitBreaker
 from kvbm_fs.rows import copy_rows, host_rows
-from kvbm_fs.tier import Admission, KeyPinnedTier, KeyPins, Medium
+from kvbm_fs.tier import DEFAULT_RETAIN_SHARE, Admission, KeyPinnedTier, KeyPins, Medium, check_share
 from kvbm_fs.tiers.mooncake.client import (
     OBJECT_ALREADY_EXISTS,
     OBJECT_NOT_FOUND,
@@ -51,6 +51,7 @@ from kvbm_fs.tiers.mooncake.master import list_keys
 log = logging.getLogger(__name__)
 UNBOUNDED = 1 << 62
 LOG_MAX = 1 << 22  # keys of this process's writes remembered (eviction order, EVICTED events)
+MARK = b"KVRETN01"  # value of a retain mark, <prefix>/retain/<ns:016x>: this, then the share (f64)
 
 
 class MooncakeTier(KeyPinnedTier):
@@ -380,6 +381,75 @@ class MooncakeTier(KeyPinnedTier):
         with self._lock:
             self._count -= evicted
             return max(0, min(n, cap - self._count))
+
+    # ---- retain (Mooncake soft pins) -------------------------------------------------------
+    def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE, hashes: np.ndarray | None = None) -> int:
+        """Soft-pin the blocks ``hashes`` of ``ns`` (default: all this prefix holds; blocks stored later
+        are ordinary): Mooncake's master evicts soft-pinned objects only when nothing else can go, and
+        a pin lapses ``retain_ttl`` after the block's last use. At most ``share`` of this tier's
+        capacity (``capacity=``, else the segment this process lends) is pinned, the first blocks
+        given first. ``None`` unpins ``hashes`` (default: all of ``ns``). Each block is read, verified
+        and written back (Mooncake sets pins on write). Returns blocks (un)pinned."""
+        self._live()
+        if share is not None:
+            share = check_share(share)
+        if hashes is None:
+            want = self._listed().get(ns, np.zeros(0, np.uint64))
+        else:
+            want = np.asarray(hashes, np.uint64)
+            _, first = np.unique(want, return_index=True)
+            want = want[np.sort(first)]
+            want = want[self.contains(BlockKeys(ns, want))]
+        if share is not None:
+            want = want[: self._retain_budget(share)]
+        n = self._repin(ns, want, share is not None)
+        key = f"{self.cfg.prefix}/retain/{ns:016x}"
+        if share is None:
+            self.client.store.remove(key, True)
+        else:
+            self.client.store.upsert(key, MARK + np.float64(share).tobytes(), self.client.pin_config(True))
+        return n
+
+    def _retain_budget(self, share: float) -> int:
+        return int(share * ((self.cfg.capacity or self.cfg.segment) // self.object_bytes))
+
+    def _repin(self, ns: int, hashes: np.ndarray, pin: bool) -> int:
+        """Read each block into staging, verify it, write it back with the soft pin set (or cleared)."""
+        config = self.client.pin_config(pin)
+        stage = self.client.get_rows
+        done = 0
+        for a in range(0, hashes.size, stage.rows):
+            hs = hashes[a : a + stage.rows]
+            with stage.lock:
+                codes = self.client.get(self._keys(ns, hs), stage, hs.size)
+                if not self._heard(codes, stage):
+                    break
+                got = np.flatnonzero(codes == self.object_bytes)
+                ok, _ = self._verify(stage, BlockKeys(ns, hs), got, got) if got.size else (np.zeros(0, bool), None)
+                rows = got[ok]
+                stage.buf[: rows.size] = stage.buf[rows]
+                wrote = self.client.upsert(self._keys(ns, hs[rows]), stage, rows.size, config) if rows.size else rows
+                self._heard(np.asarray(wrote, np.int64), stage)
+            done += int((np.asarray(wrote) == 0).sum())
+        return done
+
+    def retained(self) -> dict[str, Any]:
+        """The retain marks ({namespace id: share}) and how many blocks they may pin; Mooncake does not
+        say which objects are soft-pinned (``blocks`` None)."""
+        head = f"{self.cfg.prefix}/retain/"
+        marks: dict[int, float] = {}
+        try:
+            keys = [k for k in list_keys(self.cfg.admin, self.cfg.prefix) if k.startswith(head)]
+        except OSError:
+            keys = []
+        for k in keys:
+            raw = bytes(self.client.store.get(k) or b"")
+            if len(raw) == 16 and raw[:8] == MARK:
+                try:
+                    marks[int(k[len(head) :], 16)] = float(np.frombuffer(raw[8:], np.float64)[0])
+                except ValueError:
+                    continue
+        return {"marks": marks, "blocks": None, "budget": self._retain_budget(max(marks.values(), default=0.0))}
 
     def iter_keys(self) -> Iterator[BlockKeys]:
         self._live()
