@@ -51,6 +51,7 @@ from kvbm_fs.tiers.mooncake.master import list_keys
 log = logging.getLogger(__name__)
 UNBOUNDED = 1 << 62
 LOG_MAX = 1 << 22  # keys of this process's writes remembered (eviction order, EVICTED events)
+INVALID_PARAMS = -600  # Mooncake's answer to a soft-pin TTL over the master's maximum
 MARK = b"KVRETN01"  # value of a retain mark, <prefix>/retain/<ns:016x>: this, then the share (f64)
 
 
@@ -430,6 +431,11 @@ class MooncakeTier(KeyPinnedTier):
                 stage.buf[: rows.size] = stage.buf[rows]
                 wrote = self.client.upsert(self._keys(ns, hs[rows]), stage, rows.size, config) if rows.size else rows
                 self._heard(np.asarray(wrote, np.int64), stage)
+            if pin and (np.asarray(wrote) == INVALID_PARAMS).any():
+                raise ConfigError(
+                    f"{self.url}: the master refused soft pins of retain_ttl={self.cfg.retain_ttl:g} s: above its "
+                    "--max_kv_soft_pin_ttl (24 h by default)?"
+                )
             done += int((np.asarray(wrote) == 0).sum())
         return done
 
