@@ -64,6 +64,7 @@ class DaemonConfig:
     promote_to: str | None = None  # tier name; default: the fastest tier
     first_sight: str | None = None  # "auto" or a tier name: puts land there, not in the first tier (placement.py)
     make_room: bool = False  # promotions demote the target's coldest blocks to fit, so the target runs full
+    exclusive: bool = False  # a promoted block leaves its source tier (not the bottom one): no copy in two tiers
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DaemonConfig:
@@ -273,6 +274,8 @@ class PlacementDaemon:
             self._make_room(todo.size)
         ok = transfer(keys[todo], src, self.target)
         n = int(ok.sum())
+        if n and self.config.exclusive and src is not self.store.tiers[-1]:
+            self._delete(src, keys[todo[ok]])
         self.counters["prefetched_blocks" if kind == "prefetch" else "promoted_blocks"] += n
         self.counters["promoted_bytes"] += n * src.block_nbytes
         if n:

@@ -93,3 +93,23 @@ def test_replay_with_make_room_fills_host_and_keeps_the_hit_ratio() -> None:
     assert full["hit_ratio"] == base["hit_ratio"]  # no block is lost either way
     assert full["tier_blocks"]["host0"] == cap > base["tier_blocks"]["host0"]
     assert full["first_tier_share_of_hits"] > base["first_tier_share_of_hits"]
+
+
+def test_exclusive_promotion_leaves_the_disk_but_the_bottom_tier_keeps_its_copy(tmp_path: Path) -> None:
+    urls = [f"host://?capacity={8 * NB}", f"file://{tmp_path}/disk?capacity={16 * SLOT}", f"remote+file://{tmp_path}/r"]
+    store = mount(*urls, layout=LAYOUT, model="host-share", env={})
+    d = store.start_daemon({"exclusive": True, "make_room": True})
+    d.stop()
+    on_disk, ddata = chain(store, 3, seed=5)
+    remote, rdata = chain(store, 3, seed=6)
+    store.put(on_disk, ddata, tier="disk")
+    store.put(remote, rdata, tier=store.tiers[2].name)
+    store.match(on_disk)
+    store.match(remote)
+    d.run_once()
+    assert store.tier("host").contains(on_disk).all() and not store.tier("disk").contains(on_disk).any()
+    assert store.tier("host").contains(remote).all() and store.tiers[2].contains(remote).all()
+    for keys, data in ((on_disk, ddata), (remote, rdata)):
+        out = np.zeros_like(data)
+        assert store.get(keys, out).all() and np.array_equal(out, data)
+    store.close(persist=False)
