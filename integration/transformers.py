@@ -22,11 +22,9 @@ This module turns the full 16-token (``block_size``) blocks of a prefill into kv
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import inspect
 import json
-import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -500,89 +498,6 @@ def prepopulate(
     return st
 
 
-def read_prompts(path: str, tokenizer: Any = None) -> list[list[int]]:
-    """Prompts from JSONL: a token-id list a line, or ``{"token_ids"|"input_ids": [...]}``, or ``{"text": ...}``
-    (then ``tokenizer`` encodes it)."""
-    out: list[list[int]] = []
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            rec = json.loads(line)
-            if isinstance(rec, dict):
-                ids = rec.get("token_ids", rec.get("input_ids"))
-                if ids is None and "text" in rec:
-                    if tokenizer is None:
-                        raise ConfigError(f"{path}:{n}: a text prompt needs a tokenizer")
-                    ids = tokenizer(rec["text"])["input_ids"]
-                rec = ids
-            if not isinstance(rec, list) or not all(isinstance(t, int) for t in rec):
-                raise ConfigError(f"{path}:{n}: expected a list of token ids, or token_ids/input_ids/text")
-            out.append(rec)
-    return out
-
-
-def configure_parser(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``kvbm-fs hf-prepopulate`` (for cli.py to attach to a subparser)."""
-    p.add_argument("model", help="local model folder (config + weights); nothing is downloaded")
-    p.add_argument("prompts", help="JSONL: a token-id list a line, or {token_ids|input_ids|text: ...}")
-    p.add_argument("--tiers", nargs="+", help="tier URLs, fastest first (default: from --config / KVBM_FS_TIERS)")
-    p.add_argument("--config", help="kvbm_fs TOML/YAML/JSON config (tiers, policy, ...)")
-    p.add_argument("--block-size", type=int, default=DEFAULT_BLOCK_SIZE)
-    p.add_argument("--batch-size", type=int, default=1, help="prompts prefilled together (right-padded)")
-    p.add_argument("--name", help="model name in the namespace (default: the folder's name_or_path)")
-    p.add_argument("--dtype", help="load the model in this dtype (default: the checkpoint's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--weights", action="store_true", help="fold a fingerprint of the weights into the namespace")
-    return p
-
-
-class _LazyTokenizer:
-    """The model folder's tokenizer, loaded only when a text prompt needs it (most prompt files are token ids)."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self._tok: Any = None
-
-    def __call__(self, text: str) -> Any:
-        if self._tok is None:
-            try:
-                self._tok = _hf().AutoTokenizer.from_pretrained(self.path, local_files_only=True)
-            except (OSError, ValueError) as e:
-                raise ConfigError(f"text prompts need a tokenizer in {self.path}: {e}") from None
-        return self._tok(text)
-
-
-def run_prepopulate(args: argparse.Namespace) -> int:
-    """``kvbm-fs hf-prepopulate``: load a local model, prefill the prompts, store their blocks, print JSON."""
-    hf = _hf()
-    dtype = getattr(torch, args.dtype) if args.dtype else "auto"
-    model = hf.AutoModelForCausalLM.from_pretrained(args.model, local_files_only=True, dtype=dtype)
-    model = model.to(args.device).eval()
-    prompts = read_prompts(args.prompts, _LazyTokenizer(args.model))
-    tiers = args.tiers or ()
-    opts = {"block_size": args.block_size, "name": args.name, "weights": args.weights, "config": args.config}
-    with mount_model(model, *tiers, **opts) as store:
-        st = prepopulate(model, store, prompts, batch_size=args.batch_size)
-        ns = store.default_namespace
-        print(json.dumps({**st.__dict__, "namespace": ns.short_id if ns else None, "model": ns.model if ns else None}))
-    return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry until cli.py wires the subcommand: ``python -m kvbm_fs.integration.transformers``."""
-    args = configure_parser(argparse.ArgumentParser(prog="kvbm-fs hf-prepopulate")).parse_args(argv)
-    try:
-        return run_prepopulate(args)
-    except KvbmError as e:
-        print(f"kvbm-fs hf-prepopulate: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())
-
-
 __all__ = [
     "CachedGeneration",
     "PrepopulateStats",
@@ -591,17 +506,13 @@ __all__ = [
     "cache_layers",
     "check_model",
     "config_fingerprint",
-    "configure_parser",
     "generate_with_cache",
     "load_prefix",
-    "main",
     "model_layout",
     "model_name",
     "model_namespace",
     "mount_model",
     "prepopulate",
-    "read_prompts",
-    "run_prepopulate",
     "save_prefill",
     "token_ids",
     "weights_fingerprint",

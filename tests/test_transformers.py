@@ -192,14 +192,9 @@ def test_prepopulate_then_serve(model: Any, tmp_path: Path) -> None:
     assert torch.equal(second.sequences, full_prefill(model, SECOND))
 
 
-def test_read_prompts_and_cli(model: Any, tmp_path: Path) -> None:
+def test_hf_prepopulate_cli(model: Any, tmp_path: Path) -> None:
     src = tmp_path / "prompts.jsonl"
     src.write_text(f"{FIRST.tolist()}\n\n" + '{"token_ids": [1, 2, 3]}\n')
-    assert kt.read_prompts(str(src)) == [FIRST.tolist(), [1, 2, 3]]
-    bad = tmp_path / "text.jsonl"
-    bad.write_text('{"text": "hello"}\n')
-    with pytest.raises(ValueError, match="tokenizer"):
-        kt.read_prompts(str(bad))
     model.save_pretrained(tmp_path / "model")
     from kvbm_fs.cli import main as cli_main
 
