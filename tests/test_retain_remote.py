@@ -26,7 +26,14 @@ SLOTS = 12
 
 @pytest.fixture
 def url(s3_bucket: str) -> str:
+    """A fresh prefix on each S3 server (moto, SeaweedFS): what the marks rely on, plain objects."""
     return f"s3://{s3_bucket}/{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture
+def moto_url(bucket: str) -> str:
+    """A fresh prefix on moto: the rest is the tier's own logic, the same on any server."""
+    return f"s3://{bucket}/{uuid.uuid4().hex[:8]}"
 
 
 def _open(s3: Any, url: str, slots: int | None = SLOTS, **kw: Any) -> RemoteTier:
@@ -78,7 +85,8 @@ def test_beyond_the_share_the_oldest_retained_go_first(s3_server: Any, url: str)
     t.close()
 
 
-def test_undo_with_no_retain_and_with_rm(s3_server: Any, url: str) -> None:
+def test_undo_with_no_retain_and_with_rm(moto_s3: Any, moto_url: str) -> None:
+    s3_server, url = moto_s3, moto_url
     t = _open(s3_server, url)
     warm = chain(NS_B, 5)
     _put(t, warm)
@@ -101,7 +109,8 @@ def test_undo_with_no_retain_and_with_rm(s3_server: Any, url: str) -> None:
     t.close()
 
 
-def test_marks_are_objects_beside_the_blocks(s3_server: Any, url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_marks_are_objects_beside_the_blocks(moto_s3: Any, moto_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    s3_server, url = moto_s3, moto_url
     import kvbm_fs.tiers.remote.tier as rt
 
     t = _open(s3_server, url, slots=None)  # unbounded: marks kept, nothing to evict

@@ -13,6 +13,7 @@ objects by name (immutable), so a listing costs GETs only for marks they have no
 from __future__ import annotations
 
 import struct
+import threading
 import time
 import uuid
 
@@ -55,38 +56,42 @@ def decode(raw: bytes) -> tuple[float, np.ndarray]:
 
 
 class Marks:
-    """The marks a tier has read, by object path (objects never change, so each is read once)."""
+    """The marks a tier has read, by object path (objects never change, so each is read once);
+    thread-safe (puts evict while another thread marks)."""
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[int, float, np.ndarray]] = {}  # path -> (ns, share, hashes)
+        self.lock = threading.Lock()
 
     def missing(self, paths: list[str]) -> list[str]:
         """Forget objects no longer listed; the listed ones not read yet."""
         listed = set(paths)
-        for p in [p for p in self.objects if p not in listed]:
-            del self.objects[p]
-        return [p for p in paths if p not in self.objects]
+        with self.lock:
+            for p in [p for p in self.objects if p not in listed]:
+                del self.objects[p]
+            return [p for p in paths if p not in self.objects]
 
     def add(self, path: str, raw: bytes) -> None:
         ns = parse_path(path)
         if ns is not None:
             share, hs = decode(raw)
-            self.objects[path] = (ns, share, hs)
+            with self.lock:
+                self.objects[path] = (ns, share, hs)
 
     def shares(self) -> dict[int, float]:
         """{namespace: share of its newest mark object} (names sort by write time)."""
-        out: dict[int, float] = {}
-        for p in sorted(self.objects, key=lambda p: p.rsplit("/", 1)[-1]):
-            ns, share, _ = self.objects[p]
-            out[ns] = share
-        return out
+        with self.lock:
+            items = sorted(self.objects.items(), key=lambda kv: kv[0].rsplit("/", 1)[-1])
+        return {ns: share for _, (ns, share, _) in items}
 
     def hashes(self) -> dict[int, np.ndarray]:
         """{namespace: its marked hashes, sorted and unique}."""
         parts: dict[int, list[np.ndarray]] = {}
-        for ns, _, hs in self.objects.values():
-            parts.setdefault(ns, []).append(hs)
+        with self.lock:
+            for ns, _, hs in self.objects.values():
+                parts.setdefault(ns, []).append(hs)
         return {ns: np.unique(np.concatenate(p)) for ns, p in parts.items()}
 
     def paths(self, ns: int) -> list[str]:
-        return [p for p, (n, _, _) in self.objects.items() if n == ns]
+        with self.lock:
+            return [p for p, (n, _, _) in self.objects.items() if n == ns]
