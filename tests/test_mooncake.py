@@ -344,6 +344,7 @@ def test_retained_blocks_are_soft_pinned_and_outlive_eviction_pressure(own_maste
         assert t.retained()["marks"] == {} and soft_pinned(master) == 0
         assert t.retain(big.id, 0.01, warm.hashes) == 0  # budget: 0 of 63
         t2 = open_tier(url + "&retain_ttl=200000", block_nbytes=nb, block_size=16)  # 55 h: over the master's cap
+        assert isinstance(t2, MooncakeTier)
         with pytest.raises(ConfigError, match="max_kv_soft_pin_ttl"):
             t2.retain(big.id, 0.25, warm.hashes)
         t2.close()
