@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     r.add_argument("--bandwidth", nargs="+", help="tier bandwidths for the cost model, NAME=BYTES_PER_S (host=12e9)")
     r.add_argument("--latency", nargs="+", help="tier latencies for the cost model, NAME=SECONDS (remote=0.03)")
+    r.add_argument("--daemon", nargs="+", metavar="OPT=VALUE", help="placement daemon options (make_room=true)")
     r.add_argument("--out", help="folder for replay.json and replay.png")
     r.add_argument("--limit", type=int, help="replay only the first N requests")
     r.add_argument("--jobs", type=int, default=1, help="replays to run in parallel processes (default 1)")
@@ -178,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
                 prefill_tps=args.prefill_tps,
                 kv_bytes_per_token=args.kv_bytes_per_token,
                 recompute=args.recompute,
+                daemon=args.daemon,
                 bandwidth=args.bandwidth,
                 latency=args.latency,
                 out_dir=args.out,

@@ -25,6 +25,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -80,8 +81,30 @@ class DaemonConfig:
             raise ConfigError("daemon batch must be >= 1, interval > 0 and rate_limit > 0 (or unset)")
         return cfg
 
+    @classmethod
+    def parse_options(cls, items: Iterable[str]) -> dict[str, Any]:
+        """``["make_room=true", "batch=64"]`` (command-line form) -> options, checked by :meth:`from_dict`."""
+        out: dict[str, Any] = {}
+        for item in items:
+            k, eq, v = item.partition("=")
+            if not eq or not k.strip():
+                raise ConfigError(f"daemon option {item!r} must look like NAME=VALUE, e.g. make_room=true")
+            low = v.strip().lower()
+            out[k.strip()] = None if low in ("none", "") else low == "true" if low in ("true", "false") else _num(v)
+        cls.from_dict(out)
+        return out
+
     def marks(self, tier: str) -> Watermarks:
         return self.watermarks.get(tier, self.default)
+
+
+def _num(v: str) -> int | float | str:
+    for conv in (int, float):
+        try:
+            return conv(v)
+        except ValueError:
+            pass
+    return v.strip()
 
 
 class PlacementDaemon:

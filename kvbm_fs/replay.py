@@ -596,7 +596,10 @@ def run_cli(
     jobs: int,
     json_only: bool,
     recompute: Sequence[float] | None = None,
+    daemon: Sequence[str] | None = None,
 ) -> int:
+    from .daemon import DaemonConfig
+
     trace = load_trace(trace_path, limit)
     if prefill_tps <= 0 or not math.isfinite(prefill_tps):
         raise ConfigError(f"--prefill-tps must be > 0, got {prefill_tps}")
@@ -609,6 +612,7 @@ def run_cli(
         latency=_pairs(latency, "--latency"),
         placement=placement,
         recompute=dict(zip(("recompute_a", "recompute_b"), recompute)) if recompute else {},
+        daemon=DaemonConfig.parse_options(daemon or ()),  # bad options fail before any replay
     )
     _cost(base)  # bad --recompute values fail before any replay
     _layout(base.block_bytes if real_bytes else TINY_BLOCK_BYTES)

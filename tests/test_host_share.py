@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 from conftest import LAYOUT, tokens
 
 from kvbm_fs import ConfigError, Store, mount
+from kvbm_fs.cli import main
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.replay import ReplayConfig, TierSpec, replay_one
 from kvbm_fs.testing import blocks_for
@@ -113,3 +115,15 @@ def test_exclusive_promotion_leaves_the_disk_but_the_bottom_tier_keeps_its_copy(
         out = np.zeros_like(data)
         assert store.get(keys, out).all() and np.array_equal(out, data)
     store.close(persist=False)
+
+
+def test_cli_replay_daemon_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    p = tmp_path / "trace.jsonl"
+    p.write_text("".join(json.dumps({"hash_ids": r.tolist()}) + "\n" for r in multi_turn(scale=0.05).requests))
+    args = ["replay", str(p), "--capacities", "0.05", "--policies", "parc", "--json",
+            "--tiers", "host:0.05", "host:0.2", "host:1.5"]  # fmt: skip
+    assert main([*args, "--daemon", "make_room=true"]) == 0
+    r = json.loads(capsys.readouterr().out)["multi_tier"]["policies"]["parc"]
+    assert r["tier_blocks"]["host0"] == r["capacity_blocks"][0]  # the fast tier ran full
+    assert main([*args, "--daemon", "make_rooom=true"]) == 2
+    assert "unknown daemon option" in capsys.readouterr().err
