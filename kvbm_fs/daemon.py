@@ -56,7 +56,7 @@ class Watermarks:
 @dataclass
 class DaemonConfig:
     watermarks: dict[str, Watermarks] = field(default_factory=dict)  # by tier name; default for the rest
-    default: Watermarks = field(default_factory=Watermarks)
+    default: Watermarks | None = None  # for every tier without its own; None: not set (0.90 / 0.75)
     batch: int = 64
     interval: float = 0.05
     rate_limit: float | None = None  # bytes per second of migration; None: unlimited
@@ -74,7 +74,8 @@ class DaemonConfig:
         extra = set(d) - known - {"high", "low"}
         if extra:
             raise ConfigError(f"unknown daemon option(s) {sorted(extra)}; known: {sorted(known | {'high', 'low'})}")
-        default = Watermarks(float(d.pop("high", 0.90)), float(d.pop("low", 0.75)))
+        given = "high" in d or "low" in d
+        default = Watermarks(float(d.pop("high", 0.90)), float(d.pop("low", 0.75))) if given else None
         marks = {k: Watermarks(**v) if isinstance(v, dict) else v for k, v in dict(d.pop("watermarks", {})).items()}
         cfg = cls(watermarks=marks, default=default, **d)
         if cfg.batch < 1 or cfg.interval <= 0 or (cfg.rate_limit is not None and cfg.rate_limit <= 0):
@@ -95,7 +96,7 @@ class DaemonConfig:
         return out
 
     def marks(self, tier: str) -> Watermarks:
-        return self.watermarks.get(tier, self.default)
+        return self.watermarks.get(tier, self.default or Watermarks())
 
 
 def _num(v: str) -> int | float | str:
@@ -188,9 +189,10 @@ class PlacementDaemon:
         return moved
 
     def _marks(self, tier: Tier) -> Watermarks:
-        """With ``make_room`` the promotion target makes room as it promotes: no watermark of its own
-        (unless configured), so it runs full rather than between the low and high marks."""
-        if self.config.make_room and tier is self.target and tier.name not in self.config.watermarks:
+        """With ``make_room`` the promotion target makes room as it promotes: no watermark unless one is
+        set (for it, or ``high``/``low`` for all), so it runs full rather than between the two marks."""
+        cfg = self.config
+        if cfg.make_room and tier is self.target and tier.name not in cfg.watermarks and cfg.default is None:
             return Watermarks(1.0, 1.0)
         return self.config.marks(tier.name)
 

@@ -127,3 +127,18 @@ def test_cli_replay_daemon_options(tmp_path: Path, capsys: pytest.CaptureFixture
     assert r["tier_blocks"]["host0"] == r["capacity_blocks"][0]  # the fast tier ran full
     assert main([*args, "--daemon", "make_rooom=true"]) == 2
     assert "unknown daemon option" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("opts", "left"), [({"make_room": True}, 8), ({"make_room": True, "high": 0.5, "low": 0.25}, 2)]
+)
+def test_make_room_drops_the_targets_watermark_only_when_none_is_set(
+    tmp_path: Path, opts: dict[str, object], left: int
+) -> None:
+    store = host_disk(tmp_path, opts)
+    keys, data = chain(store, 8, seed=7)
+    assert store.put(keys, data, tier="host").all()
+    assert store.daemon is not None
+    store.daemon.run_once()
+    assert len(store.tier("host")) == left
+    store.close(persist=False)
