@@ -325,13 +325,30 @@ def test_retained_blocks_are_soft_pinned_and_outlive_eviction_pressure(own_maste
             keys = chain(big, 16, start=start + a)
             t.put(keys, blocks_for(keys, nb))
 
+    def bounded_tier() -> MooncakeTier:
+        b = open_tier(url.replace("prefix=r", "prefix=rc") + f"&capacity={8 * (nb + codec.HEADER_SIZE)}",
+                      block_nbytes=nb, block_size=16)  # fmt: skip
+        assert isinstance(b, MooncakeTier)
+        return b
+
+    bounded = [bounded_tier(), bounded_tier()]
     try:
+        # capacity=: the tier's own eviction spares them too, in another instance (the mark names them)
+        w2 = chain(big, 4, start=500)
+        assert bounded[0].put(w2, blocks_for(w2, nb)).all()
+        assert bounded[0].retain(big.id, 0.5, w2.hashes) == 4  # budget: 4 of 8
+        for a in range(0, 16, 4):
+            keys = chain(big, 4, start=600 + a)
+            assert bounded[1].put(keys, blocks_for(keys, nb)).all()
+        assert bounded[1].contains(w2).all() and len(bounded[1]) == 8
+        assert bounded[1].retain(big.id, None) == 4
+
         warm, cold = chain(big, 6, start=1), chain(big, 6, start=100)
         assert t.put(warm, blocks_for(warm, nb)).all() and t.put(cold, blocks_for(cold, nb)).all()
         with pytest.raises(ConfigError, match="retain share"):
             t.retain(big.id, 1.5)
         assert t.retain(big.id, 0.25, warm.hashes[::-1]) == 6  # budget: 15 of the 63 blocks the segment holds
-        assert t.retained() == {"marks": {big.id: 0.25}, "blocks": None, "budget": 15}
+        assert t.retained() == {"marks": {big.id: 0.25}, "blocks": 6, "budget": 15}
         for r in range(4):  # until Mooncake has evicted the ordinary blocks (it refuses some puts meanwhile)
             churn(1000 + 200 * r)
             if not t.contains(cold).any():
@@ -340,7 +357,7 @@ def test_retained_blocks_are_soft_pinned_and_outlive_eviction_pressure(own_maste
         out = np.zeros((6, nb), np.uint8)
         assert t.get(warm, out).all() and np.array_equal(out, blocks_for(warm, nb))  # verified, intact
         assert soft_pinned(master) == 6 + 1  # and the namespace's mark
-        assert t.retain(big.id, None, warm.hashes) == 6  # undo: written back unpinned
+        assert t.retain(big.id, None) == 6  # undo: what the mark names, written back unpinned
         assert t.retained()["marks"] == {} and soft_pinned(master) == 0
         assert t.retain(big.id, 0.01, warm.hashes) == 0  # budget: 0 of 63
         t2 = open_tier(url + "&retain_ttl=200000", block_nbytes=nb, block_size=16)  # 55 h: over the master's cap
@@ -350,6 +367,7 @@ def test_retained_blocks_are_soft_pinned_and_outlive_eviction_pressure(own_maste
         t2.close()
         t.retain(big.id, None)
     finally:
-        for keys in t.iter_keys():
-            t.delete(keys)
-        t.close()
+        for tier in (t, *bounded):
+            for keys in tier.iter_keys():
+                tier.delete(keys)
+            tier.close()

@@ -361,15 +361,23 @@ class MooncakeTier(KeyPinnedTier):
             return max(0, min(n, cap - self._count))
         with self._lock:
             pinned = set(self._pins)
+        marks = self._marks()  # retained blocks go after every ordinary one, within their share
+        budget = self._retain_budget(max(sh for sh, _ in marks.values())) if marks else 0
         cand: list[tuple[int, int, int]] = []
+        kept: list[tuple[int, int, int]] = []
+        held = 0
         for ns, hs in listed.items():
             with self._lock:
                 seq, _ = self._written.find(ns, hs)
             skip = np.isin(hs, keep.hashes) if ns == keep.ns else np.zeros(hs.size, bool)
-            cand += [(int(s), ns, h) for s, h, k in zip(seq.tolist(), hs.tolist(), skip.tolist())
-                     if not k and (ns, h) not in pinned]  # fmt: skip
+            ret = np.isin(hs, marks[ns][1]) if ns in marks else np.zeros(hs.size, bool)
+            held += int(ret.sum())
+            for s_, h, k, r in zip(seq.tolist(), hs.tolist(), skip.tolist(), ret.tolist()):
+                if not k and (ns, h) not in pinned:
+                    (kept if r else cand).append((int(s_), ns, h))
         cand.sort()
-        victims = cand[:over]
+        kept.sort()
+        victims = (kept[: max(0, min(over, held - budget))] + cand)[:over]
         evicted = 0
         for ns in {v[1] for v in victims}:
             hs = np.array([h for _, n2, h in victims if n2 == ns], np.uint64)
@@ -389,11 +397,20 @@ class MooncakeTier(KeyPinnedTier):
         are ordinary): Mooncake's master evicts soft-pinned objects only when nothing else can go, and
         a pin lapses ``retain_ttl`` after the block's last use. At most ``share`` of this tier's
         capacity (``capacity=``, else the segment this process lends) is pinned, the first blocks
-        given first. ``None`` unpins ``hashes`` (default: all of ``ns``). Each block is read, verified
-        and written back (Mooncake sets pins on write). Returns blocks (un)pinned."""
+        given first. ``None`` unpins every block the namespace's mark names. Each block is read,
+        verified and written back (Mooncake sets pins on write); the mark, a key holding the share and
+        the pinned hashes, lets every instance's ``capacity=`` bound spare them too. Returns blocks
+        (un)pinned."""
         self._live()
         if share is not None:
             share = check_share(share)
+        key = self._mark_key(ns)
+        prev = self._read_mark(key)[1]
+        prev = prev[self.contains(BlockKeys(ns, prev))] if prev.size else prev
+        if share is None:
+            n = int(self._repin(ns, prev, False).size)
+            self.client.store.remove(key, True)
+            return n
         if hashes is None:
             want = self._listed().get(ns, np.zeros(0, np.uint64))
         else:
@@ -401,24 +418,50 @@ class MooncakeTier(KeyPinnedTier):
             _, first = np.unique(want, return_index=True)
             want = want[np.sort(first)]
             want = want[self.contains(BlockKeys(ns, want))]
-        if share is not None:
-            want = want[: self._retain_budget(share)]
-        n = self._repin(ns, want, share is not None)
-        key = f"{self.cfg.prefix}/retain/{ns:016x}"
-        if share is None:
-            self.client.store.remove(key, True)
-        else:
-            self.client.store.upsert(key, MARK + np.float64(share).tobytes(), self.client.pin_config(True))
-        return n
+        want = want[~np.isin(want, prev)][: max(0, self._retain_budget(share) - prev.size)]
+        pinned = self._repin(ns, want, True)
+        value = MARK + np.float64(share).tobytes() + np.union1d(prev, pinned).astype("<u8").tobytes()
+        if self.client.store.upsert(key, value, self.client.pin_config(True)) != 0:
+            raise ConfigError(f"{self.url}: cannot write the retain mark of {ns:016x}; run it again")
+        return int(pinned.size)
+
+    def _mark_key(self, ns: int) -> str:
+        return f"{self.cfg.prefix}/retain/{ns:016x}"
+
+    def _read_mark(self, key: str) -> tuple[float, np.ndarray]:
+        """(share, pinned hashes) of a mark key; (0, none) when absent or not a mark."""
+        raw = bytes(self.client.store.get(key) or b"")
+        if len(raw) < 16 or raw[:8] != MARK or (len(raw) - 16) % 8:
+            return 0.0, np.zeros(0, np.uint64)
+        return float(np.frombuffer(raw[8:16], np.float64)[0]), np.frombuffer(raw[16:], "<u8").astype(np.uint64)
+
+    def _marks(self) -> dict[int, tuple[float, np.ndarray]]:
+        """{namespace: (share, pinned hashes)} of every mark under this prefix (none if unlisted)."""
+        head = f"{self.cfg.prefix}/retain/"
+        try:
+            keys = [k for k in list_keys(self.cfg.admin, self.cfg.prefix) if k.startswith(head)]
+        except OSError:
+            return {}
+        out = {}
+        for k in keys:
+            try:
+                ns = int(k[len(head) :], 16)
+            except ValueError:
+                continue
+            share, hs = self._read_mark(k)
+            if share:
+                out[ns] = (share, hs)
+        return out
 
     def _retain_budget(self, share: float) -> int:
         return int(share * ((self.cfg.capacity or self.cfg.segment) // self.object_bytes))
 
-    def _repin(self, ns: int, hashes: np.ndarray, pin: bool) -> int:
-        """Read each block into staging, verify it, write it back with the soft pin set (or cleared)."""
+    def _repin(self, ns: int, hashes: np.ndarray, pin: bool) -> np.ndarray:
+        """Read each block into staging, verify it, write it back with the soft pin set (or cleared);
+        the hashes written."""
         config = self.client.pin_config(pin)
         stage = self.client.get_rows
-        done = 0
+        done: list[np.ndarray] = []
         for a in range(0, hashes.size, stage.rows):
             hs = hashes[a : a + stage.rows]
             with stage.lock:
@@ -436,26 +479,15 @@ class MooncakeTier(KeyPinnedTier):
                     f"{self.url}: the master refused soft pins of retain_ttl={self.cfg.retain_ttl:g} s: above its "
                     "--max_kv_soft_pin_ttl (24 h by default)?"
                 )
-            done += int((np.asarray(wrote) == 0).sum())
-        return done
+            done.append(hs[rows][np.asarray(wrote) == 0])
+        return np.concatenate(done) if done else np.zeros(0, np.uint64)
 
     def retained(self) -> dict[str, Any]:
-        """The retain marks ({namespace id: share}) and how many blocks they may pin; Mooncake does not
-        say which objects are soft-pinned (``blocks`` None)."""
-        head = f"{self.cfg.prefix}/retain/"
-        marks: dict[int, float] = {}
-        try:
-            keys = [k for k in list_keys(self.cfg.admin, self.cfg.prefix) if k.startswith(head)]
-        except OSError:
-            keys = []
-        for k in keys:
-            raw = bytes(self.client.store.get(k) or b"")
-            if len(raw) == 16 and raw[:8] == MARK:
-                try:
-                    marks[int(k[len(head) :], 16)] = float(np.frombuffer(raw[8:], np.float64)[0])
-                except ValueError:
-                    continue
-        return {"marks": marks, "blocks": None, "budget": self._retain_budget(max(marks.values(), default=0.0))}
+        """The retain marks ({namespace id: share}), how many blocks they pin and may pin."""
+        marks = self._marks()
+        shares = {ns: share for ns, (share, _) in marks.items()}
+        return {"marks": shares, "blocks": sum(hs.size for _, hs in marks.values()),
+                "budget": self._retain_budget(max(shares.values(), default=0.0))}  # fmt: skip
 
     def iter_keys(self) -> Iterator[BlockKeys]:
         self._live()
