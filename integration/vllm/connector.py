@@ -51,11 +51,18 @@ def live_connectors() -> list[KvbmFsConnector]:
     return list(_live)
 
 
+def _is_state(spec: Any) -> bool:
+    from vllm.v1.kv_cache_interface import MambaSpec
+
+    return isinstance(spec, MambaSpec)
+
+
 class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
     """kvbm_fs as a vLLM V1 KV connector (kv_both; kv_consumer only loads, kv_producer only saves).
 
-    SupportsHMA: a hybrid model (full + sliding-window attention) keeps vLLM's hybrid KV-cache manager;
-    each KV-cache group is stored in its own namespace (docs/vllm.md, Hybrid models)."""
+    SupportsHMA: a hybrid model (full + sliding-window attention, or + Mamba under vLLM's Mamba prefix
+    caching) keeps vLLM's hybrid KV-cache manager; each KV-cache group is stored in its own namespace
+    (docs/vllm.md, Hybrid models)."""
 
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
@@ -72,7 +79,10 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
             )
         vllm_layout.refuse_state_groups(kv_cache_config)
         self.layer_names: list[str] = [n for g in kv_cache_config.kv_cache_groups for n in g.layer_names]
-        self.backend = attention_backend(vllm_config, self.layer_names)
+        kv_layers = [
+            n for g in kv_cache_config.kv_cache_groups if not _is_state(g.kv_cache_spec) for n in g.layer_names
+        ]
+        self.backend = attention_backend(vllm_config, kv_layers or self.layer_names)  # Mamba layers have their own
         if self.loads_enabled and not vllm_layout.loads_on_context(self.backend):
             log.warning(
                 "kvbm_fs: the %s attention backend cannot prefill on top of loaded KV (vLLM turns prefix caching"
@@ -81,9 +91,14 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
             )
             self.loads_enabled = False
         self.groups, group_ns = group_namespaces(vllm_config, kv_cache_config, self.extra, self.backend)
-        self.namespaces = group_ns[0]
+        vllm_layout.warn_cpu_mamba_chunks(vllm_config, self.groups)
+        primary = vllm_layout.primary_group(self.groups)
+        self.namespaces = group_ns[primary]
+        order = [primary] + [g for g in range(len(group_ns)) if g != primary]  # the store opens with the primary
         self.layout = self.namespaces[0].layout
         self.block_size = self.layout.block_size
+        # Mamba groups: the state at block boundaries, saved from vLLM's exact hand-offs, not block tables
+        self.state_groups = frozenset(g.index for g in self.groups if g.kind == "mamba")
         is_worker = role == KVConnectorRole.WORKER
         self.rank = worker_rank(vllm_config) if is_worker else 0
         self.namespace = self.namespaces[self.rank]
@@ -92,7 +107,7 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
             self.engine_id,
             "worker" if is_worker else "scheduler",
             self.extra,
-            [nss[self.rank] for nss in group_ns] if is_worker else [ns for nss in group_ns for ns in nss],
+            [group_ns[g][self.rank] for g in order] if is_worker else [ns for g in order for ns in group_ns[g]],
         )
         self.store: Store | None = store
         if not is_worker and self.loads_enabled and store is not None:
@@ -115,6 +130,7 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
                 self.stats,
                 self.options,
                 groups=[(nss[self.rank], list(g.layer_names)) for g, nss in zip(self.groups, group_ns)],
+                state_groups=self.state_groups,
             )
         else:
             self.scheduler = SchedulerSide(
@@ -127,6 +143,7 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
                 async_load=self.options.async_load,
                 save_tokens=store_config(self.extra).events is not None,
                 groups=[(g.window_blocks, nss) for g, nss in zip(self.groups, group_ns)],
+                state_groups=self.state_groups,
             )
         _live.add(self)
         log.info(

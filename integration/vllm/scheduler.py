@@ -62,6 +62,7 @@ class SchedulerSide:
         async_load: bool | str,
         save_tokens: bool,
         groups: list[tuple[int, tuple[Namespace, ...]]] | None = None,
+        state_groups: frozenset[int] = frozenset(),
     ) -> None:
         self.namespaces, self.store, self.shared, self.stats = namespaces, store, shared, stats
         # KV-cache groups: (window blocks, per-rank namespaces); window 0 is full attention. A hybrid
@@ -69,6 +70,9 @@ class SchedulerSide:
         # back through failed_recving only (whole request recomputed), never through block ids
         self.groups = groups or [(0, namespaces)]
         self.hybrid = len(self.groups) > 1
+        # Mamba groups (window 1: the state block at a prefix's end). Their blocks are saved from vLLM's
+        # exact boundary-state hand-offs: an align-mode Mamba block table is not append-only
+        self.state_groups = state_groups
         # the group whose blocks become vLLM KV events (with their tokens): the first full-attention one
         self.primary = next((g for g, (w, _) in enumerate(self.groups) if w == 0), 0)
         self.loads_enabled, self.saves_enabled, self.async_load = loads, saves, async_load
@@ -263,6 +267,8 @@ class SchedulerSide:
                 p.load = None
         if not self.saves_enabled:
             return meta
+        if self.state_groups:
+            self._plan_state_saves(scheduler_output, meta)
         sched = scheduler_output.num_scheduled_tokens
         steps = [(r.req_id, r.num_computed_tokens) for r in scheduler_output.scheduled_new_reqs]
         cached = scheduler_output.scheduled_cached_reqs
@@ -277,14 +283,14 @@ class SchedulerSide:
             if hi <= lo:
                 continue
             all_ids = self._block_ids(rid)
-            if all_ids is None or any(len(ids) < hi for ids in all_ids):
+            if all_ids is None or any(len(ids) < hi for g, ids in enumerate(all_ids) if g not in self.state_groups):
                 continue
             # a sliding-window group keeps only the windows that end at the prompt's usable end and at
             # its last full block: the prefixes a later request can load (docs/vllm.md, Hybrid models)
             usable = (len(st.request.prompt_token_ids) - 1) // self.block_size
             for g, (w, _) in enumerate(self.groups):
                 a = lo if w == 0 else max(lo, usable - w)
-                if a >= hi:
+                if a >= hi or g in self.state_groups:
                     continue
                 toks = None
                 # the store publishes KV events: they carry the blocks' tokens
@@ -297,6 +303,20 @@ class SchedulerSide:
             st.stored = hi
             self._remember_tokens(st, lo, hi)
         return meta
+
+    def _plan_state_saves(self, scheduler_output: SchedulerOutput, meta: KvbmFsMetadata) -> None:
+        """Mamba states vLLM hands off this step, each with the exact block that holds the state at a
+        block boundary (computed by this step's forward), keyed by the prompt block ending there."""
+        state = getattr(scheduler_output, "kv_connector_block_state", None)
+        offloads = getattr(state, "boundary_state_offloads", None) or {}
+        for rid, entries in offloads.items():
+            st = self._reqs.get(rid)
+            if st is None:
+                continue
+            for g, block_id, boundary in entries:
+                i = boundary // self.block_size - 1
+                if g in self.state_groups and boundary % self.block_size == 0 and 0 <= i < len(st.hashes):
+                    meta.saves.append(Transfer(rid, st.hashes[i : i + 1], st.parents[i : i + 1], [block_id], group=g))
 
     def _block_ids(self, req_id: str) -> tuple[list[int], ...] | None:
         """The request's engine block ids, one list per KV-cache group."""

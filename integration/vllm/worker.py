@@ -74,8 +74,10 @@ class WorkerSide:
         stats: Counters,
         options: Options,
         groups: list[tuple[Namespace, list[str]]] | None = None,
+        state_groups: frozenset[int] = frozenset(),
     ) -> None:
         self.namespace, self.rank, self.layer_names = namespace, rank, layer_names
+        self.state_groups = state_groups  # Mamba groups: a layer's block is its state's bytes (opaque)
         # KV-cache groups (hybrid models): each its namespace and layers; a plain model has one
         self.groups = groups or [(namespace, layer_names)]
         self.hybrid = len(self.groups) > 1
@@ -89,6 +91,8 @@ class WorkerSide:
         self._layers: list[tuple[str, torch.Tensor]] = []  # (name, view [num_blocks, *page])
         self._page_shape: tuple[int, ...] = ()
         self._kv_dtype: torch.dtype | None = None
+        # per group: (page shape, dtype, staged row length); a Mamba row is longer than its state (zeros)
+        self._gpage: list[tuple[tuple[int, ...], torch.dtype, int]] = []
         self._load_errors: set[int] = set()
         self._tainted: set[str] = set()  # requests whose load failed this step
         self._checked_ns = False
@@ -120,10 +124,11 @@ class WorkerSide:
         want = sum(ns.layout.num_layers for ns, _ in self.groups)
         if len(names) != want:
             raise LayoutMismatchError(f"kvbm_fs: {len(names)} KV layers registered, the namespace layouts have {want}")
-        layer_nbytes = [ns.layout.layer_nbytes for ns, group in self.groups for _ in range(ns.layout.num_layers)]
+        owner = [g for g, (ns, _) in enumerate(self.groups) for _ in range(ns.layout.num_layers)]
         layers: list[tuple[str, torch.Tensor]] = []
-        shape = None
-        for name in names:
+        self._gpage = []
+        for name, g in zip(names, owner):
+            layer_nbytes = self.groups[g][0].layout.layer_nbytes
             kv = kv_caches[name]
             if kv.shape[0] % num_blocks:
                 raise LayoutMismatchError(
@@ -131,15 +136,24 @@ class WorkerSide:
                 )
             view = kv.unflatten(0, (num_blocks, kv.shape[0] // num_blocks))  # kernel blocks of one engine block
             nbytes = view[0].numel() * view.element_size()
-            if nbytes != layer_nbytes[len(layers)]:
+            if g in self.state_groups:  # Mamba: the state's bytes (conv + ssm) of each block, padded when stored
+                view = view.flatten(1).view(torch.uint8)
+                ok = nbytes <= layer_nbytes
+            else:
+                ok = nbytes == layer_nbytes
+            if not ok:
                 raise LayoutMismatchError(
                     f"kvbm_fs: layer {name} holds {nbytes} bytes per block (shape {tuple(kv.shape)}, {kv.dtype});"
-                    f" the namespace layout {self.layout.to_dict()} needs {layer_nbytes[len(layers)]}"
+                    f" the namespace layout {self.groups[g][0].layout.to_dict()} needs {layer_nbytes}"
                 )
-            if shape is not None and (tuple(view.shape[1:]) != shape or view.dtype != self._kv_dtype):
-                raise LayoutMismatchError(f"kvbm_fs: layer {name} differs in shape or dtype from the first KV layer")
-            shape, self._kv_dtype = tuple(view.shape[1:]), view.dtype
+            page = (tuple(view.shape[1:]), view.dtype, layer_nbytes // view.element_size())
+            if len(self._gpage) <= g:
+                self._gpage.append(page)
+            elif page != self._gpage[g]:
+                raise LayoutMismatchError(f"kvbm_fs: layer {name} differs in shape or dtype from its group's first")
             layers.append((name, view))
+        first = next((g for g in range(len(self.groups)) if g not in self.state_groups), 0)
+        shape, self._kv_dtype = self._gpage[first][0], self._gpage[first][1]
         self._layers, self._page_shape = layers, shape or ()
         self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
         first = 0
@@ -169,9 +183,14 @@ class WorkerSide:
         self._checked_ns = True
 
     def _stage(self, n: int, group: int = 0) -> torch.Tensor:
-        assert self._kv_dtype is not None
-        page = int(np.prod(self._page_shape))
-        return torch.empty((n, len(self._group_layers[group]), page), dtype=self._kv_dtype)
+        _, dtype, row = self._gpage[group]
+        make = torch.zeros if group in self.state_groups else torch.empty  # a Mamba row's tail is padding
+        return make((n, len(self._group_layers[group]), row), dtype=dtype)
+
+    def _pages(self, stage: torch.Tensor, group: int, li: int) -> torch.Tensor:
+        """Layer ``li`` of staged rows, shaped as the engine's pages of that group."""
+        shape = self._gpage[group][0]
+        return stage[:, li, : int(np.prod(shape))].view(stage.shape[0], *shape)
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self.meta
@@ -254,7 +273,7 @@ class WorkerSide:
         for li in range(st.scattered, upto):
             view = self._layers[self._group_layers[st.group][li]][1]
             if n:
-                view[st.idx.to(view.device)] = st.stage[:, li].reshape(n, *self._page_shape).to(view.device)
+                view[st.idx.to(view.device)] = self._pages(st.stage, st.group, li).to(view.device)
         st.scattered = max(st.scattered, upto)
 
     def _account_load(self, n: int, failed: list[int], t0: float, block_nbytes: int) -> None:
@@ -358,8 +377,7 @@ class WorkerSide:
     def _stage_layer(self, plan: _SavePlan, li: int) -> None:
         assert plan.stage is not None and plan.idx is not None
         view = self._layers[self._group_layers[plan.group][li]][1]
-        n = plan.stage.shape[0]
-        plan.stage[:, li].view(n, *self._page_shape).copy_(view[plan.idx.to(view.device)])
+        self._pages(plan.stage, plan.group, li).copy_(view[plan.idx.to(view.device)])
         plan.copied.add(li)
 
     def wait_for_save(self) -> None:
@@ -391,7 +409,7 @@ class WorkerSide:
             stage = self._stage(b - a, plan.group)
             for li, gi in enumerate(layers):
                 view = self._layers[gi][1]
-                stage[:, li].view(b - a, *self._page_shape).copy_(view[idx.to(view.device)])
+                self._pages(stage, plan.group, li).copy_(view[idx.to(view.device)])
             self._submit_save(plan.keys[a:b], _u8_rows(stage), nbytes)
 
     def _submit_save(self, keys: BlockKeys, rows: torch.Tensor, block_nbytes: int) -> None:
