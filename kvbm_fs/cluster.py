@@ -81,6 +81,7 @@ class ClusterConfig:
     load_weight: float = 1.0  # kv-aware: a second of queued prefill weighs as much as a second saved
     hash_blocks: int = 1  # prefix-hash: the leading blocks whose chained hash picks the instance
     utilisation: float = 0.8  # traces without timestamps: arrivals load the cluster this much (no cache)
+    tie_break: str = "hash"  # kv-aware, equal scores: "hash" (prefix-hash among them) or "fewest" requests
 
     def check(self) -> None:
         if isinstance(self.instances, bool) or not isinstance(self.instances, int) or self.instances < 1:
@@ -91,6 +92,8 @@ class ClusterConfig:
             raise ConfigError(f"--load-weight must be >= 0, got {self.load_weight}")
         if not (isinstance(self.hash_blocks, int) and self.hash_blocks >= 1):
             raise ConfigError(f"--hash-blocks must be an integer >= 1, got {self.hash_blocks!r}")
+        if self.tie_break not in ("hash", "fewest"):
+            raise ConfigError(f"tie_break must be hash or fewest, got {self.tie_break!r}")
         if not self.utilisation > 0:
             raise ConfigError(f"utilisation must be > 0, got {self.utilisation}")
 
@@ -176,7 +179,8 @@ class KvIndexer:
 class Router:
     """Picks an instance per request: round-robin, prefix-hash (rendezvous hash of the first blocks' chained
     hash: consistent as N changes) or kv-aware (seconds of prefill the instance's known prefix saves, host
-    blocks best, minus ``load_weight`` x the prefill seconds the router has queued on it)."""
+    blocks best, minus ``load_weight`` x the prefill seconds the router has queued on it; among equals, the
+    instance prefix-hash would pick, so a prefix nobody holds yet still lands where its next request will)."""
 
     def __init__(self, cfg: ClusterConfig, cost: CostModel, block_nbytes: int) -> None:
         self.cfg = cfg
@@ -199,7 +203,10 @@ class Router:
             saved = self.scores(keys)
             value = saved - self.cfg.load_weight * np.maximum(0.0, self.busy_until - now)
             best = np.flatnonzero(value >= value.max() - 1e-9)
-            i = int(best[np.argmin(self.routed[best])])  # ties: the instance given fewest requests
+            if self.cfg.tie_break == "hash":  # ties (no instance known to hold more, none busier): prefix affinity
+                i = int(best[np.argmax(_mix(self._salt[best] ^ keys.hashes[min(self.cfg.hash_blocks, len(keys)) - 1]))])
+            else:
+                i = int(best[np.argmin(self.routed[best])])  # ties: the instance given fewest requests
             self.busy_until[i] = max(self.busy_until[i], now) + float(rec.sum()) - float(saved[i])
         self.routed[i] += 1
         return i
@@ -456,6 +463,7 @@ def compare_cluster(
         "arrivals": "trace timestamps" if arrivals is not None else f"even, utilisation {cluster.utilisation:g}",
         "load_weight": cluster.load_weight,
         "hash_blocks": cluster.hash_blocks,
+        "tie_break": cluster.tie_break,
         "instances": list(instances),
         "routers": list(routers),
         "cost_model": {

@@ -53,13 +53,15 @@ def test_kv_aware_sends_each_request_to_the_instance_holding_its_prefix() -> Non
     tr = trace_from_lists([a, b, [*b, 200], [*a, 300]], "tiny")
     cfg = ReplayConfig(tiers=[TierSpec("host", 1.0)], placement="spill")
     idle = np.arange(4) * 1e4  # far apart: no queue, so the load term is zero
-    kv = replay_cluster(tr, cfg, ClusterConfig(2, "kv-aware"), idle)
+    kv = replay_cluster(tr, cfg, ClusterConfig(2, "kv-aware", tie_break="fewest"), idle)
     rr = replay_cluster(tr, cfg, ClusterConfig(2, "round-robin"), idle)
     refs = tr.references
     assert kv["hit_ratio"] == (len(a) + len(b)) / refs
     assert rr["hit_ratio"] == 0.0
-    assert kv["per_instance"]["requests"] == [2, 2]
+    assert kv["per_instance"]["requests"] == [2, 2]  # A and B, unknown anywhere, went to the emptier instance
     assert kv["own_host_share_of_hits"] == 1.0
+    by_hash = replay_cluster(tr, cfg, ClusterConfig(2, "kv-aware", tie_break="hash"), idle)
+    assert by_hash["hit_ratio"] == kv["hit_ratio"]
 
 
 def test_load_term_spreads_requests_when_one_instance_is_queued() -> None:
@@ -136,6 +138,8 @@ def test_bad_settings_are_clear_errors() -> None:
         ClusterConfig(0).check()
     with pytest.raises(ConfigError, match="router"):
         ClusterConfig(2, "random").check()
+    with pytest.raises(ConfigError, match="tie_break"):
+        ClusterConfig(2, tie_break="random").check()
     with pytest.raises(ConfigError, match="load-weight"):
         ClusterConfig(2, load_weight=-1).check()
     with pytest.raises(ConfigError, match="first tier must be host"):
