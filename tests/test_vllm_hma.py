@@ -233,3 +233,7 @@ def test_mamba_groups_are_stored_only_under_vllms_mamba_prefix_caching() -> None
     )
     with pytest.raises(ConfigError, match="speculative"):
         kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")
+    # vLLM raises a hybrid's block until the attention page holds the state: not always a power of two
+    spec = MambaSpec(block_size=3 * BLOCK, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="align")
+    with pytest.raises(ConfigError, match=f"96-token blocks.*block_size={4 * BLOCK}"):
+        kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")

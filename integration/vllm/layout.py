@@ -117,6 +117,12 @@ def kv_groups(vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, backend: 
     for i, g in enumerate(groups):
         spec = g.kv_cache_spec
         kind = type(spec).__name__
+        bs = int(spec.block_size)
+        if bs & (bs - 1):  # vLLM raises a Mamba hybrid's block until the attention page holds the state
+            raise ConfigError(
+                f"kvbm_fs: vLLM runs this engine with {bs}-token blocks; kvbm_fs needs a power of two:"
+                f" start it with block_size={1 << bs.bit_length()}"
+            )
         if isinstance(spec, MambaSpec):
             out.append(_mamba_group(i, tuple(g.layer_names), spec))
             continue
