@@ -33,13 +33,13 @@ Admission policies
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from .errors import ConfigError
+from .ghost import GhostLists
 
 if TYPE_CHECKING:
     from .keys import BlockKeys
@@ -321,8 +321,17 @@ class PARC(PrefixLRU):
         self.in_t2 = np.zeros(0, bool)
         self.p = 0.0
         self.c = 0
-        self.b1: OrderedDict[int, int] = OrderedDict()  # ghost key (_keys) -> its frequency when evicted
-        self.b2: OrderedDict[int, int] = OrderedDict()
+        self.ghosts = GhostLists()  # B1 (list 0) and B2 (list 1): key (_keys) -> its frequency when evicted
+
+    @property
+    def b1(self) -> dict[int, int]:
+        """Ghost list B1 (evicted from T1), oldest first: key -> frequency when evicted (a copy)."""
+        return self.ghosts.as_dict(0)
+
+    @property
+    def b2(self) -> dict[int, int]:
+        """Ghost list B2 (evicted from T2), as :attr:`b1`."""
+        return self.ghosts.as_dict(1)
 
     def attach(self, pool: SlotPool) -> None:
         """The pool this policy serves: its ``slot_ns``/``slot_hash`` name the blocks for the ghost lists."""
@@ -336,32 +345,35 @@ class PARC(PrefixLRU):
             self.prio = np.zeros(num_slots, np.int64)
         self.c = num_slots
         self.p = 0.0
-        self.b1.clear()
-        self.b2.clear()
+        self.ghosts.resize(int(self.ghost * num_slots))
 
-    def _keys(self, slots: np.ndarray) -> list[int]:
-        """One 64-bit int per block (namespace mixed into the hash): a ghost entry costs an int, not a
-        tuple of two; a collision (2**-64 a pair) would only misreport one ghost hit."""
+    def _keys(self, slots: np.ndarray) -> np.ndarray:
+        """One 64-bit key per block (namespace mixed into the hash); a collision (2**-64 a pair) would
+        only misreport one ghost hit."""
         if self.pool is None:
-            return []
+            return np.zeros(0, np.uint64)
         with np.errstate(over="ignore"):
-            mixed = self.pool.slot_hash[slots] ^ (self.pool.slot_ns[slots] * np.uint64(0x9E3779B97F4A7C15))
-        out: list[int] = mixed.tolist()
-        return out
+            return self.pool.slot_hash[slots] ^ (self.pool.slot_ns[slots] * np.uint64(0x9E3779B97F4A7C15))
 
     def on_insert(self, slots: np.ndarray, parents: np.ndarray | None = None) -> None:
         self.tree.link(slots, parents)
         t2 = np.zeros(slots.size, bool)
         f = np.ones(slots.size, np.int64)
-        for i, k in enumerate(self._keys(slots)):
-            if k in self.b1:  # came back soon after leaving T1: give recency more room
-                self.p = min(float(self.c), self.p + max(len(self.b2) / len(self.b1), 1.0))
-                f[i] += self.b1.pop(k)
-                t2[i] = True
-            elif k in self.b2:  # came back after leaving T2: give frequency more room
-                self.p = max(0.0, self.p - max(len(self.b1) / len(self.b2), 1.0))
-                f[i] += self.b2.pop(k)
-                t2[i] = True
+        keys = self._keys(slots)
+        if keys.size and len(self.ghosts):
+            lst, pos = self.ghosts.find(keys)
+            hit = np.flatnonzero(lst >= 0)
+            if hit.size:
+                n1, n2 = self.ghosts.n
+                for li in lst[hit].tolist():  # ARC's adaptation, one returning key at a time
+                    if li == 0:  # came back soon after leaving T1: give recency more room
+                        self.p = min(float(self.c), self.p + max(n2 / n1, 1.0))
+                        n1 -= 1
+                    else:  # came back after leaving T2: give frequency more room
+                        self.p = max(0.0, self.p - max(n1 / n2, 1.0))
+                        n2 -= 1
+                f[hit] += self.ghosts.pop(pos[hit])
+                t2[hit] = True
         self.in_t2[slots] = t2
         if self.t2_lfu:  # a ghost brings back the frequency it left with
             self.freq[slots] = f
@@ -376,11 +388,11 @@ class PARC(PrefixLRU):
         self._touch(slots)
 
     def on_remove(self, slots: np.ndarray) -> None:
-        freq = self.freq[slots].tolist() if self.t2_lfu else [1] * slots.size
-        for k, t2, f in zip(self._keys(slots), self.in_t2[slots].tolist(), freq):
-            (self.b2 if t2 else self.b1)[k] = f
-        while len(self.b1) + len(self.b2) > self.ghost * self.c:  # ghosts cover `ghost` caches' worth of keys
-            (self.b1 if len(self.b1) >= len(self.b2) else self.b2).popitem(last=False)
+        keys = self._keys(slots)
+        if keys.size:
+            freq = self.freq[slots] if self.t2_lfu else np.ones(slots.size, np.int64)
+            self.ghosts.push(keys, freq, self.in_t2[slots].astype(np.int8))
+            self.ghosts.trim(int(self.ghost * self.c))  # ghosts cover `ghost` caches' worth of keys
         if self.t2_lfu and slots.size:
             t2 = slots[self.in_t2[slots]]
             if t2.size:

@@ -1,0 +1,189 @@
+"""Ghost lists for ``parc``: keys of recently evicted blocks, without data, in numpy arrays.
+
+ARC's B1 and B2 are two FIFO lists of 64-bit keys (each with a small value: the block's frequency
+when it left) that answer "was this key evicted lately, and from which list?" and drop their oldest
+entries when the history is full.  As ``OrderedDict`` s they cost about 122 bytes per key (an int
+object, a dict entry and a linked-list node); here a key costs a slot in one append-only buffer
+(key, value, list id, table slot: 17 bytes, the buffer 1.5 times the history) and one or two int32
+in an open-addressing table (linear probing, at most half full): about 30 bytes per remembered key,
+with no Python object per key.  Lookups and appends are batched numpy passes; the buffer is
+compacted (and the table rebuilt) when it fills, which is O(history) once every history's worth
+of appends.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+_EMPTY, _TOMB = -1, -2
+_MIX = np.uint64(0x9E3779B97F4A7C15)
+
+
+class GhostLists:
+    """Two FIFO lists (0 and 1) of distinct uint64 keys with int32 values, sharing one hash index."""
+
+    def __init__(self, capacity: int = 0) -> None:
+        self.resize(capacity)
+
+    def resize(self, capacity: int) -> None:
+        """Empty lists that will hold up to ``capacity`` keys in all (the caller trims to it)."""
+        self.capacity = max(0, int(capacity))
+        size = self.capacity + self.capacity // 2 + 64  # compaction every capacity/2 appends or more
+        self.keys = np.zeros(size, np.uint64)
+        self.vals = np.zeros(size, np.int32)
+        self.lst = np.full(size, -1, np.int8)  # list id, -1: dead entry
+        self.tslot = np.zeros(size, np.int32)  # where the entry sits in the table
+        self.end = 0  # next append position
+        self.start = [0, 0]  # no live entry of list i before start[i]
+        self.n = [0, 0]
+        tsize = 1 << max(7, int(3 * self.capacity + 127).bit_length())
+        self.table = np.full(tsize, _EMPTY, np.int32)  # buffer position, or _EMPTY / _TOMB
+        self.mask = np.uint64(tsize - 1)
+        self.used = 0  # live + tombstones in the table
+
+    def __len__(self) -> int:
+        return self.n[0] + self.n[1]
+
+    def as_dict(self, i: int) -> dict[int, int]:
+        """List ``i``, oldest first, as a dict (inspection and tests: O(history))."""
+        live = np.flatnonzero(self.lst[: self.end] == i)
+        return dict(zip(self.keys[live].tolist(), self.vals[live].tolist()))
+
+    def _home(self, keys: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            return ((keys * _MIX) >> np.uint64(20) & self.mask).astype(np.int64)
+
+    def find(self, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For each key: its list (-1 if absent) and its buffer position."""
+        keys = np.asarray(keys, np.uint64)
+        lst = np.full(keys.size, -1, np.int8)
+        pos = np.full(keys.size, -1, np.int64)
+        idx = self._home(keys)
+        todo = np.arange(keys.size)
+        mask = int(self.mask)
+        while todo.size:
+            e = self.table[idx[todo]]
+            live = e >= 0
+            hit = live.copy()
+            hit[live] = self.keys[e[live]] == keys[todo[live]]
+            found = todo[hit]
+            pos[found] = e[hit]
+            lst[found] = self.lst[e[hit]]
+            more = e != _EMPTY
+            more &= ~hit
+            todo = todo[more]
+            idx[todo] = (idx[todo] + 1) & mask
+        return lst, pos
+
+    def _index(self, positions: np.ndarray) -> None:
+        """Put buffer entries ``positions`` (keys not in the table) into the table."""
+        idx = self._home(self.keys[positions])
+        todo = np.arange(positions.size)
+        mask = int(self.mask)
+        while todo.size:
+            free = self.table[idx[todo]] < 0
+            cand = todo[free]
+            # one winner per table slot in this round; the rest probe on
+            _, first = np.unique(idx[cand], return_index=True)
+            win = cand[first]
+            was_empty = self.table[idx[win]] == _EMPTY
+            self.table[idx[win]] = positions[win]
+            self.tslot[positions[win]] = idx[win]
+            self.used += int(np.count_nonzero(was_empty))
+            left = np.ones(todo.size, bool)
+            left[np.searchsorted(todo, win)] = False
+            todo = todo[left]
+            idx[todo] = (idx[todo] + 1) & mask
+
+    def _kill(self, positions: np.ndarray) -> None:
+        positions = positions[self.lst[positions] >= 0]
+        if positions.size == 0:
+            return
+        for i in (0, 1):
+            self.n[i] -= int(np.count_nonzero(self.lst[positions] == i))
+        self.lst[positions] = -1
+        self.table[self.tslot[positions]] = _TOMB
+
+    def pop(self, positions: np.ndarray) -> np.ndarray:
+        """Remove the entries at ``positions`` (from :meth:`find`); returns their values."""
+        vals = self.vals[positions].copy()
+        self._kill(np.asarray(positions, np.int64))
+        return vals
+
+    def push(self, keys: np.ndarray, vals: np.ndarray, lst: np.ndarray) -> None:
+        """Append keys (distinct) as the newest of their lists, replacing any entry they already have."""
+        keys = np.asarray(keys, np.uint64)
+        if keys.size == 0:
+            return
+        old_l, old_p = self.find(keys)
+        self._kill(old_p[old_l >= 0])
+        if self.end + keys.size > self.keys.size:
+            self._compact(keys.size)
+        pos = np.arange(self.end, self.end + keys.size)
+        self.end += keys.size
+        self.keys[pos] = keys
+        self.vals[pos] = np.minimum(vals, np.iinfo(np.int32).max)
+        self.lst[pos] = lst
+        for i in (0, 1):
+            self.n[i] += int(np.count_nonzero(lst == i))
+        if 2 * (self.used + keys.size) > self.table.size:
+            self._rebuild()
+        self._index(pos)
+
+    def pop_oldest(self, i: int, k: int) -> None:
+        """Drop the ``k`` oldest entries of list ``i`` (amortised O(1) each: ``start`` only moves on)."""
+        while k > 0 and self.n[i] > 0:
+            s = self.start[i]
+            w = min(self.end - s, max(2 * k, 256))
+            if w <= 0:
+                break
+            take = (s + np.flatnonzero(self.lst[s : s + w] == i))[:k]
+            self._kill(take)
+            k -= take.size
+            self.start[i] = int(take[-1]) + 1 if take.size and k == 0 else s + w
+
+    def trim(self, limit: int) -> None:
+        """ARC's rule, as many times as needed: while more than ``limit`` keys are remembered, drop the
+        oldest of list 0 if it is at least as long as list 1, else the oldest of list 1."""
+        e = len(self) - limit
+        if e <= 0:
+            return
+        l0, l1 = self.n
+        if l0 >= l1:  # list 0 shrinks until it is one shorter, then the two alternate from list 1
+            k0 = min(e, l0 - l1 + 1)
+            r = e - k0
+            k0, k1 = k0 + r // 2, (r + 1) // 2
+        else:  # list 1 shrinks until level, then they alternate from list 0
+            k1 = min(e, l1 - l0)
+            r = e - k1
+            k0, k1 = (r + 1) // 2, k1 + r // 2
+        self.pop_oldest(0, k0)
+        self.pop_oldest(1, k1)
+
+    def _compact(self, room: int) -> None:
+        live = np.flatnonzero(self.lst[: self.end] >= 0)
+        size = self.keys.size
+        if live.size + room > size:  # the caller pushed more than the history holds at once
+            size = live.size + room + self.capacity + 64
+        keys, vals, lst = self.keys[live], self.vals[live], self.lst[live]
+        if size != self.keys.size:
+            self.keys = np.zeros(size, np.uint64)
+            self.vals = np.zeros(size, np.int32)
+            self.lst = np.full(size, -1, np.int8)
+            self.tslot = np.zeros(size, np.int32)
+        else:
+            self.lst[:] = -1
+        self.keys[: live.size], self.vals[: live.size], self.lst[: live.size] = keys, vals, lst
+        self.end = live.size
+        self.start = [0, 0]
+        self._rebuild()
+
+    def _rebuild(self) -> None:
+        live = np.flatnonzero(self.lst[: self.end] >= 0)
+        tsize = self.table.size
+        while 3 * live.size + 128 > tsize:
+            tsize *= 2
+        self.table = np.full(tsize, _EMPTY, np.int32)
+        self.mask = np.uint64(tsize - 1)
+        self.used = 0
+        self._index(live)
