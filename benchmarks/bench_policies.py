@@ -21,9 +21,11 @@ What it measures
     per-tier hit ratios, bytes promoted and demoted (scaled to 64 MiB blocks, Llama-3-8B at 512
     tokens), and the cost model's estimated prefill time against recomputing everything.
 
-    Last, ``default_over_best_baseline``: the default's hit ratio over the best reference policy of
-    ``bench_policy_refs.json`` (LRU, LRU-2, ARC, LIRS, S3-FIFO, W-TinyLFU, LFU with aging) on each
-    trace and capacity; the target (issue 18) is >= 0.99 everywhere.
+    Last, the check: ``default_over_best_baseline``, the default's hit ratio over the best reference
+    policy of ``bench_policy_refs.json`` (LRU, LRU-2, ARC, LIRS, S3-FIFO, W-TinyLFU, LFU with aging)
+    on each trace and capacity; issue 18's target 1 is >= 0.99 everywhere, and
+    ``cells_behind_baselines`` lists the cells that miss it.  (The ratios to Belady are kept for
+    orientation; issue 5's 0.8-of-Belady target is withdrawn.)
 
 Why
     Placement decides whether a tiered cache helps at all.  Hit ratios are
@@ -59,8 +61,7 @@ REFS = ROOT / "benchmarks" / "results" / "bench_policy_refs.json"
 CAPACITIES = (0.05, 0.1)
 MULTI = ("host:0.02", "disk:0.1", "remote")
 MULTI_POLICIES = ("lru", DEFAULT_POLICY)
-TARGET = 0.8
-ISSUE_LRU = {"0.05": 0.40, "0.1": 0.52}
+BASELINE_SHARE = 0.99  # issue 18, target 1: the default's hit ratio >= 0.99 x the best baseline's
 
 
 def _per_cap(rows: list[dict[str, Any]], value: Any, digits: int = 3) -> dict[str, float]:
@@ -85,8 +86,15 @@ def against_baselines(res: dict[str, Any], refs_path: Path = REFS) -> dict[str, 
         for cap, mine in ours[trace][DEFAULT_POLICY].items():
             best = max(by_pol, key=lambda p: by_pol[p].get(cap, 0.0))
             ratio = mine / by_pol[best][cap] if by_pol[best][cap] else float("inf")
-            out.setdefault(trace, {})[cap] = {"best_baseline": best, "ratio": round(ratio, 4), "meets": ratio >= 0.99}
+            meets = ratio >= BASELINE_SHARE
+            out.setdefault(trace, {})[cap] = {"best_baseline": best, "ratio": round(ratio, 4), "meets": meets}
     return out
+
+
+def behind(check: dict[str, Any]) -> list[str]:
+    """The ``trace@capacity`` cells where the default misses the check (empty: target 1 is met)."""
+    return [f"{t}@{c}" for t, caps in check.items() if isinstance(caps, dict) for c, v in caps.items()
+            if isinstance(v, dict) and not v["meets"]]  # fmt: skip
 
 
 def _over(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -155,10 +163,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "default_ratio_10pct": ratio[DEFAULT_POLICY]["0.1"],
         "lru_ratio_5pct": ratio["lru"]["0.05"],
         "lru_ratio_10pct": ratio["lru"]["0.1"],
-        "issue_lru_ratio": ISSUE_LRU,
-        "target_ratio": TARGET,
         "default_beats_every_other_policy": all(ratio[DEFAULT_POLICY][c] >= best_other[c] for c in best_other),
-        "below_target": [c for c, v in ratio[DEFAULT_POLICY].items() if v < TARGET],
         "prefill_s_saved": {
             p: {cap_key(r["capacity"]): r["policies"][p]["prefill_s_saved"] for r in single["single_tier"]}
             for p in SHIPPED
@@ -193,7 +198,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "wall_seconds": round(wall, 2),
         "env": {"python": platform.python_version(), "numpy": np.__version__, "cpus": os.cpu_count()},
     }
-    res["default_over_best_baseline"] = {"skipped": "quick run"} if args.quick else against_baselines(res)
+    check = {"skipped": "quick run"} if args.quick else against_baselines(res)
+    res["default_over_best_baseline"] = check  # the check (issue 18, target 1): every cell >= BASELINE_SHARE
+    res["baseline_share"] = BASELINE_SHARE
+    res["cells_behind_baselines"] = behind(check)
     emit(res, args.out)
     return res
 
