@@ -273,8 +273,9 @@ def worker_rank(vllm_config: VllmConfig) -> int:
 def namespaces(
     vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, extra: Mapping[str, Any], backend: str
 ) -> tuple[Namespace, ...]:
-    """One namespace per worker rank for the first KV-cache group (see ``group_namespaces``)."""
-    return group_namespaces(vllm_config, kv_cache_config, extra, backend)[1][0]
+    """One namespace per worker rank for the primary KV-cache group (see ``group_namespaces``)."""
+    groups, nss = group_namespaces(vllm_config, kv_cache_config, extra, backend)
+    return nss[primary_group(groups)]
 
 
 def group_namespaces(
