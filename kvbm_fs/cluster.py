@@ -333,9 +333,7 @@ def _simulate(
     daemons: list[PlacementDaemon] = []
     if len(tiers) > 1 and cfg.placement != "spill":
         for st in stores:  # as replay: rounds run here, between requests, so the run is deterministic
-            daemons.append(PlacementDaemon(st, DaemonConfig(batch=256)))
-            for t in st.tiers[:-1]:
-                t.evict_on_put = False
+            daemons.append(PlacementDaemon(st, DaemonConfig.from_dict({"batch": 256, **cfg.daemon})).attach())
             st.daemon = daemons[-1]
     router = Router(cluster, cost, real_nb)
     nocache = np.array([float(cost.recompute_s(0, r.size, BLOCK_TOKENS).sum()) for r in trace.requests])
@@ -464,6 +462,7 @@ def compare_cluster(
         "load_weight": cluster.load_weight,
         "hash_blocks": cluster.hash_blocks,
         "tie_break": cluster.tie_break,
+        "daemon": dict(base.daemon),
         "instances": list(instances),
         "routers": list(routers),
         "cost_model": {
@@ -560,6 +559,7 @@ def run_cli(
 
 def cli_main(args: Any) -> int:
     """``kvbm-fs replay --instances ...`` (the parsed arguments of the replay command)."""
+    from .daemon import DaemonConfig
     from .replay import _pairs
 
     if args.capacities:
@@ -574,6 +574,7 @@ def cli_main(args: Any) -> int:
         latency=_pairs(args.latency, "--latency"),
         placement=args.placement,
         recompute=dict(zip(("recompute_a", "recompute_b"), args.recompute)) if args.recompute else {},
+        daemon=DaemonConfig.parse_options(args.daemon or ()),  # bad options fail before any replay
     )
     _cost(base)  # bad --recompute values fail before any replay
     return run_cli(

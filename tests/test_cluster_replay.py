@@ -177,8 +177,9 @@ def test_cli_prints_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFix
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "own host" in out and "kv-aware" in out and "arrivals: trace timestamps" in out
-    assert main([*args, "--json", "--out", str(tmp_path / "o")]) == 0
+    assert main([*args, "--json", "--out", str(tmp_path / "o"), "--daemon", "first_sight=auto"]) == 0
     res = json.loads(capsys.readouterr().out)
+    assert res["daemon"] == {"first_sight": "auto"}
     assert [(r["instances"], r["router"]) for r in res["results"]] == [
         (1, "round-robin"), (1, "kv-aware"), (2, "round-robin"), (2, "kv-aware"),
     ]  # fmt: skip
@@ -193,6 +194,7 @@ def test_cli_prints_the_table_and_json(tmp_path: Path, capsys: pytest.CaptureFix
         (["--instances", "2", "--capacities", "0.1"], "--capacities does not apply"),
         (["--instances", "2", "--tiers", "disk:0.1"], "first tier must be host"),
         (["--instances", "2", "--policies", "lru", "parc"], "one policy"),
+        (["--instances", "2", "--daemon", "bogus=1"], "unknown daemon option"),
     ],
 )
 def test_cli_bad_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
