@@ -273,11 +273,9 @@ def replay_cluster(
             blocks = distinct if t.fraction is None else max(1, round(t.fraction * distinct))
             caps.append(None if t.fraction is None else blocks)
             size = blocks * _slot_bytes("host", nb)
-            pol = base_pol
+            kind = SHARED_KINDS[t.kind]
             shared.append(
-                PoolTier(
-                    SHARED_KINDS[t.kind], size, nb, name=t.kind, block_size=BLOCK_TOKENS, events=pool_bus, policy=pol
-                )
+                PoolTier(kind, size, nb, name=t.kind, block_size=BLOCK_TOKENS, events=pool_bus, policy=base_pol)
             )
         if shared:
             pool_store = Store(list(shared), ns, pool_bus, cost)
@@ -288,8 +286,9 @@ def replay_cluster(
             bus = EventBus()
             host = open_tier(url, block_nbytes=nb, block_size=BLOCK_TOKENS, events=bus)
             stores.append(Store([host, *shared], ns, bus, cost))
-            feeds.append(EventFeed(stores[-1]))
-        pool_feed = EventFeed(pool_store) if pool_store is not None else None
+        listen = cluster.router == "kv-aware"  # only it reads events (they change nothing in the stores)
+        feeds = [EventFeed(st) for st in stores] if listen else []
+        pool_feed = EventFeed(pool_store) if listen and pool_store is not None else None
         out = _simulate(trace, cfg, cluster, stores, feeds, pool_feed, cost, real_nb, arrivals)
         for f in [*feeds, *([pool_feed] if pool_feed else [])]:
             f.close()
