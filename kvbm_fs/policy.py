@@ -275,7 +275,8 @@ class PARC(PrefixLRU):
       from ``T1``) and ``B2`` (from ``T2``), together at most ``ghost`` times as many as the
       tier has slots (default 2; ARC's is 1).  KV reuse distances run past the capacity: with
       one cache's worth of history a chat session's next turn often came back after its keys
-      were forgotten, and parc trailed LRU on multi-turn chat (``bench_policies.json``).
+      were forgotten, and parc trailed LRU on multi-turn chat (``bench_policies.json``).  They
+      live in numpy arrays (:class:`~kvbm_fs.ghost.GhostLists`), not a Python object per key.
     * a target size ``p`` for ``T1`` tunes itself: a block that comes back while in ``B1``
       means recency was short-changed (``p`` grows); one that comes back from ``B2`` means
       frequency was (``p`` shrinks).  Either way it re-enters in ``T2``.
