@@ -34,10 +34,12 @@ Run ``python benchmarks/bench_host_share.py [--quick] [--jobs N]``; prints one J
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
+import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any
 
@@ -107,13 +109,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     traces[0][0].name = "mooncake"
     traces += [(make(0.02 if args.quick else 1.0), [DEFAULT_POLICY]) for make in SYNTHETIC.values()]
     work = [(t, p, v) for t, pols in traces for p in pols for v in VARIANTS]
+    work.sort(key=lambda w: w[1] != DEFAULT_POLICY)  # the default policy everywhere first, LRU last
     t0 = time.perf_counter()
-    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
-        done = list(ex.map(_run, [(t, p, VARIANTS[v]) for t, p, v in work]))
     results: dict[str, dict[str, Any]] = {}
-    for (t, p, v), r in zip(work, done):
-        row = results.setdefault(t.name, {}).setdefault(p, {"references": t.references, "runs": {}})
-        row["runs"][v] = r
+    with ProcessPoolExecutor(max(1, args.jobs)) as ex:
+        futs = {ex.submit(_run, (t, p, VARIANTS[v])): (t, p, v) for t, p, v in work}
+        for f in as_completed(futs):
+            t, p, v = futs[f]
+            r = f.result()
+            row = results.setdefault(t.name, {}).setdefault(p, {"references": t.references, "runs": {}})
+            row["runs"][v] = r
+            print(json.dumps({"trace": t.name, "policy": p, "variant": v, **r}), file=sys.stderr, flush=True)
+    for by_pol in results.values():
+        for row in by_pol.values():
+            row["runs"] = {v: row["runs"][v] for v in VARIANTS if v in row["runs"]}
     for by_pol in results.values():
         for row in by_pol.values():
             row["over_before"] = _over(row["runs"])
