@@ -154,8 +154,11 @@ class PlacementDaemon:
         self._thread = None
 
     def detach(self) -> None:
-        """Stop listening to the store's events (no more promotions or prefetches queued)."""
+        """Stop listening to the store's events (no more promotions or prefetches queued); puts land in
+        the first tier again, since nothing would promote them from where ``first_sight`` put them."""
         self._unsubscribe()
+        if self.config.first_sight:
+            self.store.placement = None
 
     def _halting(self) -> bool:
         """Stop asked, and we are the daemon thread (a caller's own run_once() always finishes)."""

@@ -48,6 +48,9 @@ def test_a_block_seen_once_lands_on_disk_and_its_second_reference_promotes_it(tm
     other, odata = chain(store, 2, seed=2)
     assert store.put(other, odata, tier="host").all()
     assert store.tier("host").contains(other).all()  # an explicit tier is obeyed
+    store.daemon.detach()  # nothing would promote them any more: puts land in host again
+    last, ldata = chain(store, 2, seed=8)
+    assert store.put(last, ldata).all() and store.tier("host").contains(last).all()
     store.close(persist=False)
 
 
