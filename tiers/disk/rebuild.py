@@ -45,12 +45,16 @@ def write_namespace(root: str, ns: Namespace) -> None:
     """``root/namespaces/<id>.json``, written once and atomically: what operators list, and what
     a rebuild restores the index's ``ns/<id>`` entries from."""
     path = namespace_path(root, ns.id)
-    if os.path.exists(path):
-        return
+    if not os.path.exists(path):
+        _write_json(path, dict(ns.to_dict(), id=ns.short_id), indent=1, sort_keys=True)
+
+
+def _write_json(path: str, doc: dict[str, Any], **dump: Any) -> None:
+    """``doc`` as JSON at ``path``, atomically (a temporary file, fsync, rename)."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:
-        json.dump(dict(ns.to_dict(), id=ns.short_id), f, indent=1, sort_keys=True)
+        json.dump(doc, f, **dump)
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -86,13 +90,7 @@ def write_retain(root: str, ns_id: int, share: float | None) -> None:
         if os.path.exists(path):
             os.unlink(path)
         return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump({"share": share}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    _write_json(path, {"share": share})
 
 
 def read_retains(root: str) -> dict[int, float]:
