@@ -54,6 +54,7 @@ from .replay import (
     _layout,
     _load_time,
     _slot_bytes,
+    cli_config,
     load_trace,
 )
 from .store import Store
@@ -558,24 +559,19 @@ def run_cli(
 
 def cli_main(args: Any) -> int:
     """``kvbm-fs replay --instances ...`` (the parsed arguments of the replay command)."""
-    from .daemon import DaemonConfig
-    from .replay import _pairs
-
     if args.capacities:
         raise ConfigError("--capacities does not apply with --instances: give the host fraction as --tiers host:F ...")
-    if args.prefill_tps <= 0 or not np.isfinite(args.prefill_tps):
-        raise ConfigError(f"--prefill-tps must be > 0, got {args.prefill_tps}")
-    base = ReplayConfig(
+    base = cli_config(
         real_bytes=args.real_bytes,
+        block_bytes=None,
         prefill_tps=args.prefill_tps,
         kv_bytes_per_token=args.kv_bytes_per_token,
-        bandwidth=_pairs(args.bandwidth, "--bandwidth"),
-        latency=_pairs(args.latency, "--latency"),
+        bandwidth=args.bandwidth,
+        latency=args.latency,
         placement=args.placement,
-        recompute=dict(zip(("recompute_a", "recompute_b"), args.recompute)) if args.recompute else {},
-        daemon=DaemonConfig.parse_options(args.daemon or ()),  # bad options fail before any replay
+        recompute=args.recompute,
+        daemon=args.daemon,
     )
-    _cost(base)  # bad --recompute values fail before any replay
     return run_cli(
         args.trace,
         instances=args.instances,

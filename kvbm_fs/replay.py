@@ -598,23 +598,18 @@ def run_cli(
     recompute: Sequence[float] | None = None,
     daemon: Sequence[str] | None = None,
 ) -> int:
-    from .daemon import DaemonConfig
-
     trace = load_trace(trace_path, limit)
-    if prefill_tps <= 0 or not math.isfinite(prefill_tps):
-        raise ConfigError(f"--prefill-tps must be > 0, got {prefill_tps}")
-    base = ReplayConfig(
+    base = cli_config(
         real_bytes=real_bytes,
-        block_bytes=block_bytes or ReplayConfig.block_bytes,
+        block_bytes=block_bytes,
         prefill_tps=prefill_tps,
         kv_bytes_per_token=kv_bytes_per_token,
-        bandwidth=_pairs(bandwidth, "--bandwidth"),
-        latency=_pairs(latency, "--latency"),
+        bandwidth=bandwidth,
+        latency=latency,
         placement=placement,
-        recompute=dict(zip(("recompute_a", "recompute_b"), recompute)) if recompute else {},
-        daemon=DaemonConfig.parse_options(daemon or ()),  # bad options fail before any replay
+        recompute=recompute,
+        daemon=daemon,
     )
-    _cost(base)  # bad --recompute values fail before any replay
     _layout(base.block_bytes if real_bytes else TINY_BLOCK_BYTES)
     res = compare(
         trace,
@@ -643,6 +638,38 @@ def run_cli(
                 + (f" and {png}" if png else " (no plot: pip install 'kvbm-fs[replay]')")
             )
     return 0
+
+
+def cli_config(
+    *,
+    real_bytes: bool,
+    block_bytes: int | None,
+    prefill_tps: float,
+    kv_bytes_per_token: int,
+    bandwidth: Sequence[str] | None,
+    latency: Sequence[str] | None,
+    placement: str,
+    recompute: Sequence[float] | None,
+    daemon: Sequence[str] | None,
+) -> ReplayConfig:
+    """The ReplayConfig the ``replay`` flags describe (also ``--instances``); bad values fail here, before any replay."""
+    from .daemon import DaemonConfig
+
+    if prefill_tps <= 0 or not math.isfinite(prefill_tps):
+        raise ConfigError(f"--prefill-tps must be > 0, got {prefill_tps}")
+    base = ReplayConfig(
+        real_bytes=real_bytes,
+        block_bytes=block_bytes or ReplayConfig.block_bytes,
+        prefill_tps=prefill_tps,
+        kv_bytes_per_token=kv_bytes_per_token,
+        bandwidth=_pairs(bandwidth, "--bandwidth"),
+        latency=_pairs(latency, "--latency"),
+        placement=placement,
+        recompute=dict(zip(("recompute_a", "recompute_b"), recompute)) if recompute else {},
+        daemon=DaemonConfig.parse_options(daemon or ()),
+    )
+    _cost(base)  # bad --recompute values
+    return base
 
 
 def _pairs(items: Sequence[str] | None, flag: str) -> dict[str, float]:
