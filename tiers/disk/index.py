@@ -493,17 +493,9 @@ class DiskIndex:
         """How many retained blocks eviction skips: the largest share among the marks."""
         return int(max(self.marks(txn).values(), default=0.0) * num_slots)
 
-    def set_retain(self, txn: Any, ns: int, share: float | None, hashes: np.ndarray | None = None) -> int:
-        """Mark ``ns`` retained with ``share``, re-ranking the blocks ``hashes`` (default: every block
-        it holds) above every ordinary block; or unmark it (``share`` None: all its blocks rank as
-        before). Blocks stored later are ordinary. Returns how many blocks changed. One transaction:
-        :meth:`DiskTier.retain` splits millions of blocks over several (:meth:`set_mark`, :meth:`rerank`)."""
-        self.set_mark(txn, ns, share)
-        if share is None or hashes is None:
-            hashes = self.namespace_hashes(txn, ns)
-        return self.rerank(txn, ns, hashes, share is not None)
-
     def set_mark(self, txn: Any, ns: int, share: float | None) -> None:
+        """Mark ``ns`` retained with ``share`` (None: unmark); :meth:`rerank` moves its blocks
+        (:meth:`DiskTier.retain` splits millions of them over several transactions)."""
         if share is None:
             txn.delete(retain_key(ns), db=self.meta)
         else:
@@ -527,8 +519,9 @@ class DiskIndex:
         todo: list[tuple[bytes, Record]] = []
         for k in _pack_keys(ns, hashes):
             v = txn.get(k, db=self.blocks)
-            if v is not None and Record.unpack(v).rank & PRIORITY != want:
-                todo.append((k, Record.unpack(v)))
+            rec = Record.unpack(v) if v is not None else None
+            if rec is not None and rec.rank & PRIORITY != want:
+                todo.append((k, rec))
         for k, rec in todo:
             txn.delete(KEY.pack(rec.rank, rec.slot), db=self.order)
             rec.rank = (rec.rank & ~PRIORITY) | want

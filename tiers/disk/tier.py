@@ -687,11 +687,7 @@ def _restore_marks(root: str, index: DiskIndex) -> None:
             have = index.marks(txn)
         for ns, share in want.items():
             if have.get(ns) != share:
-
-                def mark(txn: Any, ns: int = ns, share: float = share) -> int:
-                    return index.set_retain(txn, ns, share, np.zeros(0, np.uint64))
-
-                index.write(mark)
+                index.write(partial(index.set_mark, ns=ns, share=share))
     except (OSError, lmdb.Error):
         pass  # applied at the next open
 
