@@ -32,7 +32,7 @@ from typing import Any
 
 from _common import add_output_args, emit, results_path
 
-from kvbm_fs.cluster import DEFAULT_TIERS, ROUTERS, ClusterConfig, compare_cluster, format_table, trace_arrivals
+from kvbm_fs.cluster import DEFAULT_TIERS, ROUTERS, ClusterConfig, compare_cluster, format_table
 from kvbm_fs.replay import ReplayConfig, TierSpec, load_trace
 
 NAME = "bench_cluster"
@@ -76,9 +76,7 @@ def main() -> None:
     trace = load_trace(args.trace, limit)
     base = ReplayConfig(tiers=[TierSpec.parse(t) for t in DEFAULT_TIERS])
     t0 = time.perf_counter()
-    res = compare_cluster(
-        trace, base, instances, ROUTERS, ClusterConfig(), trace_arrivals(str(args.trace), limit), args.jobs
-    )
+    res = compare_cluster(trace, base, instances, ROUTERS, ClusterConfig(), trace.arrivals, args.jobs)
     wall = time.perf_counter() - t0
     print(format_table(res), file=sys.stderr)
     sbs = side_by_side(res)

@@ -501,22 +501,6 @@ def format_table(res: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def trace_arrivals(path: str, limit: int | None) -> np.ndarray | None:
-    """Arrival seconds from the trace's ``timestamp`` (ms) fields, as ``load_trace`` reads its lines; None if any is missing."""
-    out: list[float] = []
-    with open(path) as fh:
-        for line in fh:
-            if limit is not None and len(out) >= limit:
-                break
-            if not line.strip():
-                continue
-            ts = json.loads(line).get("timestamp")
-            if not isinstance(ts, (int, float)):
-                return None
-            out.append(float(ts) / 1000.0)
-    return np.asarray(out)
-
-
 def run_cli(
     trace_path: str,
     *,
@@ -545,9 +529,7 @@ def run_cli(
     for rt in routers or ROUTERS:
         replace(cluster, router=rt).check()
     trace = load_trace(trace_path, limit)
-    res = compare_cluster(
-        trace, cfg, list(instances), list(routers or ROUTERS), cluster, trace_arrivals(trace_path, limit), jobs
-    )
+    res = compare_cluster(trace, cfg, list(instances), list(routers or ROUTERS), cluster, trace.arrivals, jobs)
     text = json.dumps(res, indent=2)
     if out_dir:
         d = Path(out_dir)

@@ -68,6 +68,7 @@ class Trace:
     requests: list[np.ndarray]  # hash ids per request (uint64)
     input_lengths: list[int]
     name: str = "trace"
+    arrivals: np.ndarray | None = None  # seconds, from every record's ``timestamp`` (ms); None if any lacks one
 
     @property
     def references(self) -> int:
@@ -80,13 +81,16 @@ class Trace:
         return int(np.unique(np.concatenate(self.requests)).size)
 
     def head(self, n: int) -> Trace:
-        return Trace(self.requests[:n], self.input_lengths[:n], self.name)
+        return Trace(
+            self.requests[:n], self.input_lengths[:n], self.name, None if self.arrivals is None else self.arrivals[:n]
+        )
 
 
 def load_trace(path: str | os.PathLike[str], limit: int | None = None) -> Trace:
     """Read a Mooncake-format JSONL trace (``hash_ids`` per line; other fields optional)."""
     reqs: list[np.ndarray] = []
     lens: list[int] = []
+    stamps: list[float] | None = []
     p = Path(path)
     try:
         fh = p.open()
@@ -108,9 +112,14 @@ def load_trace(path: str | os.PathLike[str], limit: int | None = None) -> Trace:
                 raise ConfigError(f"{p}:{i + 1}: hash_ids must be a list of non-negative integers")
             reqs.append(arr.astype(np.uint64))
             lens.append(int(obj.get("input_length", arr.size * BLOCK_TOKENS)))
+            ts = obj.get("timestamp")
+            if stamps is not None and isinstance(ts, (int, float)):
+                stamps.append(float(ts) / 1000.0)
+            else:
+                stamps = None
     if not reqs:
         raise ConfigError(f"trace {p} holds no requests")
-    return Trace(reqs, lens, p.stem)
+    return Trace(reqs, lens, p.stem, None if stamps is None else np.asarray(stamps))
 
 
 def trace_from_lists(requests: Iterable[Sequence[int]], name: str = "trace") -> Trace:
