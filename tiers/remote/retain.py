@@ -62,6 +62,7 @@ class Marks:
     def __init__(self) -> None:
         self.objects: dict[str, tuple[int, float, np.ndarray]] = {}  # path -> (ns, share, hashes)
         self.lock = threading.Lock()
+        self._merged: dict[int, np.ndarray] | None = None  # hashes(), until the objects change
 
     def missing(self, paths: list[str]) -> list[str]:
         """Forget objects no longer listed; the listed ones not read yet."""
@@ -69,6 +70,7 @@ class Marks:
         with self.lock:
             for p in [p for p in self.objects if p not in listed]:
                 del self.objects[p]
+                self._merged = None
             return [p for p in paths if p not in self.objects]
 
     def add(self, path: str, raw: bytes) -> None:
@@ -77,6 +79,7 @@ class Marks:
             share, hs = decode(raw)
             with self.lock:
                 self.objects[path] = (ns, share, hs)
+                self._merged = None
 
     def shares(self) -> dict[int, float]:
         """{namespace: share of its newest mark object} (names sort by write time)."""
@@ -85,12 +88,15 @@ class Marks:
         return {ns: share for _, (ns, share, _) in items}
 
     def hashes(self) -> dict[int, np.ndarray]:
-        """{namespace: its marked hashes, sorted and unique}."""
-        parts: dict[int, list[np.ndarray]] = {}
+        """{namespace: its marked hashes, sorted and unique}; merged once per change of the objects,
+        not at every eviction (callers must not modify the arrays)."""
         with self.lock:
-            for ns, _, hs in self.objects.values():
-                parts.setdefault(ns, []).append(hs)
-        return {ns: np.unique(np.concatenate(p)) for ns, p in parts.items()}
+            if self._merged is None:
+                parts: dict[int, list[np.ndarray]] = {}
+                for ns, _, hs in self.objects.values():
+                    parts.setdefault(ns, []).append(hs)
+                self._merged = {ns: np.unique(np.concatenate(p)) for ns, p in parts.items()}
+            return dict(self._merged)
 
     def paths(self, ns: int) -> list[str]:
         with self.lock:
