@@ -22,8 +22,9 @@ What it measures
 Why
     P/D moves the prompt's KV between engines instead of computing it where it decodes; this says
     what that hand-over costs in first-token latency and whether decode steps get cheaper. On one
-    small CPU machine P/D cannot isolate decode from prefill as separate GPUs do. Threads are bound explicitly (``VLLM_CPU_OMP_THREADS_BIND``; vLLM would otherwise reserve a
-    core for a connector and give the plain engine one core fewer than the P/D engines): with
+    small CPU machine P/D cannot isolate decode from prefill as separate GPUs do. Threads are bound
+    explicitly (``VLLM_CPU_OMP_THREADS_BIND``; vLLM would otherwise reserve a core for a connector
+    and give the plain engine one core fewer than the P/D engines): with
     ``--cores split`` (default) the prefill and decode engines on half the cores each and the single
     engine on all of them, as a P/D deployment splits its hardware; with ``--cores shared`` every
     engine on every core, where three engines' OpenMP threads contend for the same cores and slow
