@@ -1,11 +1,10 @@
 """Ghost lists for ``parc``: keys of recently evicted blocks, without data, in numpy arrays.
 
-ARC's B1 and B2 are two FIFO lists of 64-bit keys (each with a small value: the block's frequency
-when it left) that answer "was this key evicted lately, and from which list?" and drop their oldest
+ARC's B1 and B2 are two FIFO lists of 64-bit keys that answer "was this key evicted lately, and from which list?" and drop their oldest
 entries when the history is full.  As ``OrderedDict`` s they cost about 122 bytes per key (an int
 object, a dict entry and a linked-list node); here a key costs a slot in one append-only buffer
-(key, value, list id, table slot: 17 bytes, the buffer 1.5 times the history) and one or two int32
-in an open-addressing table (linear probing, at most half full): about 30 bytes per remembered key,
+(key, list id, table slot: 13 bytes, the buffer 1.5 times the history) and one or two int32
+in an open-addressing table (linear probing, at most half full): about 25 bytes per remembered key,
 with no Python object per key.  Lookups and appends are batched numpy passes; the buffer is
 compacted (and the table rebuilt) when it fills, which is O(history) once every history's worth
 of appends.
@@ -20,7 +19,7 @@ _MIX = np.uint64(0x9E3779B97F4A7C15)
 
 
 class GhostLists:
-    """Two FIFO lists (0 and 1) of distinct uint64 keys with int32 values, sharing one hash index."""
+    """Two FIFO lists (0 and 1) of distinct uint64 keys, sharing one hash index."""
 
     def __init__(self, capacity: int = 0) -> None:
         self.resize(capacity)
@@ -30,7 +29,6 @@ class GhostLists:
         self.capacity = max(0, int(capacity))
         size = self.capacity + self.capacity // 2 + 64  # compaction every capacity/2 appends or more
         self.keys = np.zeros(size, np.uint64)
-        self.vals = np.zeros(size, np.int32)
         self.lst = np.full(size, -1, np.int8)  # list id, -1: dead entry
         self.tslot = np.zeros(size, np.int32)  # where the entry sits in the table
         self.end = 0  # next append position
@@ -44,10 +42,9 @@ class GhostLists:
     def __len__(self) -> int:
         return self.n[0] + self.n[1]
 
-    def as_dict(self, i: int) -> dict[int, int]:
-        """List ``i``, oldest first, as a dict (inspection and tests: O(history))."""
-        live = np.flatnonzero(self.lst[: self.end] == i)
-        return dict(zip(self.keys[live].tolist(), self.vals[live].tolist()))
+    def keys_of(self, i: int) -> list[int]:
+        """List ``i``, oldest first (inspection and tests: O(history))."""
+        return self.keys[: self.end][self.lst[: self.end] == i].tolist()
 
     def _home(self, keys: np.ndarray) -> np.ndarray:
         with np.errstate(over="ignore"):
@@ -104,13 +101,11 @@ class GhostLists:
         self.lst[positions] = -1
         self.table[self.tslot[positions]] = _TOMB
 
-    def pop(self, positions: np.ndarray) -> np.ndarray:
-        """Remove the entries at ``positions`` (from :meth:`find`); returns their values."""
-        vals = self.vals[positions].copy()
+    def pop(self, positions: np.ndarray) -> None:
+        """Remove the entries at ``positions`` (from :meth:`find`)."""
         self._kill(np.asarray(positions, np.int64))
-        return vals
 
-    def push(self, keys: np.ndarray, vals: np.ndarray, lst: np.ndarray) -> None:
+    def push(self, keys: np.ndarray, lst: np.ndarray) -> None:
         """Append keys (distinct) as the newest of their lists, replacing any entry they already have."""
         keys = np.asarray(keys, np.uint64)
         if keys.size == 0:
@@ -122,7 +117,6 @@ class GhostLists:
         pos = np.arange(self.end, self.end + keys.size)
         self.end += keys.size
         self.keys[pos] = keys
-        self.vals[pos] = np.minimum(vals, np.iinfo(np.int32).max)
         self.lst[pos] = lst
         for i in (0, 1):
             self.n[i] += int(np.count_nonzero(lst == i))
@@ -165,15 +159,14 @@ class GhostLists:
         size = self.keys.size
         if live.size + room > size:  # the caller pushed more than the history holds at once
             size = live.size + room + self.capacity + 64
-        keys, vals, lst = self.keys[live], self.vals[live], self.lst[live]
+        keys, lst = self.keys[live], self.lst[live]
         if size != self.keys.size:
             self.keys = np.zeros(size, np.uint64)
-            self.vals = np.zeros(size, np.int32)
             self.lst = np.full(size, -1, np.int8)
             self.tslot = np.zeros(size, np.int32)
         else:
             self.lst[:] = -1
-        self.keys[: live.size], self.vals[: live.size], self.lst[: live.size] = keys, vals, lst
+        self.keys[: live.size], self.lst[: live.size] = keys, lst
         self.end = live.size
         self.start = [0, 0]
         self._rebuild()

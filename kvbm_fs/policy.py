@@ -289,11 +289,6 @@ class PARC(PrefixLRU):
     workload (the ghost length and the adaptation step are relative to capacity).
     The whole-prefix rule keeps what remains cached matchable, because a hit is a prefix.
 
-    ``t2=lfu`` orders ``T2`` by LFU with aging (clock + frequency, a ghost bringing back the
-    frequency it left with) instead of recency: +1.4% / +1.9% hits on Zipf document QA at 5% / 10%
-    but -1.0% / -2.3% on multi-turn chat (docs/architecture.md 1.12), so it is an option, not the
-    default.
-
     ``rank`` (disk and remote tiers, which only know last access and hit count) is the last
     access, as LRU, unless ``boost_s`` is set: then blocks hit at least once rank ``boost_s``
     seconds later, so a block seen twice outlives a block seen once by that long (the disk
@@ -304,14 +299,8 @@ class PARC(PrefixLRU):
     name = "parc"
     uses_parents = True
 
-    def __init__(self, boost_s: float = 0.0, ghost: float = 2.0, t2: str = "lru") -> None:
+    def __init__(self, boost_s: float = 0.0, ghost: float = 2.0) -> None:
         super().__init__()
-        if t2 not in ("lru", "lfu"):
-            raise ConfigError(f"policy 'parc': t2 must be lru or lfu, got {t2!r}")
-        self.t2_lfu = t2 == "lfu"
-        self.freq = np.zeros(0, np.int64)
-        self.prio = np.zeros(0, np.int64)
-        self.clock = 0
         if not (isinstance(boost_s, (int, float)) and 0 <= boost_s < 1e9):
             raise ConfigError(f"policy 'parc': boost_s must be a number of seconds >= 0, got {boost_s!r}")
         if not (isinstance(ghost, (int, float)) and 0 < ghost <= 64):
@@ -322,17 +311,17 @@ class PARC(PrefixLRU):
         self.in_t2 = np.zeros(0, bool)
         self.p = 0.0
         self.c = 0
-        self.ghosts = GhostLists()  # B1 (list 0) and B2 (list 1): key (_keys) -> its frequency when evicted
+        self.ghosts = GhostLists()  # B1 (list 0) and B2 (list 1) of keys (_keys)
 
     @property
-    def b1(self) -> dict[int, int]:
-        """Ghost list B1 (evicted from T1), oldest first: key -> frequency when evicted (a copy)."""
-        return self.ghosts.as_dict(0)
+    def b1(self) -> list[int]:
+        """Ghost list B1 (evicted from T1): its keys, oldest first (a copy)."""
+        return self.ghosts.keys_of(0)
 
     @property
-    def b2(self) -> dict[int, int]:
+    def b2(self) -> list[int]:
         """Ghost list B2 (evicted from T2), as :attr:`b1`."""
-        return self.ghosts.as_dict(1)
+        return self.ghosts.keys_of(1)
 
     def attach(self, pool: SlotPool) -> None:
         """The pool this policy serves: its ``slot_ns``/``slot_hash`` name the blocks for the ghost lists."""
@@ -341,9 +330,6 @@ class PARC(PrefixLRU):
     def bind(self, num_slots: int) -> None:
         super().bind(num_slots)
         self.in_t2 = np.zeros(num_slots, bool)
-        if self.t2_lfu:
-            self.freq = np.zeros(num_slots, np.int64)
-            self.prio = np.zeros(num_slots, np.int64)
         self.c = num_slots
         self.p = 0.0
         self.ghosts.resize(int(self.ghost * num_slots))
@@ -359,7 +345,6 @@ class PARC(PrefixLRU):
     def on_insert(self, slots: np.ndarray, parents: np.ndarray | None = None) -> None:
         self.tree.link(slots, parents)
         t2 = np.zeros(slots.size, bool)
-        f = np.ones(slots.size, np.int64)
         keys = self._keys(slots)
         if keys.size and len(self.ghosts):
             lst, pos = self.ghosts.find(keys)
@@ -373,33 +358,20 @@ class PARC(PrefixLRU):
                     else:  # came back after leaving T2: give frequency more room
                         self.p = max(0.0, self.p - max(n1 / n2, 1.0))
                         n2 -= 1
-                f[hit] += self.ghosts.pop(pos[hit])
+                self.ghosts.pop(pos[hit])
                 t2[hit] = True
         self.in_t2[slots] = t2
-        if self.t2_lfu:  # a ghost brings back the frequency it left with
-            self.freq[slots] = f
-            self.prio[slots] = self.clock + f
         self._touch(slots)
 
     def on_access(self, slots: np.ndarray) -> None:
         self.in_t2[slots] = True
-        if self.t2_lfu:
-            np.add.at(self.freq, slots, 1)
-            self.prio[slots] = self.clock + self.freq[slots]
         self._touch(slots)
 
     def on_remove(self, slots: np.ndarray) -> None:
         keys = self._keys(slots)
         if keys.size:
-            freq = self.freq[slots] if self.t2_lfu else np.ones(slots.size, np.int64)
-            self.ghosts.push(keys, freq, self.in_t2[slots].astype(np.int8))
+            self.ghosts.push(keys, self.in_t2[slots].astype(np.int8))
             self.ghosts.trim(int(self.ghost * self.c))  # ghosts cover `ghost` caches' worth of keys
-        if self.t2_lfu and slots.size:
-            t2 = slots[self.in_t2[slots]]
-            if t2.size:
-                self.clock = max(self.clock, int(self.prio[t2].max()))
-            self.freq[slots] = 0
-            self.prio[slots] = 0
         self.in_t2[slots] = False
         super().on_remove(slots)
 
@@ -417,13 +389,10 @@ class PARC(PrefixLRU):
         # Order: the first from_t1 of T1, then T2, then the rest of T1; each by recency.
         stamp = self.stamp[cand]
         i1, i2 = np.flatnonzero(~t2), np.flatnonzero(t2)
-        k2: np.ndarray = stamp[i2]
-        if self.t2_lfu:  # T2 by priority (clock + frequency), then recency
-            k2 = self.prio[cand[i2]] + k2 / float(self.tick + 1)
 
         def order(m: int) -> np.ndarray:
             o1 = i1[_smallest(stamp[i1], min(m, i1.size))]
-            o2 = i2[_smallest(k2, min(m, i2.size))]
+            o2 = i2[_smallest(stamp[i2], min(m, i2.size))]
             return cand[np.concatenate((o1[:from_t1], o2, o1[from_t1:]))][:m]
 
         return _take(self.tree, order, cand.size, n)
