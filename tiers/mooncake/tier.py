@@ -334,8 +334,12 @@ class MooncakeTier(KeyPinnedTier):
     # ---- listing, capacity and eviction ---------------------------------------------------
     def _listed(self) -> dict[int, np.ndarray]:
         """{namespace: hashes} of every block under this prefix, from the master's admin server."""
+        return parse_keys(self._list_keys(), self.cfg.prefix)
+
+    def _list_keys(self) -> list[str]:
+        """Every key under this prefix (blocks and retain marks), from the master's admin server."""
         try:
-            return parse_keys(list_keys(self.cfg.admin, self.cfg.prefix), self.cfg.prefix)
+            return list_keys(self.cfg.admin, self.cfg.prefix)
         except OSError as e:
             if not self.counters["list_errors"]:
                 log.warning("%s: cannot list keys at admin %s: %s", self.url, self.cfg.admin, e)
@@ -344,7 +348,7 @@ class MooncakeTier(KeyPinnedTier):
                 raise ConfigError(
                     f"{self.url}: the master's admin server {self.cfg.admin} is unreachable: {e}"
                 ) from None
-            return {}
+            return []
 
     def _make_room(self, n: int, keep: BlockKeys) -> int:
         """Evict this prefix's oldest-written blocks (unknown writers' first), never a pinned one nor one
@@ -353,7 +357,8 @@ class MooncakeTier(KeyPinnedTier):
         cap = self.cfg.capacity // self.object_bytes
         if self._count + n <= cap:
             return n
-        listed = self._listed()  # Mooncake may have evicted some: count again
+        keys = self._list_keys()  # one listing: the blocks (Mooncake may have evicted some: count again), the marks
+        listed = parse_keys(keys, self.cfg.prefix)
         with self._lock:
             self._count = sum(h.size for h in listed.values())
         over = self._count + n - cap
@@ -361,7 +366,7 @@ class MooncakeTier(KeyPinnedTier):
             return max(0, min(n, cap - self._count))
         with self._lock:
             pinned = set(self._pins)
-        marks = self._marks()  # retained blocks go after every ordinary one, within their share
+        marks = self._marks(keys)  # retained blocks go after every ordinary one, within their share
         budget = self._retain_budget(max(sh for sh, _ in marks.values())) if marks else 0
         cand: list[tuple[int, int, int]] = []
         kept: list[tuple[int, int, int]] = []
@@ -435,15 +440,16 @@ class MooncakeTier(KeyPinnedTier):
             return 0.0, np.zeros(0, np.uint64)
         return float(np.frombuffer(raw[8:16], np.float64)[0]), np.frombuffer(raw[16:], "<u8").astype(np.uint64)
 
-    def _marks(self) -> dict[int, tuple[float, np.ndarray]]:
-        """{namespace: (share, pinned hashes)} of every mark under this prefix (none if unlisted)."""
+    def _marks(self, listed: list[str] | None = None) -> dict[int, tuple[float, np.ndarray]]:
+        """{namespace: (share, pinned hashes)} of every mark under this prefix (none if unlisted), from
+        the keys ``listed`` (default: list them now)."""
         head = f"{self.cfg.prefix}/retain/"
         try:
-            keys = [k for k in list_keys(self.cfg.admin, self.cfg.prefix) if k.startswith(head)]
+            keys = list_keys(self.cfg.admin, self.cfg.prefix) if listed is None else listed
         except OSError:
             return {}
         out = {}
-        for k in keys:
+        for k in (k for k in keys if k.startswith(head)):
             try:
                 ns = int(k[len(head) :], 16)
             except ValueError:
