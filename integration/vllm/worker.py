@@ -89,8 +89,6 @@ class WorkerSide:
         self.kv_cache_config = kv_cache_config
         self.meta: Any = None  # this step's KvbmFsMetadata, bound by the connector
         self._layers: list[tuple[str, torch.Tensor]] = []  # (name, view [num_blocks, *page])
-        self._page_shape: tuple[int, ...] = ()
-        self._kv_dtype: torch.dtype | None = None
         # per group: (page shape, dtype, staged row length); a Mamba row is longer than its state (zeros)
         self._gpage: list[tuple[tuple[int, ...], torch.dtype, int]] = []
         self._load_errors: set[int] = set()
@@ -153,8 +151,8 @@ class WorkerSide:
                 raise LayoutMismatchError(f"kvbm_fs: layer {name} differs in shape or dtype from its group's first")
             layers.append((name, view))
         first = next((g for g in range(len(self.groups)) if g not in self.state_groups), 0)
-        shape, self._kv_dtype = self._gpage[first][0], self._gpage[first][1]
-        self._layers, self._page_shape = layers, shape or ()
+        shape, dtype, _ = self._gpage[first]  # for the log: the first attention group's page
+        self._layers = layers
         self._layer_index = {name: i for i, (name, _) in enumerate(layers)}
         first = 0
         self._group_layers = []
@@ -165,8 +163,8 @@ class WorkerSide:
         log.info(
             "kvbm_fs: registered %d KV layers, page %s %s (%d B per block)",
             len(layers),
-            self._page_shape,
-            self._kv_dtype,
+            shape,
+            dtype,
             self.layout.block_nbytes,
         )
 
