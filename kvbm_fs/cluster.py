@@ -52,10 +52,10 @@ from .replay import (
     Trace,
     _cost,
     _layout,
-    _load_time,
     _slot_bytes,
     cli_config,
     load_trace,
+    serve,
 )
 from .store import Store
 from .tier import Medium
@@ -358,23 +358,10 @@ def _simulate(
         now = float(arrivals[r])
         keys = BlockKeys.chain(ns.id, ids + np.uint64(1))  # +1: hash 0 is the "no parent" marker (as replay)
         i = router.pick(keys, now)
-        st = stores[i]
-        m = st.match(keys)
-        length = m.length
+        length, _, t_req = serve(stores[i], keys, cost, lat_bw, real_nb, buf, data, by_tier)
         refs += k
         hits += length
-        t_req = 0.0
-        if length:
-            where = m.where[:length]
-            by_tier += np.bincount(where, minlength=len(tiers))
-            st.get(keys[:length], buf[:length], m)
-            w = cost.worth(where, tiers, real_nb, BLOCK_TOKENS)
-            t_req += _load_time(where[:w], lat_bw, real_nb) + float(cost.recompute_s(w, k - w, BLOCK_TOKENS).sum())
-        else:
-            t_req += nocache[r]
         t_cache += t_req
-        if length < k:
-            st.put(keys[length:], data[: k - length])
         if daemons:
             daemons[i].run_once()
         if router.index is not None:  # the router hears what the stores published, before the next request

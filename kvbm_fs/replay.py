@@ -361,23 +361,12 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
         if n == 0:
             continue
         keys = BlockKeys.chain(ns.id, ids + np.uint64(1))  # +1: hash 0 is the "no parent" marker
-        m = store.match(keys)
-        length = m.length
+        length, w, t_req = serve(store, keys, cost, lat_bw, real_nb, buf, data, by_tier)
         refs += n
         hits += length
-        if length:
-            where = m.where[:length]
-            by_tier += np.bincount(where, minlength=len(tiers))
-            store.get(keys[:length], buf[:length], m)
-            w = cost.worth(where, tiers, real_nb, BLOCK_TOKENS)
-            worth_blocks += w
-            t_cache += _load_time(where[:w], lat_bw, real_nb)
-            t_cache += float(cost.recompute_s(w, n - w, BLOCK_TOKENS).sum())
-        else:
-            t_cache += float(cost.recompute_s(0, n, BLOCK_TOKENS).sum())
+        worth_blocks += w
+        t_cache += t_req
         t_none += float(cost.recompute_s(0, n, BLOCK_TOKENS).sum())
-        if length < n:
-            store.put(keys[length:], data[: n - length])
         if daemon is not None:
             daemon.run_once()
     res: dict[str, Any] = {
@@ -404,6 +393,36 @@ def _run(store: Any, trace: Trace, cfg: ReplayConfig, nb: int, real_nb: int) -> 
     else:
         res["placement"] = "spill"
     return res
+
+
+def serve(
+    store: Any,
+    keys: BlockKeys,
+    cost: CostModel,
+    lat_bw: np.ndarray,
+    real_nb: int,
+    buf: np.ndarray,
+    data: np.ndarray,
+    by_tier: np.ndarray,
+) -> tuple[int, int, float]:
+    """One replayed request: match, get the hit prefix, put the rest; counts hits per tier into ``by_tier``.
+    Returns (hit blocks, blocks worth loading, the cost model's prefill seconds with the cache)."""
+    n = len(keys)
+    m = store.match(keys)
+    length = m.length
+    w = 0
+    if length:
+        where = m.where[:length]
+        by_tier += np.bincount(where, minlength=by_tier.size)
+        store.get(keys[:length], buf[:length], m)
+        w = cost.worth(where, store.tiers, real_nb, BLOCK_TOKENS)
+        t = _load_time(where[:w], lat_bw, real_nb)
+    else:
+        t = 0.0
+    t += float(cost.recompute_s(w, n - w, BLOCK_TOKENS).sum())
+    if length < n:
+        store.put(keys[length:], data[: n - length])
+    return length, w, t
 
 
 def _cost(cfg: ReplayConfig) -> CostModel:
