@@ -128,8 +128,11 @@ def test_bad_shares_are_config_errors(tmp_path: Path, share: object) -> None:
         t.retain(NS_B.id, share)  # type: ignore[arg-type]
     assert t.retained()["marks"] == {}
     t.close()
-    rc = pp.main(["x.jsonl", "--retain", "--retain-share", "1.5"])
-    assert rc == 2  # refused before reading the corpus or starting an engine
+
+
+def test_prepopulate_refuses_a_bad_share_first(capsys: pytest.CaptureFixture[str]) -> None:
+    rc = pp.main(["x.jsonl", "--retain", "--retain-share", "1.5"])  # x.jsonl does not exist: it is not read
+    assert rc == 2 and "retain share" in capsys.readouterr().err  # before the corpus or an engine
 
 
 def test_prepopulate_retain_marks_and_no_retain_unmarks(tmp_path: Path) -> None:
