@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import IllegalTransitionError, LayoutMismatchError, TierClosedError
+from .errors import ConfigError, IllegalTransitionError, LayoutMismatchError, TierClosedError
 from .events import EventBus, EventKind
 from .keys import BlockKey, BlockKeys, Namespace
 from .lifecycle import SlotPool
@@ -412,8 +412,6 @@ DEFAULT_RETAIN_SHARE = 0.3  # of a tier's capacity that retained (prepopulated) 
 
 def check_share(share: Any) -> float:
     """A retain share: a number strictly between 0 and 1 (a share of 1 would leave new blocks no room)."""
-    from .errors import ConfigError
-
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
         raise ConfigError(f"retain share must be a number between 0 and 1 (exclusive), got {share!r}")
     return float(share)
