@@ -237,3 +237,57 @@ def test_mamba_groups_are_stored_only_under_vllms_mamba_prefix_caching() -> None
     spec = MambaSpec(block_size=3 * BLOCK, shapes=((4, 8),), dtypes=(torch.float32,), mamba_cache_mode="align")
     with pytest.raises(ConfigError, match=f"96-token blocks.*block_size={4 * BLOCK}"):
         kvc_layout.kv_groups(SimpleNamespace(), _fake_config(spec), "CPU_ATTN")
+
+
+def test_scheduler_publishes_the_events_of_the_group_the_connector_names_the_engine_by(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A model with no full-attention group whose group 0 is Mamba: the connector names the engine by
+    its sliding-window group (layout.primary_group), and the scheduler publishes that group's blocks
+    as vLLM KV events, not the Mamba group's (vLLM's real spec classes, no engine)."""
+    import torch
+    from vllm.distributed.kv_events import BlockRemoved
+    from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, MambaSpec, SlidingWindowSpec
+
+    from kvbm_fs import EventKind
+    from kvbm_fs.integration.vllm import connector as kvc_connector
+    from kvbm_fs.integration.vllm.metadata import KvbmFsWorkerMeta
+
+    mamba = MambaSpec(block_size=BLOCK, shapes=((8, 8),), dtypes=(torch.float32,), mamba_cache_mode="align")
+    swa = SlidingWindowSpec(block_size=BLOCK, num_kv_heads=1, head_size=1, dtype=torch.float32, sliding_window=64)
+    kcc = KVCacheConfig(
+        num_blocks=8,
+        kv_cache_tensors=[],
+        kv_cache_groups=[KVCacheGroupSpec(["l0"], mamba), KVCacheGroupSpec(["l1"], swa)],
+    )
+    tc = SimpleNamespace(
+        kv_role="kv_both",
+        kv_load_failure_policy="recompute",
+        engine_id="primary-group-test",
+        kv_connector_extra_config={"tiers": ["host://?capacity=1MiB"], "model": "tiny-mamba-swa"},
+    )
+    cfg = SimpleNamespace(
+        kv_transfer_config=tc,
+        cache_config=SimpleNamespace(cache_dtype="auto"),
+        model_config=SimpleNamespace(model="tiny-mamba-swa"),
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
+    )
+    monkeypatch.setattr(kvc_connector, "attention_backend", lambda *a, **k: "CPU_ATTN")
+    conn = kvc_connector.KvbmFsConnector(cfg, KVConnectorRole.SCHEDULER, kcc)
+    try:
+        assert [g.kind for g in conn.groups] == ["mamba", "swa"]
+        assert kvc_layout.primary_group(conn.groups) == 1 and "#g1/swa64" in conn.namespace.model
+        sched = conn.scheduler
+        assert sched is not None
+        ids = [nss[0].id for _, nss in sched.groups]
+        removed = EventKind.REMOVED.value
+        events = [(removed, "host", "host", False, ids[g], np.array([10 + g], np.uint64)) for g in (0, 1)]
+        conn.update_connector_output(
+            SimpleNamespace(kv_connector_worker_meta=KvbmFsWorkerMeta(events=events), invalid_block_ids=set())
+        )
+        published = list(conn.take_events())
+        assert [type(e) for e in published] == [BlockRemoved]
+        assert published[0].block_hashes == [11], "the sliding-window group's block, not the Mamba state's"
+    finally:
+        conn.shutdown()

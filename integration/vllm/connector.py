@@ -144,6 +144,7 @@ class KvbmFsConnector(KVConnectorBase_V1, SupportsHMA):
                 save_tokens=store_config(self.extra).events is not None,
                 groups=[(g.window_blocks, nss) for g, nss in zip(self.groups, group_ns)],
                 state_groups=self.state_groups,
+                primary=primary,
             )
         _live.add(self)
         log.info(

@@ -63,6 +63,7 @@ class SchedulerSide:
         save_tokens: bool,
         groups: list[tuple[int, tuple[Namespace, ...]]] | None = None,
         state_groups: frozenset[int] = frozenset(),
+        primary: int = 0,
     ) -> None:
         self.namespaces, self.store, self.shared, self.stats = namespaces, store, shared, stats
         # KV-cache groups: (window blocks, per-rank namespaces); window 0 is full attention. A hybrid
@@ -73,8 +74,9 @@ class SchedulerSide:
         # Mamba groups (window 1: the state block at a prefix's end). Their blocks are saved from vLLM's
         # exact boundary-state hand-offs: an align-mode Mamba block table is not append-only
         self.state_groups = state_groups
-        # the group whose blocks become vLLM KV events (with their tokens): the first full-attention one
-        self.primary = next((g for g, (w, _) in enumerate(self.groups) if w == 0), 0)
+        # the group whose blocks become vLLM KV events (with their tokens): the connector's choice
+        # (layout.primary_group), the group its namespaces and store are named by
+        self.primary = primary
         self.loads_enabled, self.saves_enabled, self.async_load = loads, saves, async_load
         self.save_tokens = save_tokens  # the worker's store publishes KV events: saves carry their token ids
         self.block_size = namespaces[0].layout.block_size
