@@ -3,6 +3,7 @@ outlive everyday traffic within a share of the capacity, for every instance on t
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 import uuid
@@ -124,6 +125,44 @@ def test_marks_are_objects_beside_the_blocks(moto_s3: Any, moto_url: str, monkey
     assert t.retained() == {"marks": {NS_B.id: 0.3}, "blocks": 5, "budget": None}
     t.fs.pipe(f"{t.root}/{NS_B.id:016x}/retain/0-junk.retain", b"not a mark")  # ignored, with a warning
     assert t.retain(NS_B.id, 0.2) == 0 and _open(s3_server, url).retained()["marks"] == {NS_B.id: 0.2}
+    t.close()
+
+
+def test_an_object_that_is_not_a_mark_is_read_once_until_it_changes(
+    moto_s3: Any, moto_url: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every eviction lists the marks; a malformed one is fetched and warned about once per version
+    (ETag, size, time as listed), not at every listing, and read again once it is rewritten."""
+    from kvbm_fs.tiers.remote.retain import encode
+
+    t = _open(moto_s3, moto_url)
+    junk = f"{t.root}/{NS_B.id:016x}/retain/0-junk.retain"
+    t.fs.pipe(junk, b"not a mark")
+    reads: list[str] = []
+    listings: list[int] = []
+    read, scan = t._read_object, t._scan
+
+    async def counted_read(path: str) -> Any:
+        reads.append(path)
+        return await read(path)
+
+    def counted_scan() -> Any:
+        listings.append(1)
+        return scan()
+
+    monkeypatch.setattr(t, "_read_object", counted_read)
+    monkeypatch.setattr(t, "_scan", counted_scan)
+    with caplog.at_level(logging.WARNING, logger="kvbm_fs.tiers.remote.tier"):
+        _churn(t)  # 24 blocks into 12 slots: an eviction listing at each of the last 6 puts
+        assert len(listings) >= 6 and t.counters["evictions"] == SLOTS
+        assert reads.count(junk) == 1
+        assert sum("0-junk.retain is not a retain mark" in r.getMessage() for r in caplog.records) == 1
+        t.fs.pipe(junk, b"rewritten, still not a mark")
+        _churn(t, seed=2)
+        assert reads.count(junk) == 2
+        assert sum("0-junk.retain is not a retain mark" in r.getMessage() for r in caplog.records) == 2
+    t.fs.pipe(junk, encode(0.25, np.zeros(0, np.uint64)))  # rewritten as a mark: read and taken
+    assert t.retained()["marks"] == {NS_B.id: 0.25} and reads.count(junk) == 3
     t.close()
 
 

@@ -7,7 +7,9 @@ every fsspec backend keeps them, every instance on the bucket reads them from th
 makes anyway to evict, and they outlive restarts.  A marking writes new objects (at most
 :data:`CHUNK` hashes each), so concurrent markers (``--shard``) never overwrite each other; a
 namespace's share is that of its newest object; unmarking deletes them all.  Readers cache
-objects by name (immutable), so a listing costs GETs only for marks they have not seen.
+objects by name (immutable), so a listing costs GETs only for marks they have not seen; an object
+that is not a mark is remembered by name and version (ETag, size, time) and read again only once
+it changes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import struct
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -61,17 +64,25 @@ class Marks:
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[int, float, np.ndarray]] = {}  # path -> (ns, share, hashes)
+        self.bad: dict[str, str] = {}  # path -> version of a listed object that is not a mark
         self.lock = threading.Lock()
         self._merged: dict[int, np.ndarray] | None = None  # hashes(), until the objects change
 
-    def missing(self, paths: list[str]) -> list[str]:
-        """Forget objects no longer listed; the listed ones not read yet."""
-        listed = set(paths)
+    def missing(self, listed: Mapping[str, str]) -> list[str]:
+        """Forget objects no longer listed; the listed ones (path -> version) not read yet, less those
+        known not to be marks at the version listed."""
         with self.lock:
             for p in [p for p in self.objects if p not in listed]:
                 del self.objects[p]
                 self._merged = None
-            return [p for p in paths if p not in self.objects]
+            for p in [p for p, v in self.bad.items() if listed.get(p) != v]:
+                del self.bad[p]
+            return [p for p in listed if p not in self.objects and p not in self.bad]
+
+    def reject(self, path: str, version: str) -> None:
+        """``path`` at ``version`` is not a mark object: not read again until it changes."""
+        with self.lock:
+            self.bad[path] = version
 
     def add(self, path: str, raw: bytes) -> None:
         ns = parse_path(path)

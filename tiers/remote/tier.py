@@ -511,18 +511,19 @@ class RemoteTier(KeyPinnedTier):
         """(ns, hash, mtime) of every block object under the root."""
         return self._scan()[0]
 
-    def _scan(self) -> tuple[list[tuple[int, int, float]], list[str]]:
-        """Every block object under the root (ns, hash, mtime) and every retain mark object's path."""
+    def _scan(self) -> tuple[list[tuple[int, int, float]], dict[str, str]]:
+        """Every block object under the root (ns, hash, mtime) and every retain mark object's path, with
+        its version as listed (ETag, size, mtime: a changed object reads again)."""
         try:
             found = self._run(self._call(lambda: self.fs._find(self.root, detail=True)))
         except FileNotFoundError:
-            return [], []
-        out, marks = [], []
+            return [], {}
+        out, marks = [], {}
         for path, info in found.items():
             parts = path.rstrip("/").split("/")
             if len(parts) < 3 or len(parts[-1]) != 16 or len(parts[-3]) != 16:
                 if parse_path(path) is not None:
-                    marks.append(path)
+                    marks[path] = f"{info.get('ETag') or info.get('etag') or ''}/{info.get('size')}/{_mtime(info)}"
                 continue
             try:
                 out.append((int(parts[-3], 16), int(parts[-1], 16), _mtime(info)))
@@ -558,7 +559,7 @@ class RemoteTier(KeyPinnedTier):
         return min(n, room)
 
     def _victims(
-        self, blocks: list[tuple[int, int, float]], marks: list[str], over: int, pinned: set[tuple[int, int]]
+        self, blocks: list[tuple[int, int, float]], marks: dict[str, str], over: int, pinned: set[tuple[int, int]]
     ) -> list[tuple[int, int]]:
         """The ``over`` objects to evict, least recently written first, never a pinned one. Retained
         objects (marked by a prepopulation, any instance) go after every ordinary one while they hold
@@ -584,8 +585,9 @@ class RemoteTier(KeyPinnedTier):
         return list(zip(ns[pick].tolist(), hs[pick].tolist()))
 
     # ---- retain marks ----------------------------------------------------------------------
-    def _load_marks(self, paths: list[str]) -> Marks:
-        """Read the mark objects not read yet (concurrently); one that fails is read next time."""
+    def _load_marks(self, paths: dict[str, str]) -> Marks:
+        """Read the mark objects (path -> listed version) not read yet (concurrently); one that fails is
+        read next time, one that is not a mark only once it changes (one warning per version)."""
         todo = self._marks.missing(paths)
         if todo:
             for p, r in zip(todo, self._run(self._gather([partial(self._read_object, p) for p in todo]))):
@@ -595,7 +597,8 @@ class RemoteTier(KeyPinnedTier):
                 try:
                     self._marks.add(p, bytes(r))
                 except ValueError:
-                    log.warning("%s: %s is not a retain mark object; ignored", self.url, p)
+                    self._marks.reject(p, paths[p])
+                    log.warning("%s: %s is not a retain mark object; ignored until it changes", self.url, p)
         return self._marks
 
     def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE, hashes: np.ndarray | None = None) -> int:
@@ -614,7 +617,7 @@ class RemoteTier(KeyPinnedTier):
             mine = self._marks.paths(ns)
             if not all(self._delete_paths(mine)):
                 raise ConfigError(f"cannot delete the retain marks of {ns:016x} at {self.url}; run it again")
-            self._marks.missing([p for p in paths if p not in mine])
+            self._marks.missing({p: v for p, v in paths.items() if p not in mine})
             return int(np.isin(held, marked).sum())
         want = held if hashes is None else np.intersect1d(np.asarray(hashes, np.uint64), held)
         new = np.setdiff1d(want, marked)
