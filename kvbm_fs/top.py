@@ -365,18 +365,22 @@ def _run(url: str, interval: float, once: bool, as_json: bool) -> int:
         from rich.live import Live
 
         # Ctrl-C sets a flag the loop checks, instead of raising wherever it lands (mid-render, it
-        # could leave the live display half torn down and the process hanging)
+        # could leave the live display half torn down and the process hanging); the caller's handler
+        # is back when it returns (main() is callable in-process)
         stop = threading.Event()
-        signal.signal(signal.SIGINT, lambda *_: stop.set())
-        with Live(render(compute_view(None, prev)), console=console, auto_refresh=False) as live:
-            while not stop.wait(interval):
-                try:
-                    cur = scrape(url)
-                except MetricsScrapeError as e:  # keep the last frame; the store may come back
-                    live.update(render(compute_view(None, prev), error=str(e)), refresh=True)
-                    continue
-                live.update(render(compute_view(prev, cur)), refresh=True)
-                prev = cur
+        previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+        try:
+            with Live(render(compute_view(None, prev)), console=console, auto_refresh=False) as live:
+                while not stop.wait(interval):
+                    try:
+                        cur = scrape(url)
+                    except MetricsScrapeError as e:  # keep the last frame; the store may come back
+                        live.update(render(compute_view(None, prev), error=str(e)), refresh=True)
+                        continue
+                    live.update(render(compute_view(prev, cur)), refresh=True)
+                    prev = cur
+        finally:  # None: a handler not set from Python; the default is the nearest
+            signal.signal(signal.SIGINT, signal.SIG_DFL if previous is None else previous)
         return 0
     except KeyboardInterrupt:
         return 0

@@ -258,6 +258,37 @@ def test_live_mode_exits_0_on_ctrl_c(endpoint: Endpoint) -> None:
     assert "remote" in out and "open" in out  # the last frame stays on screen
 
 
+def test_live_mode_gives_back_the_callers_sigint_handler(endpoint: Endpoint) -> None:
+    """Run in-process (main thread): Ctrl-C stops the live view, which then restores the SIGINT
+    handler it found, so a later Ctrl-C reaches the caller's again."""
+    import os
+
+    caught: list[int] = []
+
+    def callers(signum: int, frame: Any) -> None:
+        caught.append(signum)
+
+    before = signal.signal(signal.SIGINT, callers)
+
+    def ctrl_c_after_scrapes() -> None:
+        deadline = time.monotonic() + 60
+        while endpoint.scrapes < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    t = threading.Thread(target=ctrl_c_after_scrapes, daemon=True)
+    try:
+        t.start()
+        assert top.main(["--url", endpoint.url, "--interval", "0.05"]) == 0
+        t.join()
+        assert endpoint.scrapes >= 3 and caught == [], "the Ctrl-C stopped top, not the caller's handler"
+        assert signal.getsignal(signal.SIGINT) is callers
+        signal.raise_signal(signal.SIGINT)
+        assert caught == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 # ---- the Grafana dashboard ----
 
 FUNCTIONS = {"rate", "irate", "increase", "sum", "max", "min", "avg", "histogram_quantile", "clamp_min", "topk",
