@@ -220,7 +220,7 @@ class PlacementDaemon:
         self._yield_to_foreground(len(keys) * upper.block_nbytes)
         have = lower.contains(keys)
         todo = np.flatnonzero(~have)
-        copied = transfer(keys[todo], upper, lower) if todo.size else np.zeros(0, bool)
+        copied = transfer(keys[todo], upper, lower, have=have[todo]) if todo.size else np.zeros(0, bool)
         safe = have.copy()
         safe[todo[copied]] = True  # the lower tier holds a complete copy of these
         kept = int((~safe).sum())
@@ -294,13 +294,14 @@ class PlacementDaemon:
         return moved
 
     def _promote(self, kind: str, keys: BlockKeys, src: Tier) -> int:
-        todo = np.flatnonzero(~self.target.contains(keys))
+        have = self.target.contains(keys)
+        todo = np.flatnonzero(~have)
         if todo.size == 0:
             return 0
         self._yield_to_foreground(todo.size * src.block_nbytes)
         if self.config.make_room:
             self._make_room(todo.size)
-        ok = transfer(keys[todo], src, self.target)
+        ok = transfer(keys[todo], src, self.target, have=have[todo])
         n = int(ok.sum())
         if n and self.config.exclusive and src is not self.store.tiers[-1]:
             self._delete(src, keys[todo[ok]])

@@ -279,7 +279,7 @@ class Store:
         self.namespace_of(keys)
         s, d = self.tier(src), self.tier(dst)
         had = d.contains(keys)
-        ok = transfer(keys, s, d)
+        ok = transfer(keys, s, d, have=had)
         up = self.tiers.index(d) < self.tiers.index(s)
         new = ok & ~had
         if new.any():
@@ -339,9 +339,9 @@ class Store:
                     continue
                 for i in range(0, len(batch), 256):
                     sub = batch[i : i + 256]
-                    new = ~target.contains(sub)
-                    if new.any():
-                        written += int(transfer(sub[np.flatnonzero(new)], t, target).sum())
+                    todo = np.flatnonzero(~target.contains(sub))
+                    if todo.size:
+                        written += int(transfer(sub[todo], t, target, have=np.zeros(todo.size, bool)).sum())
         return written
 
     def export_peer(self, tier: str | None = None, host: str = "127.0.0.1", port: int = 0) -> Any:

@@ -56,13 +56,15 @@ def put_rows(keys: BlockKeys, rows: Any, tiers: Sequence[Tier], first: int = 0, 
     return Placed(ok, where, secs, asked, took_n)
 
 
-def transfer(keys: BlockKeys, src: Tier, dst: Tier) -> np.ndarray:
-    """Copy ``keys`` from ``src`` into ``dst``; mask of keys now in ``dst``. The source keeps its copy."""
+def transfer(keys: BlockKeys, src: Tier, dst: Tier, have: np.ndarray | None = None) -> np.ndarray:
+    """Copy ``keys`` from ``src`` into ``dst``; mask of keys now in ``dst``. The source keeps its copy.
+    ``have``: what ``dst`` holds of ``keys`` when the caller has just asked it (not asked again: a
+    remote tier answers with a HEAD per block)."""
     if len(keys) == 0:
         return np.zeros(0, bool)
     if isinstance(src, SlotTier) and isinstance(dst, SlotTier):
-        return slot_to_slot(keys, src, dst)
-    return staged(keys, src, dst)
+        return slot_to_slot(keys, src, dst)  # pins what dst holds as it looks: no separate question
+    return staged(keys, src, dst, have=have)
 
 
 def slot_to_slot(keys: BlockKeys, src: SlotTier, dst: SlotTier) -> np.ndarray:
@@ -91,11 +93,12 @@ def slot_to_slot(keys: BlockKeys, src: SlotTier, dst: SlotTier) -> np.ndarray:
         dst.release(held)
 
 
-def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64) -> np.ndarray:
-    """Any other pair: batches of ``batch`` blocks the destination lacks, each ``move``d through one
-    reusable staging buffer. The rows are on the GPU when one side is a GPU tier and the other moves
-    GPU rows itself (the disk tier through GDS), so G3 <-> G1 never bounces through host memory twice."""
-    have = dst.contains(keys)
+def staged(keys: BlockKeys, src: Tier, dst: Tier, batch: int = 64, have: np.ndarray | None = None) -> np.ndarray:
+    """Any other pair: batches of ``batch`` blocks the destination lacks (``have``, else asked of it),
+    each ``move``d through one reusable staging buffer. The rows are on the GPU when one side is a GPU
+    tier and the other moves GPU rows itself (the disk tier through GDS), so G3 <-> G1 never bounces
+    through host memory twice."""
+    have = dst.contains(keys) if have is None else np.array(have, bool)  # a copy: the caller's stays as given
     todo = np.flatnonzero(~have)
     if todo.size == 0:
         return have

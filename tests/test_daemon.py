@@ -202,3 +202,41 @@ def test_standalone_daemon_command_demotes_a_shared_disk_tier(
     with mount(disk, remote, layout=LAYOUT, model="m", env={}) as engine:
         assert engine.tier("disk").used_bytes <= 0.5 * engine.tier("disk").capacity_bytes
         assert engine.match(keys).length == 8
+
+
+def test_demotion_and_promotion_ask_the_other_tier_once_per_block(tmp_path: Path) -> None:
+    """A batch asks the tier it moves blocks into what it holds once (transfer asked again: a HEAD per
+    block on a remote tier); blocks that tier already holds are dropped, not written again."""
+    from test_transfer import _asking
+
+    from kvbm_fs.daemon import PlacementDaemon
+    from kvbm_fs.testing import NS_A, chain
+    from kvbm_fs.tiers.disk import DiskTier
+    from kvbm_fs.tiers.host import HostTier
+    from kvbm_fs.tiers.remote import RemoteTier
+
+    nb = NS_A.block_nbytes
+    host, remote = HostTier(8 * nb, nb, name="host"), RemoteTier(f"file://{tmp_path}/r", nb, name="remote")
+    remote.bind_namespace(NS_A)
+    store = Store([host, remote], NS_A)
+    keys = chain(NS_A, 8)
+    data = blocks_for(keys, nb)
+    assert host.put(keys, data).all() and remote.put(keys[::2], data[::2]).all()
+    asked, written = _asking(remote)
+    d = PlacementDaemon(store, DaemonConfig.from_dict({"high": 0.5, "low": 0.25, "promote": False}))
+    d.run_once()
+    s = d.stats()
+    assert s["demoted_blocks"] + s["dropped_blocks"] == 6 and s["dropped_blocks"] > 0 and len(host) == 2
+    assert sorted(asked) == sorted(set(asked)) and len(asked) == 6  # once per block
+    assert written and not set(written) & set(keys.hashes[::2].tolist())  # held ones not written again
+    # promotion into a tier that is not a slot buffer (disk, promote_to): once per block too
+    disk = DiskTier(tmp_path / "disk", nb, "4MiB", name="disk")
+    store2 = Store([disk, remote], NS_A)
+    d2 = PlacementDaemon(store2, DaemonConfig.from_dict({"promote": True, "prefetch": False}))
+    asked2, _ = _asking(disk)
+    held = keys[::2]
+    d2.on_get(held, np.ones(len(held), np.int64), np.ones(len(held), bool))  # served by tier 1 (remote)
+    d2.run_once()
+    assert d2.stats()["promoted_blocks"] == len(held) and sorted(asked2) == sorted(held.hashes.tolist())
+    store2.close(persist=False)
+    store.close(persist=False)

@@ -116,3 +116,45 @@ def test_transfer_of_nothing_or_of_blocks_already_there_moves_nothing(nblocks: i
     src.put(keys, data)
     dst.put(keys, data)
     assert transfer(keys, src, dst).tolist() == [True] * nblocks and len(dst) == nblocks
+
+
+def _asking(t: Any) -> tuple[list[int], list[int]]:
+    """Wrap ``t``'s contains and put: the hashes each is asked about / given (a remote tier's contains
+    is a HEAD per block)."""
+    asked: list[int] = []
+    written: list[int] = []
+    contains, put = t.contains, t.put
+
+    def counted_contains(keys: Any) -> Any:
+        asked.extend(keys.hashes.tolist())
+        return contains(keys)
+
+    def counted_put(keys: Any, rows: Any) -> Any:
+        written.extend(keys.hashes.tolist())
+        return put(keys, rows)
+
+    t.contains, t.put = counted_contains, counted_put
+    return asked, written
+
+
+def test_copy_and_persist_ask_the_destination_once_per_block(tmp_path: Path) -> None:
+    """Store.copy and Store.persist ask a remote destination what it holds once (they passed it on to
+    transfer, which asked again); what it already holds is still not written again."""
+    host, remote = _host(8), _remote(tmp_path / "r")
+    store = Store([host, remote], NS_A)
+    seen: list[Any] = []
+    store.events.subscribe(seen.append, [EventKind.DEMOTED])
+    keys = chain(NS_A, 6)
+    data = blocks_for(keys, NB)
+    assert host.put(keys, data).all() and remote.put(keys[:1], data[:1]).all()
+    asked, written = _asking(remote)
+    assert store.copy(keys[:4], "host", "remote").all()
+    assert sorted(asked) == sorted(keys.hashes[:4].tolist())  # once each, not twice
+    assert written == keys.hashes[1:4].tolist()  # the block it held is not re-written
+    assert [e.keys.hashes.tolist() for e in seen] == [keys.hashes[1:4].tolist()]  # only the new ones
+    del asked[:], written[:]
+    assert store.persist() == 2  # the two blocks only the host tier holds
+    assert sorted(asked) == sorted(keys.hashes.tolist()) and written == keys.hashes[4:].tolist()
+    got, out = _read(remote, keys)
+    assert got.all() and np.array_equal(out, data)
+    store.close(persist=False)
