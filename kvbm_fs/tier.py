@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -415,3 +415,29 @@ def check_share(share: Any) -> float:
     if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0.0 < float(share) < 1.0:
         raise ConfigError(f"retain share must be a number between 0 and 1 (exclusive), got {share!r}")
     return float(share)
+
+
+def retain_budget(shares: Iterable[float], capacity_blocks: int) -> int:
+    """How many retained blocks a tier of ``capacity_blocks`` keeps: the largest share among its marks."""
+    return int(max(shares, default=0.0) * capacity_blocks)
+
+
+def retention_victims(
+    rank: np.ndarray, retained: np.ndarray, n: int, budget: int,
+    evictable: np.ndarray | None = None, held: int | None = None,
+) -> np.ndarray:  # fmt: skip
+    """The retention rule every tier evicts by (docs/architecture.md 1.21): indices of up to ``n``
+    victims among blocks ranked by ``rank`` (the tier's eviction order, lowest first; ties go in index
+    order, so a caller lists its blocks in its tie-break order). Retained blocks go after every ordinary
+    one while the tier holds (``held``, default ``retained.sum()``, pinned ones included) at most
+    ``budget`` of them; past it the ``held - budget`` lowest-ranked retained ones go first. "Oldest
+    retained" is thus the tier's own eviction order (a disk tier's policy rank, the write time on
+    remote and Mooncake tiers), not mark time, which disk and Mooncake tiers do not keep per block.
+    Fewer than ``n`` when only retained blocks within the budget (or unevictable ones) are left."""
+    order = np.argsort(rank, kind="stable")
+    if evictable is not None:
+        order = order[evictable[order]]
+    ret = retained[order]
+    over = (int(retained.sum()) if held is None else held) - budget
+    first = order[ret][: max(0, min(n, over))]
+    return np.concatenate([first, order[~ret][: max(0, n - first.size)]])
