@@ -45,7 +45,16 @@ from kvbm_fs.policy import EvictionPolicy, make_policy
 from kvbm_fs.registry import TierSpec
 from kvbm_fs.resilience import CircuitBreaker, backoff_delay
 from kvbm_fs.rows import host_rows, is_torch
-from kvbm_fs.tier import DEFAULT_RETAIN_SHARE, Admission, KeyPinnedTier, KeyPins, Medium, check_share
+from kvbm_fs.tier import (
+    DEFAULT_RETAIN_SHARE,
+    Admission,
+    KeyPinnedTier,
+    KeyPins,
+    Medium,
+    check_share,
+    retain_budget,
+    retention_victims,
+)
 from kvbm_fs.tiers.remote.fs import (
     check_knobs,
     loop_for,
@@ -561,15 +570,17 @@ class RemoteTier(KeyPinnedTier):
     def _victims(
         self, blocks: list[tuple[int, int, float]], marks: dict[str, str], over: int, pinned: set[tuple[int, int]]
     ) -> list[tuple[int, int]]:
-        """The ``over`` objects to evict, least recently written first, never a pinned one. Retained
-        objects (marked by a prepopulation, any instance) go after every ordinary one while they hold
-        at most their share of the capacity; past it the oldest of them go first."""
+        """The ``over`` objects to evict, least recently written first, never a pinned one; retained
+        objects (marked by a prepopulation, any instance) by the retention rule (:func:`retention_victims`)."""
         if not blocks:
             return []
         ns = np.array([b[0] for b in blocks], np.uint64)
         hs = np.array([b[1] for b in blocks], np.uint64)
-        rank = np.array([self.policy.rank(int(b[2] * 1e6), 0) for b in blocks], np.int64)
-        free = np.ones(len(blocks), bool)
+        mtime = np.array([b[2] for b in blocks], np.float64)
+        by_key = np.lexsort((hs, ns))  # ties in write time go by key
+        ns, hs, mtime = ns[by_key], hs[by_key], mtime[by_key]
+        rank = np.array([self.policy.rank(int(t * 1e6), 0) for t in mtime.tolist()], np.int64)
+        free = None
         if pinned:
             free = np.array([(int(n), int(h)) not in pinned for n, h in zip(ns.tolist(), hs.tolist())], bool)
         kept = np.zeros(len(blocks), bool)
@@ -577,11 +588,8 @@ class RemoteTier(KeyPinnedTier):
         for n, marked in self._marks.hashes().items():
             at = np.flatnonzero(ns == np.uint64(n))
             kept[at] = np.isin(hs[at], marked)
-        order = np.lexsort((hs, ns, rank))
-        budget = int(max(shares.values(), default=0.0) * (self.capacity // self.object_bytes))
-        first = order[kept[order] & free[order]][: max(0, min(over, int(kept.sum()) - budget))]
-        rest = order[~kept[order] & free[order]][: over - first.size]
-        pick = np.concatenate([first, rest])
+        budget = retain_budget(shares.values(), self.capacity // self.object_bytes)
+        pick = retention_victims(rank, kept, over, budget, free)
         return list(zip(ns[pick].tolist(), hs[pick].tolist()))
 
     # ---- retain marks ----------------------------------------------------------------------
@@ -643,7 +651,7 @@ class RemoteTier(KeyPinnedTier):
         for ns, marked in self._marks.hashes().items():
             n += int(np.isin(np.array([h for b, h, _ in blocks if b == ns], np.uint64), marked).sum())
         cap = None if self._count < 0 else self.capacity // self.object_bytes
-        budget = None if cap is None else int(max(shares.values(), default=0.0) * cap)
+        budget = None if cap is None else retain_budget(shares.values(), cap)
         return {"marks": shares, "blocks": n, "budget": budget}
 
     def iter_keys(self) -> Iterator[BlockKeys]:
