@@ -41,6 +41,7 @@ import lmdb
 import numpy as np
 
 from kvbm_fs.errors import IndexCorruptError
+from kvbm_fs.tier import retain_budget, retention_victims
 from kvbm_fs.tiers.disk.seal import SEAL, IndexLock, fsync_dir, mark_damaged, seal
 
 KEY = struct.Struct(">QQ")
@@ -439,39 +440,43 @@ class DiskIndex:
     def _evict(
         self, txn: Any, n: int, protect: set[int], into: list[int], num_slots: int
     ) -> list[tuple[int, int, int]]:
-        """Evict up to ``n`` unprotected blocks, lowest rank first. Retained blocks (ranked after all
-        others) are skipped while they hold at most their share; past it the oldest of them go first."""
-        evicted: list[tuple[int, int, int]] = []
+        """Evict up to ``n`` unprotected blocks by the retention rule (:func:`retention_victims`), lowest
+        rank first; retained blocks rank after all others. Reads only the part of the order it may take:
+        the first ``n`` ordinary blocks and, past the share, the first retained ones."""
         held = self.retained(txn)
-        over = held - self.budget(txn, num_slots) if held else 0
+        budget = self.budget(txn, num_slots) if held else 0
         cur = txn.cursor(self.order)
-        dropped = 0
-        if over > 0:
-            dropped += self._walk(txn, cur, cur.set_range(KEY.pack(PRIORITY, 0)), min(n, over), protect, into, evicted)
-        dropped += self._walk(txn, cur, cur.first(), n, protect, into, evicted, PRIORITY if held else None)
+        window = self._window(cur, cur.first(), n, protect, PRIORITY if held else None)
+        if held > budget:
+            window += self._window(cur, cur.set_range(KEY.pack(PRIORITY, 0)), min(n, held - budget), protect)
+        if not window:
+            return []
+        rank = np.array([r for r, _ in window], np.uint64)
+        kept = rank >= np.uint64(PRIORITY) if held else np.zeros(rank.size, bool)
+        pick = retention_victims(rank, kept, n, budget, held=held)
+        evicted: list[tuple[int, int, int]] = []
+        for i in pick.tolist():
+            r, slot = window[i]
+            txn.delete(KEY.pack(r, slot), db=self.order)
+            evicted.append(self._drop_slot(txn, slot))
+            into.append(slot)
+        dropped = int(kept[pick].sum())
         if dropped:
             txn.put(RETAINED, U64.pack(held - dropped), db=self.meta)
         return evicted
 
-    def _walk(
-        self, txn: Any, cur: Any, ok: bool, n: int, protect: set[int], into: list[int],
-        evicted: list[tuple[int, int, int]], stop: int | None = None,
-    ) -> int:  # fmt: skip
-        """Evict from the cursor on until ``evicted`` holds ``n`` (or a rank reaches ``stop``); returns
-        how many retained blocks went."""
-        dropped = 0
-        while ok and len(evicted) < n:
+    @staticmethod
+    def _window(cur: Any, ok: bool, n: int, protect: set[int], stop: int | None = None) -> list[tuple[int, int]]:
+        """The next ``n`` unprotected (rank, slot) entries of the order from the cursor on, below ``stop``."""
+        out: list[tuple[int, int]] = []
+        while ok and len(out) < n:
             rank, slot = KEY.unpack(cur.key())
             if stop is not None and rank >= stop:
                 break
-            if slot in protect:
-                ok = cur.next()
-                continue
-            ok = cur.delete() and bool(cur.key())
-            evicted.append(self._drop_slot(txn, slot))
-            into.append(slot)
-            dropped += rank >= PRIORITY
-        return dropped
+            if slot not in protect:
+                out.append((rank, slot))
+            ok = cur.next()
+        return out
 
     # ---- retained namespaces -------------------------------------------------------------
     def retained(self, txn: Any) -> int:
@@ -491,7 +496,7 @@ class DiskIndex:
 
     def budget(self, txn: Any, num_slots: int) -> int:
         """How many retained blocks eviction skips: the largest share among the marks."""
-        return int(max(self.marks(txn).values(), default=0.0) * num_slots)
+        return retain_budget(self.marks(txn).values(), num_slots)
 
     def set_mark(self, txn: Any, ns: int, share: float | None) -> None:
         """Mark ``ns`` retained with ``share`` (None: unmark); :meth:`rerank` moves its blocks
