@@ -366,13 +366,21 @@ def test_retained_blocks_are_soft_pinned_and_outlive_eviction_pressure(own_maste
 
         # capacity=: the tier's own eviction spares them too, in another instance (the mark names them)
         w2 = chain(big, 4, start=500)
-        assert bounded[0].put(w2, blocks_for(w2, nb)).all()
+        for i in range(4):  # one put each: w2[0] is the oldest written
+            assert bounded[0].put(w2[i : i + 1], blocks_for(w2[i : i + 1], nb)).all()
         assert bounded[0].retain(big.id, 0.5, w2.hashes) == 4  # budget: 4 of 8
         for a in range(0, 16, 4):
             keys = chain(big, 4, start=600 + a)
             assert bounded[1].put(keys, blocks_for(keys, nb)).all()
         assert bounded[1].contains(w2).all() and len(bounded[1]) == 8
-        assert bounded[1].retain(big.id, None) == 4
+        # a smaller share pins nothing more; past its budget (2 of 8) the oldest written retained go first
+        assert bounded[0].retain(big.id, 0.25, w2.hashes) == 0
+        new = chain(big, 6, start=700)
+        for a, b in ((0, 4), (4, 6)):  # the second put finds the prefix over its capacity (12 + 2 of 8)
+            assert bounded[0].put(new[a:b], blocks_for(new[a:b], nb)).all()
+        assert bounded[0].contains(w2).tolist() == [False, False, True, True] and bounded[0].contains(new).all()
+        assert len(bounded[0]) == 8
+        assert bounded[1].retain(big.id, None) == 2
     finally:
         for tier in (t, *bounded):
             for keys in tier.iter_keys():

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -33,7 +33,16 @@ from kvbm_fs.keys import BlockKeys
 from kvbm_fs.policy import make_policy
 from kvbm_fs.resilience import CircuitBreaker
 from kvbm_fs.rows import copy_rows, host_rows
-from kvbm_fs.tier import DEFAULT_RETAIN_SHARE, Admission, KeyPinnedTier, KeyPins, Medium, check_share
+from kvbm_fs.tier import (
+    DEFAULT_RETAIN_SHARE,
+    Admission,
+    KeyPinnedTier,
+    KeyPins,
+    Medium,
+    check_share,
+    retain_budget,
+    retention_victims,
+)
 from kvbm_fs.tiers.mooncake.client import (
     OBJECT_ALREADY_EXISTS,
     OBJECT_NOT_FOUND,
@@ -352,7 +361,8 @@ class MooncakeTier(KeyPinnedTier):
 
     def _make_room(self, n: int, keep: BlockKeys) -> int:
         """Evict this prefix's oldest-written blocks (unknown writers' first), never a pinned one nor one
-        the current put counts as stored (``keep``). Returns how many of ``n`` now fit."""
+        the current put counts as stored (``keep``); retained (soft-pinned) ones by the retention rule
+        (:func:`retention_victims`). Returns how many of ``n`` now fit."""
         assert self.cfg.capacity is not None
         cap = self.cfg.capacity // self.object_bytes
         if self._count + n <= cap:
@@ -362,30 +372,29 @@ class MooncakeTier(KeyPinnedTier):
         with self._lock:
             self._count = sum(h.size for h in listed.values())
         over = self._count + n - cap
-        if over <= 0 or not self.evict_on_put:
+        if over <= 0 or not self.evict_on_put or not listed:
             return max(0, min(n, cap - self._count))
         with self._lock:
-            pinned = set(self._pins)
+            pins: dict[int, list[int]] = {}
+            for pn, ph in self._pins:
+                pins.setdefault(pn, []).append(ph)
         marks = self._marks(keys)  # retained blocks go after every ordinary one, within their share
-        budget = self._retain_budget(max(sh for sh, _ in marks.values())) if marks else 0
-        cand: list[tuple[int, int, int]] = []
-        kept: list[tuple[int, int, int]] = []
-        held = 0
+        parts = []
         for ns, hs in listed.items():
             with self._lock:
-                seq, _ = self._written.find(ns, hs)
-            skip = np.isin(hs, keep.hashes) if ns == keep.ns else np.zeros(hs.size, bool)
+                seq, _ = self._written.find(ns, hs)  # -1: written by another process, goes first
+            free = ~np.isin(hs, np.array(pins.get(ns, []), np.uint64))
+            if ns == keep.ns:
+                free &= ~np.isin(hs, keep.hashes)
             ret = np.isin(hs, marks[ns][1]) if ns in marks else np.zeros(hs.size, bool)
-            held += int(ret.sum())
-            for s_, h, k, r in zip(seq.tolist(), hs.tolist(), skip.tolist(), ret.tolist()):
-                if not k and (ns, h) not in pinned:
-                    (kept if r else cand).append((int(s_), ns, h))
-        cand.sort()
-        kept.sort()
-        victims = (kept[: max(0, min(over, held - budget))] + cand)[:over]
+            parts.append((np.full(hs.size, ns, np.uint64), hs, seq, free, ret))
+        bns, bh, seq, free, ret = (np.concatenate(c) for c in zip(*parts))
+        budget = self._retain_budget(sh for sh, _ in marks.values())
+        by_key = np.lexsort((bh, bns))  # ties in write order go by key
+        pick = by_key[retention_victims(seq[by_key], ret[by_key], over, budget, free[by_key])]
         evicted = 0
-        for ns in {v[1] for v in victims}:
-            hs = np.array([h for _, n2, h in victims if n2 == ns], np.uint64)
+        for ns in np.unique(bns[pick]).tolist():
+            hs = bh[pick][bns[pick] == ns]
             codes = self.client.remove(self._keys(ns, hs))
             gone = hs[(codes == 0) | (codes == OBJECT_NOT_FOUND)]
             self._forget(ns, gone)
@@ -423,7 +432,9 @@ class MooncakeTier(KeyPinnedTier):
             _, first = np.unique(want, return_index=True)
             want = want[np.sort(first)]
             want = want[self.contains(BlockKeys(ns, want))]
-        want = want[~np.isin(want, prev)][: max(0, self._retain_budget(share) - prev.size)]
+        # the budget is kept here, at mark time, as well as at eviction (_make_room): Mooncake's master
+        # evicts soft-pinned objects last with no notion of a share, and without capacity= it alone evicts
+        want = want[~np.isin(want, prev)][: max(0, self._retain_budget([share]) - prev.size)]
         pinned = self._repin(ns, want, True)
         value = MARK + np.float64(share).tobytes() + np.union1d(prev, pinned).astype("<u8").tobytes()
         if self.client.store.upsert(key, value, self.client.pin_config(True)) != 0:
@@ -459,8 +470,8 @@ class MooncakeTier(KeyPinnedTier):
                 out[ns] = (share, hs)
         return out
 
-    def _retain_budget(self, share: float) -> int:
-        return int(share * ((self.cfg.capacity or self.cfg.segment) // self.object_bytes))
+    def _retain_budget(self, shares: Iterable[float]) -> int:
+        return retain_budget(shares, (self.cfg.capacity or self.cfg.segment) // self.object_bytes)
 
     def _repin(self, ns: int, hashes: np.ndarray, pin: bool) -> np.ndarray:
         """Read each block into staging, verify it, write it back with the soft pin set (or cleared);
@@ -493,7 +504,7 @@ class MooncakeTier(KeyPinnedTier):
         marks = self._marks()
         shares = {ns: share for ns, (share, _) in marks.items()}
         return {"marks": shares, "blocks": sum(hs.size for _, hs in marks.values()),
-                "budget": self._retain_budget(max(shares.values(), default=0.0))}  # fmt: skip
+                "budget": self._retain_budget(shares.values())}  # fmt: skip
 
     def iter_keys(self) -> Iterator[BlockKeys]:
         self._live()
