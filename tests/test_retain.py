@@ -72,6 +72,21 @@ def test_beyond_the_share_the_oldest_retained_blocks_go_first(tmp_path: Path) ->
     t.close()
 
 
+def test_beyond_the_share_a_read_keeps_a_retained_block_longer(tmp_path: Path) -> None:
+    """Oldest retained = lowest in the tier's eviction order (kvbm_fs.tier.retention_victims): on disk the
+    policy's rank, which a read raises."""
+    t = _tier(tmp_path / "d")
+    warm = chain(NS_B, 10)
+    for i in range(10):
+        _put(t, warm[i : i + 1])
+    assert t.get(warm[:1], np.empty((1, NB), np.uint8)).all()  # the oldest written, read since
+    t.flush()
+    t.retain(NS_B.id, 0.3)  # budget: 6 of 20 slots, 4 over
+    _churn(t)
+    assert t.contains(warm).tolist() == [True] + [False] * 4 + [True] * 5
+    t.close()
+
+
 def test_unmarking_makes_them_ordinary(tmp_path: Path) -> None:
     t = _tier(tmp_path / "d")
     warm = chain(NS_B, 5)
