@@ -1,10 +1,11 @@
 """Ghost lists for ``parc``: keys of recently evicted blocks, without data, in numpy arrays.
 
-ARC's B1 and B2 are two FIFO lists of 64-bit keys that answer "was this key evicted lately, and from which list?" and drop their oldest
-entries when the history is full.  As ``OrderedDict`` s they cost about 122 bytes per key (an int
-object, a dict entry and a linked-list node); here a key costs a slot in one append-only buffer
-(key, list id, table slot: 13 bytes, the buffer 1.5 times the history) and one or two int32
-in an open-addressing table (linear probing, at most half full): about 25 bytes per remembered key,
+ARC's B1 and B2 are two lists of 64-bit keys that answer "was this key evicted lately, from which
+list, and how many evictions ago?" and drop their oldest entries (whichever list) when the history
+is full.  As ``OrderedDict`` s they cost about 122 bytes per key (an int object, a dict entry and a
+linked-list node); here a key costs a slot in one append-only buffer (key, list id, table slot and
+a 32-bit sequence number: 17 bytes, the buffer 1.5 times the history) and one or two int32 in an
+open-addressing table (linear probing, at most half full): about 31 bytes per remembered key,
 with no Python object per key.  Lookups and appends are batched numpy passes; the buffer is
 compacted (and the table rebuilt) when it fills, which is O(history) once every history's worth
 of appends.
@@ -31,8 +32,9 @@ class GhostLists:
         self.keys = np.zeros(size, np.uint64)
         self.lst = np.full(size, -1, np.int8)  # list id, -1: dead entry
         self.tslot = np.zeros(size, np.int32)  # where the entry sits in the table
+        self.seq = np.zeros(size, np.uint32)  # the caller's number for the entry (parc: its eviction count)
         self.end = 0  # next append position
-        self.start = [0, 0]  # no live entry of list i before start[i]
+        self.start = 0  # no live entry before it
         self.n = [0, 0]
         tsize = 1 << max(7, int(3 * self.capacity + 127).bit_length())
         self.table = np.full(tsize, _EMPTY, np.int32)  # buffer position, or _EMPTY / _TOMB
@@ -105,8 +107,9 @@ class GhostLists:
         """Remove the entries at ``positions`` (from :meth:`find`)."""
         self._kill(np.asarray(positions, np.int64))
 
-    def push(self, keys: np.ndarray, lst: np.ndarray) -> None:
-        """Append keys (distinct) as the newest of their lists, replacing any entry they already have."""
+    def push(self, keys: np.ndarray, lst: np.ndarray, seq: np.ndarray | None = None) -> None:
+        """Append keys (distinct) as the newest of their lists, replacing any entry they already have;
+        ``seq``: a number kept with each entry (:attr:`seq` at the position :meth:`find` gives)."""
         keys = np.asarray(keys, np.uint64)
         if keys.size == 0:
             return
@@ -118,57 +121,43 @@ class GhostLists:
         self.end += keys.size
         self.keys[pos] = keys
         self.lst[pos] = lst
+        self.seq[pos] = 0 if seq is None else seq
         for i in (0, 1):
             self.n[i] += int(np.count_nonzero(lst == i))
         if 2 * (self.used + keys.size) > self.table.size:
             self._rebuild()
         self._index(pos)
 
-    def pop_oldest(self, i: int, k: int) -> None:
-        """Drop the ``k`` oldest entries of list ``i`` (amortised O(1) each: ``start`` only moves on)."""
-        while k > 0 and self.n[i] > 0:
-            s = self.start[i]
+    def trim(self, limit: int) -> None:
+        """While more than ``limit`` keys are remembered, drop the oldest, whichever list it is in: one
+        history of evictions, as LIRS keeps (ARC's rule, B1 first while it is the longer, forgot B2
+        returns that a longer history than ARC's one cache is there to catch)."""
+        k = len(self) - limit
+        s = self.start
+        while k > 0 and len(self) > 0 and s < self.end:
             w = min(self.end - s, max(2 * k, 256))
-            if w <= 0:
-                break
-            take = (s + np.flatnonzero(self.lst[s : s + w] == i))[:k]
+            take = (s + np.flatnonzero(self.lst[s : s + w] >= 0))[:k]
             self._kill(take)
             k -= take.size
-            self.start[i] = int(take[-1]) + 1 if take.size and k == 0 else s + w
-
-    def trim(self, limit: int) -> None:
-        """ARC's rule, as many times as needed: while more than ``limit`` keys are remembered, drop the
-        oldest of list 0 if it is at least as long as list 1, else the oldest of list 1."""
-        e = len(self) - limit
-        if e <= 0:
-            return
-        l0, l1 = self.n
-        if l0 >= l1:  # list 0 shrinks until it is one shorter, then the two alternate from list 1
-            k0 = min(e, l0 - l1 + 1)
-            r = e - k0
-            k0, k1 = k0 + r // 2, (r + 1) // 2
-        else:  # list 1 shrinks until level, then they alternate from list 0
-            k1 = min(e, l1 - l0)
-            r = e - k1
-            k0, k1 = (r + 1) // 2, k1 + r // 2
-        self.pop_oldest(0, k0)
-        self.pop_oldest(1, k1)
+            s = int(take[-1]) + 1 if take.size and k == 0 else s + w
+        self.start = s
 
     def _compact(self, room: int) -> None:
         live = np.flatnonzero(self.lst[: self.end] >= 0)
         size = self.keys.size
         if live.size + room > size:  # the caller pushed more than the history holds at once
             size = live.size + room + self.capacity + 64
-        keys, lst = self.keys[live], self.lst[live]
+        keys, lst, seq = self.keys[live], self.lst[live], self.seq[live]
         if size != self.keys.size:
             self.keys = np.zeros(size, np.uint64)
             self.lst = np.full(size, -1, np.int8)
             self.tslot = np.zeros(size, np.int32)
+            self.seq = np.zeros(size, np.uint32)
         else:
             self.lst[:] = -1
-        self.keys[: live.size], self.lst[: live.size] = keys, lst
+        self.keys[: live.size], self.lst[: live.size], self.seq[: live.size] = keys, lst, seq
         self.end = live.size
-        self.start = [0, 0]
+        self.start = 0
         self._rebuild()
 
     def _rebuild(self) -> None:

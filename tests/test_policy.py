@@ -155,6 +155,35 @@ def test_parc_ghost_hit_enters_t2_and_moves_the_split() -> None:
     assert len(pol.b1) + len(pol.b2) <= 2 * pool.num_slots
 
 
+def test_parc_a_return_from_deeper_in_b1_than_t1_could_reach_leaves_the_split() -> None:
+    """ARC's |T1| + |B1| <= c: a key that more than c - p blocks followed out of T1 enters T2 when it
+    comes back, but does not grow p (no T1 of an allowed size would have kept it)."""
+    pol = PARC()
+    pool = pool_with(pol, 2)
+    for h in (1, 2, 3, 4, 5):  # 1 leaves T1 first; 2, 3 and 4 follow it
+        store(pool, chain(h))
+    store(pool, chain(1))
+    assert pol.p == 0 and bool(pol.in_t2[int(pool.lookup(BlockKeys(NS, [1]))[0])])
+
+
+def test_parc_keeps_t2_within_c_minus_p_by_demoting_its_least_recent() -> None:
+    """T2's overflow moves to T1 with its recency (LIRS's demotion); evicted from there, it goes to B2."""
+    pol = PARC()
+    pool = pool_with(pol, 4)
+    for h in (1, 2, 3, 4):
+        store(pool, chain(h))
+    for h in (1, 2, 3, 4):
+        touch(pool, chain(h))  # all four in T2
+    pol.p = 2.0  # as if recency had earned two slots
+    touch(pool, chain(4))
+    slot = {h: int(pool.lookup(BlockKeys(NS, [h]))[0]) for h in (1, 2, 3, 4)}
+    assert [bool(pol.in_t2[slot[h]]) for h in (1, 2, 3, 4)] == [False, False, True, True] and pol.n_t2 == 2
+    for h in (5, 6, 7):  # new blocks: T1 goes in recency order, demoted blocks first
+        store(pool, chain(h))
+    assert present(pool, 1, 2, 3, 4, 5, 6, 7) == [False, False, True, True, False, True, True]
+    assert ghost_key(1) in pol.b2 and ghost_key(2) in pol.b2 and ghost_key(5) in pol.b1
+
+
 @pytest.mark.parametrize("ghost", [1, 2, 3])
 def test_parc_remembers_ghost_times_its_capacity_of_evicted_keys(ghost: int) -> None:
     pol = make_policy(f"parc:ghost={ghost}")

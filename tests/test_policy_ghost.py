@@ -15,36 +15,43 @@ from kvbm_fs.policy import PARC
 NS = 7
 
 
-def _model_trim(b: list[OrderedDict[int, None]], limit: int) -> None:
-    while len(b[0]) + len(b[1]) > limit:  # ARC: drop from B1 when it is at least as long as B2
-        (b[0] if len(b[0]) >= len(b[1]) else b[1]).popitem(last=False)
+def _model_trim(b: OrderedDict[int, tuple[int, int]], limit: int) -> None:
+    while len(b) > limit:  # one history: the oldest eviction goes first, whichever list it is in
+        b.popitem(last=False)
 
 
 @pytest.mark.parametrize("limit", [1, 5, 64])
-def test_ghost_lists_answer_as_two_ordered_dicts(limit: int) -> None:
+def test_ghost_lists_answer_as_one_ordered_dict(limit: int) -> None:
+    """Against a model: one OrderedDict key -> (list, seq) in eviction order, trimmed from the oldest."""
     rng = np.random.default_rng(limit)
-    g, b = GhostLists(limit), [OrderedDict[int, None](), OrderedDict[int, None]()]
+    g, b = GhostLists(limit), OrderedDict[int, tuple[int, int]]()
     universe = rng.integers(1, 4 * limit + 8, size=8 * limit + 40).astype(np.uint64) << np.uint64(33)
+    seq = 0
     for _ in range(400):  # enough appends to compact the buffer and rebuild the table several times
         keys = np.unique(rng.choice(universe, size=int(rng.integers(1, 12))))
         rng.shuffle(keys)
         if rng.random() < 0.5:
             lst = rng.integers(0, 2, keys.size).astype(np.int8)
-            for k, li in zip(keys.tolist(), lst.tolist()):
-                b[0].pop(k, None), b[1].pop(k, None)
-                b[li][k] = None
-            g.push(keys, lst)
+            seqs = np.arange(seq, seq + keys.size, dtype=np.uint32)
+            seq += keys.size
+            for k, li, sq in zip(keys.tolist(), lst.tolist(), seqs.tolist()):
+                b.pop(k, None)
+                b[k] = (li, sq)
+            g.push(keys, lst, seqs)
             _model_trim(b, limit)
             g.trim(limit)
         else:
             lst, pos = g.find(keys)
-            assert lst.tolist() == [0 if k in b[0] else 1 if k in b[1] else -1 for k in keys.tolist()]
+            want = [b.get(k, (-1, 0)) for k in keys.tolist()]
+            assert lst.tolist() == [w[0] for w in want]
             hit = lst >= 0
+            kept = [w[1] for w, h in zip(want, hit.tolist()) if h]
+            assert g.seq[pos[hit]].tolist() == kept  # through compactions
             g.pop(pos[hit])
-            for k, li in zip(keys[hit].tolist(), lst[hit].tolist()):
-                del b[li][k]
-        assert g.n == [len(b[0]), len(b[1])]
-        assert [g.keys_of(0), g.keys_of(1)] == [list(b[0]), list(b[1])]  # same keys, same order
+            for k in keys[hit].tolist():
+                del b[k]
+        assert g.n == [sum(v[0] == i for v in b.values()) for i in (0, 1)]
+        assert [g.keys_of(0), g.keys_of(1)] == [[k for k, v in b.items() if v[0] == i] for i in (0, 1)]
     assert g.keys.size <= limit + limit // 2 + 64, "the buffer never grows past its bound"
 
 
