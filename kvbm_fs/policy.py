@@ -291,7 +291,7 @@ class PARC(PrefixLRU):
     without displacing the reused working set in ``T2``, while a workload of short-lived
     conversations shifts the space to recency on its own; no constant depends on the
     workload (the ghost length and the adaptation step are relative to capacity).  The
-    demotion and the depth rule (session 9) made multi-turn chat 4% better on average over
+    demotion and the depth rule made multi-turn chat 4% better on average over
     five seeds of the generator, at no cost elsewhere (docs/architecture.md 1.12).
     The whole-prefix rule keeps what remains cached matchable, because a hit is a prefix.
 
