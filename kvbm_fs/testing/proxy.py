@@ -6,7 +6,9 @@ on demand, injects faults into the next requests: connection resets, stalls, and
 carries one request: the proxy asks the upstream for ``Connection: close``.
 
 It also counts what it sees (``requests``, ``methods``, ``max_in_flight``), so tests
-can show that a batch went out concurrently, or that an open breaker sent nothing.
+can show that a batch went out concurrently, or that an open breaker sent nothing; and what
+became of its stalls (``stalled``, ``stalls_waited_out``), so a test can show that a client's
+timeout ended a call while the proxy still held its request, without reading a clock.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ class FaultProxy:
         self.methods: Counter[str] = Counter()  # requests by HTTP method (HEAD, GET, PUT, ...)
         self.in_flight = 0
         self.max_in_flight = 0  # most requests held at once (read, not yet answered)
+        self.stalled = 0  # requests held in a stall now
+        self.stalls_waited_out = 0  # stalls held their whole stall_seconds (not ended by close())
         self.injected: dict[str, int] = dict.fromkeys(FAULTS + DAMAGES, 0)
         self._plan: deque[tuple[str, str | None]] = deque()  # (fault, only for this HTTP method or any)
         self._always: str | None = None
@@ -123,7 +127,7 @@ class FaultProxy:
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             return
         if fault == "stall":
-            self._stop.wait(self.stall_seconds)
+            self._stall()
             return
         if fault in ("503", "500"):
             client.sendall(_error(int(fault)))
@@ -135,6 +139,19 @@ class FaultProxy:
         if self.latency:
             time.sleep(self.latency)
         self._forward(client, head, body)
+
+    def _stall(self) -> None:
+        """Hold the request unanswered.  A stall that runs its full length is counted before the
+        connection closes, so a client that waited it out finds it counted when its call returns."""
+        with self._lock:
+            self.stalled += 1
+        try:
+            if not self._stop.wait(self.stall_seconds):
+                with self._lock:
+                    self.stalls_waited_out += 1
+        finally:
+            with self._lock:
+                self.stalled -= 1
 
     def _forward(self, client: socket.socket, head: bytes, body: memoryview) -> None:
         """Relay without copying: the proxy stands in for the network, so it should cost the
