@@ -4,7 +4,8 @@ It runs as a background thread inside a store (``Store.start_daemon``) or standa
 (``kvbm-fs daemon --config ...``) over shared disk and remote tiers.  Per round:
 
 1. **Promote / prefetch** (below), then **demote**, bottom-up: a tier above its high watermark hands its coldest blocks (by
-   its policy) to the next tier down in batches until it is below its low watermark.
+   its policy, and retained ones only past their share, as its eviction would) to the next tier down in batches until
+   it is below its low watermark.
    A block the next tier already holds is just dropped; one it cannot take stays.
    So a block leaves the store only through the bottom tier's own eviction, which
    picks the least valuable block there, the coldest in the store.

@@ -440,10 +440,24 @@ class DiskIndex:
     def _evict(
         self, txn: Any, n: int, protect: set[int], into: list[int], num_slots: int
     ) -> list[tuple[int, int, int]]:
-        """Evict up to ``n`` unprotected blocks by the retention rule (:func:`retention_victims`), lowest
-        rank first; retained blocks rank after all others. Reads only the part of the order it may take:
-        the first ``n`` ordinary blocks and, past the share, the first retained ones."""
+        """Evict up to ``n`` unprotected blocks by the retention rule (:meth:`_victims`)."""
         held = self.retained(txn)
+        evicted: list[tuple[int, int, int]] = []
+        dropped = 0
+        for r, slot in self._victims(txn, n, protect, num_slots, held):
+            txn.delete(KEY.pack(r, slot), db=self.order)
+            evicted.append(self._drop_slot(txn, slot))
+            into.append(slot)
+            dropped += r >= PRIORITY
+        if dropped:
+            txn.put(RETAINED, U64.pack(max(held - dropped, 0)), db=self.meta)
+        return evicted
+
+    def _victims(self, txn: Any, n: int, protect: set[int], num_slots: int, held: int) -> list[tuple[int, int]]:
+        """The next ``n`` unprotected (rank, slot) the retention rule (:func:`retention_victims`) takes,
+        in its order: retained blocks (``held`` of them) rank after all others and come first only past
+        their share. Reads only the part of the order it may take: the first ``n`` ordinary blocks and,
+        past the share, the first retained ones. Eviction and demotion (:meth:`coldest`) share it."""
         budget = self.budget(txn, num_slots) if held else 0
         cur = txn.cursor(self.order)
         window = self._window(cur, cur.first(), n, protect, PRIORITY if held else None)
@@ -453,17 +467,7 @@ class DiskIndex:
             return []
         rank = np.array([r for r, _ in window], np.uint64)
         kept = rank >= np.uint64(PRIORITY) if held else np.zeros(rank.size, bool)
-        pick = retention_victims(rank, kept, n, budget, held=held)
-        evicted: list[tuple[int, int, int]] = []
-        for i in pick.tolist():
-            r, slot = window[i]
-            txn.delete(KEY.pack(r, slot), db=self.order)
-            evicted.append(self._drop_slot(txn, slot))
-            into.append(slot)
-        dropped = int(kept[pick].sum())
-        if dropped:
-            txn.put(RETAINED, U64.pack(held - dropped), db=self.meta)
-        return evicted
+        return [window[i] for i in retention_victims(rank, kept, n, budget, held=held).tolist()]
 
     @staticmethod
     def _window(cur: Any, ok: bool, n: int, protect: set[int], stop: int | None = None) -> list[tuple[int, int]]:
@@ -545,21 +549,16 @@ class DiskIndex:
         ns, h = KEY.unpack(kb)
         return ns, h, Record.unpack(raw).parent
 
-    def coldest(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
-        """The ``n`` lowest-ranked unprotected blocks (ns, hash, parent), without touching them."""
+    def coldest(self, n: int, protect: set[int], num_slots: int) -> list[tuple[int, int, int]]:
+        """The next ``n`` blocks (ns, hash, parent) eviction would take (:meth:`_victims`: retained ones
+        only past their share, oldest first), without touching them: what the daemon demotes."""
         out: list[tuple[int, int, int]] = []
         if self.broken is not None:
             return out
         try:
             with self.read() as txn:
-                cur = txn.cursor(self.order)
-                for k, _ in cur:
-                    if len(out) >= n:
-                        break
-                    rank, slot = KEY.unpack(k)
-                    if rank >= PRIORITY:  # retained blocks are not demoted out of their tier
-                        break
-                    kb = txn.get(SLOT.pack(slot), db=self.slots) if slot not in protect else None
+                for _, slot in self._victims(txn, n, protect, num_slots, self.retained(txn)):
+                    kb = txn.get(SLOT.pack(slot), db=self.slots)
                     raw = txn.get(kb, db=self.blocks) if kb else None
                     if kb is not None and raw is not None:
                         ns, h = KEY.unpack(kb)
@@ -682,7 +681,7 @@ class NullIndex(DiskIndex):
     def iter_keys(self) -> Iterator[tuple[int, int, int]]:
         return iter(())
 
-    def coldest(self, n: int, protect: set[int]) -> list[tuple[int, int, int]]:
+    def coldest(self, n: int, protect: set[int], num_slots: int) -> list[tuple[int, int, int]]:
         return []
 
     def evict(self, n: int, protect: set[int], num_slots: int = 0) -> list[tuple[int, int, int]]:

@@ -535,7 +535,7 @@ class DiskTier(Tier):
     def coldest(self, n: int) -> list[BlockKeys]:
         self._live()
         self.flush()  # rank by what readers saw, not by what they saw before the last write
-        found = self.index.coldest(n, self._protected())
+        found = self.index.coldest(n, self._protected(), self.num_slots)
         by_ns: dict[int, list[tuple[int, int, int]]] = {}
         for g in found:
             by_ns.setdefault(g[0], []).append(g)
