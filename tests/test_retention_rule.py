@@ -100,3 +100,41 @@ def test_the_daemon_demotes_retained_blocks_past_the_share_oldest_first(tmp_path
         out = np.zeros_like(data)
         assert m.length == len(keys) and store.get(keys, out, m).all() and np.array_equal(out, data)
     store.close(persist=False)
+
+
+def test_the_daemon_demotes_retained_remote_objects_past_the_share_oldest_written_first(tmp_path: Path) -> None:
+    """The same on a bounded remote tier above another: its ``coldest`` is its eviction's victim choice
+    (retained objects past their share first, oldest written first, then ordinary ones), so demotion
+    keeps what eviction on put would keep and moves the rest down whole."""
+    from kvbm_fs.codec import HEADER_SIZE
+
+    nb = NS_A.block_nbytes
+    slots = 20
+    upper = RemoteTier(f"file://{tmp_path}/upper", nb, slots * (nb + HEADER_SIZE), name="upper")
+    lower = RemoteTier(f"file://{tmp_path}/lower", nb, name="lower")
+    for t in (upper, lower):
+        t.bind_namespace(NS_A)
+        t.bind_namespace(NS_B)
+    store = Store([upper, lower], NS_A)
+    store.add_namespace(NS_B)
+    daemon = PlacementDaemon(store, DaemonConfig.from_dict({"promote": False, "prefetch": False})).attach()
+    assert not upper.evict_on_put  # marks 0.90 / 0.75: 18 / 15 blocks
+    warm = chain(NS_B, 10)
+    warm_data = blocks_for(warm, nb)
+    for i in range(10):  # in chain order: block 0 is the oldest written
+        assert upper.put(warm[i : i + 1], warm_data[i : i + 1]).all()
+    assert upper.retain(NS_B.id, 0.3) == 10  # budget: 6 of 20 objects, 4 over
+    everyday = chain(NS_A, 3 * slots, start=1000)
+    every_data = blocks_for(everyday, nb)
+    for i in range(len(everyday)):
+        assert store.put(everyday[i : i + 1], every_data[i : i + 1]).all()
+        daemon.run_once()
+        assert len(upper) <= 18
+    assert upper.contains(warm).tolist() == [False] * 4 + [True] * 6
+    assert upper.retained()["blocks"] == 6 and upper.contains(everyday[-9:]).all()
+    assert lower.contains(warm[:4]).all() and daemon.counters["demoted_blocks"] == 4 + 3 * slots - 9
+    for keys, data in ((warm, warm_data), (everyday, every_data)):
+        m = store.match(keys)
+        out = np.zeros_like(data)
+        assert m.length == len(keys) and store.get(keys, out, m).all() and np.array_equal(out, data)
+    store.close(persist=False)

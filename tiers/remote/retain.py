@@ -1,4 +1,5 @@
-"""Retain marks of a remote tier: which blocks a prepopulation warmed, kept as objects beside them.
+"""Retain marks of a remote tier: which blocks a prepopulation warmed, kept as objects beside them,
+and the eviction order they set (:func:`victims`).
 
     <root>/<ns id:016x>/retain/<time ns:020d>-<uuid:12>.retain   b"KVRETN01", share (f64), hashes (u64...)
 
@@ -18,9 +19,11 @@ import struct
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
+
+from kvbm_fs.tier import retention_victims
 
 MAGIC = b"KVRETN01"
 HEAD = struct.Struct("<8sd")
@@ -112,3 +115,40 @@ class Marks:
     def paths(self, ns: int) -> list[str]:
         with self.lock:
             return [p for p, (n, _, _) in self.objects.items() if n == ns]
+
+
+def victims(
+    blocks: list[tuple[int, int, float]], rank: Callable[[int, int], int], marked: dict[int, np.ndarray],
+    budget: int, n: int, pinned: set[tuple[int, int]],
+) -> list[tuple[int, int]]:  # fmt: skip
+    """The ``n`` listed objects (ns, hash, write time) a remote tier evicts next, by the retention rule
+    (:func:`kvbm_fs.tier.retention_victims`): least recently written first (object stores keep no
+    atime; ties by key; ``rank``: the tier policy's rank of a write time in µs), never a ``pinned``
+    one; ``marked`` ones (``{ns: hashes}``) after every ordinary one while they number at most
+    ``budget``, past it the oldest of them first."""
+    if not blocks:
+        return []
+    ns = np.array([b[0] for b in blocks], np.uint64)
+    hs = np.array([b[1] for b in blocks], np.uint64)
+    mtime = np.array([b[2] for b in blocks], np.float64)
+    by_key = np.lexsort((hs, ns))
+    ns, hs, mtime = ns[by_key], hs[by_key], mtime[by_key]
+    times, at = np.unique((mtime * 1e6).astype(np.int64), return_inverse=True)  # the policy once per time
+    order = np.array([rank(t, 0) for t in times.tolist()], np.int64)[at.reshape(-1)]
+    free = None
+    if pinned:
+        pins: dict[int, list[int]] = {}
+        for pn, ph in pinned:
+            pins.setdefault(pn, []).append(ph)
+        free = ~_member(ns, hs, {k: np.array(v, np.uint64) for k, v in pins.items()})
+    pick = retention_victims(order, _member(ns, hs, marked), n, budget, free)
+    return list(zip(ns[pick].tolist(), hs[pick].tolist()))
+
+
+def _member(ns: np.ndarray, hs: np.ndarray, sets: dict[int, np.ndarray]) -> np.ndarray:
+    """Mask of the blocks (``ns``, ``hs``) whose hash is in ``sets[ns]``: one ``isin`` per namespace."""
+    out = np.zeros(hs.size, bool)
+    for k, members in sets.items():
+        at = np.flatnonzero(ns == np.uint64(k))
+        out[at] = np.isin(hs[at], members)
+    return out

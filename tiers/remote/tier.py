@@ -53,7 +53,6 @@ from kvbm_fs.tier import (
     Medium,
     check_share,
     retain_budget,
-    retention_victims,
 )
 from kvbm_fs.tiers.remote.fs import (
     check_knobs,
@@ -64,7 +63,7 @@ from kvbm_fs.tiers.remote.fs import (
     resolve_io,
     whole_read_kwargs,
 )
-from kvbm_fs.tiers.remote.retain import CHUNK, Marks, encode, mark_path, parse_path
+from kvbm_fs.tiers.remote.retain import CHUNK, Marks, encode, mark_path, parse_path, victims
 from kvbm_fs.units import parse_size
 
 log = logging.getLogger(__name__)
@@ -550,47 +549,36 @@ class RemoteTier(KeyPinnedTier):
         over = self._count + n - cap
         if over <= 0:
             return n
-        if not self.evict_on_put:  # the daemon demotes from this tier; a put only takes free room
+        if not self.evict_on_put:  # the daemon demotes from this tier (coldest); a put only takes free room
             return max(0, n - over)
-        with self._lock:
-            pinned = set(self._pins) | keep
-        blocks, marks = self._scan()
-        victims = self._victims(blocks, marks, over, pinned)
-        gone = self._delete_paths([self._path(ns, h) for ns, h in victims])
-        evicted = [(ns, h) for (ns, h), g in zip(victims, gone) if g]
+        pick = self._next_victims(over, keep)
+        gone = self._delete_paths([self._path(ns, h) for ns, h in pick])
+        evicted = [(ns, h) for (ns, h), g in zip(pick, gone) if g]
         with self._lock:
             self._count -= len(evicted)
             room = max(0, cap - self._count)
         self.counters["evictions"] += len(evicted)
-        for ns in {ns for ns, _ in evicted}:
-            hs = np.array([h for n2, h in evicted if n2 == ns], np.uint64)
+        for ns, hs in _by_namespace(evicted):
             self.events.publish(EventKind.EVICTED, self.name, BlockKeys(ns, hs))
         return min(n, room)
 
-    def _victims(
-        self, blocks: list[tuple[int, int, float]], marks: dict[str, str], over: int, pinned: set[tuple[int, int]]
-    ) -> list[tuple[int, int]]:
-        """The ``over`` objects to evict, least recently written first, never a pinned one; retained
-        objects (marked by a prepopulation, any instance) by the retention rule (:func:`retention_victims`)."""
-        if not blocks:
+    def coldest(self, n: int) -> list[BlockKeys]:
+        """The next ``n`` blocks eviction on put would take (:meth:`_next_victims`), without removing
+        them: what the placement daemon demotes from a bounded tier that no longer evicts on put. An
+        unbounded tier names none: it never passes a watermark, and ranking would list the bucket."""
+        if self._count < 0 or n <= 0:
             return []
-        ns = np.array([b[0] for b in blocks], np.uint64)
-        hs = np.array([b[1] for b in blocks], np.uint64)
-        mtime = np.array([b[2] for b in blocks], np.float64)
-        by_key = np.lexsort((hs, ns))  # ties in write time go by key
-        ns, hs, mtime = ns[by_key], hs[by_key], mtime[by_key]
-        rank = np.array([self.policy.rank(int(t * 1e6), 0) for t in mtime.tolist()], np.int64)
-        free = None
-        if pinned:
-            free = np.array([(int(n), int(h)) not in pinned for n, h in zip(ns.tolist(), hs.tolist())], bool)
-        kept = np.zeros(len(blocks), bool)
+        return [BlockKeys(ns, hs) for ns, hs in _by_namespace(self._next_victims(n, set()))]
+
+    def _next_victims(self, n: int, keep: set[tuple[int, int]]) -> list[tuple[int, int]]:
+        """The ``n`` objects eviction takes next (:func:`.retain.victims`), from one listing, never a
+        pinned one nor one in ``keep``: eviction on put and demotion (:meth:`coldest`) share it."""
+        with self._lock:
+            pinned = set(self._pins) | keep
+        blocks, marks = self._scan()
         shares = self._load_marks(marks).shares()
-        for n, marked in self._marks.hashes().items():
-            at = np.flatnonzero(ns == np.uint64(n))
-            kept[at] = np.isin(hs[at], marked)
         budget = retain_budget(shares.values(), self.capacity // self.object_bytes)
-        pick = retention_victims(rank, kept, over, budget, free)
-        return list(zip(ns[pick].tolist(), hs[pick].tolist()))
+        return victims(blocks, self.policy.rank, self._marks.hashes(), budget, n, pinned)
 
     # ---- retain marks ----------------------------------------------------------------------
     def _load_marks(self, paths: dict[str, str]) -> Marks:
@@ -715,6 +703,14 @@ def open_remote(spec: TierSpec, **common: Any) -> RemoteTier:
                 raise ConfigError(f"remote tier option {k}={opts[k]!r} is not a number") from None
     url = spec.url.split("?", 1)[0].removeprefix("remote+")
     return RemoteTier(url, capacity=opts.pop("capacity", None), storage_options=so, **common, **opts)
+
+
+def _by_namespace(blocks: list[tuple[int, int]]) -> list[tuple[int, np.ndarray]]:
+    """(ns, hashes) per namespace, in the order of each namespace's first block and then the list's."""
+    by_ns: dict[int, list[int]] = {}
+    for n, h in blocks:
+        by_ns.setdefault(n, []).append(h)
+    return [(n, np.array(hs, np.uint64)) for n, hs in by_ns.items()]
 
 
 def _size(head: Any) -> int | None:
