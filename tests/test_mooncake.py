@@ -286,6 +286,46 @@ def test_a_store_spills_into_mooncake_and_a_fresh_store_loads_from_it(master: Mo
         assert np.array_equal(out, data)
 
 
+def test_the_daemon_trims_a_bounded_mooncake_tier_above_another(master: MooncakeMaster, tmp_path: Any) -> None:
+    """``capacity=`` above another tier, the daemon attached (no eviction on put): ``coldest`` names what
+    eviction would take next (oldest written first, never a pinned block) and the daemon demotes it,
+    so the tier stays under its high watermark and keeps taking puts; every block stays readable."""
+    from kvbm_fs import Store
+    from kvbm_fs.daemon import DaemonConfig, PlacementDaemon
+    from kvbm_fs.tiers.remote import RemoteTier
+
+    cap = 20  # blocks; marks 0.90 / 0.75: 18 / 15
+    upper = open_mc(master, capacity=cap * (NB + codec.HEADER_SIZE))
+    lower = RemoteTier(f"file://{tmp_path}/lower", NB, name="lower")
+    lower.bind_namespace(NS_A)
+    keys = chain(NS_A, 3 * cap)
+    data = blocks_for(keys, NB)
+    for i in range(cap):  # one put each: block 0 is the oldest written
+        assert upper.put(keys[i : i + 1], data[i : i + 1]).all()
+    assert upper.pin(keys[1:2]).all()
+    assert [h for b in upper.coldest(3) for h in b.hashes.tolist()] == keys.hashes[[0, 2, 3]].tolist()
+    assert len(upper) == cap and upper.contains(keys[:cap]).all()  # nothing removed
+    upper.unpin(keys[1:2])
+    store = Store([upper, lower], NS_A)
+    daemon = PlacementDaemon(store, DaemonConfig.from_dict({"promote": False, "prefetch": False})).attach()
+    try:
+        for i in range(cap, len(keys)):
+            assert store.put(keys[i : i + 1], data[i : i + 1]).all()
+            daemon.run_once()
+            assert len(upper) <= 0.9 * cap
+        assert upper.contains(keys[-cap // 2 :]).all() and not upper.contains(keys[:cap]).any()
+        assert lower.contains(keys[:cap]).all() and daemon.counters["kept_blocks"] == 0
+        in_upper, in_lower = upper.contains(keys), lower.contains(keys)
+        assert (in_upper | in_lower).all() and not (in_upper & in_lower).any()  # moved, not copied
+        m = store.match(keys)
+        out = np.zeros_like(data)
+        assert m.length == len(keys) and store.get(keys, out, m).all() and np.array_equal(out, data)
+    finally:
+        for b in upper.iter_keys():
+            upper.delete(b)
+        store.close(persist=False)
+
+
 def soft_pinned(m: MooncakeMaster) -> int:
     """How many keys the master holds soft-pinned (its metric)."""
     import urllib.request

@@ -360,20 +360,56 @@ class MooncakeTier(KeyPinnedTier):
             return []
 
     def _make_room(self, n: int, keep: BlockKeys) -> int:
-        """Evict this prefix's oldest-written blocks (unknown writers' first), never a pinned one nor one
-        the current put counts as stored (``keep``); retained (soft-pinned) ones by the retention rule
-        (:func:`retention_victims`). Returns how many of ``n`` now fit."""
+        """Evict this prefix's blocks by :meth:`_victims` (oldest written first), never one the current
+        put counts as stored (``keep``). Returns how many of ``n`` now fit."""
         assert self.cfg.capacity is not None
         cap = self.cfg.capacity // self.object_bytes
         if self._count + n <= cap:
             return n
-        keys = self._list_keys()  # one listing: the blocks (Mooncake may have evicted some: count again), the marks
+        keys, listed = self._recount()
+        over = self._count + n - cap
+        if over <= 0 or not self.evict_on_put or not listed:  # no eviction: the daemon demotes (coldest)
+            return max(0, min(n, cap - self._count))
+        evicted = 0
+        for victims in self._victims(over, keep, keys, listed):
+            codes = self.client.remove(self._keys(victims.ns, victims.hashes))
+            gone = victims.hashes[(codes == 0) | (codes == OBJECT_NOT_FOUND)]
+            self._forget(victims.ns, gone)
+            evicted += gone.size
+            self.events.publish(EventKind.EVICTED, self.name, BlockKeys(victims.ns, gone))
+        self.counters["evictions"] += evicted
+        with self._lock:
+            self._count -= evicted
+            return max(0, min(n, cap - self._count))
+
+    def coldest(self, n: int) -> list[BlockKeys]:
+        """The next ``n`` blocks eviction on put would take (:meth:`_victims`), without removing them:
+        what the placement daemon demotes from a bounded tier that no longer evicts on put. Without
+        ``capacity=`` none: the tier has no watermark to pass (Mooncake's pool is the bound)."""
+        self._live()
+        if self._count < 0 or n <= 0:
+            return []
+        with self._room:
+            keys, listed = self._recount()
+        return self._victims(n, None, keys, listed)
+
+    def _recount(self) -> tuple[list[str], dict[int, np.ndarray]]:
+        """One listing: every key under the prefix, and the blocks among them, which become the count
+        (Mooncake may have evicted some). Callers hold ``_room``."""
+        keys = self._list_keys()
         listed = parse_keys(keys, self.cfg.prefix)
         with self._lock:
             self._count = sum(h.size for h in listed.values())
-        over = self._count + n - cap
-        if over <= 0 or not self.evict_on_put or not listed:
-            return max(0, min(n, cap - self._count))
+        return keys, listed
+
+    def _victims(
+        self, n: int, keep: BlockKeys | None, keys: list[str], listed: dict[int, np.ndarray]
+    ) -> list[BlockKeys]:
+        """The ``n`` listed blocks eviction takes next, per namespace: oldest written first (unknown
+        writers' first), never a pinned one nor one in ``keep``; retained (soft-pinned) ones by the
+        retention rule (:func:`retention_victims`). Eviction on put and demotion share it."""
+        if not listed:
+            return []
         with self._lock:
             pins: dict[int, list[int]] = {}
             for pn, ph in self._pins:
@@ -384,26 +420,16 @@ class MooncakeTier(KeyPinnedTier):
             with self._lock:
                 seq, _ = self._written.find(ns, hs)  # -1: written by another process, goes first
             free = ~np.isin(hs, np.array(pins.get(ns, []), np.uint64))
-            if ns == keep.ns:
+            if keep is not None and ns == keep.ns:
                 free &= ~np.isin(hs, keep.hashes)
             ret = np.isin(hs, marks[ns][1]) if ns in marks else np.zeros(hs.size, bool)
             parts.append((np.full(hs.size, ns, np.uint64), hs, seq, free, ret))
         bns, bh, seq, free, ret = (np.concatenate(c) for c in zip(*parts))
         budget = self._retain_budget(sh for sh, _ in marks.values())
         by_key = np.lexsort((bh, bns))  # ties in write order go by key
-        pick = by_key[retention_victims(seq[by_key], ret[by_key], over, budget, free[by_key])]
-        evicted = 0
-        for ns in np.unique(bns[pick]).tolist():
-            hs = bh[pick][bns[pick] == ns]
-            codes = self.client.remove(self._keys(ns, hs))
-            gone = hs[(codes == 0) | (codes == OBJECT_NOT_FOUND)]
-            self._forget(ns, gone)
-            evicted += gone.size
-            self.events.publish(EventKind.EVICTED, self.name, BlockKeys(ns, gone))
-        self.counters["evictions"] += evicted
-        with self._lock:
-            self._count -= evicted
-            return max(0, min(n, cap - self._count))
+        pick = by_key[retention_victims(seq[by_key], ret[by_key], n, budget, free[by_key])]
+        order = list(dict.fromkeys(bns[pick].tolist()))  # namespaces in the order of their first victim
+        return [BlockKeys(ns, bh[pick][bns[pick] == np.uint64(ns)]) for ns in order]
 
     # ---- retain (Mooncake soft pins) -------------------------------------------------------
     def retain(self, ns: int, share: float | None = DEFAULT_RETAIN_SHARE, hashes: np.ndarray | None = None) -> int:

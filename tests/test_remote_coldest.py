@@ -1,5 +1,6 @@
-"""A size-bounded remote tier above another tier, with the placement daemon attached: the tier no longer
-evicts on put, so demotion (its ``coldest``) is the only way blocks leave it."""
+"""``coldest`` of a size-bounded remote tier, the blocks its eviction on put takes next: what the placement
+daemon demotes from it above another tier (where it no longer evicts on put, so demotion is the only way
+blocks leave it), and what a TinyLFU admission filter weighs a new block against."""
 
 from __future__ import annotations
 
@@ -71,3 +72,15 @@ def test_the_daemon_trims_a_bounded_remote_tier_above_another(tmp_path: Path) ->
     assert m.length == len(keys) and store.get(keys, out, m).all() and np.array_equal(out, data)
     assert len(upper) == len(upper.list_blocks())  # the count the daemon reads is what the bucket holds
     store.close(persist=False)
+
+
+def test_tinylfu_on_a_full_bounded_remote_tier_weighs_new_blocks_against_its_coldest(tmp_path: Path) -> None:
+    """A block offered more often than the coldest stored one displaces it; a one-off one does not."""
+    t = RemoteTier(f"file://{tmp_path}/r", NB, 4 * (NB + HEADER_SIZE), policy="lru+tinylfu")
+    t.bind_namespace(NS_A)
+    old = chain(NS_A, 4)
+    assert t.put(old, blocks_for(old, NB)).all()
+    new = chain(NS_A, 2, start=100)
+    assert not t.put(new, blocks_for(new, NB)).any()  # seen once, as the two coldest were
+    assert t.put(new, blocks_for(new, NB)).all()  # seen twice: it takes their place
+    assert t.contains(old).tolist() == [False, False, True, True] and len(t) == 4
