@@ -45,7 +45,7 @@ if TYPE_CHECKING:
     from .keys import BlockKeys
     from .lifecycle import SlotPool
 
-DEFAULT_POLICY = "parc"
+DEFAULT_POLICY = "auto"
 
 
 # ---- protocols ----------------------------------------------------------------------------------
@@ -174,6 +174,15 @@ def _take(tree: PrefixTree, order_fn: Callable[[int], np.ndarray], total: int, n
                 taken += deferred[: n - len(taken)]
             return np.asarray(taken, np.int64)
         m = min(total, 4 * m)
+
+
+def block_keys(pool: SlotPool | None, slots: np.ndarray) -> np.ndarray:
+    """One 64-bit key per block of ``pool`` (namespace mixed into the hash), for policies that
+    remember blocks after they leave; a collision (2**-64 a pair) only misreports one block's past."""
+    if pool is None:
+        return np.zeros(0, np.uint64)
+    with np.errstate(over="ignore"):
+        return pool.slot_hash[slots] ^ (pool.slot_ns[slots] * np.uint64(0x9E3779B97F4A7C15))
 
 
 def _smallest(keys: np.ndarray, m: int) -> np.ndarray:
@@ -347,12 +356,7 @@ class PARC(PrefixLRU):
         self.ghosts.resize(int(self.ghost * num_slots))
 
     def _keys(self, slots: np.ndarray) -> np.ndarray:
-        """One 64-bit key per block (namespace mixed into the hash); a collision (2**-64 a pair) would
-        only misreport one ghost hit."""
-        if self.pool is None:
-            return np.zeros(0, np.uint64)
-        with np.errstate(over="ignore"):
-            return self.pool.slot_hash[slots] ^ (self.pool.slot_ns[slots] * np.uint64(0x9E3779B97F4A7C15))
+        return block_keys(self.pool, slots)
 
     def on_insert(self, slots: np.ndarray, parents: np.ndarray | None = None) -> None:
         self.tree.link(slots, parents)
@@ -526,10 +530,9 @@ class CountMinSketch:
         if hashes.size == 0:
             return
         cols = self._rows(ns, hashes)
-        for r in range(self.depth):
-            counts = np.bincount(cols[r], minlength=0)
-            idx = np.flatnonzero(counts)
-            self.table[r, idx] = np.minimum(self.table[r, idx].astype(np.int64) + counts[idx], 255)
+        for r in range(self.depth):  # (not a bincount: that allocates the whole width per call)
+            idx, counts = np.unique(cols[r], return_counts=True)
+            self.table[r, idx] = np.minimum(self.table[r, idx].astype(np.int64) + counts, 255)
         self.added += int(hashes.size)
         if self.added >= self.sample:
             self.table >>= 1
@@ -614,14 +617,35 @@ class CountN(_SketchAdmission):
 
 
 # ---- registry -----------------------------------------------------------------------------------
+def _adaptive(name: str) -> Callable[..., EvictionPolicy]:
+    def make(**opts: Any) -> EvictionPolicy:
+        from . import adaptive  # it builds on the classes above
+
+        policy: EvictionPolicy = {"wlfu": adaptive.WindowLFU, "auto": adaptive.Adaptive}[name](**opts)
+        return policy
+
+    return make
+
+
 POLICIES: dict[str, Callable[..., EvictionPolicy]] = {
     "lru": LRU,
     "prefix-lru": PrefixLRU,
     "parc": PARC,
     "lfu": LFUAging,
+    "wlfu": _adaptive("wlfu"),
+    "auto": _adaptive("auto"),
 }
 ADMISSIONS: dict[str, Callable[..., AdmissionPolicy]] = {"tinylfu": TinyLFU, "count2": CountN}
-SHIPPED = ("lru", "prefix-lru", "lru+tinylfu", "lru+count2", "lfu", "parc")  # what replay compares by default
+SHIPPED = (
+    "lru",
+    "prefix-lru",
+    "lru+tinylfu",
+    "lru+count2",
+    "lfu",
+    "parc",
+    "wlfu",
+    "auto",
+)  # what replay compares by default
 
 
 def _value(s: str) -> Any:

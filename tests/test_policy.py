@@ -13,6 +13,7 @@ from kvbm_fs import ConfigError, KVLayout, mount
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.lifecycle import SlotPool
 from kvbm_fs.policy import (
+    DEFAULT_POLICY,
     LRU,
     PARC,
     SHIPPED,
@@ -28,7 +29,7 @@ from kvbm_fs.policy import (
 from kvbm_fs.tiers.host import HostTier
 
 NS = 0x5151
-EVICTION = ["lru", "prefix-lru", "parc", "lfu"]
+EVICTION = ["lru", "prefix-lru", "parc", "lfu", "wlfu", "auto"]
 
 
 def chain(*hashes: int, parent: int = 0) -> BlockKeys:
@@ -68,7 +69,7 @@ def test_plain_lru_can_orphan_a_leaf_prefix_lru_takes_the_leaf() -> None:
         assert present(pool, 1, 2, 3, 9) == expect, policy
 
 
-@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu"])
+@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu", "wlfu", "auto"])
 def test_shared_system_prompt_outlives_the_chains_below_it(policy: str) -> None:
     pool = pool_with(policy, 8)
     store(pool, chain(1, 2))  # system prompt: 2 blocks
@@ -91,7 +92,7 @@ def _assert_prefix_closed(pool: SlotPool) -> None:
         assert p == 0 or p in have, f"block {int(pool.slot_hash[s])} cached without its parent {p}"
 
 
-@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu"])
+@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu", "wlfu", "auto"])
 def test_chains_are_trimmed_from_their_ends(policy: str) -> None:
     pool = pool_with(policy, 6)
     store(pool, chain(1, 2, 3, 4, 5, 6))
@@ -100,7 +101,7 @@ def test_chains_are_trimmed_from_their_ends(policy: str) -> None:
     assert present(pool, 1, 2, 3, 4, 5, 6) == [True, True, True, True, False, False]
 
 
-@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu"])
+@pytest.mark.parametrize("policy", ["prefix-lru", "parc", "lfu", "wlfu", "auto"])
 def test_parent_of_a_pinned_child_goes_only_as_a_last_resort(policy: str) -> None:
     pool = pool_with(policy, 4)
     store(pool, chain(1, 2))
@@ -454,7 +455,7 @@ def test_admission_objects_are_separate_and_named() -> None:
     assert admission_of(make_policy("lru")) is None
     assert isinstance(make_admission("count2:min_count=3"), CountN)
     assert make_admission("all") is None and make_admission(None) is None
-    assert isinstance(make_policy(None), LRU) and isinstance(make_policy("default"), PARC)
+    assert isinstance(make_policy(None), LRU) and make_policy("default").name == DEFAULT_POLICY == "auto"
     assert parse_part("tinylfu:sample=2.5, x=true") == ("tinylfu", {"sample": 2.5, "x": True})
     for spec in SHIPPED:
         make_policy(spec)
