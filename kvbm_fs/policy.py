@@ -10,18 +10,22 @@ Both are small plain objects, kept apart from storage and chosen by name (:func:
   storing at all; a refused block is not stored there (the store spills it to the next tier).
 
 A policy spec is ``"EVICTION[+ADMISSION]"``, each part ``name`` or ``name:option=value,...``,
-for example ``"lru"``, ``"parc"``, ``"lru+tinylfu"`` or ``"prefix-lru+count2:min_count=3"``.
+for example ``"lru"``, ``"auto"``, ``"lru+tinylfu"`` or ``"prefix-lru+count2:min_count=3"``.
 
 Eviction policies
     ``lru``         least recently used (the baseline).
     ``prefix-lru``  LRU that never evicts a block before its cached descendants: a block is worth
                     at least as much as the blocks that hang from it, so leaves go first and shared
                     system-prompt blocks stay as long as anything below them does.
-    ``parc``        the default: prefix-aware adaptive replacement.  ARC's two lists (blocks seen
-                    once, blocks seen again) with a self-tuning split and ghost lists of recently
-                    evicted keys, plus the leaf-first rule of ``prefix-lru``.  See :class:`PARC`.
+    ``parc``        prefix-aware adaptive replacement.  ARC's two lists (blocks seen once, blocks
+                    seen again) with a self-tuning split and ghost lists of recently evicted keys,
+                    plus the leaf-first rule of ``prefix-lru``.  See :class:`PARC`.
     ``lfu``         LFU with dynamic aging (GDSF-style: priority = clock + frequency, the clock
                     rising to each evicted block's priority), leaf-first.  See :class:`LFUAging`.
+    ``wlfu``        LFU over TinyLFU's windowed counts (a count-min sketch halved every 20
+                    capacities of references), leaf-first.  See :class:`kvbm_fs.adaptive.WindowLFU`.
+    ``auto``        the default: ``parc``'s order or ``wlfu``'s, whichever of two key-only shadow
+                    pools hits more on the same references.  See :class:`kvbm_fs.adaptive.Adaptive`.
 
 Admission policies
     ``tinylfu``     TinyLFU: a count-min sketch of recent accesses (halved every ``sample`` x

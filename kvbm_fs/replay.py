@@ -235,7 +235,7 @@ class TierSpec:
 
 @dataclass
 class ReplayConfig:
-    policy: str = "parc"
+    policy: str = "default"
     tiers: list[TierSpec] = field(default_factory=lambda: [TierSpec("host", 0.1)])
     real_bytes: bool = False
     block_bytes: int = 256 * 1024  # data per block with real_bytes

@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parent.parent
         ("bench_policies.py", ["default_ratio_5pct", "lru_ratio_5pct", "distinct_blocks"]),
         ("bench_policy_refs.py", ["distinct_blocks", "references"]),
         ("bench_policy_seeds.py", ["seed_cells"]),
+        ("bench_policy_memory.py", ["slots", "warm_blocks"]),
         ("bench_sglang.py", []),  # {"skipped"} here; .ci/run-sglang has SGLang
         ("bench_ttft.py", ["host_speedup", "disk_speedup"]),
         ("bench_vllm.py", []),  # {"skipped"} here; .venv-vllm (.ci/run-vllm) has vLLM
