@@ -209,14 +209,11 @@ class SlotPool:
         if slots.size == 0:
             return
         with self.lock:
-            counts = np.bincount(slots, minlength=self.num_slots)
-            held = self.refs >= counts
+            uniq, counts = np.unique(slots, return_counts=True)  # (a bincount would touch every slot)
+            held = self.refs[uniq] >= counts
             if not bool(np.all(held)):
-                raise IllegalTransitionError(
-                    f"{self.name}: release of unpinned slots {np.flatnonzero(~held)[:4].tolist()}"
-                )
-            self.refs -= counts.astype(np.int32)
-            uniq = np.flatnonzero(counts)
+                raise IllegalTransitionError(f"{self.name}: release of unpinned slots {uniq[~held][:4].tolist()}")
+            self.refs[uniq] -= counts.astype(np.int32)
             dead = uniq[(self.refs[uniq] == 0) & (self.state[uniq] != _G)]
             if dead.size:
                 self._push_free(dead)
