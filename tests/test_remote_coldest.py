@@ -79,8 +79,22 @@ def test_tinylfu_on_a_full_bounded_remote_tier_weighs_new_blocks_against_its_col
     t = RemoteTier(f"file://{tmp_path}/r", NB, 4 * (NB + HEADER_SIZE), policy="lru+tinylfu")
     t.bind_namespace(NS_A)
     old = chain(NS_A, 4)
-    assert t.put(old, blocks_for(old, NB)).all()
+    for i in range(4):  # one put each: block 0 is the oldest written (one put writes them concurrently)
+        assert t.put(old[i : i + 1], blocks_for(old[i : i + 1], NB)).all()
     new = chain(NS_A, 2, start=100)
     assert not t.put(new, blocks_for(new, NB)).any()  # seen once, as the two coldest were
+    scan, listings = t._scan, []
+
+    def counted() -> tuple[list[tuple[int, int, float]], dict[str, str]]:
+        listings.append(1)
+        return scan()
+
+    t._scan = counted  # type: ignore[method-assign]
     assert t.put(new, blocks_for(new, NB)).all()  # seen twice: it takes their place
     assert t.contains(old).tolist() == [False, False, True, True] and len(t) == 4
+    assert len(listings) == 1  # the filter weighed the very victims eviction took: one listing
+    t.evict_on_put = False  # as under a daemon: a put takes free room only, so no victims to weigh
+    newer = chain(NS_A, 2, start=200)
+    for _ in range(2):
+        assert not t.put(newer, blocks_for(newer, NB)).any()
+    assert len(listings) == 1 and t.contains(new).all()

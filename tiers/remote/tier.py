@@ -32,6 +32,7 @@ import logging
 import threading
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, TypeVar
 
@@ -146,6 +147,7 @@ class RemoteTier(KeyPinnedTier):
         self._sem: asyncio.Semaphore | None = None
         self._lock = threading.Lock()
         self._room = threading.Lock()
+        self._listing = threading.local()  # .held: a put's one listing (_capacity_decision)
         self._pins = KeyPins()
         self._marks = Marks()  # retain marks read from the bucket (.retain)
         self._namespaces: set[int] = set()
@@ -447,24 +449,25 @@ class RemoteTier(KeyPinnedTier):
         self.admission.seen(keys)
         # Objects are content-addressed and a PUT replaces whole, so an unbounded tier need not ask
         # first (saves a HEAD per block); a bounded one must, to count what it holds.
-        have = self.contains(keys) if self._count >= 0 else np.zeros(len(keys), bool)
+        bounded = self._count >= 0
+        have = self.contains(keys) if bounded else np.zeros(len(keys), bool)
         todo = np.flatnonzero(~have)
         _, first = np.unique(keys.hashes[todo], return_index=True)
         todo = todo[np.sort(first)]
-        if self.admission.filter is not None:
-            free = self.capacity // self.object_bytes - self._count if self._count >= 0 else todo.size
-            todo = self.admission.trim(self, keys, todo, free)
-        if todo.size == 0:
-            return have
-        if self._count >= 0:  # bounded: the leading blocks that fit, after evicting the oldest
-            todo = todo[: self.capacity // self.object_bytes]
-            with self._room:  # one capacity decision at a time in this process; the slots are reserved
+        with self._capacity_decision() if bounded else nullcontext():  # admission, room, reservation
+            if self.admission.filter is not None:
+                free = self.capacity // self.object_bytes - self._count if bounded else todo.size
+                if bounded and not self.evict_on_put:  # nothing is displaced: no victims to weigh (list)
+                    todo = todo[: max(0, free)]
+                todo = self.admission.trim(self, keys, todo, free)
+            if bounded and todo.size:  # the leading blocks that fit, after evicting the oldest
+                todo = todo[: self.capacity // self.object_bytes]
                 room = self._make_room(todo.size, {(keys.ns, h) for h in keys.hashes[have].tolist()})
                 todo = todo[:room]
                 with self._lock:
                     self._count += todo.size
-            if todo.size == 0:
-                return have
+        if todo.size == 0:
+            return have
         tokens = self.block_size or 0
         objs = [(self._path(keys.ns, int(keys.hashes[i])), codec.encode(keys[i], int(keys.parents[i]), tokens, rows[i]))
                 for i in todo.tolist()]  # fmt: skip
@@ -575,10 +578,29 @@ class RemoteTier(KeyPinnedTier):
         pinned one nor one in ``keep``: eviction on put and demotion (:meth:`coldest`) share it."""
         with self._lock:
             pinned = set(self._pins) | keep
-        blocks, marks = self._scan()
+        held = getattr(self._listing, "held", None)  # inside a put: its one listing
+        if held is None:
+            blocks, marks = self._scan()
+        else:
+            if not held:
+                held.append(self._scan())
+            blocks, marks = held[0]
         shares = self._load_marks(marks).shares()
         budget = retain_budget(shares.values(), self.capacity // self.object_bytes)
         return victims(blocks, self.policy.rank, self._marks.hashes(), budget, n, pinned)
+
+    @contextmanager
+    def _capacity_decision(self) -> Iterator[None]:
+        """A bounded put's admission and room: one at a time in this process (``_room``; the slots are
+        reserved inside), and this thread's victim choices (:meth:`_next_victims`) within it share one
+        listing of the bucket: the admission filter weighs the victims (:meth:`coldest`) that eviction
+        then takes, one listing, not two."""
+        with self._room:
+            self._listing.held = []
+            try:
+                yield
+            finally:
+                self._listing.held = None
 
     # ---- retain marks ----------------------------------------------------------------------
     def _load_marks(self, paths: dict[str, str]) -> Marks:
