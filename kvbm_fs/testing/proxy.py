@@ -95,6 +95,8 @@ class FaultProxy:
                     break
             if fault:
                 self.injected[fault] += 1
+            if fault == "stall":  # counted with ``injected``, so a test reads the two in step
+                self.stalled += 1
             return fault
 
     def _done(self) -> None:
@@ -141,10 +143,9 @@ class FaultProxy:
         self._forward(client, head, body)
 
     def _stall(self) -> None:
-        """Hold the request unanswered.  A stall that runs its full length is counted before the
-        connection closes, so a client that waited it out finds it counted when its call returns."""
-        with self._lock:
-            self.stalled += 1
+        """Hold the request unanswered (counted in ``stalled`` when picked).  A stall that runs its full
+        length is counted before the connection closes, so a client that waited it out finds it counted
+        when its call returns."""
         try:
             if not self._stop.wait(self.stall_seconds):
                 with self._lock:
