@@ -47,7 +47,7 @@ def array_bytes(obj: Any, seen: set[int] | None = None) -> int:
     if isinstance(obj, dict):
         return sum(array_bytes(x, seen) for x in obj.values())
     if type(obj).__module__.startswith("kvbm_fs") and hasattr(obj, "__dict__"):
-        return sum(array_bytes(v, seen) for k, v in vars(obj).items() if k not in ("pool", "events", "lock"))
+        return sum(array_bytes(v, seen) for k, v in vars(obj).items() if k not in ("events", "lock"))
     return 0
 
 
