@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from typing import Any
+from unittest.mock import Mock
 
 import numpy as np
 import pytest
@@ -286,7 +287,9 @@ def test_a_store_spills_into_mooncake_and_a_fresh_store_loads_from_it(master: Mo
         assert np.array_equal(out, data)
 
 
-def test_the_daemon_trims_a_bounded_mooncake_tier_above_another(master: MooncakeMaster, tmp_path: Any) -> None:
+def test_the_daemon_trims_a_bounded_mooncake_tier_above_another(
+    master: MooncakeMaster, tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """``capacity=`` above another tier, the daemon attached (no eviction on put): ``coldest`` names what
     eviction would take next (oldest written first, never a pinned block) and the daemon demotes it,
     so the tier stays under its high watermark and keeps taking puts; every block stays readable."""
@@ -306,6 +309,9 @@ def test_the_daemon_trims_a_bounded_mooncake_tier_above_another(master: Mooncake
     assert [h for b in upper.coldest(3) for h in b.hashes.tolist()] == keys.hashes[[0, 2, 3]].tolist()
     assert len(upper) == cap and upper.contains(keys[:cap]).all()  # nothing removed
     upper.unpin(keys[1:2])
+    with monkeypatch.context() as patch:  # the admin server is down: no victims, and the count stands
+        patch.setattr("kvbm_fs.tiers.mooncake.tier.list_keys", Mock(side_effect=OSError("down")))
+        assert upper.coldest(3) == [] and len(upper) == cap and upper.counters["list_errors"] == 1
     store = Store([upper, lower], NS_A)
     daemon = PlacementDaemon(store, DaemonConfig.from_dict({"promote": False, "prefetch": False})).attach()
     try:

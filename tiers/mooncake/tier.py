@@ -395,11 +395,14 @@ class MooncakeTier(KeyPinnedTier):
 
     def _recount(self) -> tuple[list[str], dict[int, np.ndarray]]:
         """One listing: every key under the prefix, and the blocks among them, which become the count
-        (Mooncake may have evicted some). Callers hold ``_room``."""
+        (Mooncake may have evicted some; a failed listing names none and keeps the count). Callers
+        hold ``_room``."""
+        errors = self.counters["list_errors"]
         keys = self._list_keys()
         listed = parse_keys(keys, self.cfg.prefix)
-        with self._lock:
-            self._count = sum(h.size for h in listed.values())
+        if self.counters["list_errors"] == errors:
+            with self._lock:
+                self._count = sum(h.size for h in listed.values())
         return keys, listed
 
     def _victims(
