@@ -397,6 +397,9 @@ class SlotTier(Tier):
             evictions=self.pool.evictions,
             policy=self.pool.policy.name,
         )
+        order = getattr(self.pool.policy, "order", None)  # auto: the order evicting now
+        if order is not None:
+            s["policy_order"] = order
         return s
 
     def close(self) -> None:

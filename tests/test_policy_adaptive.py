@@ -12,6 +12,7 @@ from kvbm_fs.adaptive import Adaptive, WindowLFU
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.lifecycle import SlotPool
 from kvbm_fs.policy import make_policy
+from kvbm_fs.tiers.host import HostTier
 
 NS = 0x5151
 
@@ -162,6 +163,12 @@ def test_auto_samples_a_share_of_the_references_for_a_large_tier() -> None:
     seen = pol.shadows[0].pool.num_registered
     assert seen == pol.shadows[1].pool.num_registered == pol.sampled  # both got the same keys, all new
     assert 0.05 * 3000 < seen < 0.15 * 3000  # about 10% of them (by hash)
+
+
+def test_a_tier_reports_the_order_auto_evicts_by() -> None:
+    tier = HostTier(64 * 128, 128, policy="auto:start=parc")
+    assert tier.stats()["policy"] == "auto" and tier.stats()["policy_order"] == "parc"
+    assert "policy_order" not in HostTier(64 * 128, 128, policy="lru").stats()
 
 
 def test_auto_forwards_to_both_orders_and_ranks_as_parc() -> None:
