@@ -476,6 +476,12 @@ def test_admission_objects_are_separate_and_named() -> None:
         ("lru+count2:min_count=2.5", ["'count2'", "min_count"]),
         ("lru+", ["nothing after '+'"]),
         ("lru:sample", ["'lru'", "key=value"]),
+        ("auto:z=-1", ["'auto'", "z"]),
+        ("auto:shadow_slots=0", ["'auto'", "shadow_slots"]),
+        ("auto:start=lfu", ["'auto'", "start"]),
+        ("auto:size=3", ["bad options", "'auto'"]),
+        ("wlfu:width=0", ["'wlfu'", "width"]),
+        ("wlfu:window=x", ["'wlfu'", "window"]),
     ],
 )
 def test_bad_policy_config_names_the_policy_and_option(spec: str, words: list[str]) -> None:

@@ -5,13 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
-import pytest
 
-from kvbm_fs import ConfigError
 from kvbm_fs.adaptive import Adaptive, WindowLFU
 from kvbm_fs.keys import BlockKeys
 from kvbm_fs.lifecycle import SlotPool
-from kvbm_fs.policy import make_policy
 from kvbm_fs.tiers.host import HostTier
 
 NS = 0x5151
@@ -182,21 +179,3 @@ def test_auto_forwards_to_both_orders_and_ranks_as_parc() -> None:
     assert pol.rank(1_000, 3) == parc.rank(1_000, 3) == 1_000 + 10_000_000
     pool.remove(chain(1, 2, 3))
     assert parc.n_t2 == 0 and int(parc.tree.nchild.sum()) == int(wlfu.tree.nchild.sum()) == 0
-
-
-@pytest.mark.parametrize(
-    ("spec", "words"),
-    [
-        ("auto:z=-1", ["'auto'", "z"]),
-        ("auto:shadow_slots=0", ["'auto'", "shadow_slots"]),
-        ("auto:start=lfu", ["'auto'", "start"]),
-        ("wlfu:width=0", ["'wlfu'", "width"]),
-        ("wlfu:window=x", ["'wlfu'", "window"]),
-        ("auto:size=3", ["bad options", "'auto'"]),
-    ],
-)
-def test_bad_options_name_the_policy_and_option(spec: str, words: list[str]) -> None:
-    with pytest.raises(ConfigError) as e:
-        make_policy(spec)
-    for w in words:
-        assert w in str(e.value), (w, str(e.value))
