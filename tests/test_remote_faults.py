@@ -81,7 +81,7 @@ def test_persistent_fault_gives_misses_and_dropped_puts(
     s3_proxy.reset_counts()
     assert not untouched_misses(t, stored).any()
     if fault != "reset":  # (aiohttp itself resends once on a reset connection)
-        assert s3_proxy.methods["GET"] == 3 * 2, "one layer of retries: 1 + retries tries per block, no more"
+        assert s3_proxy.count("GET", 3 * 2) == 3 * 2, "one layer of retries: 1 + retries tries per block, no more"
     assert not t.put(new, blocks_for(new, BN)).any()
     assert not t.contains(stored).any()
     assert t.prefix_len(stored) == 0
@@ -109,7 +109,7 @@ def test_a_stalled_endpoint_costs_existence_checks_and_probes_one_try(
     s3_proxy.fail_always("stall")
     s3_proxy.reset_counts()
     assert not t.contains(keys).any()
-    assert s3_proxy.methods["HEAD"] == 4, "one try per key, no retries of a timeout"
+    assert s3_proxy.count("HEAD", 4) == 4, "one try per key, no retries of a timeout"
     assert t.breaker.state == "open"
 
     cool_down(t.breaker)

@@ -158,7 +158,7 @@ def test_persistent_fault_gives_misses_and_dropped_puts(
     # (a call that waited for the proxy to end a stall would find it counted)
     assert proxy.stalls_waited_out == 0 and proxy.stalled == proxy.injected["stall"]
     if fault != "reset":  # (a reset connection may be resent by the HTTP client)
-        assert proxy.methods["GET"] == 3 * 2, "1 + retries tries per block, no more"
+        assert proxy.count("GET", 3 * 2) == 3 * 2, "1 + retries tries per block, no more"
 
     s = t.stats()
     assert s["get_errors"] == 3 and s["put_errors"] == 2

@@ -75,6 +75,18 @@ class FaultProxy:
             self.requests, self.max_in_flight = 0, self.in_flight
             self.methods.clear()
 
+    def count(self, method: str, at_least: int, within: float = 30.0) -> int:
+        """``methods[method]`` once it reaches ``at_least``, or after ``within`` seconds (a hang guard).
+        A request is counted when its handler thread reads it, which on a loaded machine can come after
+        a client's short timeout already gave up on it: a test counting what a call sent waits here."""
+        end = time.monotonic() + within
+        while True:
+            with self._lock:
+                n = self.methods[method]
+            if n >= at_least or time.monotonic() >= end:
+                return n
+            time.sleep(0.005)
+
     def _check(self, fault: str) -> None:
         if fault not in FAULTS + DAMAGES:
             raise ValueError(f"unknown fault {fault!r}; one of {FAULTS + DAMAGES}")
